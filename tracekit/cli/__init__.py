@@ -1,0 +1,50 @@
+"""The `tracekit` command: a thin Typer layer over the library.
+
+Each command group lives in its own module and registers itself on ``app``; ``main`` turns every
+:class:`~tracekit.errors.TracekitError` into one line on stderr and exit code 2, with no traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..errors import TracekitError
+
+app = typer.Typer(
+    name="tracekit",
+    help="Record MoE expert routing token by token, analyse it, and plan expert placement.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Command modules register themselves on `app` when imported.
+from . import collect_cmd  # noqa: E402,F401
+from . import import_cmd  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except TracekitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: finished chunks are kept; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

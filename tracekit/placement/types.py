@@ -1,0 +1,108 @@
+"""Data types shared by the communication model, the placement strategies, grouping and export.
+
+Conventions (every module in ``tracekit.placement`` follows them):
+
+- E logical experts per MoE layer, R redundant slots per layer, S = E + R physical slots per layer.
+- G = nodes * gpus_per_node GPUs; slot p lives on GPU ``p // slots_per_gpu``; GPU g on node ``g // gpus_per_node``.
+- M MoE layers; arrays indexed by MoE-layer *position* m (0..M-1); ``Placement.layers[m]`` is the model's own
+  absolute layer index (what the traces' ``layer`` column holds and what engines key by).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import TracekitError
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    num_experts: int
+    redundant: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise TracekitError("--nodes and --gpus-per-node must be at least 1")
+        if self.redundant < 0:
+            raise TracekitError("--redundant must be >= 0")
+        if self.num_slots % self.num_gpus:
+            raise TracekitError(
+                f"{self.num_experts} experts + {self.redundant} redundant slots = {self.num_slots} slots do not divide "
+                f"over {self.num_gpus} GPUs; choose --redundant so that E + R is a multiple of nodes x gpus-per-node"
+            )
+
+    @property
+    def num_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_experts + self.redundant
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return self.num_slots // self.num_gpus
+
+    def gpu_of_slot(self) -> np.ndarray:
+        """(S,) GPU index of every physical slot."""
+        return np.arange(self.num_slots) // self.slots_per_gpu
+
+    def node_of_gpu(self) -> np.ndarray:
+        """(G,) node index of every GPU."""
+        return np.arange(self.num_gpus) // self.gpus_per_node
+
+
+@dataclass
+class GroupingRule:
+    """How a router assigns a new request to a node (its home node, where all its tokens start).
+
+    kind ``none``: requests spread evenly (round-robin) over nodes.
+    kind ``domain``: ``domain_nodes[domain]`` lists the nodes serving that task family (round-robin among them).
+    kind ``signature``: the request's prefill expert histogram (concatenated over ``feature_layers``, each layer's
+    histogram normalised to sum 1) goes to the node of the nearest centroid: ``centroids`` (C, D), ``centroid_node`` (C,).
+    """
+
+    kind: str = "none"
+    domain_nodes: dict[str, list[int]] = field(default_factory=dict)
+    feature_layers: list[int] = field(default_factory=list)
+    centroids: np.ndarray | None = None
+    centroid_node: np.ndarray | None = None
+
+
+@dataclass
+class Placement:
+    """Which logical expert sits in each physical slot of each MoE layer, plus the request grouping rule.
+
+    ``slot_expert``: (M, S) int array; every row holds every logical expert 0..E-1 at least once.
+    """
+
+    cluster: Cluster
+    layers: np.ndarray  # (M,) absolute layer indices
+    slot_expert: np.ndarray  # (M, S)
+    strategy: str
+    grouping: GroupingRule = field(default_factory=GroupingRule)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TraceArrays:
+    """Token-layer routing in columnar arrays, as placement and evaluation consume it.
+
+    N token-layers, k experts each: ``request`` (N,) int, ``layer_pos`` (N,) MoE-layer position m,
+    ``experts`` (N, k) logical ids, ``phase`` (N,) 0 prefill / 1 decode, ``token`` (N,) a per-request token
+    counter (position) so that (request, token) identifies one token across layers.
+    Per request (R_n requests, indexed by ``request``): ``request_domain`` (R_n,) strings.
+    """
+
+    layers: np.ndarray  # (M,) absolute layer index of each MoE-layer position
+    num_experts: int
+    request: np.ndarray
+    layer_pos: np.ndarray
+    experts: np.ndarray
+    phase: np.ndarray
+    token: np.ndarray
+    request_domain: np.ndarray
