@@ -1,0 +1,323 @@
+"""Model registry: names for the real checkpoints, tiny random-init presets, and loading.
+
+Real checkpoints load through ``from_pretrained`` with accelerate's ``device_map`` so a model larger than one GPU
+spreads over the machine's GPUs. Tiny presets are built from the real config classes with the real router geometry
+of the big model (expert count, top-k, grouping, scoring, shared experts, which layers are MoE) and a small width,
+random-initialised with a fixed seed, with the in-memory byte tokenizer: they need no network.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import TracekitError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hub_id: str | None  # None for tiny presets
+    family: str
+    summary: str
+    #: published routing geometry (what `tracekit models` lists without downloading anything)
+    geometry: dict[str, Any] = field(default_factory=dict)
+    build_tiny: Callable[..., tuple[Any, Any]] | None = None
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.build_tiny is not None
+
+
+def _geo(num_layers, moe_layers, num_experts, top_k, hidden_size, **extra) -> dict[str, Any]:
+    return {
+        "num_layers": num_layers,
+        "moe_layers": list(moe_layers),
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "hidden_size": hidden_size,
+        **extra,
+    }
+
+
+DEEPSEEK_V3_GEOMETRY = _geo(61, range(3, 61), 256, 8, 7168, n_group=8, topk_group=4, n_shared_experts=1, scoring="sigmoid+bias")
+QWEN3_235B_GEOMETRY = _geo(94, range(94), 128, 8, 4096, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax")
+QWEN3_30B_GEOMETRY = _geo(48, range(48), 128, 8, 2048, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax")
+LLAMA4_MAVERICK_GEOMETRY = _geo(48, range(1, 48, 2), 128, 1, 5120, n_group=None, topk_group=None, n_shared_experts=1, scoring="sigmoid")
+LLAMA4_SCOUT_GEOMETRY = _geo(48, range(48), 16, 1, 5120, n_group=None, topk_group=None, n_shared_experts=1, scoring="sigmoid")
+MIXTRAL_8X7B_GEOMETRY = _geo(32, range(32), 8, 2, 4096, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiny presets
+# ---------------------------------------------------------------------------------------------------------------
+TINY_HIDDEN = 64
+TINY_CONTEXT = 4096
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def _tiny_deepseek_v3(layers: int = 4, seed: int = 0):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from .tokenizer import VOCAB_SIZE, byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = DeepseekV3Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=128,
+        moe_intermediate_size=16,
+        num_hidden_layers=layers,
+        first_k_dense_replace=min(1, layers - 1),  # real model: 3 dense layers first; keep one dense layer
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=256,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=TINY_CONTEXT,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.15,
+        tie_word_embeddings=False,
+    )
+    _seeded(seed)
+    model = DeepseekV3ForCausalLM(cfg)
+    # DeepSeek V3 learns a non-zero expert bias (e_score_correction_bias); random-init leaves it at zero.
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
+    return model, tok
+
+
+def _tiny_qwen3_moe(layers: int = 4, seed: int = 0):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from .tokenizer import VOCAB_SIZE, byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = Qwen3MoeConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=128,
+        moe_intermediate_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=TINY_CONTEXT,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.15,
+    )
+    _seeded(seed)
+    return Qwen3MoeForCausalLM(cfg), tok
+
+
+def _tiny_llama4(layers: int = 4, seed: int = 0):
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from .tokenizer import VOCAB_SIZE, byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = Llama4TextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=32,
+        intermediate_size_mlp=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=128,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,  # Maverick: MoE every other layer, dense in between
+        max_position_embeddings=TINY_CONTEXT,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.15,
+        attention_chunk_size=TINY_CONTEXT,
+    )
+    _seeded(seed)
+    return Llama4ForCausalLM(cfg), tok
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("deepseek-v3", "deepseek-ai/DeepSeek-V3", "deepseek", "671B total, 37B active", DEEPSEEK_V3_GEOMETRY),
+        ModelSpec("deepseek-r1", "deepseek-ai/DeepSeek-R1", "deepseek", "671B total, 37B active", DEEPSEEK_V3_GEOMETRY),
+        ModelSpec("qwen3-235b-a22b", "Qwen/Qwen3-235B-A22B", "qwen-moe", "235B total, 22B active", QWEN3_235B_GEOMETRY),
+        ModelSpec("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", "qwen-moe", "30B total, 3B active", QWEN3_30B_GEOMETRY),
+        ModelSpec("llama4-maverick", "meta-llama/Llama-4-Maverick-17B-128E-Instruct", "llama4", "400B total, 17B active", LLAMA4_MAVERICK_GEOMETRY),
+        ModelSpec("llama4-scout", "meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama4", "109B total, 17B active", LLAMA4_SCOUT_GEOMETRY),
+        ModelSpec("mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1", "generic", "47B total, 13B active", MIXTRAL_8X7B_GEOMETRY),
+        ModelSpec("tiny-deepseek-v3", None, "deepseek", "random-init, DeepSeek V3 router geometry", {}, _tiny_deepseek_v3),
+        ModelSpec("tiny-qwen3-moe", None, "qwen-moe", "random-init, Qwen3-235B router geometry", {}, _tiny_qwen3_moe),
+        ModelSpec("tiny-llama4", None, "llama4", "random-init, Llama 4 Maverick router geometry", {}, _tiny_llama4),
+    ]
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Registry entry for ``name``; a hub id or local path not in the registry gets an ad-hoc spec."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if Path(name).is_dir() or ("/" in name and not name.startswith((".", "/"))):
+        return ModelSpec(name, name, "auto", "hub id or local path")
+    raise TracekitError(
+        f"unknown model {name!r}; use a registry name ({', '.join(REGISTRY)}), a hub id like org/name, or a local path"
+    )
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any
+    tokenizer: Any
+    spec: ModelSpec
+    revision: str | None = None
+
+    @property
+    def context_length(self) -> int | None:
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        return getattr(cfg, "max_position_embeddings", None)
+
+
+_DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def parse_dtype(dtype: str):
+    if dtype not in _DTYPES:
+        raise TracekitError(f"unknown --dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached(hub_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(hub_id, "config.json", revision=revision), str)
+    except Exception:
+        return False
+
+
+def check_weights_reachable(name: str, revision: str | None = None) -> None:
+    """Fail at once, with one line, when a real checkpoint's weights cannot be had (offline and not cached)."""
+    spec = get_spec(name)
+    if spec.is_tiny or Path(spec.hub_id).is_dir() or _cached(spec.hub_id, revision) or _hub_reachable():
+        return
+    raise TracekitError(
+        f"weights of {name} ({spec.hub_id}) are unreachable: not a local path, not in the Hugging Face cache, and the "
+        f"hub cannot be reached; pass a local checkpoint path, or trace offline with a tiny preset "
+        f"(--model tiny-deepseek-v3 | tiny-qwen3-moe | tiny-llama4) and local prompts (--data-file FILE)"
+    )
+
+
+def load_model(
+    name: str,
+    *,
+    device_map: str | None = None,
+    dtype: str = "auto",
+    max_memory: dict | None = None,
+    revision: str | None = None,
+    layers: int | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a model by registry name, hub id or local path, ready for tracing (eval mode).
+
+    Tiny presets are built locally (``layers`` overrides their depth). Real checkpoints go through
+    ``AutoModelForCausalLM.from_pretrained`` with ``device_map``/``dtype``/``max_memory``; when the weights are
+    neither local nor cached and the hub is unreachable this fails at once with one line.
+    """
+    spec = get_spec(name)
+    if spec.is_tiny:
+        model, tok = spec.build_tiny(layers=layers or 4, seed=seed)
+        torch_dtype = parse_dtype(dtype)
+        if torch_dtype not in ("auto", torch.float32):
+            model = model.to(torch_dtype)
+        if device_map and device_map not in ("cpu", "auto"):
+            model = model.to(device_map)
+        elif device_map == "auto" and torch.cuda.is_available():
+            model = model.to("cuda")
+        model.eval()
+        return LoadedModel(name, model, tok, spec)
+    if layers is not None:
+        raise TracekitError("--layers applies to tiny presets only; real checkpoints keep their depth")
+
+    check_weights_reachable(name, revision)
+    hub_id = spec.hub_id
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "revision": revision}
+    if device_map:
+        kwargs["device_map"] = device_map
+    if max_memory:
+        kwargs["max_memory"] = max_memory
+    try:
+        tok = AutoTokenizer.from_pretrained(hub_id, revision=revision)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(hub_id, **kwargs)
+        except ValueError:
+            # multimodal checkpoints (e.g. Llama 4) register under image-text-to-text; the routers are the same
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_pretrained(hub_id, **kwargs)
+    except OSError as exc:
+        raise TracekitError(f"cannot load {name} ({hub_id}): {str(exc).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model.eval()
+    rev = getattr(model.config, "_commit_hash", None) or revision
+    return LoadedModel(name, model, tok, spec, revision=rev)
+
+
+def parse_max_memory(value: str | None) -> dict | None:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` -> accelerate's max_memory dict."""
+    if not value:
+        return None
+    out: dict[Any, str] = {}
+    for part in value.split(","):
+        if "=" not in part:
+            raise TracekitError(f"bad --max-memory entry {part!r}; use DEVICE=SIZE pairs like 0=70GiB,cpu=200GiB")
+        k, v = part.split("=", 1)
+        out[int(k) if k.strip().isdigit() else k.strip()] = v.strip()
+    return out
