@@ -85,6 +85,20 @@ def dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def maybe_init_distributed() -> bool:
+    """Join the process group a launcher (torchrun, accelerate launch) describes in the environment.
+
+    Returns True if this call initialised it (the caller then tears it down). Gloo on CPU, NCCL on GPUs.
+    """
+    if not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return False
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or "MASTER_ADDR" not in os.environ:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    return True
+
+
 def run_id_for(opts: CollectOptions) -> str:
     """Deterministic: every rank, and every resume, of the same command gets the same run id."""
     key = json.dumps({k: opts.args()[k] for k in RESUME_KEYS}, sort_keys=True)
@@ -316,9 +330,21 @@ def collect(
     ``on_progress(requests_done, requests_total, tokens_done)`` is called after every batch.
     ``stop_after_chunks`` stops early (as an interrupt would), leaving a resumable run: used by tests.
     """
+    owns_group = maybe_init_distributed()
+    try:
+        return _collect(opts, loaded=loaded, prompts=prompts, on_progress=on_progress, stop_after_chunks=stop_after_chunks)
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _collect(opts, *, loaded, prompts, on_progress, stop_after_chunks) -> CollectResult:
     t0 = time.perf_counter()
     run_dir = Path(opts.out)
     rank, world = dist_rank_world()
+    device_map = opts.device_map
+    if world > 1 and device_map is None and torch.cuda.is_available():
+        device_map = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     if opts.weights not in ("float16", "float32", "none"):
         raise TracekitError(f"--weights must be float16, float32 or none (got {opts.weights!r})")
     if opts.batch_size < 1 or opts.chunk_requests < 1 or opts.max_new_tokens < 0:
@@ -332,7 +358,7 @@ def collect(
         prompts = load_prompts(cfg, data_file=opts.data_file, limit=opts.limit, seed=opts.seed)
     if loaded is None:
         loaded = load_model(
-            opts.model, device_map=opts.device_map, dtype=opts.dtype, max_memory=parse_max_memory(opts.max_memory),
+            opts.model, device_map=device_map, dtype=opts.dtype, max_memory=parse_max_memory(opts.max_memory),
             revision=opts.revision, layers=opts.layers, seed=0,
         )
     routers = find_routers(loaded.model)

@@ -46,9 +46,25 @@ def collect(
     do_sample: bool = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (with --sample)."),
     ignore_eos: bool = typer.Option(False, help="Always decode --max-new-tokens tokens."),
+    server: Optional[str] = typer.Option(None, help="Trace a running SGLang/vLLM server (started with --enable-return-routed-experts) instead of a local model."),
+    engine: str = typer.Option("sglang", help="With --server: sglang or vllm."),
+    concurrency: int = typer.Option(8, help="With --server: requests in flight."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Trace which experts every token uses, in prefill and every decode step, into Parquet."""
+    if server:
+        from ..datasets import get_dataset, load_prompts
+        from ..server_client import collect_from_server
+
+        cfg = get_dataset(dataset)
+        prompts = load_prompts(cfg, data_file=data_file, limit=limit, seed=seed)
+        manifest = collect_from_server(server, prompts, out, engine=engine, model=model, dataset=cfg.name,
+                                       concurrency=concurrency, max_new_tokens=max_new_tokens,
+                                       temperature=temperature if do_sample else 0.0, progress=progress)
+        t = manifest.get("totals", {}).get("routes", {})
+        out_console.print(f"run {manifest['run_id']}: {t.get('requests', 0):,} requests, {t.get('rows', 0):,} rows "
+                          f"-> {out}")
+        return
     from ..collect import CollectOptions
     from ..collect import collect as run_collect
 

@@ -1,0 +1,61 @@
+"""`tracekit import sglang-per-token | sglang-stat | routed-experts | trtllm-stats`: serving-engine recordings."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .import_cmd import import_app
+
+_MODEL_HELP = ("Registry name (see `tracekit models`) or a geometry like experts=256,top_k=8,moe_layers=3-60,"
+               "num_layers=61[,name=my-model].")
+
+
+def _run(fmt: str, sources: List[Path], out: Path, model: Optional[str], num_experts: Optional[int],
+         top_k: Optional[int], moe_layers: Optional[str], num_layers: Optional[int], dataset: Optional[str],
+         domain: str) -> None:
+    from rich.console import Console
+
+    from ..importers.engines import import_engine_run
+
+    m = import_engine_run(fmt, sources, out, model=model, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
+                          num_layers=num_layers, dataset=dataset, domain=domain)
+    kind = m.get("kind", "routes")
+    t = m.get("totals", {}).get(kind, {})
+    con = Console()
+    if kind == "routes":
+        con.print(f"wrote {out}: {t.get('requests', 0)} requests, {t.get('prompt_tokens', 0)} prefill + "
+                  f"{t.get('generated_tokens', 0)} decode tokens, {t.get('rows', 0)} rows, {t.get('bytes', 0)} bytes")
+    else:
+        con.print(f"wrote {out}: {t.get('rows', 0)} (window, layer, expert) counts, {t.get('bytes', 0)} bytes")
+    for note in m.get("notes", []):
+        con.print(f"  note: {note}", highlight=False)
+
+
+def _register(fmt: str, help_text: str, source_help: str) -> None:
+    def command(
+        sources: List[Path] = typer.Argument(..., help=source_help),
+        model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
+        out: Path = typer.Option(..., "--out", help="New run directory to create (must not hold files)."),
+        num_experts: Optional[int] = typer.Option(None, "--num-experts", help="Routed experts per MoE layer."),
+        top_k: Optional[int] = typer.Option(None, "--top-k", help="Experts per token."),
+        moe_layers: Optional[str] = typer.Option(None, "--moe-layers", help="MoE layer indices, e.g. 3-60 or 1-47:2."),
+        num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Decoder layers of the model."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset label stored in the run."),
+        domain: str = typer.Option("unknown", "--domain", help="Task family: code, math, chat, general."),
+    ) -> None:
+        _run(fmt, sources, out, model, num_experts, top_k, moe_layers, num_layers, dataset, domain)
+
+    command.__doc__ = help_text
+    import_app.command(fmt)(command)
+
+
+_register("sglang-per-token", "SGLang expert distribution recorder dumps (per_token mode) -> routes.",
+          "expert_distribution_recorder_*_RANK.pt files from /dump_expert_distribution_record.")
+_register("sglang-stat", "SGLang expert distribution recorder dumps (stat mode) -> loads.",
+          "expert_distribution_recorder_*.pt files (logical_count).")
+_register("routed-experts", "SGLang or vLLM responses with routed experts (JSONL) -> routes.",
+          "JSONL files, one /generate or /v1/completions response per line.")
+_register("trtllm-stats", "TensorRT-LLM expert statistics (EXPERT_STATISTIC_PATH) -> loads.",
+          "EXPERT_STATISTIC_PATH directories holding meta_info.json and rank*.safetensors.")

@@ -1,0 +1,129 @@
+"""Router geometry for imports: what ``--model NAME_OR_GEOMETRY`` (plus explicit flags) resolves to.
+
+Engine dumps hold expert ids but not the model's layout, so every importer needs the geometry of the model that
+produced them: which layers are MoE, how many routed experts, the top-k. :func:`resolve_model` is the one place
+that turns the user's input into ``(model_name, geometry)``:
+
+- a registry name (``deepseek-v3``, ``qwen3-235b-a22b`` ...) -> the registry's published geometry;
+- a geometry string ``experts=256,top_k=8,moe_layers=3-60,num_layers=61[,name=my-model]``;
+- explicit keyword overrides (the CLI's ``--num-experts --top-k --moe-layers --num-layers``), which win over both.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import TracekitError
+
+GEOMETRY_KEYS = ("family", "num_layers", "moe_layers", "num_experts", "top_k", "n_group", "topk_group",
+                 "n_shared_experts", "scoring", "hidden_size")
+_ALIASES = {"experts": "num_experts", "e": "num_experts", "num_experts": "num_experts", "k": "top_k", "top_k": "top_k",
+            "topk": "top_k", "moe_layers": "moe_layers", "layers": "num_layers", "num_layers": "num_layers",
+            "name": "name"}
+
+
+def parse_layers(spec: str | list[int] | range | None) -> list[int] | None:
+    """``"3-60"``, ``"0,2,4"``, ``"1-47:2"`` (range with step) or a list -> sorted unique layer indices."""
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        return sorted({int(x) for x in spec})
+    out: set[int] = set()
+    for part in spec.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            step = 1
+            if ":" in part:
+                part, s = part.split(":", 1)
+                step = int(s)
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo or step < 1:
+                    raise ValueError
+                out.update(range(lo, hi + 1, step))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise TracekitError(f"bad layer list {spec!r}; write ranges like 3-60, lists like 0,2,4 or 1-47:2") from None
+    if not out or min(out) < 0:
+        raise TracekitError(f"bad layer list {spec!r}; layer indices are non-negative integers")
+    return sorted(out)
+
+
+def _parse_geometry_string(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, _, value = item.partition("=")
+        key = _ALIASES.get(key.strip().lower())
+        if key is None or not value.strip():
+            raise TracekitError(
+                f"bad geometry {text!r}; write experts=256,top_k=8,moe_layers=3-60,num_layers=61 (or a registry name)"
+            )
+        out[key] = value.strip()
+    return out
+
+
+def _registry_geometry(name: str) -> dict[str, Any] | None:
+    """Published geometry of a registry model, or None when the name is not in the registry."""
+    try:
+        from ..models import REGISTRY
+    except ImportError:  # registry not available: explicit geometry only
+        return None
+    spec = REGISTRY.get(name)
+    if spec is None:
+        return None
+    geo = dict(spec.geometry or {})
+    geo.setdefault("family", spec.family)
+    return geo
+
+
+def resolve_model(
+    model: str | None,
+    *,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    moe_layers: str | list[int] | None = None,
+    num_layers: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Resolve ``--model`` and the geometry flags to ``(model_name, geometry)``; one-line error if incomplete.
+
+    ``geometry`` has every key of :data:`GEOMETRY_KEYS` (unknown ones are None); ``moe_layers`` is a sorted list
+    of absolute layer indices, ``num_layers`` defaults to ``max(moe_layers) + 1``.
+    """
+    geo: dict[str, Any] = {k: None for k in GEOMETRY_KEYS}
+    name = model
+    if model and "=" in model:
+        parsed = _parse_geometry_string(model)
+        name = parsed.pop("name", None)
+        geo.update(parsed)
+    elif model:
+        reg = _registry_geometry(model)
+        if reg:
+            geo.update({k: v for k, v in reg.items() if k in geo})
+    overrides = {"num_experts": num_experts, "top_k": top_k, "moe_layers": moe_layers, "num_layers": num_layers}
+    geo.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in ("num_experts", "top_k", "moe_layers") if geo.get(k) in (None, [], "")]
+    if missing:
+        flags = " ".join(f"--{k.replace('_', '-')}" for k in missing)
+        what = f"model {model!r} has no published geometry" if model else "no --model given"
+        raise TracekitError(f"{what}; give a registry name (see `tracekit models`) or {flags}")
+    try:
+        geo["num_experts"] = int(geo["num_experts"])
+        geo["top_k"] = int(geo["top_k"])
+        geo["moe_layers"] = parse_layers(geo["moe_layers"])
+        geo["num_layers"] = int(geo["num_layers"]) if geo.get("num_layers") is not None else max(geo["moe_layers"]) + 1
+    except (TypeError, ValueError):
+        raise TracekitError(f"bad geometry for {model!r}: experts, top_k and num_layers must be integers") from None
+    if geo["num_experts"] < 1 or not 1 <= geo["top_k"] <= geo["num_experts"]:
+        raise TracekitError(f"bad geometry: need 1 <= top_k ({geo['top_k']}) <= experts ({geo['num_experts']})")
+    if max(geo["moe_layers"]) >= geo["num_layers"]:
+        raise TracekitError(
+            f"bad geometry: MoE layer {max(geo['moe_layers'])} is outside num_layers={geo['num_layers']}"
+        )
+    if not name:
+        name = f"moe-E{geo['num_experts']}-k{geo['top_k']}-L{geo['num_layers']}"
+    return name, geo

@@ -1,0 +1,135 @@
+"""Write an imported run all-or-nothing: chunks go to a hidden sibling directory that is renamed into place at the end.
+
+Importers validate as they read; when a file turns out malformed half-way, the staging directory is deleted and
+``--out`` is left exactly as it was (absent or empty). Every table goes through :mod:`tracekit.schema` builders and
+every file through :func:`tracekit.store.write_chunk`, so imported runs are read like collected ones.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import TracekitError
+from ..schema import build_routes_table, routes_schema
+from ..store import base_manifest, finalize, new_run_id, write_chunk, write_manifest
+
+
+class StagedRun:
+    """A run directory being imported. Use as a context manager; it appears at ``out`` only on success."""
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        *,
+        kind: str,
+        source: str,
+        model_name: str,
+        geometry: dict[str, Any],
+        dataset: dict[str, Any],
+        args: dict[str, Any],
+        weight_dtype: str = "float16",
+    ) -> None:
+        self.out = Path(out)
+        self.kind = kind
+        self.model_name = model_name
+        self.geometry = geometry
+        self.dataset = dataset
+        self.run_id = new_run_id()
+        self.notes: list[str] = []
+        self.extra: dict[str, Any] = {}
+        self._chunk = 0
+        self._schema = routes_schema(geometry["num_experts"], weight_dtype) if kind == "routes" else None
+        self._manifest = base_manifest(
+            run_id=self.run_id, kind=kind, source=source,
+            model={"name": model_name, "hub_id": None, "revision": None},
+            geometry=geometry, dataset=dataset, args=args,
+        )
+        self.tmp: Path | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def __enter__(self) -> "StagedRun":
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+            raise TracekitError(f"{self.out} already exists and is not empty; import into a new --out directory")
+        parent = self.out.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = parent / f".{self.out.name}.importing-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        write_manifest(self.tmp, self._manifest)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self._chunk == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise TracekitError("the sources hold no routing records to import (empty dump?)")
+        m = dict(self._manifest)
+        m["notes"] = list(self.notes)
+        m.update(self.extra)
+        write_manifest(self.tmp, m)
+        finalize(self.tmp)
+        if self.out.exists():
+            self.out.rmdir()  # empty (checked on enter)
+        os.replace(self.tmp, self.out)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    # -- writing -----------------------------------------------------------------------------------------------
+    def write_routes_tokens(
+        self,
+        *,
+        request_id: np.ndarray,
+        prompt_id: list[str] | np.ndarray | None,
+        phase: np.ndarray,
+        position: np.ndarray,
+        step: np.ndarray,
+        token_id: np.ndarray | None,
+        experts: np.ndarray,
+        domain: str | tuple[np.ndarray, list[str]],
+        prompt_tokens: int,
+        generated_tokens: int,
+    ) -> None:
+        """Write one chunk from per-token arrays.
+
+        Shapes: ``request_id, phase, position, step, token_id`` are (T,); ``experts`` is (T, nL, k) over the
+        geometry's MoE layers in order; rows come out token-major, one per (token, MoE layer).
+        ``domain`` is one string, or ``(labels (T,), names)`` for a chunk that mixes domains.
+        """
+        assert self.tmp is not None and self._schema is not None
+        layers = np.asarray(self.geometry["moe_layers"], dtype=np.int16)
+        t, nl, k = experts.shape
+        if t == 0:
+            return
+        if nl != len(layers):
+            raise ValueError(f"experts has {nl} layers, geometry has {len(layers)} MoE layers")
+        rep = lambda a: None if a is None else np.repeat(np.asarray(a), nl)  # noqa: E731
+        pid = None if prompt_id is None else np.repeat(np.asarray(prompt_id, dtype=object), nl)
+        dom, domains = (domain, None) if isinstance(domain, str) else (rep(domain[0]), list(domain[1]))
+        table = build_routes_table(
+            schema=self._schema, run_id=self.run_id, model=self.model_name, dataset=self.dataset["name"],
+            domain=dom, domains=domains, request_id=rep(request_id), prompt_id=pid, phase=rep(phase),
+            position=rep(position), step=rep(step), layer=np.tile(layers, t), token_id=rep(token_id),
+            experts=experts.reshape(t * nl, k), weights=None,
+        )
+        self._write(table, requests=np.unique(request_id).tolist(), prompt_tokens=prompt_tokens,
+                    generated_tokens=generated_tokens)
+
+    def write_loads(self, table: pa.Table) -> None:
+        assert self.kind == "loads"
+        if table.num_rows:
+            self._write(table)
+
+    def _write(self, table: pa.Table, **meta: Any) -> None:
+        assert self.tmp is not None
+        write_chunk(self.tmp, table, kind=self.kind, chunk=self._chunk, **meta)
+        self._chunk += 1
