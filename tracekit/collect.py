@@ -19,11 +19,13 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .datasets import Prompt, get_dataset, load_prompts
@@ -398,51 +400,55 @@ def _collect(opts, *, loaded, prompts, on_progress, stop_after_chunks) -> Collec
     done_mine = total_mine - len(mine)
     tokens_done = 0
 
-    with RouterTracer(loaded.model, routers, weight_dtype=weight_dtype, num_experts=geometry["num_experts"]) as tracer:
-        for c0 in range(0, len(mine), opts.chunk_requests):
-            chunk_reqs = mine[c0 : c0 + opts.chunk_requests]
-            # batch similar lengths together: less padding, same rows (pad positions are dropped)
-            by_len = sorted(chunk_reqs, key=lambda i: len(token_ids[i]))
-            batches = []
-            for b0 in range(0, len(by_len), opts.batch_size):
-                ids = by_len[b0 : b0 + opts.batch_size]
-                rows = trace_batch(loaded, tracer, [token_ids[i] for i in ids], np.asarray(ids, dtype=np.int64), opts)
-                batches.append(rows)
-                done_mine += len(ids)
-                tokens_done += rows.prompt_tokens + rows.generated_tokens
-                if on_progress:
-                    on_progress(done_mine, total_mine, tokens_done)
-            merged = _merge(batches)
-            pid = [prompts[i].prompt_id for i in range(len(prompts))]
-            table = build_routes_table(
-                schema=schema, run_id=manifest["run_id"], model=opts.model, dataset=cfg.name, domain=cfg.domain,
-                request_id=merged.request_id, prompt_id=[pid[i] for i in merged.request_id], phase=merged.phase,
-                position=merged.position, step=merged.step, layer=merged.layer, token_id=merged.token_id,
-                experts=merged.experts, weights=merged.weights,
-            )
-            path = write_chunk(run_dir, table, rank=rank, chunk=next_chunk, requests=chunk_reqs,
-                               prompt_tokens=merged.prompt_tokens, generated_tokens=merged.generated_tokens)
-            result.chunk_paths.append(path)
-            next_chunk += 1
-            result.requests_done_now += len(chunk_reqs)
-            result.rows_now += table.num_rows
-            if stop_after_chunks is not None and len(result.chunk_paths) >= stop_after_chunks:
-                break
+    prompt_ids = pa.array([p.prompt_id for p in prompts], pa.string())
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracekit-writer")
+    pending = None
+    try:
+        with RouterTracer(loaded.model, routers, weight_dtype=weight_dtype, num_experts=geometry["num_experts"]) as tracer:
+            for c0 in range(0, len(mine), opts.chunk_requests):
+                chunk_reqs = mine[c0 : c0 + opts.chunk_requests]
+                # batch similar lengths together: less padding, same rows (pad positions are dropped)
+                by_len = sorted(chunk_reqs, key=lambda i: len(token_ids[i]))
+                batches = []
+                for b0 in range(0, len(by_len), opts.batch_size):
+                    ids = by_len[b0 : b0 + opts.batch_size]
+                    rows = trace_batch(loaded, tracer, [token_ids[i] for i in ids], np.asarray(ids, dtype=np.int64), opts)
+                    batches.append(rows)
+                    done_mine += len(ids)
+                    tokens_done += rows.prompt_tokens + rows.generated_tokens
+                    if on_progress:
+                        on_progress(done_mine, total_mine, tokens_done)
+                merged = _merge(batches)
+                table = build_routes_table(
+                    schema=schema, run_id=manifest["run_id"], model=opts.model, dataset=cfg.name, domain=cfg.domain,
+                    request_id=merged.request_id, prompt_id=prompt_ids.take(pa.array(merged.request_id)),
+                    phase=merged.phase, position=merged.position, step=merged.step, layer=merged.layer,
+                    token_id=merged.token_id, experts=merged.experts, weights=merged.weights,
+                )
+                # compress and write on a background thread while the next chunk generates; one write in flight
+                if pending is not None:
+                    result.chunk_paths.append(pending.result())
+                pending = writer.submit(write_chunk, run_dir, table, rank=rank, chunk=next_chunk, requests=chunk_reqs,
+                                        prompt_tokens=merged.prompt_tokens, generated_tokens=merged.generated_tokens)
+                next_chunk += 1
+                result.requests_done_now += len(chunk_reqs)
+                result.rows_now += table.num_rows
+                if stop_after_chunks is not None and len(result.chunk_paths) + 1 >= stop_after_chunks:
+                    break
+            if pending is not None:
+                result.chunk_paths.append(pending.result())
+    finally:  # an interrupt still lets the chunk being written finish and land whole
+        writer.shutdown(wait=True)
 
     result.seconds = time.perf_counter() - t0
-    covered = set()
-    for c in list_chunks(run_dir):
-        covered.update(c.requests)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and world > 1:
-        torch.distributed.barrier()
-        covered = set()
-        for c in list_chunks(run_dir):
-            covered.update(c.requests)
-        if rank == 0 and len(covered) == len(prompts):
-            result.manifest = finalize(run_dir)
-        torch.distributed.barrier()
-    elif len(covered) == len(prompts):
-        result.manifest = finalize(run_dir)
+    in_group = torch.distributed.is_available() and torch.distributed.is_initialized() and world > 1
+    if in_group:
+        torch.distributed.barrier()  # every rank's chunks are on disk
+    covered = {r for c in list_chunks(run_dir) for r in c.requests}
+    if len(covered) == len(prompts) and (rank == 0 or not in_group):
+        finalize(run_dir)
+    if in_group:
+        torch.distributed.barrier()  # the manifest is final before any rank reads it
     result.manifest = read_manifest(run_dir) or result.manifest
     result.complete = result.manifest.get("status") == "complete"
     return result

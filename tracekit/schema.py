@@ -132,7 +132,7 @@ def build_routes_table(
     dataset: str,
     domain: str | np.ndarray,
     request_id: np.ndarray,
-    prompt_id: list[str] | np.ndarray | None,
+    prompt_id: list[str] | np.ndarray | pa.Array | None,
     phase: np.ndarray,
     position: np.ndarray,
     step: np.ndarray,
@@ -172,6 +172,8 @@ def build_routes_table(
         dom = _labels_dict(np.asarray(domain), list(domains or []))
     if prompt_id is None:
         pid = pa.nulls(n, pa.string())
+    elif isinstance(prompt_id, (pa.Array, pa.ChunkedArray)):
+        pid = prompt_id
     else:
         pid = pa.array(prompt_id, pa.string())
     cols = [
