@@ -106,3 +106,27 @@ class TraceArrays:
     phase: np.ndarray
     token: np.ndarray
     request_domain: np.ndarray
+    # Optional extras (added with defaults so existing constructors keep working):
+    # ``loads`` (M, E) aggregated counts for runs of kind "loads" (then N = 0: no token rows, load-only strategies);
+    # ``geometry`` the run manifest's geometry (n_group, hidden_size, num_layers, moe_layers, ...);
+    # ``request_key`` (R_n,) "run_id:request_id" strings naming each request.
+    loads: np.ndarray | None = None
+    geometry: dict[str, Any] = field(default_factory=dict)
+    request_key: np.ndarray | None = None
+
+    @property
+    def num_layers(self) -> int:
+        """M, the number of MoE-layer positions."""
+        return int(len(self.layers))
+
+    @property
+    def num_requests(self) -> int:
+        """R_n, the number of requests (``request`` indexes 0..R_n-1)."""
+        return int(len(self.request_domain))
+
+    @property
+    def top_k(self) -> int:
+        return int(self.experts.shape[1]) if self.experts.ndim == 2 else 0
+
+    def __len__(self) -> int:
+        return int(self.request.shape[0])

@@ -1,0 +1,91 @@
+"""`tracekit place RUNS...` (fit and compare placements on held-out traffic) and `tracekit export PLACEMENT`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+
+
+@app.command("place")
+def place_cmd(
+    runs: List[Path] = typer.Argument(..., help="Run directories (routes; loads runs only for load-only strategies)."),
+    nodes: int = typer.Option(4, "--nodes", help="Nodes in the cluster."),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (EP size = nodes x this)."),
+    redundant: int = typer.Option(32, "--redundant", help="Redundant expert slots per layer (R); E + R must divide by the EP size."),
+    strategy: str = typer.Option("all", "--strategy", help="linear, round-robin, eplb, locality, or all."),
+    grouping: str = typer.Option("none", "--grouping", help="Request grouping: none, domain or signature."),
+    holdout: float = typer.Option(0.3, "--holdout", help="Share of requests held out (split request)."),
+    split: str = typer.Option("request", "--split", help="request (hold out whole requests) or tokens (fit on each request's first half)."),
+    seed: int = typer.Option(0, "--seed"),
+    max_imbalance: float = typer.Option(1.10, "--max-imbalance", help="GPU load bound (max/mean) for locality."),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes (default: geometry, else 7168)."),
+    bytes_per_elem: float = typer.Option(1.0, "--bytes-per-elem", help="1 = FP8 dispatch, 2 = BF16."),
+    microbatch_tokens: int = typer.Option(256, "--microbatch-tokens", help="Decode tokens per micro-batch."),
+    phase: str = typer.Option("all", "--phase", help="Rows to score: all, decode or prefill."),
+    baseline_grouping: bool = typer.Option(False, "--baseline-grouping", help="Score baselines under the fitted grouping too."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole comparison as JSON."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the chosen strategy's placement (neutral JSON)."),
+) -> None:
+    """Fit placements on a train split, score them on held-out requests, print the table, save the placement."""
+    from rich.console import Console
+
+    from ..errors import TracekitError
+    from ..placement.evaluate import compare, render
+    from ..placement.export import save_placement
+    from ..placement.traces import load_traces
+    from ..store import atomic_write_json
+
+    traces = load_traces(runs)
+    cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
+    eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens}
+    if hidden_size is not None:
+        eval_opts["hidden_size"] = hidden_size
+    if len(traces) == 0:  # loads-only: fit, no scoring
+        from ..placement import strategies as strat
+        from ..placement.evaluate import make_cluster
+
+        if strategy == "all" or strategy not in ("linear", "round-robin", "eplb"):
+            raise TracekitError("loads-only runs have no token routes: choose --strategy linear, round-robin or eplb")
+        p = strat.fit(strategy, traces, make_cluster(traces, **cluster), seed=seed, max_imbalance=max_imbalance)
+        Console().print(f"{strategy}: fitted on aggregated loads (no per-token routes, so no held-out scoring)")
+        if out:
+            save_placement(p, out)
+            Console().print(f"saved placement to {out}")
+        return
+    comp = compare(traces, cluster, strategy, grouping=grouping, holdout=holdout, split=split, seed=seed,
+                   max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping, **eval_opts)
+    Console(width=max(220, Console().width)).print(render(comp))
+    if json_out:
+        atomic_write_json(json_out, json.loads(json.dumps(comp.to_json(), default=float)))
+        Console().print(f"wrote {json_out}")
+    if out:
+        chosen = strategy if strategy != "all" else ("locality" if "locality" in comp.placements else "eplb")
+        p = comp.placements[chosen]
+        p.meta["heldout"] = {k: v for k, v in comp.row(chosen)["heldout"].items() if not isinstance(v, list)}
+        save_placement(p, out)
+        Console().print(f"saved {chosen} placement to {out}")
+
+
+@app.command("export")
+def export_cmd(
+    placement: Path = typer.Argument(..., help="Placement JSON written by tracekit place -o."),
+    fmt: str = typer.Option(..., "--format", help="sglang, trtllm, vllm, json or grouping."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (default: beside the placement)."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Hidden layers of the model (SGLang rows; default from the traces' geometry)."),
+) -> None:
+    """Write a placement in a serving engine's format (validated first, written atomically) and print its flags."""
+    from rich.console import Console
+
+    from ..placement.export import _suffix, export, load_placement
+
+    p = load_placement(placement)
+    out = out or placement.with_name(f"{placement.stem}.{fmt}.{_suffix(fmt)}")
+    notes = export(p, fmt, out, num_hidden_layers=num_layers)
+    con = Console(width=200, soft_wrap=True)
+    con.print(f"wrote {out}")
+    for n in notes:
+        con.print(n, markup=False)

@@ -1,0 +1,42 @@
+"""The placements engines use by default (no traces needed).
+
+Both return slot_expert (M, S) under the slot convention of :mod:`tracekit.placement.types` (slot p on GPU
+``p // slots_per_gpu``), the same row for every layer.
+
+- :func:`linear` — contiguous blocks, the default of SGLang, TensorRT-LLM and vLLM (``linear``): slot p holds
+  expert ``p % E``. With R redundant slots this is SGLang's trivial map (``ExpertLocationMetadata.init_trivial``:
+  ``arange(num_physical) % num_logical``) and vLLM's initial EPLB map: the redundant slots, which sit on the last
+  GPUs, hold copies of experts 0..R-1.
+- :func:`round_robin` — vLLM's ``--expert-placement-strategy round_robin``: expert e on GPU ``e % G``; the
+  physical sequence ``[0..E-1, 0..R-1]`` (the same redundant experts as linear) is dealt out to GPUs in turn,
+  item i to GPU ``i % G`` at local position ``i // G``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .types import Cluster
+
+
+def linear_row(cluster: Cluster) -> np.ndarray:
+    """(S,) slot -> expert for contiguous blocks."""
+    return np.arange(cluster.num_slots) % cluster.num_experts
+
+
+def round_robin_row(cluster: Cluster) -> np.ndarray:
+    """(S,) slot -> expert for the strided (round-robin) layout."""
+    G, spg = cluster.num_gpus, cluster.slots_per_gpu
+    i = np.arange(cluster.num_slots)
+    row = np.empty(cluster.num_slots, dtype=np.int64)
+    row[(i % G) * spg + i // G] = i % cluster.num_experts
+    return row
+
+
+def linear(cluster: Cluster, num_layers: int) -> np.ndarray:
+    """(M, S) contiguous-block placement."""
+    return np.tile(linear_row(cluster), (num_layers, 1))
+
+
+def round_robin(cluster: Cluster, num_layers: int) -> np.ndarray:
+    """(M, S) round-robin placement."""
+    return np.tile(round_robin_row(cluster), (num_layers, 1))

@@ -1,0 +1,372 @@
+"""The communication model: what a placement costs when these traces run through an expert-parallel cluster.
+
+Model (pure functions over numpy arrays; every quantity below is computed exactly from the traces):
+
+1. **Home GPU.** A request lives on one GPU (data-parallel attention); its node is the *home node* and every one
+   of its tokens starts there. :func:`home_gpus` applies the placement's :class:`GroupingRule` through
+   :func:`tracekit.placement.grouping.assign_nodes` (``none``: round-robin over nodes; ``domain``: round-robin over
+   the nodes listed for the request's domain; ``signature``: the node of the centroid nearest to the request's
+   prefill routing signature, :func:`tracekit.placement.stats.signature_features`, which falls back to its first
+   decode tokens when it has no prefill), then takes that node's GPUs in turn.
+2. **Dispatch.** Per token-layer, each of its k experts goes to one replica, chosen by a static table
+   (:func:`dispatch_table`, as SGLang's static dispatch builds one per source GPU): a replica on the home GPU,
+   else one on the home node, else a remote one; when several replicas qualify, the one with the fewest source
+   GPUs mapped to it so far (the least loaded; ties go to the lowest slot), so traffic to a replicated expert
+   splits evenly over its replicas.
+3. **Copies.** ``normal`` mode (DeepEP high-throughput kernels): a token crosses once to each *distinct remote
+   node* among its destinations, landing on the GPU with the home GPU's local rank, then fans out over NVLink
+   (``nvlink_forward_copies_per_token``: distinct remote destination GPUs other than the landing GPU).
+   ``low-latency`` mode (DeepEP decode kernels): one copy per remote (token, expert) pair, straight to its GPU.
+   Intra-node copies: distinct other GPUs of the home node a token is sent to (normal), and (token, expert) pairs
+   on other GPUs of the home node (low-latency). Copies "per token" are per token-layer (one token at one MoE
+   layer); bytes = copies x ``hidden_size`` x ``bytes_per_elem`` (1 = FP8 dispatch), for the whole evaluated set.
+4. **Load.** (token, expert) assignments landing on each GPU per layer; imbalance = max/mean over GPUs per layer
+   (the slowest GPU sets the step time), reported as the mean over layers and the worst layer; same per node.
+5. **Weight reads.** Decode tokens in (decode step, request) order are cut into micro-batches of
+   ``microbatch_tokens``; per (micro-batch, layer): distinct logical experts touched, and the largest number of
+   distinct slots touched on one GPU (that GPU reads that many experts' weights).
+6. **Time estimate** (optional, rough): per MoE layer and micro-batch, dispatch bytes through the busiest node's
+   NICs (``internode_gbps`` GB/s per GPU, ``gpus_per_node`` NICs per node) and into the busiest GPU over NVLink
+   (``nvlink_gbps`` GB/s); the two overlap (max), and combine mirrors dispatch (x2). Bandwidths are in
+   gigabytes per second.
+
+Everything is vectorised over token-layers in row chunks (no Python loop per row). Distinct destinations per row
+come from per-row GPU bitmasks when the cluster has at most 64 GPUs, else from sorting each row's k GPUs; both
+paths give identical numbers (``force_sort``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import TracekitError
+from .stats import decode_step, row_chunks
+from .types import Cluster, GroupingRule, Placement, TraceArrays
+
+DEFAULTS = {
+    "hidden_size": 7168,  # DeepSeek V3
+    "bytes_per_elem": 1,  # FP8 dispatch
+    "microbatch_tokens": 256,
+    "nvlink_gbps": 450.0,  # GB/s per GPU, one direction (NVLink 4: 900 GB/s bidirectional)
+    "internode_gbps": 50.0,  # GB/s per GPU (one 400 Gb/s NIC per GPU)
+}
+_MAX_MB_BITMAP = 1 << 28  # cap on micro-batch x layer x slot flags (bytes); beyond it only the first micro-batches count
+
+
+def check_placement(placement: Placement) -> None:
+    """Raise TracekitError unless slot_expert is (M, S) with every expert 0..E-1 in every layer."""
+    c = placement.cluster
+    se = np.asarray(placement.slot_expert)
+    if se.ndim != 2 or se.shape[1] != c.num_slots or se.shape[0] != len(placement.layers):
+        raise TracekitError(
+            f"placement has slot_expert {se.shape}; expected ({len(placement.layers)}, {c.num_slots}) for this cluster"
+        )
+    if se.size and (se.min() < 0 or se.max() >= c.num_experts):
+        raise TracekitError(f"placement holds expert ids outside 0..{c.num_experts - 1}")
+    for m in range(se.shape[0]):
+        if np.unique(se[m]).size != c.num_experts:
+            missing = sorted(set(range(c.num_experts)) - set(se[m].tolist()))
+            raise TracekitError(
+                f"placement layer {int(placement.layers[m])} lacks experts {missing[:5]}; every expert needs a slot"
+            )
+
+
+def dispatch_table(placement: Placement) -> np.ndarray:
+    """(M, G, E) int32: the slot a token homed on GPU g uses for logical expert e at layer position m.
+
+    Same GPU first, then same node, then any; among several candidates, the one with the fewest source GPUs
+    mapped to it so far (ties: lowest slot). Experts with a single replica map straight to it.
+    """
+    check_placement(placement)
+    c = placement.cluster
+    se = np.asarray(placement.slot_expert)
+    M, S = se.shape
+    G, E, gpn = c.num_gpus, c.num_experts, c.gpus_per_node
+    gpu = c.gpu_of_slot()
+    node = gpu // gpn
+    table = np.empty((M, G, E), dtype=np.int32)
+    for m in range(M):
+        row = se[m]
+        first = np.full(E, -1, dtype=np.int64)
+        first[row[::-1]] = np.arange(S)[::-1]  # lowest slot of each expert
+        table[m] = first[None, :]
+        counts = np.bincount(row, minlength=E)
+        for e in np.flatnonzero(counts > 1):
+            slots = np.flatnonzero(row == e)
+            used = np.zeros(slots.size, dtype=np.int64)
+            g_all = np.arange(G)
+            on_gpu = gpu[slots][None, :] == g_all[:, None]  # (G, r)
+            on_node = node[slots][None, :] == (g_all // gpn)[:, None]
+            # sources with a local replica first, then same-node, then remote ones
+            tier = np.where(on_gpu.any(1), 0, np.where(on_node.any(1), 1, 2))
+            for g in np.argsort(tier, kind="stable"):
+                cand = on_gpu[g] if tier[g] == 0 else (on_node[g] if tier[g] == 1 else np.ones(slots.size, bool))
+                idx = np.flatnonzero(cand)
+                pick = idx[np.argmin(used[idx])]
+                used[pick] += 1
+                table[m, g, e] = slots[pick]
+    return table
+
+
+def home_gpus(traces: TraceArrays, placement: Placement, cluster: Cluster | None = None) -> np.ndarray:
+    """(R_n,) int64: the home GPU of every request.
+
+    The home node comes from ``placement.grouping`` through :func:`tracekit.placement.grouping.assign_nodes` (the
+    rule a router applies online; ``none`` = round-robin over nodes); inside its node a request takes the node's
+    GPUs in turn (the i-th request of node n lands on GPU ``n * gpus_per_node + i % gpus_per_node``), so with
+    ``none`` requests round-robin over all GPUs.
+    """
+    from .grouping import assign_nodes
+
+    c = cluster or placement.cluster
+    rule = placement.grouping if placement.grouping is not None else GroupingRule()
+    node_of = np.asarray(assign_nodes(rule, traces, c), dtype=np.int64)
+    if node_of.shape != (traces.num_requests,) or (node_of.size and (node_of.min() < 0 or node_of.max() >= c.nodes)):
+        raise TracekitError(f"the grouping rule sends requests to nodes outside 0..{c.nodes - 1}; refit it for this cluster")
+    # i-th request of its node: stable sort by node, rank within the run of equal nodes
+    order = np.argsort(node_of, kind="stable")
+    starts = np.searchsorted(node_of[order], np.arange(c.nodes))
+    nth = np.empty_like(node_of)
+    nth[order] = np.arange(node_of.size) - starts[node_of[order]]
+    return node_of * c.gpus_per_node + nth % c.gpus_per_node
+
+
+def _ratio(load: np.ndarray) -> np.ndarray:
+    """(M, X) loads -> (M',) max/mean of the layers that carry any load."""
+    mean = load.mean(axis=1)
+    ok = mean > 0
+    return load[ok].max(axis=1) / mean[ok]
+
+
+def evaluate(
+    placement: Placement,
+    traces: TraceArrays,
+    mask: np.ndarray | None = None,
+    *,
+    hidden_size: int = DEFAULTS["hidden_size"],
+    bytes_per_elem: float = DEFAULTS["bytes_per_elem"],
+    microbatch_tokens: int = DEFAULTS["microbatch_tokens"],
+    nvlink_gbps: float = DEFAULTS["nvlink_gbps"],
+    internode_gbps: float = DEFAULTS["internode_gbps"],
+    home: np.ndarray | None = None,
+    force_sort: bool = False,
+) -> dict:
+    """Score ``placement`` on the token-layers of ``traces`` selected by ``mask`` (N,) bool (default all).
+
+    ``home`` (R_n,) overrides :func:`home_gpus`. ``force_sort`` uses the general per-row sort path even when the
+    cluster has <= 64 GPUs (where per-row GPU bitmasks are faster); both give identical numbers. Returns a flat dict of floats (JSON-ready) plus
+    ``gpu_load_max_over_mean_per_layer`` (list, one per loaded layer). See the module docstring for definitions.
+    """
+    c = placement.cluster
+    if traces.num_experts != c.num_experts:
+        raise TracekitError(f"traces have {traces.num_experts} experts but the placement {c.num_experts}")
+    if len(placement.layers) != traces.num_layers or not np.array_equal(np.asarray(placement.layers), traces.layers):
+        raise TracekitError("placement layers differ from the traces' MoE layers; place with traces of this model")
+    if len(traces) == 0:
+        raise TracekitError("evaluation needs per-token routes; a loads-only run cannot be scored")
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (len(traces),):
+            raise ValueError(f"mask must be (N,) with N={len(traces)}")
+    table = dispatch_table(placement)
+    M, G, E = table.shape
+    gpn, nodes = c.gpus_per_node, c.nodes
+    gpu_of_slot = c.gpu_of_slot()
+    if home is None:
+        home = home_gpus(traces, placement, c)
+    home = np.asarray(home, dtype=np.int64)
+
+    acc = _Counts(M, G, nodes)
+    gpu_table = gpu_of_slot[table].astype(np.int16).reshape(-1)  # (M*G*E,) destination GPU per (m, g, e)
+    chunk_fn = _chunk_bits if (G <= 64 and not force_sort) else _chunk_sorted
+    for sl in row_chunks(len(traces)):
+        sel = slice(None) if mask is None else mask[sl]
+        lp = traces.layer_pos[sl][sel].astype(np.int32)
+        if lp.size == 0:
+            continue
+        h = home[traces.request[sl][sel]].astype(np.int32)
+        ex = traces.experts[sl][sel].astype(np.int32)
+        dg = gpu_table[((lp * G + h) * E)[:, None] + ex]  # (n, k) destination GPU of every (token, expert)
+        chunk_fn(acc, lp, h, dg, G, gpn, nodes)
+    rows = acc.rows
+    cn_norm, cn_ll, intra_norm, intra_ll, fwd_norm = acc.cn_norm, acc.cn_ll, acc.intra_norm, acc.intra_ll, acc.fwd_norm
+    node_eg_norm, node_in_norm, node_eg_ll, node_in_ll = acc.node_eg_norm, acc.node_in_norm, acc.node_eg_ll, acc.node_in_ll
+    nvl_in_norm, nvl_in_ll, gpu_load = acc.nvl_in_norm, acc.nvl_in_ll, acc.gpu_load
+    if rows == 0:
+        raise TracekitError("no token-layers selected to evaluate (empty split); use more requests or --split tokens")
+
+    gpu_load = gpu_load.reshape(M, G)
+    node_load = gpu_load.reshape(M, nodes, gpn).sum(2)
+    g_ratio = _ratio(gpu_load)
+    n_ratio = _ratio(node_load)
+    elem = hidden_size * bytes_per_elem
+    mb = microbatch_stats(placement, traces, mask, table=table, home=home, microbatch_tokens=microbatch_tokens)
+
+    # time per MoE layer for one micro-batch of `microbatch_tokens` token-layers, dispatch + combine
+    scale = microbatch_tokens / rows * elem
+    nic = internode_gbps * 1e9 * gpn
+
+    def est_ms(eg, ing, nvl):
+        t_net = max(eg.max(), ing.max()) * scale / nic
+        t_nvl = nvl.max() * scale / (nvlink_gbps * 1e9)
+        return float(2e3 * max(t_net, t_nvl))
+
+    out = {
+        "token_layers": rows,
+        "cross_node_copies_per_token_normal": cn_norm / rows,
+        "cross_node_copies_per_token_lowlat": cn_ll / rows,
+        "intra_node_copies_per_token": intra_norm / rows,
+        "intra_node_copies_per_token_lowlat": intra_ll / rows,
+        "nvlink_forward_copies_per_token_normal": fwd_norm / rows,
+        "bytes_normal": float(cn_norm * elem),
+        "bytes_lowlat": float(cn_ll * elem),
+        "bytes_intra_node": float((intra_norm + fwd_norm) * elem),
+        "gpu_load_max_over_mean": float(g_ratio.mean()),
+        "gpu_load_max_over_mean_worst": float(g_ratio.max()),
+        "node_load_max_over_mean": float(n_ratio.mean()),
+        "node_load_max_over_mean_worst": float(n_ratio.max()),
+        **mb,
+        "est_alltoall_ms": est_ms(node_eg_norm, node_in_norm, nvl_in_norm),
+        "est_alltoall_ms_lowlat": est_ms(node_eg_ll, node_in_ll, nvl_in_ll),
+        "gpu_load_max_over_mean_per_layer": [float(x) for x in g_ratio],
+    }
+    return out
+
+
+class _Counts:
+    """Accumulators of :func:`evaluate` over row chunks."""
+
+    def __init__(self, M: int, G: int, nodes: int):
+        self.rows = self.cn_norm = self.cn_ll = self.intra_norm = self.intra_ll = self.fwd_norm = 0
+        self.node_eg_norm = np.zeros(nodes)
+        self.node_in_norm = np.zeros(nodes)
+        self.node_eg_ll = np.zeros(nodes)
+        self.node_in_ll = np.zeros(nodes)
+        self.nvl_in_norm = np.zeros(G)
+        self.nvl_in_ll = np.zeros(G)
+        self.gpu_load = np.zeros(M * G, dtype=np.int64)
+
+
+def _pair_counts(acc: _Counts, lp, h, hn, dg, dn, G: int, nodes: int) -> None:
+    """Per (token, expert) pair: GPU load, low-latency copies and intra-node pairs (shared by both paths)."""
+    n, k = dg.shape
+    acc.rows += n
+    acc.gpu_load += np.bincount((lp[:, None] * G + dg).ravel(), minlength=acc.gpu_load.size)
+    remote = dn != hn[:, None]
+    local = ~remote & (dg != h[:, None])
+    per_row_ll = remote.sum(1)
+    acc.cn_ll += int(per_row_ll.sum())
+    acc.node_eg_ll += np.bincount(hn, weights=per_row_ll, minlength=nodes)
+    acc.node_in_ll += np.bincount((dn + nodes * remote).ravel(), minlength=2 * nodes)[nodes:]
+    acc.intra_ll += int(local.sum())
+    acc.nvl_in_ll += np.bincount((dg + G * local).ravel(), minlength=2 * G)[G:]
+
+
+def _chunk_bits(acc: _Counts, lp, h, dg, G: int, gpn: int, nodes: int) -> None:
+    """One chunk with per-row GPU bitmasks (G <= 64): distinct GPUs / nodes without sorting."""
+    hn = h // gpn
+    dn = dg // gpn
+    _pair_counts(acc, lp, h, hn, dg, dn, G, nodes)
+    bit = np.left_shift(np.uint64(1), np.arange(G, dtype=np.uint64))
+    gbits = bit[dg[:, 0]]
+    for j in range(1, dg.shape[1]):
+        gbits |= bit[dg[:, j]]
+    node_mask = np.array([bit[j * gpn:(j + 1) * gpn].sum() for j in range(nodes)], dtype=np.uint64)
+    rank_mask = np.array([bit[r::gpn].sum() for r in range(gpn)], dtype=np.uint64)  # GPUs of local rank r
+    per_row = np.zeros(hn.size, dtype=np.int64)
+    for j in range(nodes):  # normal mode: one send per distinct remote node
+        rj = ((gbits & node_mask[j]) != 0) & (hn != j)
+        per_row += rj
+        acc.node_in_norm[j] += int(rj.sum())
+    acc.cn_norm += int(per_row.sum())
+    acc.node_eg_norm += np.bincount(hn, weights=per_row, minlength=nodes)
+    home_node = node_mask[hn]
+    local_bits = gbits & home_node & ~bit[h]
+    fwd_bits = gbits & ~home_node & ~rank_mask[h % gpn]  # remote GPUs other than the landing GPU
+    acc.intra_norm += int(np.bitwise_count(local_bits).sum())
+    acc.fwd_norm += int(np.bitwise_count(fwd_bits).sum())
+    nvl = np.unpackbits((local_bits | fwd_bits).view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    acc.nvl_in_norm += nvl.sum(0, dtype=np.int64)[:G]
+
+
+def _chunk_sorted(acc: _Counts, lp, h, dg, G: int, gpn: int, nodes: int) -> None:
+    """One chunk, any cluster size: sort each row's GPUs and count first occurrences."""
+    dg = np.sort(dg, axis=1)
+    hn = h // gpn
+    dn = dg // gpn
+    _pair_counts(acc, lp, h, hn, dg, dn, G, nodes)
+    new_gpu = np.ones_like(dg, dtype=bool)
+    new_gpu[:, 1:] = dg[:, 1:] != dg[:, :-1]
+    new_node = np.ones_like(dg, dtype=bool)
+    new_node[:, 1:] = dn[:, 1:] != dn[:, :-1]
+    remote = dn != hn[:, None]
+    local = ~remote & (dg != h[:, None])
+    rn = remote & new_node
+    per_row = rn.sum(1)
+    acc.cn_norm += int(per_row.sum())
+    acc.node_eg_norm += np.bincount(hn, weights=per_row, minlength=nodes)
+    acc.node_in_norm += np.bincount(dn[rn], minlength=nodes)
+    lg = local & new_gpu
+    acc.intra_norm += int(lg.sum())
+    fw = remote & new_gpu & ((dg % gpn) != (h % gpn)[:, None])
+    acc.fwd_norm += int(fw.sum())
+    acc.nvl_in_norm += np.bincount(dg[lg], minlength=G) + np.bincount(dg[fw], minlength=G)
+
+
+def microbatch_stats(
+    placement: Placement,
+    traces: TraceArrays,
+    mask: np.ndarray | None = None,
+    *,
+    table: np.ndarray | None = None,
+    home: np.ndarray | None = None,
+    microbatch_tokens: int = DEFAULTS["microbatch_tokens"],
+) -> dict:
+    """Decode weight reads: mean over (micro-batch, layer) of distinct experts touched, and of the largest number
+    of distinct slots touched on one GPU. NaN when the selection holds no decode tokens."""
+    c = placement.cluster
+    if microbatch_tokens < 1:
+        raise TracekitError("--microbatch-tokens must be at least 1")
+    nan = {"distinct_experts_per_microbatch": float("nan"), "gpu_distinct_slots_per_microbatch_max": float("nan"),
+           "microbatches": 0}
+    step = decode_step(traces)
+    sel = step >= 0
+    if mask is not None:
+        sel &= mask
+    if not sel.any():
+        return nan
+    table = dispatch_table(placement) if table is None else table
+    home = home_gpus(traces, placement, c) if home is None else home
+    M, G, E = table.shape
+    S, spg = c.num_slots, c.slots_per_gpu
+    R = traces.num_requests
+    r = traces.request[sel].astype(np.int64)
+    key = step[sel].astype(np.int64) * R + r  # (decode step, request) order
+    present = np.zeros(int(key.max()) + 1, dtype=bool)
+    present[key] = True
+    rank = np.cumsum(present) - 1
+    mb_of = rank[key] // microbatch_tokens
+    n_mb = int(mb_of.max()) + 1
+    n_keep = max(1, min(n_mb, _MAX_MB_BITMAP // max(1, M * S)))
+    keep = mb_of < n_keep
+    mb_of, r = mb_of[keep], r[keep]
+    lp = traces.layer_pos[sel][keep].astype(np.int64)
+    ex = traces.experts[sel][keep].astype(np.int64)
+    slot = table.reshape(-1)[((lp * G + home[r]) * E)[:, None] + ex]
+    touched = np.zeros(n_keep * M * S, dtype=bool)
+    touched[((mb_of * M + lp) * S)[:, None] + slot] = True
+    touched = touched.reshape(n_keep, M, S)
+    # logical experts touched = distinct experts among touched slots
+    se = np.asarray(placement.slot_expert)
+    logical = np.zeros((n_keep, M, E), dtype=bool)
+    mi = np.broadcast_to(np.arange(M)[None, :, None], touched.shape)
+    bi = np.broadcast_to(np.arange(n_keep)[:, None, None], touched.shape)
+    ei = np.broadcast_to(se[None, :, :], touched.shape)
+    logical[bi[touched], mi[touched], ei[touched]] = True
+    any_tok = touched.any(axis=2)
+    n_logical = logical.sum(2)[any_tok]
+    per_gpu = touched.reshape(n_keep, M, G, spg).sum(3).max(2)[any_tok]
+    return {
+        "distinct_experts_per_microbatch": float(n_logical.mean()),
+        "gpu_distinct_slots_per_microbatch_max": float(per_gpu.mean()),
+        "microbatches": int(n_keep),
+    }

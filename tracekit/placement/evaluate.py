@@ -1,0 +1,206 @@
+"""Fit strategies on a train split, score them on held-out traffic, and lay the results side by side.
+
+:func:`compare` is the library form of ``tracekit place``: load traces (or take loaded ones), split them
+(``request``: hold out whole requests; ``tokens``: fit on each request's first decode tokens, score the rest),
+fit every strategy on the train rows only, and score each placement with :func:`tracekit.placement.comm.evaluate`
+on the held-out rows (the numbers that count) and on the fitted rows (for contrast: balance on tokens the
+optimizer saw is always flattering). Each row also carries the relative change against ``linear`` and ``eplb``.
+
+Grouping: the strategy fits the rule (locality does it jointly); with ``baseline_grouping=True`` the baselines are
+scored under the same fitted rule, otherwise under ``none`` as engines run them today.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import TracekitError
+from . import strategies as strat
+from .comm import evaluate
+from .traces import load_traces, split_requests, split_tokens, subset
+from .types import Cluster, Placement, TraceArrays
+
+BASELINES = ("linear", "round-robin", "eplb")
+DELTA_KEYS = (
+    "cross_node_copies_per_token_normal",
+    "cross_node_copies_per_token_lowlat",
+    "intra_node_copies_per_token",
+    "gpu_load_max_over_mean",
+    "node_load_max_over_mean",
+    "distinct_experts_per_microbatch",
+    "est_alltoall_ms",
+)
+
+
+@dataclass
+class Comparison:
+    """Result of :func:`compare`: one row per strategy (dicts, JSON-ready) and the fitted placements."""
+
+    rows: list[dict[str, Any]]
+    placements: dict[str, Placement]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, strategy: str) -> dict[str, Any]:
+        for r in self.rows:
+            if r["strategy"] == strategy:
+                return r
+        raise KeyError(strategy)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"meta": self.meta, "rows": self.rows}
+
+
+def make_cluster(traces: TraceArrays, nodes: int, gpus_per_node: int, redundant: int) -> Cluster:
+    """Cluster for the traces' expert count (one-line error when E + R does not divide over the GPUs)."""
+    return Cluster(nodes=nodes, gpus_per_node=gpus_per_node, num_experts=traces.num_experts, redundant=redundant)
+
+
+def resolve_strategies(names: str | Sequence[str]) -> list[str]:
+    """``'all'`` or a list of names -> validated list (linear and eplb always included: they are the references)."""
+    avail = strat.available()
+    if isinstance(names, str):
+        names = avail if names == "all" else [names]
+    for n in names:
+        strat.get(n)
+    out = [n for n in ("linear", "eplb") if n not in names] + list(names)
+    return sorted(dict.fromkeys(out), key=lambda n: (avail.index(n) if n in avail else 99, n))
+
+
+def make_split(traces: TraceArrays, how: str = "request", holdout: float = 0.3, seed: int = 0, frac: float = 0.5):
+    """(train_mask, test_mask) for ``how`` = request | tokens."""
+    if how == "request":
+        return split_requests(traces, holdout=holdout, seed=seed)
+    if how == "tokens":
+        return split_tokens(traces, frac=frac)
+    raise TracekitError(f"unknown split {how!r}; use request or tokens")
+
+
+def compare(
+    runs_or_traces: TraceArrays | Sequence[str | os.PathLike],
+    cluster: Cluster | dict,
+    strategies: str | Sequence[str] = "all",
+    *,
+    grouping: str = "none",
+    holdout: float = 0.3,
+    split: str = "request",
+    token_frac: float = 0.5,
+    seed: int = 0,
+    max_imbalance: float = 1.10,
+    score_phase: str = "all",
+    baseline_grouping: bool = False,
+    strategy_opts: dict[str, dict] | None = None,
+    **eval_opts,
+) -> Comparison:
+    """Fit every strategy on the train split and score it on the held-out split (and on the fitted rows).
+
+    ``cluster``: a :class:`Cluster` or ``{"nodes", "gpus_per_node", "redundant"}`` (experts from the traces).
+    ``score_phase``: all | decode | prefill rows to score. ``eval_opts`` go to :func:`comm.evaluate`
+    (hidden_size, bytes_per_elem, microbatch_tokens, nvlink_gbps, internode_gbps).
+    """
+    traces = runs_or_traces if isinstance(runs_or_traces, TraceArrays) else load_traces(list(runs_or_traces))
+    if len(traces) == 0:
+        raise TracekitError("placement comparison needs per-token routes; loads-only runs can be placed but not scored")
+    if isinstance(cluster, dict):
+        cluster = make_cluster(traces, **cluster)
+    names = resolve_strategies(strategies)
+    if "hidden_size" not in eval_opts and (traces.geometry or {}).get("hidden_size"):
+        eval_opts["hidden_size"] = int(traces.geometry["hidden_size"])
+    train, test = make_split(traces, split, holdout, seed, token_frac)
+    if score_phase != "all":
+        ph = {"prefill": 0, "decode": 1}.get(score_phase)
+        if ph is None:
+            raise TracekitError(f"unknown phase {score_phase!r}; use all, decode or prefill")
+        test = test & (traces.phase == ph)
+        fitted_scored = train & (traces.phase == ph)
+    else:
+        fitted_scored = train
+    if not test.any():
+        raise TracekitError("the held-out split is empty; lower --holdout's granularity or use --split tokens")
+    fit_traces = subset(traces, train)
+    opts = strategy_opts or {}
+
+    placements: dict[str, Placement] = {}
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        p = strat.fit(
+            name, fit_traces, cluster, seed=seed, max_imbalance=max_imbalance, grouping=grouping,
+            attach_grouping=baseline_grouping or name not in BASELINES, **opts.get(name, {}),
+        )
+        placements[name] = p
+        held = evaluate(p, traces, test, **eval_opts)
+        fitted = evaluate(p, traces, fitted_scored, **eval_opts) if fitted_scored.any() else {}
+        rows.append({
+            "strategy": name,
+            "grouping": p.grouping.kind,
+            "fit_seconds": float(p.meta.get("fit_seconds", float("nan"))),
+            "heldout": held,
+            "fitted": fitted,
+        })
+    for ref in ("linear", "eplb"):
+        base = next(r["heldout"] for r in rows if r["strategy"] == ref)
+        for r in rows:
+            r[f"vs_{ref}"] = {k: _rel(r["heldout"][k], base[k]) for k in DELTA_KEYS}
+    meta = {
+        "cluster": {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "num_experts": cluster.num_experts,
+                    "redundant": cluster.redundant, "slots_per_gpu": cluster.slots_per_gpu},
+        "layers": [int(x) for x in traces.layers],
+        "split": split, "holdout": holdout if split == "request" else None,
+        "token_frac": token_frac if split == "tokens" else None, "seed": seed,
+        "grouping": grouping, "baseline_grouping": baseline_grouping, "max_imbalance": max_imbalance,
+        "score_phase": score_phase,
+        "requests": int(traces.num_requests),
+        "train_token_layers": int(train.sum()), "test_token_layers": int(test.sum()),
+        "train_requests": int(np.unique(traces.request[train]).size),
+        "test_requests": int(np.unique(traces.request[test]).size),
+        "eval_opts": eval_opts,
+    }
+    return Comparison(rows=rows, placements=placements, meta=meta)
+
+
+def _rel(x: float, ref: float) -> float:
+    """Relative change x / ref - 1 (NaN when the reference is 0 or NaN)."""
+    if ref is None or not np.isfinite(ref) or ref == 0 or x is None or not np.isfinite(x):
+        return float("nan")
+    return float(x / ref - 1.0)
+
+
+def render(comp: Comparison):
+    """A rich Table of the comparison (held-out numbers; fitted GPU max/mean for contrast)."""
+    from rich.table import Table
+
+    m = comp.meta
+    title = (f"held-out placement comparison: {m['cluster']['nodes']} nodes x {m['cluster']['gpus_per_node']} GPUs, "
+             f"E={m['cluster']['num_experts']} R={m['cluster']['redundant']}, split={m['split']}, "
+             f"test {m['test_requests']} requests / {m['test_token_layers']:,} token-layers")
+    t = Table(title=title)
+    cols = [
+        ("strategy", "left"), ("grouping", "left"), ("fit s", "right"),
+        ("x-node/tok normal", "right"), ("x-node/tok LL", "right"), ("intra/tok", "right"),
+        ("GB normal", "right"), ("GPU max/mean", "right"), ("worst layer", "right"), ("node max/mean", "right"),
+        ("experts/mb", "right"), ("a2a ms", "right"), ("vs linear", "right"), ("vs eplb", "right"),
+        ("fitted GPU max/mean", "right"),
+    ]
+    for c, j in cols:
+        t.add_column(c, justify=j)
+    for r in comp.rows:
+        h = r["heldout"]
+        f = r["fitted"] or {}
+        t.add_row(
+            r["strategy"], r["grouping"], f"{r['fit_seconds']:.2f}",
+            f"{h['cross_node_copies_per_token_normal']:.3f}", f"{h['cross_node_copies_per_token_lowlat']:.3f}",
+            f"{h['intra_node_copies_per_token']:.3f}", f"{h['bytes_normal'] / 1e9:.3f}",
+            f"{h['gpu_load_max_over_mean']:.3f}", f"{h['gpu_load_max_over_mean_worst']:.3f}",
+            f"{h['node_load_max_over_mean']:.3f}", f"{h['distinct_experts_per_microbatch']:.1f}",
+            f"{h['est_alltoall_ms']:.4f}",
+            _pct(r["vs_linear"]["cross_node_copies_per_token_normal"]),
+            _pct(r["vs_eplb"]["cross_node_copies_per_token_normal"]),
+            f"{f.get('gpu_load_max_over_mean', float('nan')):.3f}",
+        )
+    return t
+
+
+def _pct(x: float) -> str:
+    return "-" if not np.isfinite(x) else f"{100 * x:+.1f}%"

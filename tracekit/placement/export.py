@@ -1,0 +1,290 @@
+"""Turn a fitted placement into the files serving engines load; validate before writing; write atomically.
+
+Export never recomputes a placement: it reads ``Placement.slot_expert`` (M, S) and lays it out per engine.
+Every format shares the slot convention: physical slot p sits on EP rank (GPU) ``p // (S / G)``.
+
+- ``sglang``: ``--init-expert-location FILE`` JSON ``{"physical_to_logical_map": [[...], ...]}``, one row per
+  *hidden layer* of the model including dense ones (SGLang sizes the map by ``num_hidden_layers`` and indexes it
+  by absolute layer id). Dense layers have no experts; their rows are never read, and we fill them with SGLang's
+  own trivial map ``arange(E + R) % E`` (what ``ExpertLocationMetadata.init_trivial`` builds for every layer), so
+  every row is a valid mapping of width E + R. Note: SGLang's ``static`` dispatch prefers a replica on the same
+  GPU and otherwise picks replicas at random (fairly); it has no same-node preference, so the node-local replicas
+  our model counts save traffic in SGLang only when they sit on the token's own GPU or when dispatch is extended.
+- ``trtllm``: MoE load balancer YAML: ``num_slots``, ``layer_updates_per_iter: 0`` (static),
+  ``initial_global_assignments`` keyed by absolute MoE layer index, each a list of ``num_slots`` expert ids;
+  rank r holds slots [r * num_slots / ep, (r + 1) * num_slots / ep).
+- ``vllm``: released vLLM cannot load a static expert map. We emit the ``--eplb-config`` JSON (redundant experts,
+  window sizes) and the ``--expert-placement-strategy`` (linear | round_robin) closest to the placement, and say
+  plainly what is lost.
+- ``json``: the neutral form (:func:`save_placement` / :func:`load_placement`), the whole placement and its rule.
+- ``grouping``: the request grouping rule alone, what a router applies online.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import TracekitError
+from ..store import atomic_write_bytes
+from .types import Cluster, GroupingRule, Placement
+
+FORMATS = ("sglang", "trtllm", "vllm", "json", "grouping")
+NEUTRAL_FORMAT = "tracekit-placement"
+NEUTRAL_VERSION = 1
+VLLM_EPLB_DEFAULTS = {"window_size": 1000, "step_interval": 3000, "log_balancedness": False}
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def validate(placement: Placement, num_hidden_layers: int | None = None) -> None:
+    """One-line TracekitError unless the placement can be exported: widths exact (E + R), E + R divisible by the
+    EP size, ids in range, every logical expert present in every MoE layer, MoE layers unique and below
+    ``num_hidden_layers``."""
+    c = placement.cluster
+    se = np.asarray(placement.slot_expert)
+    layers = np.asarray(placement.layers)
+    if c.num_slots % c.num_gpus:
+        raise TracekitError(f"E + R = {c.num_slots} slots do not divide over EP size {c.num_gpus}; change --redundant")
+    if se.ndim != 2 or se.shape != (len(layers), c.num_slots):
+        raise TracekitError(
+            f"placement rows are {se.shape}, expected {len(layers)} MoE layers x {c.num_slots} slots (E + R)"
+        )
+    if not np.issubdtype(se.dtype, np.integer):
+        raise TracekitError("placement slot ids must be integers")
+    if se.size and (se.min() < 0 or se.max() >= c.num_experts):
+        raise TracekitError(f"placement holds expert id {int(se.min() if se.min() < 0 else se.max())} outside 0..{c.num_experts - 1}")
+    for m in range(se.shape[0]):
+        present = np.bincount(se[m], minlength=c.num_experts)
+        if (present == 0).any():
+            miss = np.flatnonzero(present == 0)
+            raise TracekitError(
+                f"layer {int(layers[m])} has no slot for expert(s) {miss[:5].tolist()}; every logical expert needs one"
+            )
+    if len(np.unique(layers)) != len(layers) or (layers.size and layers.min() < 0):
+        raise TracekitError(f"placement MoE layers are not unique non-negative indices: {layers.tolist()[:8]}")
+    if num_hidden_layers is not None and layers.size and layers.max() >= num_hidden_layers:
+        raise TracekitError(
+            f"MoE layer {int(layers.max())} is beyond the model's {num_hidden_layers} hidden layers; pass the right --num-layers"
+        )
+
+
+def hidden_layers(placement: Placement, override: int | None = None) -> int:
+    """The model's hidden layer count: ``override``, else the fitted geometry (``meta['num_hidden_layers']``),
+    else last MoE layer + 1."""
+    if override is not None:
+        return int(override)
+    n = placement.meta.get("num_hidden_layers")
+    return int(n) if n else int(np.max(placement.layers)) + 1
+
+
+# ------------------------------------------------------------------------------------------------ neutral JSON
+
+
+def grouping_to_dict(rule: GroupingRule) -> dict[str, Any]:
+    return {
+        "kind": rule.kind,
+        "domain_nodes": {str(k): [int(x) for x in v] for k, v in (rule.domain_nodes or {}).items()},
+        "feature_layers": [int(x) for x in (rule.feature_layers or [])],
+        "centroids": None if rule.centroids is None else np.asarray(rule.centroids, dtype=float).tolist(),
+        "centroid_node": None if rule.centroid_node is None else [int(x) for x in rule.centroid_node],
+        "how_to_apply": {
+            "none": "round-robin requests over nodes",
+            "domain": "send a request of domain d round-robin to the nodes domain_nodes[d] (all nodes if d is absent)",
+            "signature": "histogram the request's prefill experts per feature layer (absolute layer ids), normalise "
+            "each layer to sum 1, concatenate; send it to centroid_node of the nearest centroid (Euclidean)",
+        }[rule.kind],
+    }
+
+
+def grouping_from_dict(d: dict[str, Any]) -> GroupingRule:
+    kind = d.get("kind", "none")
+    if kind not in ("none", "domain", "signature"):
+        raise TracekitError(f"grouping kind {kind!r} unknown; expected none, domain or signature")
+    return GroupingRule(
+        kind=kind,
+        domain_nodes={str(k): [int(x) for x in v] for k, v in (d.get("domain_nodes") or {}).items()},
+        feature_layers=[int(x) for x in d.get("feature_layers") or []],
+        centroids=None if d.get("centroids") is None else np.asarray(d["centroids"], dtype=np.float32),
+        centroid_node=None if d.get("centroid_node") is None else np.asarray(d["centroid_node"], dtype=np.int64),
+    )
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def placement_to_dict(placement: Placement) -> dict[str, Any]:
+    c = placement.cluster
+    return {
+        "format": NEUTRAL_FORMAT,
+        "version": NEUTRAL_VERSION,
+        "strategy": placement.strategy,
+        "cluster": {"nodes": c.nodes, "gpus_per_node": c.gpus_per_node, "num_experts": c.num_experts,
+                    "redundant": c.redundant, "num_slots": c.num_slots, "slots_per_gpu": c.slots_per_gpu},
+        "slot_convention": "slot p on GPU p // slots_per_gpu; GPU g on node g // gpus_per_node",
+        "layers": [int(x) for x in placement.layers],
+        "slot_expert": np.asarray(placement.slot_expert).astype(int).tolist(),
+        "grouping": grouping_to_dict(placement.grouping or GroupingRule()),
+        "meta": _jsonable(placement.meta),
+    }
+
+
+def placement_from_dict(d: dict[str, Any], where: str = "placement") -> Placement:
+    if d.get("format") != NEUTRAL_FORMAT:
+        raise TracekitError(f"{where}: not a tracekit placement (format {d.get('format')!r}); write one with tracekit place -o")
+    if int(d.get("version", 0)) > NEUTRAL_VERSION:
+        raise TracekitError(f"{where}: placement format v{d['version']} is newer than this tracekit; upgrade tracekit")
+    try:
+        c = d["cluster"]
+        cluster = Cluster(int(c["nodes"]), int(c["gpus_per_node"]), int(c["num_experts"]), int(c["redundant"]))
+        p = Placement(
+            cluster=cluster,
+            layers=np.asarray(d["layers"], dtype=np.int64),
+            slot_expert=np.asarray(d["slot_expert"], dtype=np.int64),
+            strategy=str(d.get("strategy", "unknown")),
+            grouping=grouping_from_dict(d.get("grouping") or {}),
+            meta=dict(d.get("meta") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TracekitError(f"{where}: malformed placement ({type(exc).__name__}: {exc})") from None
+    validate(p)
+    return p
+
+
+def save_placement(placement: Placement, path: str | Path) -> Path:
+    """Validate and write the neutral JSON atomically."""
+    validate(placement)
+    path = Path(path)
+    atomic_write_bytes(path, (json.dumps(placement_to_dict(placement), separators=(",", ":")) + "\n").encode())
+    return path
+
+
+def load_placement(path: str | Path) -> Placement:
+    path = Path(path)
+    if not path.is_file():
+        raise TracekitError(f"{path}: no such placement file (write one with tracekit place -o)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TracekitError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return placement_from_dict(d, str(path))
+
+
+# ------------------------------------------------------------------------------------------------ engines
+
+
+def sglang_map(placement: Placement, num_hidden_layers: int | None = None) -> dict[str, Any]:
+    """``{"physical_to_logical_map": (num_hidden_layers, E + R)}``; dense rows = SGLang's trivial map."""
+    n = hidden_layers(placement, num_hidden_layers)
+    validate(placement, n)
+    c = placement.cluster
+    rows = np.tile(np.arange(c.num_slots) % c.num_experts, (n, 1))
+    rows[np.asarray(placement.layers)] = np.asarray(placement.slot_expert)
+    return {"physical_to_logical_map": rows.astype(int).tolist()}
+
+
+def sglang_flags(placement: Placement, path: str | Path) -> list[str]:
+    c = placement.cluster
+    return [
+        f"--init-expert-location {path}",
+        f"--ep-num-redundant-experts {c.redundant}",
+        f"--ep-size {c.num_gpus}",
+        f"--tp-size {c.num_gpus}",
+        f"--nnodes {c.nodes}",
+        "--enable-dp-attention",
+        f"--dp-size {c.num_gpus}",
+        "--moe-a2a-backend deepep",
+        "--ep-dispatch-algorithm static",
+    ]
+
+
+def trtllm_yaml(placement: Placement) -> str:
+    validate(placement)
+    c = placement.cluster
+    lines = [f"num_slots: {c.num_slots}", "layer_updates_per_iter: 0", "initial_global_assignments:"]
+    for layer, row in zip(placement.layers, np.asarray(placement.slot_expert)):
+        lines.append(f"  {int(layer)}: [{', '.join(str(int(x)) for x in row)}]")
+    return "\n".join(lines) + "\n"
+
+
+def vllm_config(placement: Placement) -> dict[str, Any]:
+    """The vLLM settings closest to the placement, and what vLLM cannot take."""
+    from .baselines import linear_row, round_robin_row
+
+    validate(placement)
+    c = placement.cluster
+    se = np.asarray(placement.slot_expert)
+    gpu = c.gpu_of_slot()
+
+    def overlap(row: np.ndarray) -> float:  # share of (layer, GPU, expert) memberships that agree
+        ref = {(int(g), int(e)) for g, e in zip(gpu, row)}
+        return float(np.mean([(int(g), int(e)) in ref for g, e in zip(np.tile(gpu, se.shape[0]), se.ravel())]))
+
+    scores = {"linear": overlap(linear_row(c)), "round_robin": overlap(round_robin_row(c))}
+    best = max(scores, key=lambda k: (scores[k], k == "linear"))
+    eplb_cfg = {**VLLM_EPLB_DEFAULTS, "num_redundant_experts": c.redundant}
+    flags = [
+        f"--enable-expert-parallel",
+        f"--data-parallel-size {c.num_gpus}",
+        f"--expert-placement-strategy {best}",
+    ]
+    if c.redundant:
+        flags = ["--enable-eplb", f"--eplb-config '{json.dumps(eplb_cfg, separators=(',', ':'))}'"] + flags
+    return {
+        "eplb_config": eplb_cfg,
+        "expert_placement_strategy": best,
+        "placement_overlap": scores,
+        "flags": flags,
+        "cannot_take": (
+            "released vLLM loads no static expert map: the per-layer slot->expert assignment of this placement "
+            f"({placement.strategy}), its replica choice and the request grouping rule cannot be given to vLLM. "
+            f"It starts from --expert-placement-strategy {best} (the same for every layer) and, with --enable-eplb, "
+            f"re-balances {c.redundant} redundant experts from its own load counts (EPLB: balance, not locality)."
+        ),
+    }
+
+
+def render(placement: Placement, fmt: str, *, out: str | Path | None = None, num_hidden_layers: int | None = None) -> tuple[str, list[str]]:
+    """(file text, notes to print) for ``fmt``; validates first. ``out`` names the file in printed flags."""
+    if fmt not in FORMATS:
+        raise TracekitError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    name = str(out) if out else f"placement.{_suffix(fmt)}"
+    if fmt == "sglang":
+        text = json.dumps(sglang_map(placement, num_hidden_layers), separators=(",", ":")) + "\n"
+        return text, ["sglang server flags: " + " ".join(sglang_flags(placement, name))]
+    if fmt == "trtllm":
+        return trtllm_yaml(placement), [
+            f"trtllm: set moe_config.load_balancer: {name} in the extra LLM API options YAML, with moe_expert_parallel_size "
+            f"{placement.cluster.num_gpus}"
+        ]
+    if fmt == "vllm":
+        cfg = vllm_config(placement)
+        return json.dumps(cfg, indent=2) + "\n", ["vllm flags: " + " ".join(cfg["flags"]), "vllm: " + cfg["cannot_take"]]
+    if fmt == "grouping":
+        rule = placement.grouping or GroupingRule()
+        return json.dumps(grouping_to_dict(rule), indent=1) + "\n", [f"grouping rule: {rule.kind}"]
+    validate(placement)
+    return json.dumps(placement_to_dict(placement), separators=(",", ":")) + "\n", []
+
+
+def _suffix(fmt: str) -> str:
+    return "yaml" if fmt == "trtllm" else "json"
+
+
+def export(placement: Placement, fmt: str, out: str | Path, *, num_hidden_layers: int | None = None) -> list[str]:
+    """Validate, render and write ``out`` atomically. Returns the notes (server flags, limits) to print."""
+    text, notes = render(placement, fmt, out=out, num_hidden_layers=num_hidden_layers)
+    atomic_write_bytes(Path(out), text.encode())
+    return notes

@@ -1,0 +1,285 @@
+"""Read run directories into :class:`~tracekit.placement.types.TraceArrays`, and split them for held-out scoring.
+
+Placement consumes columnar numpy arrays, not rows: this module is the one place where the placement code
+touches Parquet. It queries the run files with DuckDB (``read_parquet`` over ``open_run(path).files[kind]``) and
+turns the ``experts`` list column into an (N, k) array by flattening the Arrow list (no Python loop per row).
+
+Several runs load into one ``TraceArrays``: requests are renumbered 0..R_n-1 (run by run, in request-id order)
+and ``request_key`` keeps "run_id:request_id". All runs must share the expert count and top-k.
+
+Runs of kind ``loads`` (engines that dump only aggregated counts) carry no token rows: they fill
+``TraceArrays.loads`` (M, E), enough for the load-only strategies (linear, round-robin, eplb) but not for
+locality, grouping or the communication model.
+
+Splits return boolean row masks (N,), so every array keeps one indexing:
+
+- :func:`split_requests` holds out whole requests (stratified by domain, seeded): the optimizer never sees them.
+- :func:`split_tokens` fits on the prefill and the first ``frac`` of each request's decode tokens and scores
+  the rest of the decode tokens (the protocol of the issue's quoted Mixtral measurement).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow.compute as pc
+
+from ..errors import TracekitError
+from ..store import open_run
+from .types import TraceArrays
+
+PHASE_FILTERS = ("all", "decode", "prefill")
+
+# --- SQL (all of this module's queries) -------------------------------------------------------------------------
+_SQL_ROUTES = """
+SELECT request_id, (phase = 'decode')::TINYINT AS phase, position, layer, experts
+FROM read_parquet($files)
+{where}
+"""
+_SQL_REQUESTS = """
+SELECT request_id, any_value(domain)::VARCHAR AS domain
+FROM read_parquet($files)
+{where}
+GROUP BY request_id ORDER BY request_id
+"""
+_SQL_LAYERS = "SELECT DISTINCT layer FROM read_parquet($files) ORDER BY layer"
+_SQL_TOPK = "SELECT min(len(experts)) AS lo, max(len(experts)) AS hi, max(list_max(experts)) AS emax FROM read_parquet($files)"
+_SQL_LOADS = """
+SELECT layer, expert, sum(count)::BIGINT AS count
+FROM read_parquet($files)
+{where}
+GROUP BY layer, expert
+"""
+
+
+def _phase_where(phase: str, kind: str) -> str:
+    if phase not in PHASE_FILTERS:
+        raise TracekitError(f"unknown phase {phase!r}; use one of {', '.join(PHASE_FILTERS)}")
+    if phase == "all":
+        return ""
+    return f"WHERE phase = '{phase}'"  # validated literal, not user text
+
+
+def _connect():
+    import duckdb
+
+    con = duckdb.connect()
+    threads = os.environ.get("TRACEKIT_THREADS")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    return con
+
+
+def _files(run, kind: str) -> list[str]:
+    files = [str(p) for p in run.files.get(kind, [])]
+    if not files:
+        raise TracekitError(f"{run.path}: no finished {kind} files; collect or import into it first")
+    return files
+
+
+def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceArrays:
+    """Load one or more run directories into columnar arrays.
+
+    ``phase``: ``all`` (default), ``decode`` or ``prefill`` filters rows at read time. Signature grouping wants the
+    prefill even when scoring decode, so prefer ``all`` and mask later (``traces.phase == 1``).
+    Returns TraceArrays with N token-layer rows; ``loads`` (M, E) is set when any run is of kind ``loads``.
+    """
+    runs = [open_run(p) for p in runs]
+    if not runs:
+        raise TracekitError("no run directories given")
+    where = _phase_where(phase, "routes")
+    con = _connect()
+
+    num_experts = None
+    layers: set[int] = set()
+    geometry: dict = {}
+    for run in runs:
+        g = run.geometry or {}
+        e = g.get("num_experts")
+        if e is not None:
+            if num_experts is not None and int(e) != num_experts:
+                raise TracekitError(
+                    f"{run.path}: {e} experts but an earlier run has {num_experts}; place runs of one model at a time"
+                )
+            num_experts = int(e)
+        if g.get("moe_layers"):
+            layers.update(int(x) for x in g["moe_layers"])
+        geometry = geometry or dict(g)
+
+    parts = []
+    loads_parts = []
+    top_k = None
+    max_expert = -1
+    for run in runs:
+        if run.kind == "loads":
+            loads_parts.append((run, _files(run, "loads")))
+            continue
+        files = _files(run, "routes")
+        lo, hi, emax = con.sql(_SQL_TOPK, params={"files": files}).fetchall()[0]
+        if lo is None:
+            continue
+        if lo != hi or (top_k is not None and lo != top_k):
+            raise TracekitError(f"{run.path}: rows with different numbers of experts ({lo}..{hi}); expected one top-k")
+        top_k = int(lo)
+        max_expert = max(max_expert, int(emax))
+        if not (run.geometry or {}).get("moe_layers"):
+            layers.update(int(r[0]) for r in con.sql(_SQL_LAYERS, params={"files": files}).fetchall())
+        parts.append((run, files))
+    for run, files in loads_parts:
+        if not (run.geometry or {}).get("moe_layers"):
+            layers.update(int(r[0]) for r in con.sql(_SQL_LAYERS, params={"files": files}).fetchall())
+        emax = con.sql("SELECT max(expert) FROM read_parquet($files)", params={"files": files}).fetchall()[0][0]
+        max_expert = max(max_expert, int(emax if emax is not None else -1))
+    if num_experts is None:
+        if max_expert < 0:
+            raise TracekitError("the runs hold no routing rows; nothing to place")
+        num_experts = max_expert + 1
+    if max_expert >= num_experts:
+        raise TracekitError(f"expert id {max_expert} out of range for {num_experts} experts; check the manifest geometry")
+    layer_arr = np.array(sorted(layers), dtype=np.int64)
+    if layer_arr.size == 0:
+        raise TracekitError("the runs hold no MoE layers; nothing to place")
+    lut_layer = np.full(int(layer_arr.max()) + 1, -1, dtype=np.int32)
+    lut_layer[layer_arr] = np.arange(len(layer_arr), dtype=np.int32)
+    e_dtype = np.uint8 if num_experts <= 256 else (np.uint16 if num_experts <= 65536 else np.uint32)
+
+    cols = {k: [] for k in ("request", "layer_pos", "experts", "phase", "token")}
+    domains: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
+    offset = 0
+    for run, files in parts:
+        req = con.sql(_SQL_REQUESTS.format(where=where), params={"files": files}).to_arrow_table()
+        rid = req.column("request_id").to_numpy().astype(np.int64)
+        if rid.size == 0:
+            continue
+        lut_req = np.full(int(rid.max()) + 1, -1, dtype=np.int64)
+        lut_req[rid] = np.arange(rid.size) + offset
+        tab = con.sql(_SQL_ROUTES.format(where=where), params={"files": files}).to_arrow_table()
+        layer = tab.column("layer").to_numpy()
+        if layer.max() >= len(lut_layer) or (lut_layer[layer] < 0).any():
+            bad = sorted(set(np.unique(layer).tolist()) - set(layer_arr.tolist()))
+            raise TracekitError(f"{run.path}: layers {bad[:5]} are not in the manifest's moe_layers; fix the geometry")
+        ex = tab.column("experts").combine_chunks()
+        flat = pc.list_flatten(ex).to_numpy(zero_copy_only=False)
+        cols["experts"].append(flat.astype(e_dtype, copy=False).reshape(-1, top_k))
+        cols["request"].append(lut_req[tab.column("request_id").to_numpy()].astype(np.int32))
+        cols["layer_pos"].append(lut_layer[layer].astype(np.int16))
+        cols["phase"].append(tab.column("phase").to_numpy().astype(np.int8))
+        cols["token"].append(tab.column("position").to_numpy().astype(np.int32))
+        domains.append(np.array(req.column("domain").to_pylist(), dtype=object))
+        keys.append(np.array([f"{run.run_id}:{r}" for r in rid], dtype=object))
+        offset += rid.size
+        del tab, ex, flat
+
+    loads = None
+    if loads_parts:
+        loads = np.zeros((len(layer_arr), num_experts), dtype=np.int64)
+        for run, files in loads_parts:
+            t = con.sql(_SQL_LOADS.format(where=_phase_where(phase, "loads")), params={"files": files}).to_arrow_table()
+            lp = lut_layer[t.column("layer").to_numpy()]
+            np.add.at(loads, (lp, t.column("expert").to_numpy()), t.column("count").to_numpy())
+    con.close()
+
+    def cat(name, dtype, shape=(0,)):
+        return np.concatenate(cols[name]) if cols[name] else np.zeros(shape, dtype=dtype)
+
+    return TraceArrays(
+        layers=layer_arr,
+        num_experts=int(num_experts),
+        request=cat("request", np.int32),
+        layer_pos=cat("layer_pos", np.int16),
+        experts=cat("experts", e_dtype, (0, top_k or 0)),
+        phase=cat("phase", np.int8),
+        token=cat("token", np.int32),
+        request_domain=np.concatenate(domains) if domains else np.zeros(0, dtype=object),
+        loads=loads,
+        geometry=geometry,
+        request_key=np.concatenate(keys) if keys else np.zeros(0, dtype=object),
+    )
+
+
+def subset(traces: TraceArrays, mask: np.ndarray) -> TraceArrays:
+    """The rows selected by ``mask`` (N,) bool; requests keep their indices (R_n unchanged), loads are dropped."""
+    mask = np.asarray(mask, dtype=bool)
+    return TraceArrays(
+        layers=traces.layers,
+        num_experts=traces.num_experts,
+        request=traces.request[mask],
+        layer_pos=traces.layer_pos[mask],
+        experts=traces.experts[mask],
+        phase=traces.phase[mask],
+        token=traces.token[mask],
+        request_domain=traces.request_domain,
+        loads=None,
+        geometry=traces.geometry,
+        request_key=traces.request_key,
+    )
+
+
+def _require_rows(traces: TraceArrays, what: str) -> None:
+    if len(traces) == 0:
+        raise TracekitError(f"{what} needs per-token routes; a loads-only run has none (use a routes run)")
+
+
+def split_requests(traces: TraceArrays, holdout: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out whole requests: returns (train_mask, test_mask), (N,) bool each, disjoint.
+
+    Within each domain, ``round(holdout * n_domain)`` requests (seeded shuffle) go to test, so every task family
+    appears on both sides when it has enough requests; at least one request ends on each side overall.
+    """
+    _require_rows(traces, "a request split")
+    if not 0.0 < holdout < 1.0:
+        raise TracekitError(f"--holdout must be between 0 and 1 (exclusive), got {holdout}")
+    present = np.zeros(traces.num_requests, dtype=bool)
+    present[traces.request] = True
+    reqs = np.flatnonzero(present)
+    if reqs.size < 2:
+        raise TracekitError("a request split needs at least 2 requests; use --split tokens for a single request")
+    rng = np.random.default_rng(seed)
+    test_req = np.zeros(traces.num_requests, dtype=bool)
+    dom = traces.request_domain[reqs].astype(str)
+    for d in sorted(set(dom.tolist())):
+        members = reqs[dom == d]
+        members = members[rng.permutation(members.size)]
+        test_req[members[: int(round(holdout * members.size))]] = True
+    n_test = int(test_req[reqs].sum())
+    if n_test == 0:
+        test_req[reqs[rng.integers(reqs.size)]] = True
+    elif n_test == reqs.size:
+        test_req[reqs[rng.integers(reqs.size)]] = False
+    test = test_req[traces.request]
+    return ~test, test
+
+
+def split_tokens(traces: TraceArrays, frac: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Split inside each request: (train_mask, test_mask), (N,) bool each.
+
+    Train: the prefill rows and each request's decode tokens with position < first + frac * (decode span);
+    test: the remaining decode tokens. The optimizer sees the beginning of every request and is scored on its end.
+    """
+    _require_rows(traces, "a token split")
+    if not 0.0 < frac < 1.0:
+        raise TracekitError(f"token split fraction must be between 0 and 1, got {frac}")
+    dec = traces.phase == 1
+    if not dec.any():
+        raise TracekitError("a token split needs decode tokens; the traces hold prefill only")
+    r = traces.request[dec]
+    t = traces.token[dec].astype(np.int64)
+    lo = np.full(traces.num_requests, np.iinfo(np.int64).max)
+    hi = np.full(traces.num_requests, -1, dtype=np.int64)
+    np.minimum.at(lo, r, t)
+    np.maximum.at(hi, r, t)
+    cut = lo + np.ceil(frac * (hi - lo + 1))
+    test = np.zeros(len(traces), dtype=bool)
+    test[dec] = t >= cut[r]
+    return ~test, test
+
+
+def request_masks(traces: TraceArrays, row_mask: np.ndarray) -> np.ndarray:
+    """(R_n,) bool: requests that have at least one row in ``row_mask``."""
+    out = np.zeros(traces.num_requests, dtype=bool)
+    out[traces.request[np.asarray(row_mask, dtype=bool)]] = True
+    return out
+
