@@ -69,3 +69,32 @@ def test_dead_rank_leaves_its_shard_missing_and_rerun_fills_it(tmp_path):
     subprocess.run([sys.executable, "-m", "tracekit", "collect", *ARGS, "--out", str(single)], check=True, env=_env(),
                    capture_output=True)
     assert_same_rows(out, single)
+
+
+def test_ctrl_c_keeps_finished_chunks_and_rerun_completes(tmp_path):
+    """A real SIGINT mid-run: exit 130, one line, every finished chunk readable; the same command then completes."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ["--model", "tiny-qwen3-moe", "--dataset", "humaneval", "--limit", "40", "--max-new-tokens", "4",
+            "--batch-size", "1", "--chunk-requests", "1", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "tracekit", "collect", *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "routes").glob("part-*.parquet"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted: finished chunks are kept; run the same command again to resume"]
+    finished = sorted((out / "routes").glob("part-*.parquet"))
+    assert 2 <= len(finished) < 40
+    assert duckdb.connect().execute(f"select count(*) from '{out}/routes/*.parquet'").fetchone()[0] > 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    subprocess.run([sys.executable, "-m", "tracekit", "collect", *args], check=True, env=_env(), capture_output=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["totals"]["routes"]["requests"] == 40
+    ids = duckdb.connect().execute(f"select count(distinct request_id), count(*) from "
+                               f"(select distinct request_id, phase, position, layer from '{out}/routes/*.parquet')").fetchone()
+    assert ids[0] == 40 and ids[1] == m["totals"]["routes"]["rows"]  # no duplicated rows

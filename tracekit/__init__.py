@@ -6,4 +6,19 @@ from .errors import TracekitError  # noqa: E402
 from .schema import SCHEMA_VERSION  # noqa: E402
 from .store import Run, open_run  # noqa: E402
 
-__all__ = ["TracekitError", "SCHEMA_VERSION", "Run", "open_run", "__version__"]
+
+def connect(runs):
+    """A read-only DuckDB connection with the views routes, choices, requests, runs, loads over ``runs``."""
+    from .query import connect as _connect
+
+    return _connect(runs)
+
+
+def collect(opts, **kwargs):
+    """Trace a dataset through a model into a run directory; see :func:`tracekit.collect.collect`."""
+    from .collect import collect as _collect
+
+    return _collect(opts, **kwargs)
+
+
+__all__ = ["TracekitError", "SCHEMA_VERSION", "Run", "open_run", "connect", "collect", "__version__"]

@@ -22,11 +22,15 @@ app = typer.Typer(
 # Command modules register themselves on `app` when imported.
 from . import collect_cmd  # noqa: E402,F401
 from . import import_cmd  # noqa: E402,F401
+from . import import_jsonl_cmd  # noqa: E402,F401
+from . import import_engines_cmd  # noqa: E402,F401
+from . import query_cmd  # noqa: E402,F401
+from . import place_cmd  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except TracekitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        sys.exit(130)
+        code = 130
     except Exception as exc:  # click usage errors
         import click
 
@@ -44,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()
             sys.exit(2)
         raise
+    if code == 130:  # Ctrl-C: click turns KeyboardInterrupt into Abort, typer into this exit code
+        print("interrupted: finished chunks are kept; run the same command again to resume", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""`tracekit import jsonl`: per-token routing records in JSON Lines -> a run directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .import_cmd import import_app
+
+
+@import_app.command("jsonl")
+def import_jsonl_cmd(
+    files: List[Path] = typer.Argument(..., help="JSONL files, one routing record (token x layer) per line."),
+    model: str = typer.Option(..., "--model", help="Model name stored in the run (e.g. mixtral-8x7b)."),
+    out: Path = typer.Option(..., "--out", help="New run directory to create."),
+    field_map: Optional[str] = typer.Option(
+        None, "--field-map",
+        help="key=field,... for experts, weights, request, layer, position, dataset, token_id "
+        "(default experts=experts,weights=gating_probs,request=problem_id,layer=layer,"
+        "position=token_idx|token_pos,dataset=dataset).",
+    ),
+    phase: str = typer.Option("auto", "--phase", help="decode, prefill or auto (split prompt + step-major decode)."),
+    num_experts: Optional[int] = typer.Option(None, "--num-experts", help="Routed experts per layer (default: max id + 1)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Experts per token (checked against the records)."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Layers of the model (default: max layer + 1)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name for every record (overrides the field)."),
+    domain: Optional[str] = typer.Option(None, "--domain", help="Domain for every record (default: from the dataset name)."),
+    weight_dtype: str = typer.Option("float32", "--weight-dtype", help="float16 or float32."),
+) -> None:
+    """Import per-token routing records (JSON Lines) into a tracekit run directory."""
+    from rich.console import Console
+
+    from ..importers.jsonl import import_jsonl
+    from ..store import open_run
+
+    run = open_run(
+        import_jsonl(files, model=model, out=out, field_map=field_map, phase=phase, num_experts=num_experts,
+                     top_k=top_k, num_layers=num_layers, dataset=dataset, domain=domain, weight_dtype=weight_dtype)
+    )
+    t = run.manifest["totals"]["routes"]
+    Console().print(
+        f"wrote {out}: {t['requests']} requests, {t['prompt_tokens']} prompt + {t['generated_tokens']} generated tokens, "
+        f"{t['rows']} rows, {t['bytes']} bytes; " + "; ".join(run.manifest.get("notes", []))
+    )

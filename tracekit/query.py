@@ -1,0 +1,250 @@
+"""SQL over run directories: DuckDB views that read the Parquet chunks in place.
+
+``connect(runs)`` opens one or many run directories (paths, globs, or folders holding run directories) and
+returns a DuckDB connection with these views:
+
+=========  ===================================================================================================
+view       one row per
+=========  ===================================================================================================
+routes     (request, token, MoE layer), as stored (see :mod:`tracekit.schema`)
+choices    (token, layer, rank): ``expert``, ``weight``, ``rank`` (0 = the router's first choice)
+requests   request: run_id, request_id, prompt_id, model, dataset, domain, prompt_tokens, generated_tokens, rows
+runs       run directory: its manifest, geometry fields as columns
+loads      (run, phase, window, layer, expert): assignment counts; stored for runs of kind ``loads``, derived
+           from the rows (window = forward pass of the request) for runs of kind ``routes``
+=========  ===================================================================================================
+
+Nothing is copied or loaded: every query streams the Parquet files, so traces larger than memory work.
+
+Read-only: the connection cannot read or write any file outside the given run directories (DuckDB external
+access is disabled with only those directories allowed, and the configuration is locked), and
+:func:`run_sql` -- the entry point of ``tracekit query``, ``tracekit sql`` and the analyses -- accepts only
+``SELECT``/``EXPLAIN`` statements, so ``COPY``, ``CREATE``, ``DELETE``, ``ATTACH``, ``SET`` and the like are refused
+with one line. (A notebook that calls ``con.execute`` directly bypasses the statement check; it is still
+confined to the run directories.)
+"""
+from __future__ import annotations
+
+import glob
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import duckdb
+import pyarrow as pa
+
+from .errors import TracekitError
+from .store import MANIFEST, Run, open_run
+
+VIEWS = ("routes", "choices", "requests", "runs", "loads")
+_ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+def sql_text(name: str) -> str:
+    """The text of ``tracekit/sql/<name>.sql`` (package data)."""
+    try:
+        return resources.files("tracekit.sql").joinpath(f"{name}.sql").read_text()
+    except FileNotFoundError:
+        raise TracekitError(f"no SQL file named {name!r} in tracekit/sql") from None
+
+
+def _is_run_dir(p: Path) -> bool:
+    return (p / MANIFEST).is_file()
+
+
+def resolve_runs(runs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Run]:
+    """Open every run named by ``runs``: run directories, glob patterns, or folders whose sub-folders are runs.
+
+    Returns the runs in a stable order (sorted by path), each once; raises TracekitError (one line) when a
+    name matches nothing or a run is unreadable or of a newer schema.
+    """
+    if isinstance(runs, (str, os.PathLike)):
+        runs = [runs]
+    paths: list[Path] = []
+    for item in runs:
+        s = str(item)
+        matches = [Path(m) for m in sorted(glob.glob(s))] if glob.has_magic(s) else [Path(s)]
+        found = []
+        for m in matches:
+            if _is_run_dir(m):
+                found.append(m)
+            elif m.is_dir():  # a folder of runs (one or two levels down)
+                found += sorted(p.parent for p in m.glob(f"*/{MANIFEST}"))
+                found += sorted(p.parent for p in m.glob(f"*/*/{MANIFEST}"))
+        if not found:
+            if not glob.has_magic(s) and not Path(s).exists():
+                raise TracekitError(f"{s}: no such run directory")
+            raise TracekitError(f"{s}: no tracekit run directory found (expected {MANIFEST}; collect or import one)")
+        paths += found
+    unique = sorted({p.resolve() for p in paths})
+    return [open_run(p) for p in unique]
+
+
+def _list_literal(paths: Sequence[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def _runs_table(runs: Sequence[Run]) -> pa.Table:
+    rows = []
+    for r in runs:
+        m, g = r.manifest, r.geometry or {}
+        model = m.get("model") or {}
+        ds = m.get("dataset") or {}
+        tot = (m.get("totals") or {}).get(r.kind, {})
+        rows.append(
+            {
+                "run_id": m.get("run_id"),
+                "path": str(r.path),
+                "kind": r.kind,
+                "source": m.get("source"),
+                "status": m.get("status"),
+                "model": (model.get("name") or model.get("id")) if isinstance(model, dict) else str(model),
+                "model_id": model.get("id") if isinstance(model, dict) else None,
+                "dataset": ds.get("name") if isinstance(ds, dict) else str(ds),
+                "domain": ds.get("domain") if isinstance(ds, dict) else None,
+                "family": g.get("family"),
+                "num_layers": g.get("num_layers"),
+                "moe_layers": g.get("moe_layers"),
+                "num_experts": g.get("num_experts"),
+                "top_k": g.get("top_k"),
+                "n_group": g.get("n_group"),
+                "topk_group": g.get("topk_group"),
+                "n_shared_experts": g.get("n_shared_experts"),
+                "scoring": g.get("scoring"),
+                "hidden_size": g.get("hidden_size"),
+                "schema_version": m.get("schema_version"),
+                "tracekit_version": m.get("tracekit_version"),
+                "created_at": m.get("created_at"),
+                "files": len(r.files.get(r.kind, [])),
+                "rows": tot.get("rows"),
+                "requests": tot.get("requests"),
+            }
+        )
+    ints = ("num_layers", "num_experts", "top_k", "n_group", "topk_group", "n_shared_experts", "hidden_size",
+            "schema_version", "files", "rows", "requests")
+    schema = pa.schema(
+        [(k, pa.int64()) if k in ints else (k, pa.list_(pa.int32())) if k == "moe_layers" else (k, pa.string())
+         for k in rows[0]]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def connect(
+    runs: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    threads: int | None = None,
+    memory_limit: str | None = None,
+) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views ``routes``, ``choices``, ``requests``, ``runs``, ``loads`` over ``runs``.
+
+    ``runs``: a run directory, a glob of run directories, a folder of run directories, or a list of these.
+    The connection can read only those directories (see the module docstring).
+    """
+    opened = resolve_runs(runs)
+    routes_files = [p for r in opened for p in r.files.get("routes", [])]
+    loads_files = [p for r in opened for p in r.files.get("loads", [])]
+    config = {}
+    if threads:
+        config["threads"] = int(threads)
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    con = duckdb.connect(":memory:", config=config)
+    try:
+        if routes_files:
+            con.execute(sql_text("routes").replace("{files}", _list_literal(routes_files)))
+        else:
+            con.execute(sql_text("routes_empty"))
+        con.execute(sql_text("choices"))
+        con.execute(sql_text("requests"))
+        if loads_files:
+            con.execute(sql_text("loads").replace("{files}", _list_literal(loads_files)))
+        else:
+            con.execute(sql_text("loads_derived"))
+        runs_arrow = _runs_table(opened)
+        con.register("_tracekit_runs", runs_arrow)
+        con.execute("CREATE TABLE runs AS SELECT * FROM _tracekit_runs")
+        con.unregister("_tracekit_runs")
+        allowed = sorted({str(r.path.resolve()) + os.sep for r in opened})
+        con.execute("SET allowed_directories = [" + ", ".join("'" + a.replace("'", "''") + "'" for a in allowed) + "]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except duckdb.Error as exc:
+        con.close()
+        raise TracekitError(f"cannot open the runs: {_first_line(exc)}") from None
+    return con
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse (TracekitError) anything but SELECT / EXPLAIN statements; also catches syntax errors."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise TracekitError(f"invalid SQL: {_first_line(exc)}") from None
+    if not statements:
+        raise TracekitError("empty SQL: give a SELECT statement over routes, choices, requests, runs or loads")
+    for st in statements:
+        if st.type not in _ALLOWED_STATEMENTS:
+            kind = str(st.type).rsplit(".", 1)[-1]
+            raise TracekitError(
+                f"{kind} statements are not allowed: traces are read-only; use SELECT "
+                "(and --format/-o to save a result)"
+            )
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None = None) -> duckdb.DuckDBPyRelation:
+    """Bind read-only SQL and return its DuckDB relation (lazy: fetch it with :func:`fetch_arrow` and friends).
+
+    Errors (syntax, unknown column or table, type errors, refused statements) become one-line TracekitErrors.
+    """
+    check_read_only(con, sql)
+    try:
+        rel = con.sql(sql, params=params)
+    except duckdb.Error as exc:
+        raise TracekitError(f"query failed: {_first_line(exc)}") from None
+    if rel is None:
+        raise TracekitError("the SQL returned no result; end it with a SELECT")
+    return rel
+
+
+def query(runs, sql: str, params: dict | list | None = None) -> pa.Table:
+    """Run one read-only query over ``runs`` and return the result as an Arrow table."""
+    con = connect(runs)
+    try:
+        return fetch_arrow(run_sql(con, sql, params))
+    finally:
+        con.close()
+
+
+def fetch_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
+    """Execute a relation and return an Arrow table; execution errors become one-line TracekitErrors."""
+    try:
+        return rel.to_arrow_table()
+    except duckdb.Error as exc:
+        raise TracekitError(f"query failed: {_first_line(exc)}") from None
+
+
+def fetch_numpy(rel: duckdb.DuckDBPyRelation) -> dict:
+    """Execute a relation and return {column: numpy array}."""
+    try:
+        return rel.fetchnumpy()
+    except duckdb.Error as exc:
+        raise TracekitError(f"query failed: {_first_line(exc)}") from None
+
+
+def stream_batches(rel: duckdb.DuckDBPyRelation, rows_per_batch: int = 1 << 20) -> pa.RecordBatchReader:
+    """Execute a relation as a stream of Arrow record batches (bounded memory for large results)."""
+    try:
+        return rel.to_arrow_reader(rows_per_batch)
+    except duckdb.Error as exc:
+        raise TracekitError(f"query failed: {_first_line(exc)}") from None
+
+
+def sql_file(con: duckdb.DuckDBPyConnection, name: str, params: dict | None = None) -> pa.Table:
+    """Run the packaged query ``tracekit/sql/<name>.sql`` and return an Arrow table."""
+    return fetch_arrow(run_sql(con, sql_text(name), params))
