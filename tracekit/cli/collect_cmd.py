@@ -132,10 +132,9 @@ def info(run: Path = typer.Argument(..., help="A run directory."), as_json: bool
     t.add_row("run id", m.get("run_id", ""))
     t.add_row("status", str(m.get("status")))
     t.add_row("source", str(m.get("source")))
-    t.add_row("model", f"{model.get('name')}  ({model.get('hub_id') or 'built-in'}, rev {model.get('revision') or '-'})")
-    t.add_row("geometry", f"{g.get('family')}: {g.get('num_layers')} layers, {len(g.get('moe_layers') or [])} MoE "
-                          f"{_layer_span(g.get('moe_layers') or [])}, E={g.get('num_experts')}, top-{g.get('top_k')}, "
-                          f"groups {g.get('n_group')}/{g.get('topk_group')}, shared {g.get('n_shared_experts')}, {g.get('scoring')}")
+    origin = model.get("hub_id") or ("built-in" if str(model.get("name", "")).startswith("tiny-") else None)
+    t.add_row("model", str(model.get("name")) + (f"  ({origin}" + (f", rev {model['revision']}" if model.get("revision") else "") + ")" if origin else ""))
+    t.add_row("geometry", _geometry_line(g))
     d = m.get("dataset", {})
     t.add_row("dataset", f"{d.get('name')} ({d.get('domain')}), {d.get('prompts', '?')} prompts")
     for kind, tot in m["totals"].items():
@@ -145,6 +144,20 @@ def info(run: Path = typer.Argument(..., help="A run directory."), as_json: bool
     for note in m.get("notes", []):
         t.add_row("note", str(note))
     out_console.print(t)
+
+
+def _geometry_line(g: dict) -> str:
+    """One line of routing geometry, naming only what the run knows."""
+    moe = g.get("moe_layers") or []
+    parts = [f"{g['num_layers']} layers" if g.get("num_layers") else None,
+             f"{len(moe)} MoE {_layer_span(moe)}" if moe else None,
+             f"E={g['num_experts']}" if g.get("num_experts") else None,
+             f"top-{g['top_k']}" if g.get("top_k") else None,
+             f"groups {g['topk_group']} of {g['n_group']}" if g.get("n_group") else None,
+             f"{g['n_shared_experts']} shared" if g.get("n_shared_experts") else None,
+             g.get("scoring")]
+    body = ", ".join(p for p in parts if p)
+    return f"{g['family']}: {body}" if g.get("family") else body
 
 
 def _layer_span(layers: list[int]) -> str:

@@ -67,7 +67,7 @@ def _parse_geometry_string(text: str) -> dict[str, Any]:
     return out
 
 
-def _registry_geometry(name: str) -> dict[str, Any] | None:
+def registry_geometry(name: str) -> dict[str, Any] | None:
     """Published geometry of a registry model, or None when the name is not in the registry."""
     try:
         from ..models import REGISTRY
@@ -79,6 +79,14 @@ def _registry_geometry(name: str) -> dict[str, Any] | None:
     geo = dict(spec.geometry or {})
     geo.setdefault("family", spec.family)
     return geo
+
+
+def registry_hub_id(name: str | None) -> str | None:
+    """The checkpoint id of a registry model (None for tiny presets, hub ids and unknown names)."""
+    from ..models import REGISTRY
+
+    spec = REGISTRY.get(name or "")
+    return spec.hub_id if spec else (name if name and "/" in name else None)
 
 
 def resolve_model(
@@ -101,7 +109,7 @@ def resolve_model(
         name = parsed.pop("name", None)
         geo.update(parsed)
     elif model:
-        reg = _registry_geometry(model)
+        reg = registry_geometry(model)
         if reg:
             geo.update({k: v for k, v in reg.items() if k in geo})
     overrides = {"num_experts": num_experts, "top_k": top_k, "moe_layers": moe_layers, "num_layers": num_layers}

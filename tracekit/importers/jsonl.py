@@ -51,6 +51,7 @@ import numpy as np
 from ..errors import TracekitError
 from ..schema import build_routes_table, routes_schema
 from ..store import base_manifest, finalize, new_run_id, write_chunk, write_manifest
+from .geometry import registry_geometry, registry_hub_id
 
 DEFAULT_FIELD_MAP = {
     "experts": "experts",
@@ -326,6 +327,20 @@ def import_jsonl(
             "scoring": None,
             "hidden_size": None,
         }
+        registry = registry_geometry(model) or {}
+        if registry and (registry.get("num_experts"), registry.get("top_k")) != (num_experts, k):
+            raise TracekitError(
+                f"records have E={num_experts}, top-{k} but {model} has E={registry.get('num_experts')}, "
+                f"top-{registry.get('top_k')}; pass the right --model or explicit --num-experts/--top-k"
+            )
+        for key, value in registry.items():  # what the records cannot tell (family, scoring, groups, width)
+            if geometry.get(key) is None:
+                geometry[key] = value
+        if registry and num_layers is None:
+            stray = sorted(set(layers_seen) - set(registry["moe_layers"]))
+            if stray:
+                raise TracekitError(f"records route layer {stray[0]}, which is not an MoE layer of {model}")
+            geometry["num_layers"], geometry["moe_layers"] = registry["num_layers"], list(registry["moe_layers"])
         notes = []
         hows = sorted({p.how for p in phased})
         notes.append("phases: " + "; ".join(f"{sum(p.how == h for p in phased)} request(s) {h}" for h in hows))
@@ -335,7 +350,7 @@ def import_jsonl(
             run_id=run_id,
             kind="routes",
             source="import:jsonl",
-            model={"name": model, "id": model, "revision": None},
+            model={"name": model, "hub_id": registry_hub_id(model), "revision": None},
             geometry=geometry,
             dataset={
                 "name": "+".join(datasets),
