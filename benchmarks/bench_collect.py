@@ -54,9 +54,12 @@ def overhead(lm, prompts, repeats: int, batch: int, new_tokens: int) -> dict:
     time_generate(lm, enc, new_tokens, None)  # warm-up both paths
     time_generate(lm, enc, new_tokens, tracer)
     plain, traced = [], []
-    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
-        plain.append(time_generate(lm, enc, new_tokens, None))
-        traced.append(time_generate(lm, enc, new_tokens, tracer))
+    for i in range(repeats):  # interleaved in ABBA order, so drift on a shared machine hits both alike
+        first_traced = i % 2 == 1
+        a = time_generate(lm, enc, new_tokens, tracer if first_traced else None)
+        b = time_generate(lm, enc, new_tokens, None if first_traced else tracer)
+        plain.append(b if first_traced else a)
+        traced.append(a if first_traced else b)
     ratios = [t / p for t, p in zip(traced, plain)]
     tokens = batch * new_tokens
     return {
@@ -116,7 +119,7 @@ def writer_throughput(run_dir: Path, target_rows: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=48, help="requests collected for the bytes-per-row measurement")

@@ -157,10 +157,9 @@ def connect(
             con.execute(sql_text("routes_empty"))
         con.execute(sql_text("choices"))
         con.execute(sql_text("requests"))
-        if loads_files:
-            con.execute(sql_text("loads").replace("{files}", _list_literal(loads_files)))
-        else:
-            con.execute(sql_text("loads_derived"))
+        con.execute(sql_text("loads_derived"))
+        con.execute(sql_text("loads").replace("{files}", _list_literal(loads_files)) if loads_files
+                    else "CREATE VIEW loads AS SELECT * FROM loads_derived")
         runs_arrow = _runs_table(opened)
         con.register("_tracekit_runs", runs_arrow)
         con.execute("CREATE TABLE runs AS SELECT * FROM _tracekit_runs")

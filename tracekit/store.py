@@ -96,7 +96,8 @@ def write_chunk(
             compression_level=compression_level,
             row_group_size=ROW_GROUP_ROWS,
             use_dictionary=True,
-            write_statistics=True,
+            # min/max statistics let DuckDB skip row groups by layer or request; on list columns they only cost time
+            write_statistics=[f.name for f in table.schema if not pa.types.is_list(f.type)],
         )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
