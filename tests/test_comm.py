@@ -31,9 +31,10 @@ def placement(cluster, rows, layers=None, grouping=None):
                      grouping=grouping or GroupingRule())
 
 
-# 2 nodes x 2 GPUs, E=4, R=0: GPU g holds expert g. Requests 0..3 with grouping none: node r % 2, then the
-# node's GPUs in turn -> r0 GPU0, r1 GPU2, r2 GPU1, r3 GPU3.
+# 2 nodes x 2 GPUs, E=4, R=0: GPU g holds expert g. The copy tests pin the home GPUs (``home=HOME``):
+# r0 GPU0, r1 GPU2, r2 GPU1, r3 GPU3.
 C4 = Cluster(2, 2, 4, 0)
+HOME = np.array([0, 2, 1, 3])
 ROWS = [
     (0, 0, [0, 2]),  # home GPU0/node0: node1 once (normal 1, LL 1); GPU2 is the landing GPU (local rank 0)
     (0, 0, [2, 3]),  # home GPU0: node1 once (normal 1), two pairs (LL 2); GPU3 != landing -> 1 NVLink forward
@@ -43,15 +44,35 @@ ROWS = [
 ]
 
 
-def test_home_gpus_round_robin_per_node():
+def test_home_gpus_least_loaded_in_arrival_order():
+    # request loads (token-layers) 2, 1, 1, 1 over 4 GPUs: each arrival takes an empty GPU, lowest index first
     tr = make_traces(ROWS, 4)
     p = placement(C4, [[0, 1, 2, 3]])
-    assert comm.home_gpus(tr, p).tolist() == [0, 2, 1, 3]
+    assert comm.home_gpus(tr, p).tolist() == [0, 1, 2, 3]
+    # 1 node x 2 GPUs, loads 5, 1, 1, 1, 3: r0 -> G0 (5); r1, r2, r3 -> G1 (1, 2, 3); r4 -> G1 (3 < 5)
+    rows = [(0, 0, [0, 1])] * 5 + [(1, 0, [0, 1]), (2, 0, [0, 1]), (3, 0, [0, 1])] + [(4, 0, [0, 1])] * 3
+    tr2 = make_traces(rows, 2)
+    c2 = Cluster(1, 2, 2, 0)
+    p2 = placement(c2, [[0, 1]])
+    assert comm.home_gpus(tr2, p2).tolist() == [0, 1, 1, 1, 1]
+
+
+def test_home_gpus_balance_only_the_evaluated_rows():
+    rows = [(0, 0, [0, 1])] * 5 + [(1, 0, [0, 1]), (2, 0, [0, 1]), (3, 0, [0, 1])] + [(4, 0, [0, 1])] * 3
+    tr = make_traces(rows, 2)
+    p = placement(Cluster(1, 2, 2, 0), [[0, 1]])
+    # request 0 held out of the evaluation: it weighs 0, so r1..r4 (1, 1, 1, 3) alternate by load:
+    # r0 -> G0 (0), r1 -> G0 (tie, lowest) = 1, r2 -> G1 = 1, r3 -> G0 = 2, r4 -> G1 = 4
+    mask = np.array([r[0] != 0 for r in rows])
+    assert comm.home_gpus(tr, p, mask=mask).tolist() == [0, 0, 1, 0, 1]
+    ev = comm.evaluate(p, tr, mask)
+    # loads per GPU (each row puts one (token, expert) on each GPU): G0 and G1 both get 6 pairs -> balanced
+    assert ev["gpu_load_max_over_mean"] == pytest.approx(1.0)
 
 
 def test_copies_both_modes_exact():
     tr = make_traces(ROWS, 4)
-    r = comm.evaluate(placement(C4, [[0, 1, 2, 3]]), tr, hidden_size=10, bytes_per_elem=2)
+    r = comm.evaluate(placement(C4, [[0, 1, 2, 3]]), tr, hidden_size=10, bytes_per_elem=2, home=HOME)
     n = len(ROWS)
     assert r["token_layers"] == n
     assert r["cross_node_copies_per_token_normal"] == pytest.approx(3 / n)
@@ -70,7 +91,7 @@ def test_copies_both_modes_exact():
 def test_mask_selects_rows():
     tr = make_traces(ROWS, 4)
     mask = np.array([True, True, False, False, False])
-    r = comm.evaluate(placement(C4, [[0, 1, 2, 3]]), tr, mask)
+    r = comm.evaluate(placement(C4, [[0, 1, 2, 3]]), tr, mask, home=HOME)
     assert r["token_layers"] == 2
     assert r["cross_node_copies_per_token_normal"] == pytest.approx(1.0)
     assert r["cross_node_copies_per_token_lowlat"] == pytest.approx(1.5)
@@ -108,7 +129,11 @@ def test_domain_grouping_moves_requests():
     tr = make_traces(ROWS, 4, domains=["code", "math", "code", "math"])
     rule = GroupingRule(kind="domain", domain_nodes={"code": [1], "math": [0]})
     p = placement(C4, [[0, 1, 2, 3]], grouping=rule)
+    # code -> node1 (GPUs 2, 3), math -> node0 (GPUs 0, 1); least loaded inside: r0 (2 rows) GPU2, r2 GPU3
     assert comm.home_gpus(tr, p).tolist() == [2, 0, 3, 1]
+    # code on both nodes: r0 (2 rows) -> GPU0; math r1 -> GPU1 (node0 only); r2 -> GPU2; r3 -> GPU1 (1 < 2)
+    wide = GroupingRule(kind="domain", domain_nodes={"code": [0, 1], "math": [0]})
+    assert comm.home_gpus(tr, placement(C4, [[0, 1, 2, 3]], grouping=wide)).tolist() == [0, 1, 2, 1]
 
 
 def test_microbatch_distinct_experts():

@@ -3,11 +3,11 @@
 Model (pure functions over numpy arrays; every quantity below is computed exactly from the traces):
 
 1. **Home GPU.** A request lives on one GPU (data-parallel attention); its node is the *home node* and every one
-   of its tokens starts there. :func:`home_gpus` applies the placement's :class:`GroupingRule` through
-   :func:`tracekit.placement.grouping.assign_nodes` (``none``: round-robin over nodes; ``domain``: round-robin over
-   the nodes listed for the request's domain; ``signature``: the node of the centroid nearest to the request's
-   prefill routing signature, :func:`tracekit.placement.stats.signature_features`, which falls back to its first
-   decode tokens when it has no prefill), then takes that node's GPUs in turn.
+   of its tokens starts there. :func:`home_gpus` models the router: the placement's :class:`GroupingRule` names
+   the nodes a request may go to (:func:`tracekit.placement.grouping.allowed_nodes`: ``none`` every node;
+   ``domain`` the nodes listed for its domain; ``signature`` the node of the centroid nearest to its prefill
+   routing signature), and among those nodes' GPUs the request goes to the least-loaded one, requests taken in
+   arrival (index) order, load = token-layers of the *evaluated* rows (``mask``) sent there so far.
 2. **Dispatch.** Per token-layer, each of its k experts goes to one replica, chosen by a static table
    (:func:`dispatch_table`, as SGLang's static dispatch builds one per source GPU): a replica on the home GPU,
    else one on the home node, else a remote one; when several replicas qualify, the one with the fewest source
@@ -30,11 +30,15 @@ Model (pure functions over numpy arrays; every quantity below is computed exactl
    (``nvlink_gbps`` GB/s); the two overlap (max), and combine mirrors dispatch (x2). Bandwidths are in
    gigabytes per second.
 
-Everything is vectorised over token-layers in row chunks (no Python loop per row). Distinct destinations per row
+Everything is vectorised over token-layers in row chunks (no Python loop per row); chunks run on a few threads
+(numpy releases the GIL in its kernels) with one accumulator each, merged at the end. Distinct destinations per row
 come from per-row GPU bitmasks when the cluster has at most 64 GPUs, else from sorting each row's k GPUs; both
 paths give identical numbers (``force_sort``).
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -49,6 +53,7 @@ DEFAULTS = {
     "nvlink_gbps": 450.0,  # GB/s per GPU, one direction (NVLink 4: 900 GB/s bidirectional)
     "internode_gbps": 50.0,  # GB/s per GPU (one 400 Gb/s NIC per GPU)
 }
+EVAL_THREADS = min(4, os.cpu_count() or 1)  # threads over row chunks in evaluate()
 _MAX_MB_BITMAP = 1 << 28  # cap on micro-batch x layer x slot flags (bytes); beyond it only the first micro-batches count
 
 
@@ -107,27 +112,43 @@ def dispatch_table(placement: Placement) -> np.ndarray:
     return table
 
 
-def home_gpus(traces: TraceArrays, placement: Placement, cluster: Cluster | None = None) -> np.ndarray:
-    """(R_n,) int64: the home GPU of every request.
-
-    The home node comes from ``placement.grouping`` through :func:`tracekit.placement.grouping.assign_nodes` (the
-    rule a router applies online; ``none`` = round-robin over nodes); inside its node a request takes the node's
-    GPUs in turn (the i-th request of node n lands on GPU ``n * gpus_per_node + i % gpus_per_node``), so with
-    ``none`` requests round-robin over all GPUs.
-    """
-    from .grouping import assign_nodes
-
+def home_gpus(traces: TraceArrays, placement: Placement, cluster: Cluster | None = None,
+              mask: np.ndarray | None = None) -> np.ndarray:
+    """(R_n,) int64: the home GPU of every request under ``placement.grouping`` (see :func:`route_requests`)."""
     c = cluster or placement.cluster
     rule = placement.grouping if placement.grouping is not None else GroupingRule()
-    node_of = np.asarray(assign_nodes(rule, traces, c), dtype=np.int64)
-    if node_of.shape != (traces.num_requests,) or (node_of.size and (node_of.min() < 0 or node_of.max() >= c.nodes)):
-        raise TracekitError(f"the grouping rule sends requests to nodes outside 0..{c.nodes - 1}; refit it for this cluster")
-    # i-th request of its node: stable sort by node, rank within the run of equal nodes
-    order = np.argsort(node_of, kind="stable")
-    starts = np.searchsorted(node_of[order], np.arange(c.nodes))
-    nth = np.empty_like(node_of)
-    nth[order] = np.arange(node_of.size) - starts[node_of[order]]
-    return node_of * c.gpus_per_node + nth % c.gpus_per_node
+    return route_requests(rule, traces, c, mask)
+
+
+def route_requests(rule: GroupingRule, traces: TraceArrays, cluster: Cluster,
+                   mask: np.ndarray | None = None) -> np.ndarray:
+    """(R_n,) int64 home GPU of every request: what a data-parallel-attention router does.
+
+    Requests arrive in index order; each goes to the least-loaded GPU (ties: lowest index) among the GPUs of the
+    nodes its grouping rule allows (:func:`tracekit.placement.grouping.allowed_nodes`: every GPU for ``none``).
+    A GPU's load is the token-layers of the requests sent to it so far, counting only the rows selected by
+    ``mask`` (N,) bool (default all): the requests being evaluated are balanced among themselves, as a router
+    balances the traffic it actually serves. Requests with no selected rows still get a GPU (the least loaded).
+    """
+    from .grouping import allowed_nodes
+
+    c = cluster
+    allow = allowed_nodes(rule, traces, c)  # (R_n, nodes)
+    R = traces.num_requests
+    rows = traces.request if mask is None else traces.request[np.asarray(mask, dtype=bool)]
+    weight = np.bincount(rows, minlength=R).astype(np.float64)
+    gpu_allow = np.repeat(allow, c.gpus_per_node, axis=1)  # (R_n, G)
+    patterns, pat_of = np.unique(gpu_allow, axis=0, return_inverse=True)
+    pat_of = np.asarray(pat_of).reshape(-1)
+    cand = [np.flatnonzero(p) for p in patterns]
+    load = np.zeros(c.num_gpus)
+    out = np.empty(R, dtype=np.int64)
+    for r in range(R):
+        g_ok = cand[pat_of[r]]
+        g = int(g_ok[np.argmin(load[g_ok])])
+        out[r] = g
+        load[g] += weight[r]
+    return out
 
 
 def _ratio(load: np.ndarray) -> np.ndarray:
@@ -172,21 +193,36 @@ def evaluate(
     gpn, nodes = c.gpus_per_node, c.nodes
     gpu_of_slot = c.gpu_of_slot()
     if home is None:
-        home = home_gpus(traces, placement, c)
+        home = home_gpus(traces, placement, c, mask)
     home = np.asarray(home, dtype=np.int64)
 
-    acc = _Counts(M, G, nodes)
     gpu_table = gpu_of_slot[table].astype(np.int16).reshape(-1)  # (M*G*E,) destination GPU per (m, g, e)
     chunk_fn = _chunk_bits if (G <= 64 and not force_sort) else _chunk_sorted
-    for sl in row_chunks(len(traces)):
-        sel = slice(None) if mask is None else mask[sl]
-        lp = traces.layer_pos[sl][sel].astype(np.int32)
-        if lp.size == 0:
-            continue
-        h = home[traces.request[sl][sel]].astype(np.int32)
-        ex = traces.experts[sl][sel].astype(np.int32)
-        dg = gpu_table[((lp * G + h) * E)[:, None] + ex]  # (n, k) destination GPU of every (token, expert)
-        chunk_fn(acc, lp, h, dg, G, gpn, nodes)
+    chunks = list(row_chunks(len(traces)))
+
+    def work(part: list[slice]) -> _Counts:
+        acc_ = _Counts(M, G, nodes)
+        for sl in part:
+            sel = slice(None) if mask is None else mask[sl]
+            lp = traces.layer_pos[sl][sel].astype(np.int32)
+            if lp.size == 0:
+                continue
+            h = home[traces.request[sl][sel]].astype(np.int32)
+            ex = traces.experts[sl][sel].astype(np.int32)
+            dg = gpu_table[((lp * G + h) * E)[:, None] + ex]  # (n, k) destination GPU of every (token, expert)
+            chunk_fn(acc_, lp, h, dg, G, gpn, nodes)
+        return acc_
+
+    # numpy releases the GIL in its kernels: chunks (and the micro-batch statistics) run on EVAL_THREADS threads
+    n_thr = max(1, min(EVAL_THREADS, len(chunks)))
+    with ThreadPoolExecutor(max_workers=n_thr + 1) as pool:
+        mb_future = pool.submit(microbatch_stats, placement, traces, mask, table=table, home=home,
+                                microbatch_tokens=microbatch_tokens)
+        parts = list(pool.map(work, [chunks[i::n_thr] for i in range(n_thr)]))
+        mb = mb_future.result()
+    acc = parts[0]
+    for other in parts[1:]:
+        acc.merge(other)
     rows = acc.rows
     cn_norm, cn_ll, intra_norm, intra_ll, fwd_norm = acc.cn_norm, acc.cn_ll, acc.intra_norm, acc.intra_ll, acc.fwd_norm
     node_eg_norm, node_in_norm, node_eg_ll, node_in_ll = acc.node_eg_norm, acc.node_in_norm, acc.node_eg_ll, acc.node_in_ll
@@ -199,7 +235,6 @@ def evaluate(
     g_ratio = _ratio(gpu_load)
     n_ratio = _ratio(node_load)
     elem = hidden_size * bytes_per_elem
-    mb = microbatch_stats(placement, traces, mask, table=table, home=home, microbatch_tokens=microbatch_tokens)
 
     # time per MoE layer for one micro-batch of `microbatch_tokens` token-layers, dispatch + combine
     scale = microbatch_tokens / rows * elem
@@ -228,6 +263,9 @@ def evaluate(
         "est_alltoall_ms": est_ms(node_eg_norm, node_in_norm, nvl_in_norm),
         "est_alltoall_ms_lowlat": est_ms(node_eg_ll, node_in_ll, nvl_in_ll),
         "gpu_load_max_over_mean_per_layer": [float(x) for x in g_ratio],
+        "cross_node_copies_per_token_normal_per_layer": [
+            float(x) for x in acc.cn_norm_layer / np.maximum(acc.rows_layer, 1)
+        ],
     }
     return out
 
@@ -244,12 +282,19 @@ class _Counts:
         self.nvl_in_norm = np.zeros(G)
         self.nvl_in_ll = np.zeros(G)
         self.gpu_load = np.zeros(M * G, dtype=np.int64)
+        self.rows_layer = np.zeros(M, dtype=np.int64)
+        self.cn_norm_layer = np.zeros(M)
+
+    def merge(self, o: "_Counts") -> None:
+        for name, val in vars(o).items():
+            setattr(self, name, getattr(self, name) + val)
 
 
 def _pair_counts(acc: _Counts, lp, h, hn, dg, dn, G: int, nodes: int) -> None:
     """Per (token, expert) pair: GPU load, low-latency copies and intra-node pairs (shared by both paths)."""
     n, k = dg.shape
     acc.rows += n
+    acc.rows_layer += np.bincount(lp, minlength=acc.rows_layer.size)
     acc.gpu_load += np.bincount((lp[:, None] * G + dg).ravel(), minlength=acc.gpu_load.size)
     remote = dn != hn[:, None]
     local = ~remote & (dg != h[:, None])
@@ -278,14 +323,18 @@ def _chunk_bits(acc: _Counts, lp, h, dg, G: int, gpn: int, nodes: int) -> None:
         per_row += rj
         acc.node_in_norm[j] += int(rj.sum())
     acc.cn_norm += int(per_row.sum())
+    acc.cn_norm_layer += np.bincount(lp, weights=per_row, minlength=acc.cn_norm_layer.size)
     acc.node_eg_norm += np.bincount(hn, weights=per_row, minlength=nodes)
     home_node = node_mask[hn]
     local_bits = gbits & home_node & ~bit[h]
     fwd_bits = gbits & ~home_node & ~rank_mask[h % gpn]  # remote GPUs other than the landing GPU
     acc.intra_norm += int(np.bitwise_count(local_bits).sum())
     acc.fwd_norm += int(np.bitwise_count(fwd_bits).sum())
-    nvl = np.unpackbits((local_bits | fwd_bits).view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-    acc.nvl_in_norm += nvl.sum(0, dtype=np.int64)[:G]
+    # per-GPU bit counts: a 256-bin histogram of each byte of the masks, then the bits of each byte value
+    by = (local_bits | fwd_bits).view(np.uint8).reshape(-1, 8)
+    bits_of = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.int64)
+    nvl = np.concatenate([np.bincount(by[:, b], minlength=256) @ bits_of for b in range(8)])
+    acc.nvl_in_norm += nvl[:G]
 
 
 def _chunk_sorted(acc: _Counts, lp, h, dg, G: int, gpn: int, nodes: int) -> None:
@@ -303,6 +352,7 @@ def _chunk_sorted(acc: _Counts, lp, h, dg, G: int, gpn: int, nodes: int) -> None
     rn = remote & new_node
     per_row = rn.sum(1)
     acc.cn_norm += int(per_row.sum())
+    acc.cn_norm_layer += np.bincount(lp, weights=per_row, minlength=acc.cn_norm_layer.size)
     acc.node_eg_norm += np.bincount(hn, weights=per_row, minlength=nodes)
     acc.node_in_norm += np.bincount(dn[rn], minlength=nodes)
     lg = local & new_gpu
@@ -335,7 +385,7 @@ def microbatch_stats(
     if not sel.any():
         return nan
     table = dispatch_table(placement) if table is None else table
-    home = home_gpus(traces, placement, c) if home is None else home
+    home = home_gpus(traces, placement, c, mask) if home is None else home
     M, G, E = table.shape
     S, spg = c.num_slots, c.slots_per_gpu
     R = traces.num_requests

@@ -1,9 +1,12 @@
 """Workload-aware request grouping: which node serves which request (its *home node*).
 
-A :class:`~tracekit.placement.types.GroupingRule` is what a router applies online to a new request:
+A :class:`~tracekit.placement.types.GroupingRule` is what a router applies online to a new request: it names the
+node(s) a request may go to (:func:`allowed_nodes`); inside them the router sends the request to the least-loaded
+GPU (:func:`tracekit.placement.comm.home_gpus`). :func:`assign_nodes` is the load-blind variant (round-robin
+inside the allowed nodes), kept for callers that need one node per request without loads.
 
-- ``none``: round-robin over nodes.
-- ``domain``: ``domain_nodes[domain]`` lists the nodes of that task family; round-robin among them. Domains are
+- ``none``: any node.
+- ``domain``: ``domain_nodes[domain]`` lists the nodes of that task family. Domains are
   packed onto nodes so that every node carries about the same request token load (a big domain spans several
   nodes, small ones share a node).
 - ``signature``: the request's *prefill* expert histogram (one histogram per feature layer, each normalised to
@@ -84,20 +87,55 @@ def assign_nodes(rule: GroupingRule, traces: TraceArrays, cluster: Cluster) -> n
             seen[dom] = i + 1
         return out
     if rule.kind == "signature":
-        if rule.centroids is None or rule.centroid_node is None:
-            raise TracekitError("signature grouping rule has no centroids; refit it with --grouping signature")
-        feats = signature_features(traces, list(rule.feature_layers)).astype(np.float64)
-        if feats.shape[1] != rule.centroids.shape[1]:
-            raise TracekitError(
-                f"signature rule expects {rule.centroids.shape[1]} features, these traces give {feats.shape[1]}: "
-                "the model geometry (experts or MoE layers) differs from the fitted one"
-            )
-        near = nearest(feats, rule.centroids)
-        out = np.asarray(rule.centroid_node, dtype=np.int64)[near]
-        empty = feats.sum(axis=1) == 0
+        out, empty = _signature_nodes(rule, traces)
         out[empty] = rr[empty]
         return out
     raise TracekitError(f"unknown grouping {rule.kind!r}; use one of {', '.join(KINDS)}")
+
+
+def _signature_nodes(rule: GroupingRule, traces: TraceArrays) -> tuple[np.ndarray, np.ndarray]:
+    """(R_n,) node of each request's nearest centroid, and (R_n,) bool: the request has an empty signature."""
+    if rule.centroids is None or rule.centroid_node is None:
+        raise TracekitError("signature grouping rule has no centroids; refit it with --grouping signature")
+    feats = signature_features(traces, list(rule.feature_layers)).astype(np.float64)
+    if feats.shape[1] != rule.centroids.shape[1]:
+        raise TracekitError(
+            f"signature rule expects {rule.centroids.shape[1]} features, these traces give {feats.shape[1]}: "
+            "the model geometry (experts or MoE layers) differs from the fitted one"
+        )
+    near = nearest(feats, rule.centroids)
+    return np.asarray(rule.centroid_node, dtype=np.int64)[near], feats.sum(axis=1) == 0
+
+
+def allowed_nodes(rule: GroupingRule, traces: TraceArrays, cluster: Cluster) -> np.ndarray:
+    """(R_n, nodes) bool: the nodes a router may send each request to under ``rule``.
+
+    ``none``: every node. ``domain``: the nodes listed for the request's domain (every node for an unknown
+    domain). ``signature``: the node of the nearest centroid (every node for a request with an empty signature).
+    The GPU inside the allowed nodes is the router's load-balancing choice (:func:`tracekit.placement.comm.home_gpus`).
+    """
+    n_req, N = traces.num_requests, cluster.nodes
+    out = np.ones((n_req, N), dtype=bool)
+    if rule.kind == "none" or N == 1:
+        return out
+    if rule.kind == "domain":
+        doms, inv = np.unique(traces.request_domain.astype(str), return_inverse=True)
+        for i, dom in enumerate(doms):
+            nodes = [n for n in (rule.domain_nodes.get(str(dom)) or []) if 0 <= n < N]
+            if nodes:
+                row = np.zeros(N, dtype=bool)
+                row[nodes] = True
+                out[inv == i] = row
+        return out
+    if rule.kind != "signature":
+        raise TracekitError(f"unknown grouping {rule.kind!r}; use one of {', '.join(KINDS)}")
+    node, empty = _signature_nodes(rule, traces)
+    if node.size and (node.min() < 0 or node.max() >= N):
+        raise TracekitError(f"the grouping rule sends requests to nodes outside 0..{N - 1}; refit it for this cluster")
+    out[:] = False
+    out[np.arange(n_req), node] = True
+    out[empty] = True
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- features

@@ -137,7 +137,16 @@ def load_by_group(
 
 def decode_step(traces: TraceArrays) -> np.ndarray:
     """(N,) int32: 0-based decode step of each row (position minus the request's first decode position);
-    -1 for prefill rows."""
+    -1 for prefill rows. Cached on ``traces`` (computed once per TraceArrays; do not mutate its arrays)."""
+    cached = getattr(traces, "_decode_step_cache", None)
+    if cached is not None and cached.shape == (len(traces),):
+        return cached
+    out = _decode_step(traces)
+    object.__setattr__(traces, "_decode_step_cache", out)
+    return out
+
+
+def _decode_step(traces: TraceArrays) -> np.ndarray:
     out = np.full(len(traces), -1, dtype=np.int32)
     dec = traces.phase == 1
     if not dec.any():

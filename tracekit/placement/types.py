@@ -60,8 +60,8 @@ class Cluster:
 class GroupingRule:
     """How a router assigns a new request to a node (its home node, where all its tokens start).
 
-    kind ``none``: requests spread evenly (round-robin) over nodes.
-    kind ``domain``: ``domain_nodes[domain]`` lists the nodes serving that task family (round-robin among them).
+    kind ``none``: any node (the router picks the least-loaded GPU of the cluster).
+    kind ``domain``: ``domain_nodes[domain]`` lists the nodes serving that task family (least-loaded GPU among them).
     kind ``signature``: the request's prefill expert histogram (concatenated over ``feature_layers``, each layer's
     histogram normalised to sum 1) goes to the node of the nearest centroid: ``centroids`` (C, D), ``centroid_node`` (C,).
     """
