@@ -340,25 +340,63 @@ def collect(
             torch.distributed.destroy_process_group()
 
 
-def _collect(opts, *, loaded, prompts, on_progress, stop_after_chunks) -> CollectResult:
-    t0 = time.perf_counter()
-    run_dir = Path(opts.out)
-    rank, world = dist_rank_world()
-    device_map = opts.device_map
-    if world > 1 and device_map is None and torch.cuda.is_available():
-        device_map = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+def _validate(opts: CollectOptions) -> None:
     if opts.weights not in ("float16", "float32", "none"):
         raise TracekitError(f"--weights must be float16, float32 or none (got {opts.weights!r})")
     if opts.batch_size < 1 or opts.chunk_requests < 1 or opts.max_new_tokens < 0:
         raise TracekitError("--batch-size and --chunk-requests must be >= 1 and --max-new-tokens >= 0")
-    existing = check_resumable(run_dir, opts)
-    if loaded is None:
-        check_weights_reachable(opts.model, opts.revision)
 
+
+def _open_run(run_dir: Path, existing: dict | None, opts: CollectOptions, loaded: LoadedModel, geometry: dict,
+              cfg, n_prompts: int, world: int) -> dict[str, Any]:
+    """The run's manifest: written now for a new run (same content on every rank), reused when resuming."""
+    if existing is not None:
+        remove_stale_temporaries(run_dir)
+        return existing
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = base_manifest(
+        run_id=run_id_for(opts), kind="routes", source="collect",
+        model={"name": opts.model, "hub_id": loaded.spec.hub_id, "revision": loaded.revision,
+               "class": type(loaded.model).__name__, "dtype": str(next(loaded.model.parameters()).dtype)},
+        geometry=geometry,
+        dataset={"name": cfg.name, "domain": cfg.domain, "hub_id": cfg.hub_id, "split": cfg.split,
+                 "data_file": opts.data_file and str(opts.data_file), "prompts": n_prompts},
+        args=opts.args(),
+    )
+    manifest["world_size"] = world
+    manifest["weights_dtype"] = opts.weights
+    write_manifest(run_dir, manifest)
+    return manifest
+
+
+def _finish(run_dir: Path, n_prompts: int, rank: int, world: int) -> dict[str, Any]:
+    """Finalise the manifest once every request is on disk (rank 0 after a barrier inside a process group)."""
+    in_group = torch.distributed.is_available() and torch.distributed.is_initialized() and world > 1
+    if in_group:
+        torch.distributed.barrier()  # every rank's chunks are on disk
+    covered = {r for c in list_chunks(run_dir) for r in c.requests}
+    if len(covered) == n_prompts and (rank == 0 or not in_group):
+        finalize(run_dir)
+    if in_group:
+        torch.distributed.barrier()  # the manifest is final before any rank reads it
+    return read_manifest(run_dir) or {}
+
+
+def _collect(opts, *, loaded, prompts, on_progress, stop_after_chunks) -> CollectResult:
+    t0 = time.perf_counter()
+    run_dir = Path(opts.out)
+    rank, world = dist_rank_world()
+    _validate(opts)
+    existing = check_resumable(run_dir, opts)
     cfg = get_dataset(opts.dataset)
+    if loaded is None:
+        check_weights_reachable(opts.model, opts.revision)  # before reading prompts: the slowest failure first
     if prompts is None:
         prompts = load_prompts(cfg, data_file=opts.data_file, limit=opts.limit, seed=opts.seed)
     if loaded is None:
+        device_map = opts.device_map
+        if world > 1 and device_map is None and torch.cuda.is_available():  # one GPU per data-parallel rank
+            device_map = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
         loaded = load_model(
             opts.model, device_map=device_map, dtype=opts.dtype, max_memory=parse_max_memory(opts.max_memory),
             revision=opts.revision, layers=opts.layers, seed=0,
@@ -367,30 +405,10 @@ def _collect(opts, *, loaded, prompts, on_progress, stop_after_chunks) -> Collec
     geometry = router_geometry(loaded.model, routers)
     token_ids = encode_prompts(loaded, prompts, opts.chat_template)
     _check_context(loaded, prompts, token_ids, opts.max_new_tokens)
+    manifest = _open_run(run_dir, existing, opts, loaded, geometry, cfg, len(prompts), world)
 
-    run_id = run_id_for(opts)
-    if existing is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        manifest = base_manifest(
-            run_id=run_id, kind="routes", source="collect",
-            model={"name": opts.model, "hub_id": loaded.spec.hub_id, "revision": loaded.revision,
-                   "class": type(loaded.model).__name__, "dtype": str(next(loaded.model.parameters()).dtype)},
-            geometry=geometry,
-            dataset={"name": cfg.name, "domain": cfg.domain, "hub_id": cfg.hub_id, "split": cfg.split,
-                     "data_file": opts.data_file and str(opts.data_file), "prompts": len(prompts)},
-            args=opts.args(),
-        )
-        manifest["world_size"] = world
-        manifest["weights_dtype"] = opts.weights
-        write_manifest(run_dir, manifest)
-    else:
-        manifest = existing
-        remove_stale_temporaries(run_dir)
-
-    done = set()
     chunks = list_chunks(run_dir)
-    for c in chunks:
-        done.update(c.requests)
+    done = {r for c in chunks for r in c.requests}
     mine = [i for i in range(len(prompts)) if i % world == rank and i not in done]
     next_chunk = max((c.chunk for c in chunks if c.rank == rank), default=-1) + 1
     weight_dtype = {"float16": torch.float16, "float32": torch.float32, "none": None}[opts.weights]
@@ -441,14 +459,6 @@ def _collect(opts, *, loaded, prompts, on_progress, stop_after_chunks) -> Collec
         writer.shutdown(wait=True)
 
     result.seconds = time.perf_counter() - t0
-    in_group = torch.distributed.is_available() and torch.distributed.is_initialized() and world > 1
-    if in_group:
-        torch.distributed.barrier()  # every rank's chunks are on disk
-    covered = {r for c in list_chunks(run_dir) for r in c.requests}
-    if len(covered) == len(prompts) and (rank == 0 or not in_group):
-        finalize(run_dir)
-    if in_group:
-        torch.distributed.barrier()  # the manifest is final before any rank reads it
-    result.manifest = read_manifest(run_dir) or result.manifest
+    result.manifest = _finish(run_dir, len(prompts), rank, world) or result.manifest
     result.complete = result.manifest.get("status") == "complete"
     return result
