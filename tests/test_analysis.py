@@ -3,7 +3,6 @@ synthetic generator's planted structure found by the analyses."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import TracekitError
-from ..query import fetch_arrow, run_sql, sql_file, sql_text, stream_batches
+from ..query import run_sql, sql_file, sql_text, stream_batches
 
 PHASES = ("prefill", "decode")
 GROUP_KEYS = ("domain", "phase", "dataset")
@@ -46,7 +46,7 @@ class RequestCounts:
 
 def geometry(con: duckdb.DuckDBPyConnection) -> Geometry:
     """MoE layers, E and k of the traces: from the manifests when they agree, else from the rows."""
-    g = fetch_arrow(run_sql(con, "SELECT moe_layers, num_experts, top_k FROM runs WHERE kind = 'routes'")).to_pylist()
+    g = sql_file(con, "manifest_geometry").to_pylist()
     if not g:
         raise TracekitError("no routes run given: analyses need per-token routes (kind 'routes')")
     layers = sorted({int(x) for r in g for x in (r["moe_layers"] or [])})

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from .data import PHASES, RequestCounts, group_loads
+from .data import RequestCounts, group_loads
 from .result import AnalysisResult
 
 HOT_FRACTION = 0.10

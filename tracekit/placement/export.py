@@ -236,7 +236,7 @@ def vllm_config(placement: Placement) -> dict[str, Any]:
     best = max(scores, key=lambda k: (scores[k], k == "linear"))
     eplb_cfg = {**VLLM_EPLB_DEFAULTS, "num_redundant_experts": c.redundant}
     flags = [
-        f"--enable-expert-parallel",
+        "--enable-expert-parallel",
         f"--data-parallel-size {c.num_gpus}",
         f"--expert-placement-strategy {best}",
     ]

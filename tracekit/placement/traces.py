@@ -20,38 +20,25 @@ Splits return boolean row masks (N,), so every array keeps one indexing:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pyarrow.compute as pc
 
 from ..errors import TracekitError
+from ..query import sql_text
 from ..store import open_run
 from .types import TraceArrays
 
 PHASE_FILTERS = ("all", "decode", "prefill")
 
-# --- SQL (all of this module's queries) -------------------------------------------------------------------------
-_SQL_ROUTES = """
-SELECT request_id, (phase = 'decode')::TINYINT AS phase, position, layer, experts
-FROM read_parquet($files)
-{where}
-"""
-_SQL_REQUESTS = """
-SELECT request_id, any_value(domain)::VARCHAR AS domain
-FROM read_parquet($files)
-{where}
-GROUP BY request_id ORDER BY request_id
-"""
-_SQL_LAYERS = "SELECT DISTINCT layer FROM read_parquet($files) ORDER BY layer"
-_SQL_TOPK = "SELECT min(len(experts)) AS lo, max(len(experts)) AS hi, max(list_max(experts)) AS emax FROM read_parquet($files)"
-_SQL_LOADS = """
-SELECT layer, expert, sum(count)::BIGINT AS count
-FROM read_parquet($files)
-{where}
-GROUP BY layer, expert
-"""
+# all of this module's queries live in tracekit/sql/placement_*.sql
+_SQL_ROUTES = sql_text("placement_routes")
+_SQL_REQUESTS = sql_text("placement_requests")
+_SQL_LAYERS = sql_text("placement_layers")
+_SQL_TOPK = sql_text("placement_topk")
+_SQL_LOADS = sql_text("placement_loads")
+_SQL_MAX_EXPERT = sql_text("placement_max_expert")
 
 
 def _phase_where(phase: str, kind: str) -> str:
@@ -130,7 +117,7 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
     for run, files in loads_parts:
         if not (run.geometry or {}).get("moe_layers"):
             layers.update(int(r[0]) for r in con.sql(_SQL_LAYERS, params={"files": files}).fetchall())
-        emax = con.sql("SELECT max(expert) FROM read_parquet($files)", params={"files": files}).fetchall()[0][0]
+        emax = con.sql(_SQL_MAX_EXPERT, params={"files": files}).fetchall()[0][0]
         max_expert = max(max_expert, int(emax if emax is not None else -1))
     if num_experts is None:
         if max_expert < 0:
