@@ -303,7 +303,7 @@ def test_routed_experts_malformed(tmp_path, capsys, case):
     needle = ""
     if case == "truncated_line":
         text += json.dumps(bad)[:-40] + "\n"
-        needle = ":2: not valid JSON"
+        needle = ":2: malformed JSON"
     elif case == "rows_mismatch":
         bad["meta_info"]["routed_experts"] = base64.b64encode(arr[:-1].tobytes()).decode()
         text += json.dumps(bad) + "\n"

@@ -9,18 +9,17 @@ Sources, in order: ``--data-file`` (local JSONL, JSONL.gz or Parquet with the co
 """
 from __future__ import annotations
 
-import gzip
 import importlib.resources
 import importlib.util
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from .errors import TracekitError
+from .jsonlines import iter_json_objects
 
 DOMAINS = ("code", "math", "chat", "general")
 
@@ -68,44 +67,21 @@ def get_dataset(name: str) -> DatasetConfig:
     return cfg
 
 
-def _read_jsonl_lines(lines: Iterable[str], where: str) -> list[dict]:
-    records = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TracekitError(f"{where}:{i}: malformed JSON ({exc.msg}); fix or remove that line") from None
-        if not isinstance(rec, dict):
-            raise TracekitError(f"{where}:{i}: expected a JSON object per line, got {type(rec).__name__}")
-        records.append(rec)
-    return records
-
-
 def read_local_records(path: Path) -> list[dict]:
     """Records of a local JSONL / JSONL.gz / Parquet file."""
     path = Path(path)
     if not path.is_file():
         raise TracekitError(f"--data-file {path}: no such file")
     name = path.name.lower()
-    try:
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
+    if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        return [rec for _, rec in iter_json_objects(path)]
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
 
+        try:
             return pq.read_table(path).to_pylist()
-        if name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return _read_jsonl_lines(f, str(path))
-        if name.endswith((".jsonl", ".json")):
-            with open(path, encoding="utf-8") as f:
-                return _read_jsonl_lines(f, str(path))
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise TracekitError(f"{path}: cannot read ({exc})") from None
-    except TracekitError:
-        raise
-    except Exception as exc:  # pyarrow errors on a damaged Parquet file
-        raise TracekitError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # pyarrow errors on a damaged Parquet file
+            raise TracekitError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     raise TracekitError(f"--data-file {path}: unsupported extension; use .jsonl, .jsonl.gz or .parquet")
 
 

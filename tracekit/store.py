@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import TracekitError
+from .jsonlines import read_json
 from .schema import KINDS, SCHEMA_VERSION, check_version
 
 MANIFEST = "manifest.json"
@@ -167,10 +168,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     p = Path(run_dir) / MANIFEST
     if not p.exists():
         return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise TracekitError(f"{p} is not valid JSON ({exc.msg} at line {exc.lineno}); restore or remove it") from None
+    return read_json(p, "restore or remove it")
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:

@@ -37,7 +37,6 @@ Nothing is written unless every line parses: the run is built in a temporary fol
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -49,6 +48,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import TracekitError
+from ..jsonlines import iter_json_objects
 from ..schema import build_routes_table, routes_schema
 from ..store import base_manifest, finalize, new_run_id, write_chunk, write_manifest
 from .geometry import registry_geometry, registry_hub_id
@@ -132,54 +132,44 @@ def _read_files(files: Sequence[Path], fm: dict[str, str], dataset_override: str
     for fi, path in enumerate(files):
         if not path.is_file():
             raise TracekitError(f"{path}: no such file")
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                if not raw.strip():
-                    continue
-                try:
-                    rec = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    msg = getattr(exc, "msg", str(exc))
-                    raise TracekitError(f"{where}: malformed JSON ({msg}); the file may be truncated") from None
-                if not isinstance(rec, dict):
-                    raise TracekitError(f"{where}: expected a JSON object per line")
-                ds = dataset_override or (str(rec[fm["dataset"]]) if fm["dataset"] and fm["dataset"] in rec else path.stem)
-                if fm["request"] not in rec:
-                    raise TracekitError(f"{where}: no field {fm['request']!r} (request); name it with --field-map request=FIELD")
-                rkey = rec[fm["request"]]
-                if isinstance(rkey, (list, dict)):
-                    raise TracekitError(f"{where}: request field {fm['request']!r} must be a scalar")
-                layer = _int_field(rec, fm["layer"], where, "layer")
-                pos = _int_field(rec, fm["position"], where, "position")
-                ex = rec.get(fm["experts"])
-                if not isinstance(ex, list) or not ex or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ex):
-                    raise TracekitError(f"{where}: field {fm['experts']!r} must be a non-empty list of expert ids, got {ex!r}")
-                if k_seen is None:
-                    k_seen = len(ex)
-                elif len(ex) != k_seen:
-                    raise TracekitError(f"{where}: {len(ex)} experts where earlier records have {k_seen}; top-k must be constant")
-                w = None
-                if fm["weights"]:
-                    w = rec.get(fm["weights"])
-                    if w is None:
-                        raise TracekitError(f"{where}: no field {fm['weights']!r} (weights); pass --field-map weights= to import without weights")
-                    if not isinstance(w, list) or len(w) != len(ex) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
-                        raise TracekitError(f"{where}: field {fm['weights']!r} must be a list of {len(ex)} numbers, got {w!r}")
-                tok = -1
-                if fm["token_id"] and fm["token_id"] in rec:
-                    tok = _int_field(rec, fm["token_id"], where, "token_id")
-                key = (fi, ds, rkey)
-                req = requests.get(key)
-                if req is None:
-                    req = requests[key] = _Request(fi, ds, rkey)
-                req.lines.append(lineno)
-                req.layer.append(layer)
-                req.position.append(pos)
-                req.token_id.append(tok)
-                req.experts.append(ex)
-                if w is not None:
-                    req.weights.append(w)
+        for lineno, rec in iter_json_objects(path):
+            where = f"{path}:{lineno}"
+            ds = dataset_override or (str(rec[fm["dataset"]]) if fm["dataset"] and fm["dataset"] in rec else path.stem)
+            if fm["request"] not in rec:
+                raise TracekitError(f"{where}: no field {fm['request']!r} (request); name it with --field-map request=FIELD")
+            rkey = rec[fm["request"]]
+            if isinstance(rkey, (list, dict)):
+                raise TracekitError(f"{where}: request field {fm['request']!r} must be a scalar")
+            layer = _int_field(rec, fm["layer"], where, "layer")
+            pos = _int_field(rec, fm["position"], where, "position")
+            ex = rec.get(fm["experts"])
+            if not isinstance(ex, list) or not ex or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ex):
+                raise TracekitError(f"{where}: field {fm['experts']!r} must be a non-empty list of expert ids, got {ex!r}")
+            if k_seen is None:
+                k_seen = len(ex)
+            elif len(ex) != k_seen:
+                raise TracekitError(f"{where}: {len(ex)} experts where earlier records have {k_seen}; top-k must be constant")
+            w = None
+            if fm["weights"]:
+                w = rec.get(fm["weights"])
+                if w is None:
+                    raise TracekitError(f"{where}: no field {fm['weights']!r} (weights); pass --field-map weights= to import without weights")
+                if not isinstance(w, list) or len(w) != len(ex) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
+                    raise TracekitError(f"{where}: field {fm['weights']!r} must be a list of {len(ex)} numbers, got {w!r}")
+            tok = -1
+            if fm["token_id"] and fm["token_id"] in rec:
+                tok = _int_field(rec, fm["token_id"], where, "token_id")
+            key = (fi, ds, rkey)
+            req = requests.get(key)
+            if req is None:
+                req = requests[key] = _Request(fi, ds, rkey)
+            req.lines.append(lineno)
+            req.layer.append(layer)
+            req.position.append(pos)
+            req.token_id.append(tok)
+            req.experts.append(ex)
+            if w is not None:
+                req.weights.append(w)
     if not requests:
         raise TracekitError(f"{', '.join(map(str, files))}: no routing records found")
     return list(requests.values())

@@ -29,14 +29,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from ..errors import TracekitError
+from ..jsonlines import iter_json_lines
 from .staging import StagedRun
 
 CHUNK_REQUESTS = 256
@@ -263,24 +263,6 @@ class RoutesBatcher:
         self._buf.clear()
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for every non-blank line; one-line error on bad JSON."""
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise TracekitError(f"{path}: no such file") from None
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TracekitError(f"{path}:{n}: not valid JSON ({exc.msg}); truncated or not JSONL?") from None
-            except UnicodeDecodeError:
-                raise TracekitError(f"{path}:{n}: not UTF-8 text; is this a JSONL file?") from None
-
-
 def add_notes(staged: StagedRun) -> None:
     staged.note("routed experts as returned per request by the engine: the last generated token was never forwarded "
                 "and has no routing; gate weights are not returned (null)")
@@ -292,7 +274,7 @@ def import_routed_experts(paths: list[str | Path], staged: StagedRun, *, domain:
     batcher = RoutesBatcher(staged, default_domain=domain)
     for path in paths:
         path = Path(path)
-        for n, obj in iter_jsonl(path):
+        for n, obj in iter_json_lines(path):
             where = f"{path}:{n}"
             for req in parse_response(obj, staged.geometry, where):
                 batcher.add(req, where)

@@ -15,7 +15,6 @@ counts are summed over ranks (as ``load_expert_statistic`` does); iterations mix
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TracekitError
+from ..jsonlines import read_json
 from ..schema import build_loads_table
 from .staging import StagedRun
 
@@ -34,10 +34,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
     p = directory / "meta_info.json"
     if not p.is_file():
         raise TracekitError(f"{directory}: no meta_info.json; pass the EXPERT_STATISTIC_PATH directory")
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise TracekitError(f"{p}: not valid JSON ({exc.msg}); truncated?") from None
+    meta = read_json(p, "truncated? dump the statistics again")
     if not isinstance(meta, dict) or not isinstance(meta.get("num_experts"), int):
         raise TracekitError(f"{p}: expected {{\"num_experts\": E, \"num_experts_per_token\": k}}")
     return meta

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TracekitError
+from ..jsonlines import read_json
 from ..store import atomic_write_bytes
 from .types import Cluster, GroupingRule, Placement
 
@@ -175,10 +176,7 @@ def load_placement(path: str | Path) -> Placement:
     path = Path(path)
     if not path.is_file():
         raise TracekitError(f"{path}: no such placement file (write one with tracekit place -o)")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TracekitError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    d = read_json(path, "write it again with tracekit place -o")
     return placement_from_dict(d, str(path))
 
 
