@@ -262,7 +262,7 @@ def place_layer(
 
     Returns (S,) slot -> expert and a dict of fit-time estimates.
     """
-    N, g, E, S = cluster.nodes, cluster.gpus_per_node, cluster.num_experts, cluster.num_slots
+    N, E, S = cluster.nodes, cluster.num_experts, cluster.num_slots
     spn = S // N
     w = W.sum(axis=0)
     total = float(w.sum())
