@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from tracekit.placement import strategies as strat  # noqa: E402
 from tracekit.placement.comm import evaluate, route_requests  # noqa: E402
-from tracekit.placement.evaluate import compare, make_split, render  # noqa: E402
+from tracekit.placement.evaluate import compare, make_split  # noqa: E402
 from tracekit.placement.stats import load_by_group  # noqa: E402
 from tracekit.placement.types import Placement  # noqa: E402
 from tracekit.placement.traces import load_traces  # noqa: E402
