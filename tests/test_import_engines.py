@@ -442,3 +442,36 @@ def test_request_assembler_mixed_pass():
     req, phase, _ = asm.assign(0, 1, MIXED, segments(MIXED, [2, 2, 1], 5, "t"), pos)
     assert req.tolist() == [1, 1, 2, 2, 3] and phase.tolist() == [0, 0, 0, 0, 1]
     assert asm.counts["chunk_continuations"] == 1 and asm.counts["mixed_decode_tokens"] == 1
+
+
+def test_routed_experts_physical_slots_map_back_with_slot_map(tmp_path, capsys):
+    """A server with redundant experts returns physical slots; the map it ran with turns them back into experts."""
+    rng = np.random.default_rng(11)
+    slots = E + 4  # 4 redundant slots per layer
+    table = np.stack([np.concatenate([rng.permutation(E), rng.integers(0, E, slots - E)]) for _ in range(NUM_LAYERS)])
+    (tmp_path / "location.json").write_text(json.dumps({"physical_to_logical_map": table.tolist()}))
+    resp, logical = sglang_response(rng, 4, 3)
+    physical = np.empty_like(logical)
+    for layer in range(NUM_LAYERS):  # pick a slot holding each logical expert, replicas included
+        for idx in np.ndindex(logical[:, layer].shape):
+            holders = np.flatnonzero(table[layer] == logical[:, layer][idx])
+            physical[(idx[0], layer, idx[1])] = rng.choice(holders)
+    assert physical.max() >= E  # some tokens were served by a replica slot
+    resp["meta_info"]["routed_experts"] = base64.b64encode(physical.astype(np.int32).tobytes()).decode()
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps(resp) + "\n")
+
+    out = tmp_path / "unmapped"
+    code, _, err = cli(capsys, "import", "routed-experts", str(f), "--out", str(out), *GEO_FLAGS)
+    assert_failed_cleanly(code, err, out, "--slot-map")
+
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "import", "routed-experts", str(f), "--out", str(out), *GEO_FLAGS,
+                       "--slot-map", str(tmp_path / "location.json"))
+    assert code == 0, err
+    got = np.array(open_run(out).table()["experts"].to_pylist())
+    np.testing.assert_array_equal(got, logical[:, MOE].reshape(-1, K))
+
+    code, _, err = cli(capsys, "import", "trtllm-stats", str(tmp_path), "--out", str(tmp_path / "x"), *GEO_FLAGS,
+                       "--slot-map", str(tmp_path / "location.json"))
+    assert_failed_cleanly(code, err, tmp_path / "x", "--slot-map applies to routed-experts only")

@@ -14,13 +14,13 @@ _MODEL_HELP = ("Registry name (see `tracekit models`) or a geometry like experts
 
 def _run(fmt: str, sources: List[Path], out: Path, model: Optional[str], num_experts: Optional[int],
          top_k: Optional[int], moe_layers: Optional[str], num_layers: Optional[int], dataset: Optional[str],
-         domain: str) -> None:
+         domain: str, slot_map: Optional[Path] = None) -> None:
     from rich.console import Console
 
     from ..importers.engines import import_engine_run
 
     m = import_engine_run(fmt, sources, out, model=model, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
-                          num_layers=num_layers, dataset=dataset, domain=domain)
+                          num_layers=num_layers, dataset=dataset, domain=domain, slot_map=slot_map)
     kind = m.get("kind", "routes")
     t = m.get("totals", {}).get(kind, {})
     con = Console()
@@ -44,8 +44,11 @@ def _register(fmt: str, help_text: str, source_help: str) -> None:
         num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Decoder layers of the model."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset label stored in the run."),
         domain: str = typer.Option("unknown", "--domain", help="Task family: code, math, chat, general."),
+        slot_map: Optional[Path] = typer.Option(
+            None, "--slot-map", help="routed-experts only: the server's --init-expert-location JSON, to map "
+            "physical slots (redundant experts) back to logical experts."),
     ) -> None:
-        _run(fmt, sources, out, model, num_experts, top_k, moe_layers, num_layers, dataset, domain)
+        _run(fmt, sources, out, model, num_experts, top_k, moe_layers, num_layers, dataset, domain, slot_map)
 
     command.__doc__ = help_text
     import_app.command(fmt)(command)

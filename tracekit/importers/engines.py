@@ -44,6 +44,7 @@ def import_engine_run(
     dataset: str | None = None,
     domain: str = "unknown",
     args: dict[str, Any] | None = None,
+    slot_map: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Import engine recordings into a new run directory ``out``; returns its manifest.
 
@@ -57,13 +58,20 @@ def import_engine_run(
         if not Path(s).exists():
             raise TracekitError(f"{s}: no such file or directory")
     kind, fn = FORMATS[fmt]
+    options: dict[str, Any] = {}
+    if slot_map is not None:
+        if fmt != "routed-experts":
+            raise TracekitError("--slot-map applies to routed-experts only (the other dumps carry their own map)")
+        if not Path(slot_map).is_file():
+            raise TracekitError(f"--slot-map {slot_map}: no such file")
+        options["slot_map"] = Path(slot_map)
     name, geometry = resolve_model(model, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
                                    num_layers=num_layers)
     ds = {"name": dataset or fmt, "domain": domain, "sources": [str(Path(s)) for s in sources]}
     call_args = {"format": fmt, "sources": [str(s) for s in sources], "model": model, "num_experts": num_experts,
                  "top_k": top_k, "moe_layers": moe_layers, "num_layers": num_layers, "dataset": dataset,
-                 "domain": domain, **(args or {})}
+                 "domain": domain, "slot_map": str(slot_map) if slot_map else None, **(args or {})}
     with StagedRun(out, kind=kind, source=f"import:{fmt}", model_name=name, geometry=geometry, dataset=ds,
                    args=call_args) as staged:
-        fn([Path(s) for s in sources], staged, domain=domain)
+        fn([Path(s) for s in sources], staged, domain=domain, **options)
     return read_manifest(Path(out)) or {}

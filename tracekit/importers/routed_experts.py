@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TracekitError
-from ..jsonlines import iter_json_lines
+from ..jsonlines import iter_json_lines, read_json
 from .staging import StagedRun
 
 CHUNK_REQUESTS = 256
@@ -181,8 +181,12 @@ def _indexed(pid: Any, i: int) -> str | None:
 # ------------------------------------------------------------------------------------------------------------
 # rows
 # ------------------------------------------------------------------------------------------------------------
-def request_tokens(req: RoutedRequest, geometry: dict[str, Any], where: str) -> dict[str, np.ndarray]:
-    """Per-token columns of one request: position, phase (0/1), step (-1 = null), token_id (-1), experts (T, nL, k)."""
+def request_tokens(req: RoutedRequest, geometry: dict[str, Any], where: str,
+                   slot_map: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-token columns of one request: position, phase (0/1), step (-1 = null), token_id (-1), experts (T, nL, k).
+
+    ``slot_map`` (M, S): logical expert of every physical slot of every MoE layer (see :func:`read_slot_map`).
+    """
     arr = req.experts
     rows, n_layers, k = arr.shape
     if k != geometry["top_k"]:
@@ -201,9 +205,14 @@ def request_tokens(req: RoutedRequest, geometry: dict[str, Any], where: str) -> 
         raise TracekitError(f"{where}: routed_experts has {rows} tokens, fewer than the prompt's "
                             f"{req.prompt_len - req.prompt_start}")
     e = geometry["num_experts"]
+    if slot_map is not None:  # physical slots (servers with redundant experts) -> logical experts, per MoE layer
+        if arr.size and (arr.min() < 0 or arr.max() >= slot_map.shape[1]):
+            raise TracekitError(f"{where}: slot ids outside 0..{slot_map.shape[1] - 1} of --slot-map; is it the map "
+                                "the server ran with?")
+        arr = slot_map[np.arange(arr.shape[1])[None, :, None], arr]
     if arr.size and (arr.min() < 0 or arr.max() >= e):
-        raise TracekitError(f"{where}: expert ids outside 0..{e - 1} (physical slots of redundant experts? a wrong "
-                            "--model?)")
+        raise TracekitError(f"{where}: expert ids outside 0..{e - 1}: physical slots of redundant experts? pass the "
+                            "server's map with --slot-map FILE (its --init-expert-location JSON); else a wrong --model?")
     position = np.arange(req.prompt_start, req.prompt_start + rows, dtype=np.int64)
     phase = (position >= req.prompt_len).astype(np.int8)
     step = np.where(phase == 1, position - req.prompt_len + 1, -1)
@@ -221,9 +230,11 @@ def request_tokens(req: RoutedRequest, geometry: dict[str, Any], where: str) -> 
 class RoutesBatcher:
     """Buffers requests and writes one chunk per ``chunk_requests`` through a :class:`StagedRun`."""
 
-    def __init__(self, staged: StagedRun, default_domain: str = "unknown", chunk_requests: int = CHUNK_REQUESTS):
+    def __init__(self, staged: StagedRun, default_domain: str = "unknown", chunk_requests: int = CHUNK_REQUESTS,
+                 slot_map: np.ndarray | None = None):
         self.staged = staged
         self.default_domain = default_domain
+        self.slot_map = slot_map  # (M, S) physical slot -> logical expert, for servers with redundant experts
         self.chunk_requests = chunk_requests
         self.next_request = 0
         self._buf: list[tuple[int, RoutedRequest, dict[str, np.ndarray]]] = []
@@ -231,7 +242,7 @@ class RoutesBatcher:
 
     def add(self, req: RoutedRequest, where: str, request_id: int | None = None) -> int:
         """Validate one request and buffer it; ``request_id`` defaults to arrival order."""
-        cols = request_tokens(req, self.staged.geometry, where)
+        cols = request_tokens(req, self.staged.geometry, where, self.slot_map)
         rid = self.next_request if request_id is None else request_id
         self.next_request = max(self.next_request, rid) + 1
         self._buf.append((rid, req, cols))
@@ -270,8 +281,37 @@ def add_notes(staged: StagedRun) -> None:
                 "first computed")
 
 
-def import_routed_experts(paths: list[str | Path], staged: StagedRun, *, domain: str = "unknown") -> dict[str, int]:
-    batcher = RoutesBatcher(staged, default_domain=domain)
+def read_slot_map(path: str | Path, geometry: dict[str, Any]) -> np.ndarray:
+    """(M, S) logical expert per physical slot of each MoE layer, from SGLang's ``--init-expert-location`` JSON.
+
+    The file holds ``{"physical_to_logical_map": [[...], ...]}`` with one row per hidden layer (or per MoE layer),
+    each of width E + R: what ``tracekit export --format sglang`` writes and what the server was started with.
+    """
+    doc = read_json(path, "pass the JSON the server was started with (--init-expert-location)")
+    rows = doc.get("physical_to_logical_map") if isinstance(doc, dict) else None
+    try:
+        table = np.asarray(rows, dtype=np.int64)
+    except (TypeError, ValueError):
+        table = np.zeros((0, 0), dtype=np.int64)
+    if table.ndim != 2 or table.size == 0:
+        raise TracekitError(f"{path}: expected {{\"physical_to_logical_map\": [[slot -> expert, ...], ...]}}")
+    moe, e = geometry["moe_layers"], geometry["num_experts"]
+    if table.shape[0] == geometry["num_layers"]:
+        table = table[moe]
+    elif table.shape[0] != len(moe):
+        raise TracekitError(f"{path}: {table.shape[0]} rows; the model has {geometry['num_layers']} layers "
+                            f"({len(moe)} MoE)")
+    if table.shape[1] < e or table.min() < 0 or table.max() >= e:
+        raise TracekitError(f"{path}: rows must be at least E={e} wide and hold expert ids 0..{e - 1}")
+    return table
+
+
+def import_routed_experts(paths: list[str | Path], staged: StagedRun, *, domain: str = "unknown",
+                          slot_map: str | Path | None = None) -> dict[str, int]:
+    table = read_slot_map(slot_map, staged.geometry) if slot_map is not None else None
+    batcher = RoutesBatcher(staged, default_domain=domain, slot_map=table)
+    if slot_map is not None:
+        staged.note(f"physical slots mapped to logical experts with {slot_map}")
     for path in paths:
         path = Path(path)
         for n, obj in iter_json_lines(path):
