@@ -11,7 +11,8 @@ choices    (token, layer, rank): ``expert``, ``weight``, ``rank`` (0 = the route
 requests   request: run_id, request_id, prompt_id, model, dataset, domain, prompt_tokens, generated_tokens, rows
 runs       run directory: its manifest, geometry fields as columns
 loads      (run, phase, window, layer, expert): assignment counts; stored for runs of kind ``loads``, derived
-           from the rows (window = forward pass of the request) for runs of kind ``routes``
+           from the rows (window = forward pass of the request: 0 prefill, s decode step s, -1 decode step
+           unknown) for runs of kind ``routes``
 =========  ===================================================================================================
 
 Nothing is copied or loaded: every query streams the Parquet files, so traces larger than memory work.
