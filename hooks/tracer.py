@@ -56,12 +56,9 @@ class RouterTracer:
         self._handles: list[Any] = []
         self._current: list[torch.Tensor | None] = [None] * len(routers)
         self._steps: list[torch.Tensor] = []
-        self.enabled = True
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _on_router(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.enabled:
-            return
         ids, weights = self.routers[index].adapter.choice(module, output)
         parts = [ids.to(self.id_dtype).contiguous().view(torch.uint8)]
         if self.weight_dtype is not None:
@@ -72,8 +69,6 @@ class RouterTracer:
         self._current = [None] * len(self.routers)
 
     def _end_step(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.enabled:
-            return
         missing = [self.routers[i].name for i, c in enumerate(self._current) if c is None]
         if missing:
             raise RuntimeError(f"routers not called in this forward step: {missing[:3]}")

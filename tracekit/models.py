@@ -60,10 +60,6 @@ TINY_HIDDEN = 64
 TINY_CONTEXT = 4096
 
 
-def _seeded(seed: int):
-    torch.manual_seed(seed)
-
-
 def _tiny_deepseek_v3(layers: int = 4, seed: int = 0):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -98,7 +94,7 @@ def _tiny_deepseek_v3(layers: int = 4, seed: int = 0):
         initializer_range=0.15,
         tie_word_embeddings=False,
     )
-    _seeded(seed)
+    torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(cfg)
     # DeepSeek V3 learns a non-zero expert bias (e_score_correction_bias); random-init leaves it at zero.
     g = torch.Generator().manual_seed(seed + 1)
@@ -134,7 +130,7 @@ def _tiny_qwen3_moe(layers: int = 4, seed: int = 0):
         pad_token_id=tok.pad_token_id,
         initializer_range=0.15,
     )
-    _seeded(seed)
+    torch.manual_seed(seed)
     return Qwen3MoeForCausalLM(cfg), tok
 
 
@@ -163,7 +159,7 @@ def _tiny_llama4(layers: int = 4, seed: int = 0):
         initializer_range=0.15,
         attention_chunk_size=TINY_CONTEXT,
     )
-    _seeded(seed)
+    torch.manual_seed(seed)
     return Llama4ForCausalLM(cfg), tok
 
 
