@@ -55,7 +55,8 @@ def _write(path, lines):
     ["unknown-model", "unknown-dataset", "missing-file", "malformed", "missing-field", "too-long", "limit-0",
      "other-model", "weights-offline"],
 )
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, shared_data, capsys, case):
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, shared_data, capsys, monkeypatch, case):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never start a real download, even on a machine with network
     out = tmp_path / "run"
     base = ["collect", "--out", str(out), "--no-progress", "--max-new-tokens", "2"]
     gsm = str(shared_data / "prompts" / "gsm8k_test.jsonl")
