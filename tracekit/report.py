@@ -87,7 +87,8 @@ def fig_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray) ->
     a = np.abs(diff[:D])
     vmax = float(np.nanpercentile(a, 99.5)) if np.isfinite(a).any() else 0.0
     vmax = vmax or 1e-9  # 99.5th percentile: a few outliers must not wash out the rest
-    fig, axes = plt.subplots(1, D, figsize=(min(18, 3 + D * (2 + E / 40)), min(12, 2.5 + L / 5)), squeeze=False)
+    fig, axes = plt.subplots(1, D, figsize=(min(18, 3 + D * (2 + E / 40)), min(12, 2.5 + L / 5)), squeeze=False,
+                             layout="constrained")  # keeps the figure title clear of the panel titles
     for d in range(D):
         ax = axes[0, d]
         im = ax.imshow(diff[d], aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest",
@@ -101,7 +102,7 @@ def fig_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray) ->
         else:
             ax.set_yticks([])
     fig.suptitle("Domain shift: expert share within the group minus share over all requests")
-    fig.colorbar(im, ax=axes[0, :].tolist(), label="share difference (red: more popular in the group)")
+    fig.colorbar(im, ax=axes[0, :].tolist(), label="share difference\n(red: more popular in the group)")
     return _png(fig)
 
 
