@@ -72,6 +72,7 @@ def fig_imbalance_curve(layers: np.ndarray, curves: dict[str, np.ndarray]) -> by
         ax.plot(layers, y, marker="o", ms=3, label=name, lw=2 if name == "all tokens" else 1.2)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("MoE layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # layers are whole numbers
     ax.set_ylabel("max / mean expert load")
     ax.set_title("Load imbalance per layer (1 = perfectly balanced)")
     ax.legend()
