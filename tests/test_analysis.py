@@ -10,6 +10,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import pearsonr, rankdata, spearmanr
 
 from tracekit.analysis.run import analyze
+from tracekit.errors import TracekitError
 from tracekit.importers.jsonl import import_jsonl
 from tracekit.synth import generate_run
 
@@ -161,3 +162,26 @@ def test_planted_structure_is_found_in_synthetic_traces(tmp_path):
     assert cls["accuracy"] > cls["baseline"] + 0.3
     imb = {(r["group"], r["layer"]): r for r in res["imbalance"].tables["layers"].to_pylist()}
     assert min(imb[("all", l)]["max_mean"] for l in range(1, 5)) > 1.2
+
+
+def test_imbalance_from_engine_counts_matches_numpy(tmp_path):
+    """Count-only runs (SGLang stat dumps -> loads table) get the load analysis, equal to numpy over the raw dump."""
+    import torch
+
+    from tracekit.importers.engines import import_engine_run
+
+    rng = np.random.default_rng(7)
+    lc = rng.integers(0, 40, (6, 4, 16)).astype(np.int32)  # (forward passes, layers, experts)
+    lc[:, 0] = 0  # layer 0 is dense
+    lc[:, 2, :3] *= 5  # a few hot experts in layer 2
+    torch.save({"rank": 0, "logical_count": torch.from_numpy(lc)}, tmp_path / "expert_distribution_recorder_1.pt")
+    run = tmp_path / "run"
+    import_engine_run("sglang-stat", [tmp_path / "expert_distribution_recorder_1.pt"], run,
+                      model="experts=16,top_k=2,moe_layers=1-3,num_layers=4,name=t")
+    res = analyze(run)
+    assert list(res) == ["imbalance"] and any("per-token routes" in n for n in res["imbalance"].notes)
+    load = lc[:, 1:].sum(0).astype(float)  # (3 MoE layers, E)
+    np.testing.assert_allclose(res["imbalance"].arrays["max_mean"], load.max(1) / load.mean(1))
+    np.testing.assert_array_equal(res["imbalance"].arrays["load"], load)
+    with pytest.raises(TracekitError, match="needs per-token routes"):
+        analyze(run, what="imbalance,domain")

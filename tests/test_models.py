@@ -24,7 +24,7 @@ def test_local_checkpoint_goes_through_from_pretrained_and_routes_like_the_prese
     assert type(loaded.model).__name__ == "DeepseekV3ForCausalLM" and loaded.spec.hub_id == str(ckpt)
     assert next(loaded.model.parameters()).device.type == "cpu"
     common = dict(dataset="humaneval", limit=3, max_new_tokens=4)
-    a = collect(CollectOptions(model="tiny-deepseek-v3", out=tmp_path / "a", **common), loaded=preset)
+    collect(CollectOptions(model="tiny-deepseek-v3", out=tmp_path / "a", **common), loaded=preset)
     b = collect(CollectOptions(model=str(ckpt), out=tmp_path / "b", device_map="cpu", dtype="float32", **common))
     assert b.manifest["model"]["hub_id"] == str(ckpt) and b.manifest["geometry"]["n_group"] == 8
     assert _routes(tmp_path / "a") == _routes(tmp_path / "b")  # the saved bias and router weights came back

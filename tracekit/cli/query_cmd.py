@@ -177,7 +177,9 @@ def sql_cmd(
 def analyze_cmd(
     runs: List[str] = typer.Argument(..., help="Run directories (or globs)."),
     by: str = typer.Option("domain", "--by", help="Group results by domain, phase or dataset."),
-    what: str = typer.Option("imbalance,domain,correlation,coactivation", "--what", help="Comma-separated analyses."),
+    what: Optional[str] = typer.Option(
+        None, "--what", help="Comma-separated: imbalance, domain, correlation, coactivation (default: all that the "
+        "runs support; count-only runs support imbalance)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write every full result table into this folder."),
     fmt: str = typer.Option("parquet", "--format", help="parquet or csv for --out."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Co-activation and inter-layer affinity for this MoE layer only."),
