@@ -1,12 +1,14 @@
 """Every other transformers MoE family whose router returns its choice as ``(logits, weights, ids)``.
 
 Covers Mixtral, OLMoE, GPT-OSS, Qwen3-Next, MiniMax, Ernie-MoE and the like: any module whose class name ends in
-``TopKRouter``/``TopkRouter`` and is not claimed by a dedicated adapter. The output is checked once per call shape
-(three tensors, ids integer), so an unknown router with another contract fails loudly instead of recording garbage.
+``TopKRouter``/``TopkRouter`` and is not claimed by a dedicated adapter. Every call checks the output's form (three
+tensors, integer ids; metadata only, no host sync), so a router with another contract fails loudly instead of
+recording garbage.
 """
 from __future__ import annotations
 
 from .base import RouterAdapter
+
 
 class GenericTopKAdapter(RouterAdapter):
     family = "generic"
