@@ -7,13 +7,12 @@ import torch
 def tiny_mixtral(seed: int = 0):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from tracekit.tokenizer import VOCAB_SIZE, byte_tokenizer
+    from tracekit.models import tiny_config_kwargs
+    from tracekit.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
-    cfg = MixtralConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                        initializer_range=0.15)
+    cfg = MixtralConfig(**tiny_config_kwargs(tok), intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)
     torch.manual_seed(seed)
     return MixtralForCausalLM(cfg).eval(), tok
 
@@ -21,12 +20,11 @@ def tiny_mixtral(seed: int = 0):
 def tiny_olmoe(seed: int = 0):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    from tracekit.tokenizer import VOCAB_SIZE, byte_tokenizer
+    from tracekit.models import tiny_config_kwargs
+    from tracekit.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
-    cfg = OlmoeConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=16, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                      initializer_range=0.15)
+    cfg = OlmoeConfig(**tiny_config_kwargs(tok), intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, num_experts=64, num_experts_per_tok=8)
     torch.manual_seed(seed)
     return OlmoeForCausalLM(cfg).eval(), tok

@@ -60,15 +60,24 @@ TINY_HIDDEN = 64
 TINY_CONTEXT = 4096
 
 
+def tiny_config_kwargs(tok) -> dict[str, Any]:
+    """Config fields every tiny model shares: the byte tokenizer's vocabulary and special ids, the small width, and
+    an init scale (0.15) at which random routers are not saturated (larger init gives DeepSeek's sigmoid scores ~1)."""
+    from .tokenizer import VOCAB_SIZE
+
+    return dict(vocab_size=VOCAB_SIZE, hidden_size=TINY_HIDDEN, max_position_embeddings=TINY_CONTEXT,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                initializer_range=0.15)
+
+
 def _tiny_deepseek_v3(layers: int = 4, seed: int = 0):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from .tokenizer import VOCAB_SIZE, byte_tokenizer
+    from .tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     cfg = DeepseekV3Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=TINY_HIDDEN,
+        **tiny_config_kwargs(tok),
         intermediate_size=128,
         moe_intermediate_size=16,
         num_hidden_layers=layers,
@@ -87,11 +96,6 @@ def _tiny_deepseek_v3(layers: int = 4, seed: int = 0):
         qk_rope_head_dim=8,
         qk_nope_head_dim=8,
         v_head_dim=16,
-        max_position_embeddings=TINY_CONTEXT,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.15,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -107,12 +111,11 @@ def _tiny_deepseek_v3(layers: int = 4, seed: int = 0):
 def _tiny_qwen3_moe(layers: int = 4, seed: int = 0):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from .tokenizer import VOCAB_SIZE, byte_tokenizer
+    from .tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     cfg = Qwen3MoeConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=TINY_HIDDEN,
+        **tiny_config_kwargs(tok),
         intermediate_size=128,
         moe_intermediate_size=16,
         num_hidden_layers=layers,
@@ -124,11 +127,6 @@ def _tiny_qwen3_moe(layers: int = 4, seed: int = 0):
         norm_topk_prob=True,
         decoder_sparse_step=1,
         mlp_only_layers=[],
-        max_position_embeddings=TINY_CONTEXT,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.15,
     )
     torch.manual_seed(seed)
     return Qwen3MoeForCausalLM(cfg), tok
@@ -137,12 +135,11 @@ def _tiny_qwen3_moe(layers: int = 4, seed: int = 0):
 def _tiny_llama4(layers: int = 4, seed: int = 0):
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
-    from .tokenizer import VOCAB_SIZE, byte_tokenizer
+    from .tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     cfg = Llama4TextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=TINY_HIDDEN,
+        **tiny_config_kwargs(tok),
         intermediate_size=32,
         intermediate_size_mlp=128,
         num_hidden_layers=layers,
@@ -152,11 +149,6 @@ def _tiny_llama4(layers: int = 4, seed: int = 0):
         num_local_experts=128,
         num_experts_per_tok=1,
         interleave_moe_layer_step=2,  # Maverick: MoE every other layer, dense in between
-        max_position_embeddings=TINY_CONTEXT,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.15,
         attention_chunk_size=TINY_CONTEXT,
     )
     torch.manual_seed(seed)
