@@ -176,7 +176,7 @@ def rows_from_steps(
     eos_ids: set[int],
     request_ids: np.ndarray,
 ) -> BatchRows:
-    """Turn the tracer's steps for one left-padded batch into rows, dropping pad positions.
+    """Turn the tracer's steps for one left-padded batch into rows (unsorted), dropping pad positions.
 
     Shapes: ``input_ids``/``attention_mask`` (B, S); ``generated`` (B, G) tokens after the prompt;
     ``steps[0].ids`` (L, B*S, k) for the prefill and ``steps[s].ids`` (L, B, k) for decode step s.
@@ -234,17 +234,15 @@ def rows_from_steps(
         per_request = {int(request_ids[b]): 0 for b in range(B)}
 
     c = {key: np.concatenate(v) for key, v in cols.items()}
-    req = request_ids[c["b"]]
-    order = np.lexsort((c["position"], req, c["layer"]))  # layer-major: best compression, layer pruning
-    return BatchRows(
-        request_id=req[order],
-        phase=c["phase"][order],
-        position=c["position"][order],
-        step=c["step"][order],
-        layer=c["layer"][order],
-        token_id=c["token"][order],
-        experts=np.concatenate(parts_ids)[order],
-        weights=np.concatenate(parts_w)[order] if has_w else None,
+    return BatchRows(  # unsorted: _merge orders the whole chunk once
+        request_id=request_ids[c["b"]],
+        phase=c["phase"],
+        position=c["position"],
+        step=c["step"],
+        layer=c["layer"],
+        token_id=c["token"],
+        experts=np.concatenate(parts_ids),
+        weights=np.concatenate(parts_w) if has_w else None,
         prompt_tokens=int(prompt_len.sum()),
         generated_tokens=int(sum(per_request.values())),
         generated_per_request=per_request,
@@ -256,7 +254,7 @@ def _merge(rows: list[BatchRows]) -> BatchRows:
         return np.concatenate([getattr(r, name) for r in rows])
 
     req, lay, pos = cat("request_id"), cat("layer"), cat("position")
-    order = np.lexsort((pos, req, lay))
+    order = np.lexsort((pos, req, lay))  # layer-major file order: best compression, row groups prune by layer
     per = {}
     for r in rows:
         per.update(r.generated_per_request)
