@@ -38,9 +38,7 @@ Nothing is written unless every line parses: the run is built in a temporary fol
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -49,9 +47,9 @@ import numpy as np
 
 from ..errors import TracekitError
 from ..jsonlines import iter_json_objects
-from ..schema import build_routes_table, routes_schema
-from ..store import base_manifest, finalize, new_run_id, write_chunk, write_manifest
-from .geometry import registry_geometry, registry_hub_id
+from ..schema import build_routes_table
+from .geometry import registry_geometry
+from .staging import StagedRun, refuse_nonempty_out
 
 DEFAULT_FIELD_MAP = {
     "experts": "experts",
@@ -276,8 +274,7 @@ def import_jsonl(
         raise TracekitError(f"--phase {phase!r} unknown; use one of {', '.join(PHASE_MODES)}")
     fm = parse_field_map(field_map)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TracekitError(f"{out} already exists and is not empty; choose a new --out")
+    refuse_nonempty_out(out)  # before reading the files; StagedRun checks again when it opens
     reqs = _read_files(files, fm, dataset)
 
     max_id = max(max(max(e) for e in r.experts) for r in reqs)
@@ -295,66 +292,49 @@ def import_jsonl(
         raise TracekitError(f"layer {layers_seen[-1]} in the records but --num-layers is {num_layers}")
     phased = [_recover_phases(r, phase, files[r.file_idx]) for r in reqs]
 
-    run_id = run_id or new_run_id()
-    schema = routes_schema(num_experts, weight_dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a run directory is an ordinary folder
-    try:
-        datasets = list(dict.fromkeys(r.dataset for r in reqs))
-        domains = {d: (domain or domain_of(d)) for d in datasets}
-        geometry = {
-            "family": None,
-            "num_layers": num_layers if num_layers is not None else layers_seen[-1] + 1,
-            "moe_layers": list(range(num_layers)) if num_layers is not None else layers_seen,
-            "num_experts": num_experts,
-            "top_k": k,
-            "n_group": None,
-            "topk_group": None,
-            "n_shared_experts": None,
-            "scoring": None,
-            "hidden_size": None,
-        }
-        registry = registry_geometry(model) or {}
-        if registry and (registry.get("num_experts"), registry.get("top_k")) != (num_experts, k):
-            raise TracekitError(
-                f"records have E={num_experts}, top-{k} but {model} has E={registry.get('num_experts')}, "
-                f"top-{registry.get('top_k')}; pass the right --model or explicit --num-experts/--top-k"
-            )
-        for key, value in registry.items():  # what the records cannot tell (family, scoring, groups, width)
-            if geometry.get(key) is None:
-                geometry[key] = value
-        if registry and num_layers is None:
-            stray = sorted(set(layers_seen) - set(registry["moe_layers"]))
-            if stray:
-                raise TracekitError(f"records route layer {stray[0]}, which is not an MoE layer of {model}")
-            geometry["num_layers"], geometry["moe_layers"] = registry["num_layers"], list(registry["moe_layers"])
-        notes = []
-        hows = sorted({p.how for p in phased})
-        notes.append("phases: " + "; ".join(f"{sum(p.how == h for p in phased)} request(s) {h}" for h in hows))
-        if any("prompt length unknown" in h for h in hows):
-            notes.append("decode-only requests: position counts generated tokens from 0 (the prompt was not logged)")
-        manifest = base_manifest(
-            run_id=run_id,
-            kind="routes",
-            source="import:jsonl",
-            model={"name": model, "hub_id": registry_hub_id(model), "revision": None},
-            geometry=geometry,
-            dataset={
-                "name": "+".join(datasets),
-                "domain": domains[datasets[0]] if len(set(domains.values())) == 1 else "mixed",
-                "datasets": [{"name": d, "domain": domains[d]} for d in datasets],
-                "files": [str(f) for f in files],
-                "prompts": len(reqs),
-            },
-            args={"files": [str(f) for f in files], "field_map": fm, "phase": phase, "num_experts": num_experts,
-                  "top_k": top_k, "num_layers": num_layers, "weight_dtype": weight_dtype, "argv": sys.argv[1:]},
+    datasets = list(dict.fromkeys(r.dataset for r in reqs))
+    domains = {d: (domain or domain_of(d)) for d in datasets}
+    geometry = {
+        "family": None,
+        "num_layers": num_layers if num_layers is not None else layers_seen[-1] + 1,
+        "moe_layers": list(range(num_layers)) if num_layers is not None else layers_seen,
+        "num_experts": num_experts,
+        "top_k": k,
+        "n_group": None,
+        "topk_group": None,
+        "n_shared_experts": None,
+        "scoring": None,
+        "hidden_size": None,
+    }
+    registry = registry_geometry(model) or {}
+    if registry and (registry.get("num_experts"), registry.get("top_k")) != (num_experts, k):
+        raise TracekitError(
+            f"records have E={num_experts}, top-{k} but {model} has E={registry.get('num_experts')}, "
+            f"top-{registry.get('top_k')}; pass the right --model or explicit --num-experts/--top-k"
         )
-        manifest["notes"] = notes
-        write_manifest(tmp, manifest)
-        chunk = 0
+    for key, value in registry.items():  # what the records cannot tell (family, scoring, groups, width)
+        if geometry.get(key) is None:
+            geometry[key] = value
+    if registry and num_layers is None:
+        stray = sorted(set(layers_seen) - set(registry["moe_layers"]))
+        if stray:
+            raise TracekitError(f"records route layer {stray[0]}, which is not an MoE layer of {model}")
+        geometry["num_layers"], geometry["moe_layers"] = registry["num_layers"], list(registry["moe_layers"])
+    dataset = {
+        "name": "+".join(datasets),
+        "domain": domains[datasets[0]] if len(set(domains.values())) == 1 else "mixed",
+        "datasets": [{"name": d, "domain": domains[d]} for d in datasets],
+        "files": [str(f) for f in files],
+        "prompts": len(reqs),
+    }
+    args = {"files": [str(f) for f in files], "field_map": fm, "phase": phase, "num_experts": num_experts,
+            "top_k": top_k, "num_layers": num_layers, "weight_dtype": weight_dtype, "argv": sys.argv[1:]}
+    with StagedRun(out, kind="routes", source="import:jsonl", model_name=model, geometry=geometry, dataset=dataset,
+                   args=args, weight_dtype=weight_dtype, run_id=run_id) as staged:
+        hows = sorted({p.how for p in phased})
+        staged.note("phases: " + "; ".join(f"{sum(p.how == h for p in phased)} request(s) {h}" for h in hows))
+        if any("prompt length unknown" in h for h in hows):
+            staged.note("decode-only requests: position counts generated tokens from 0 (the prompt was not logged)")
         for ds in datasets:
             members = [i for i, r in enumerate(reqs) if r.dataset == ds]
             start = 0
@@ -364,18 +344,11 @@ def import_jsonl(
                     group.append(members[start])
                     rows += len(reqs[members[start]].layer)
                     start += 1
-                table = _table(reqs, phased, group, schema, run_id, model, ds, domains[ds], fm["weights"] != "")
-                write_chunk(tmp, table, chunk=chunk, requests=group,
-                            prompt_tokens=sum(phased[i].prompt_tokens for i in group),
-                            generated_tokens=sum(phased[i].generated_tokens for i in group))
-                chunk += 1
-        finalize(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                table = _table(reqs, phased, group, staged.schema, staged.run_id, model, ds, domains[ds],
+                               fm["weights"] != "")
+                staged.write_table(table, requests=group,
+                                   prompt_tokens=sum(phased[i].prompt_tokens for i in group),
+                                   generated_tokens=sum(phased[i].generated_tokens for i in group))
     return out
 
 

@@ -18,6 +18,13 @@ import pyarrow as pa
 from ..errors import TracekitError
 from ..schema import build_routes_table, routes_schema
 from ..store import base_manifest, finalize, new_run_id, write_chunk, write_manifest
+from .geometry import registry_hub_id
+
+
+def refuse_nonempty_out(out: Path) -> None:
+    """An import never writes into an existing run: one line if ``out`` exists and holds anything."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TracekitError(f"{out} already exists and is not empty; import into a new --out directory")
 
 
 class StagedRun:
@@ -34,28 +41,28 @@ class StagedRun:
         dataset: dict[str, Any],
         args: dict[str, Any],
         weight_dtype: str = "float16",
+        run_id: str | None = None,
     ) -> None:
         self.out = Path(out)
         self.kind = kind
         self.model_name = model_name
         self.geometry = geometry
         self.dataset = dataset
-        self.run_id = new_run_id()
+        self.run_id = run_id or new_run_id()
         self.notes: list[str] = []
         self.extra: dict[str, Any] = {}
         self._chunk = 0
         self._schema = routes_schema(geometry["num_experts"], weight_dtype) if kind == "routes" else None
         self._manifest = base_manifest(
             run_id=self.run_id, kind=kind, source=source,
-            model={"name": model_name, "hub_id": None, "revision": None},
+            model={"name": model_name, "hub_id": registry_hub_id(model_name), "revision": None},
             geometry=geometry, dataset=dataset, args=args,
         )
         self.tmp: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> "StagedRun":
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise TracekitError(f"{self.out} already exists and is not empty; import into a new --out directory")
+        refuse_nonempty_out(self.out)
         parent = self.out.parent
         parent.mkdir(parents=True, exist_ok=True)
         self.tmp = parent / f".{self.out.name}.importing-{uuid.uuid4().hex[:8]}"
@@ -128,6 +135,15 @@ class StagedRun:
         assert self.kind == "loads"
         if table.num_rows:
             self._write(table)
+
+    @property
+    def schema(self) -> pa.Schema | None:
+        """The routes schema of this run (None for a loads run)."""
+        return self._schema
+
+    def write_table(self, table: pa.Table, *, requests: list[int], prompt_tokens: int, generated_tokens: int) -> None:
+        """Write one chunk of an already-built routes table (built with :attr:`schema`)."""
+        self._write(table, requests=requests, prompt_tokens=prompt_tokens, generated_tokens=generated_tokens)
 
     def _write(self, table: pa.Table, **meta: Any) -> None:
         assert self.tmp is not None
