@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -64,22 +65,30 @@ _REQUIRED = ("experts", "request", "layer", "position")
 PHASE_MODES = ("auto", "decode", "prefill")
 
 # Task family of the datasets tracekit knows by name (lower-case; '-' and '_' ignored).
-DATASET_DOMAINS = {
-    "humaneval": "code", "mbpp": "code", "codealpaca": "code",
-    "gsm8k": "math", "math": "math", "math500": "math",
-    "mtbench": "chat", "sharegpt": "chat", "vicuna": "chat", "alpaca": "chat",
-    "wikitext": "general", "nq": "general", "nqopen": "general", "c4": "general", "pile": "general",
-}
+# task families of dataset names that are not in datasets_cfg/ (the registry's own names come from there)
+EXTRA_DATASET_DOMAINS = {"codealpaca": "code", "math": "math", "alpaca": "chat", "nq": "general", "c4": "general",
+                         "pile": "general"}
 ROWS_PER_CHUNK = 1 << 20
 
 
 def domain_of(dataset: str) -> str:
     """code/math/chat/general for a known dataset name, else ``unknown``."""
-    key = dataset.lower().replace("-", "").replace("_", "")
-    for name, dom in DATASET_DOMAINS.items():
+    key = _name_key(dataset)
+    for name, dom in _dataset_domains().items():
         if key == name or key.startswith(name):
             return dom
     return "unknown"
+
+
+def _name_key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+@lru_cache(maxsize=1)
+def _dataset_domains() -> dict[str, str]:
+    from ..datasets import list_datasets
+
+    return {**{_name_key(c.name): c.domain for c in list_datasets()}, **EXTRA_DATASET_DOMAINS}
 
 
 def parse_field_map(spec: str | dict | None) -> dict[str, str]:
