@@ -7,11 +7,15 @@ from .schema import SCHEMA_VERSION  # noqa: E402
 from .store import Run, open_run  # noqa: E402
 
 
-def connect(runs):
-    """A read-only DuckDB connection with the views routes, choices, requests, runs, loads over ``runs``."""
+def connect(runs, **kwargs):
+    """A read-only DuckDB connection with the views routes, choices, requests, runs, loads over ``runs``.
+
+    Read-only always: no SQL run on it can create, change or delete a file (see :mod:`tracekit.query`);
+    ``memory_limit=``/``threads=`` as in :func:`tracekit.query.connect`.
+    """
     from .query import connect as _connect
 
-    return _connect(runs)
+    return _connect(runs, **kwargs)
 
 
 def collect(opts, **kwargs):

@@ -17,29 +17,42 @@ loads      (run, phase, window, layer, expert): assignment counts; stored for ru
 
 Nothing is copied or loaded: every query streams the Parquet files, so traces larger than memory work.
 
-Read-only: the connection cannot read or write any file outside the given run directories (DuckDB external
-access is disabled with only those directories allowed, and the configuration is locked), and
-:func:`run_sql` -- the entry point of ``tracekit query``, ``tracekit sql`` and the analyses -- accepts only
-``SELECT``/``EXPLAIN`` statements, so ``COPY``, ``CREATE``, ``DELETE``, ``ATTACH``, ``SET`` and the like are refused
-with one line. (A notebook that calls ``con.execute`` directly bypasses the statement check; it is still
-confined to the run directories.)
+Read-only, always: DuckDB never opens a file itself. The run's Parquet chunks are handed to it as Arrow datasets
+(opened by pyarrow, read-only), and then all of DuckDB's file-system access is switched off
+(``enable_external_access = false``, configuration locked). No SQL text -- ``COPY``, ``EXPLAIN ANALYZE COPY``,
+``ATTACH``, ``EXPORT DATABASE``, ``INSTALL``, table functions such as ``read_csv`` or ``query(...)``, several
+statements in one string -- can create, change or delete a file, through the CLI or through a connection from
+:func:`connect` used directly in a notebook. Spilling goes to a private temporary folder (not the run, not the
+working directory) that is removed when the connection is closed or collected. On top of that :func:`run_sql` -- the
+entry point of ``tracekit query``, ``tracekit sql`` and the analyses -- accepts only ``SELECT``/``EXPLAIN``
+statements, so ``CREATE``, ``SET`` and the like are refused with one line; :func:`fetch_limited` stops a query
+after a time limit (``--timeout``) and ``connect(memory_limit=...)`` bounds DuckDB's memory (``--memory-limit``).
 """
 from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tempfile
+import threading
+import weakref
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from .errors import TracekitError
 from .store import MANIFEST, Run, open_run
 
 VIEWS = ("routes", "choices", "requests", "runs", "loads")
 _ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+DEFAULT_MEMORY_LIMIT = "4GB"
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def sql_text(name: str) -> str:
@@ -80,10 +93,6 @@ def resolve_runs(runs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[
         paths += found
     unique = sorted({p.resolve() for p in paths})
     return [open_run(p) for p in unique]
-
-
-def _list_literal(paths: Sequence[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
 def _runs_table(runs: Sequence[Run]) -> pa.Table:
@@ -131,44 +140,81 @@ def _runs_table(runs: Sequence[Run]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def _read_only_dataset(files: Sequence[Path]) -> pads.Dataset:
+    """One pyarrow dataset over Parquet ``files`` whose schemas may differ (uint8/uint16 ids, float16/float32
+    weights, columns added by a newer schema version): the unified schema promotes integer widths, fills missing
+    columns with nulls, and widens float16 to float32 (DuckDB cannot scan Arrow float16)."""
+    try:
+        schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+    except (OSError, pa.ArrowException) as exc:
+        raise TracekitError(f"cannot read the runs' Parquet footers: {_first_line(exc)}") from None
+
+    def widen(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_float16(t):
+            return pa.float32()
+        if pa.types.is_list(t):
+            return pa.list_(widen(t.value_type))
+        return t
+
+    schema = pa.schema([pa.field(f.name, widen(f.type), f.nullable) for f in schema])
+    return pads.dataset([str(f) for f in files], schema=schema, format="parquet")
+
+
 def connect(
     runs: str | os.PathLike | Iterable[str | os.PathLike],
     *,
     threads: int | None = None,
-    memory_limit: str | None = None,
+    memory_limit: str | None = DEFAULT_MEMORY_LIMIT,
 ) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the views ``routes``, ``choices``, ``requests``, ``runs``, ``loads`` over ``runs``.
+    """A read-only DuckDB connection with the views ``routes``, ``choices``, ``requests``, ``runs``, ``loads``.
 
     ``runs``: a run directory, a glob of run directories, a folder of run directories, or a list of these.
-    The connection can read only those directories (see the module docstring).
+    ``memory_limit``: DuckDB's memory limit (e.g. ``"4GB"``; ``None`` = DuckDB's default of 80% of RAM); larger
+    intermediate results spill to a private temporary folder. The connection cannot touch any file (see the
+    module docstring): it is safe to hand to a notebook.
     """
     opened = resolve_runs(runs)
     routes_files = [p for r in opened for p in r.files.get("routes", [])]
     loads_files = [p for r in opened for p in r.files.get("loads", [])]
-    config = {}
-    if threads:
-        config["threads"] = int(threads)
-    if memory_limit:
-        config["memory_limit"] = memory_limit
-    con = duckdb.connect(":memory:", config=config)
+    spill = tempfile.mkdtemp(prefix="tracekit-duckdb-")
     try:
+        con = duckdb.connect(":memory:")
+    except duckdb.Error as exc:
+        shutil.rmtree(spill, ignore_errors=True)
+        raise TracekitError(f"cannot open DuckDB: {_first_line(exc)}") from None
+    weakref.finalize(con, shutil.rmtree, spill, True)
+    try:
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
+        if memory_limit:
+            try:
+                con.execute("SET memory_limit = ?", [str(memory_limit)])
+            except duckdb.Error:
+                raise TracekitError(f"memory limit {memory_limit!r} (--memory-limit) is not a size; use e.g. 512MB "
+                                    "or 4GB") from None
+        con.execute("SET temp_directory = ?", [spill])
         if routes_files:
-            con.execute(sql_text("routes").replace("{files}", _list_literal(routes_files)))
+            con.register("routes_files", _read_only_dataset(routes_files))
+            con.execute(sql_text("routes"))
         else:
             con.execute(sql_text("routes_empty"))
         con.execute(sql_text("choices"))
         con.execute(sql_text("requests"))
         con.execute(sql_text("loads_derived"))
-        con.execute(sql_text("loads").replace("{files}", _list_literal(loads_files)) if loads_files
-                    else "CREATE VIEW loads AS SELECT * FROM loads_derived")
+        if loads_files:
+            con.register("loads_files", _read_only_dataset(loads_files))
+            con.execute(sql_text("loads"))
+        else:
+            con.execute("CREATE VIEW loads AS SELECT * FROM loads_derived")
         runs_arrow = _runs_table(opened)
         con.register("_tracekit_runs", runs_arrow)
         con.execute("CREATE TABLE runs AS SELECT * FROM _tracekit_runs")
         con.unregister("_tracekit_runs")
-        allowed = sorted({str(r.path.resolve()) + os.sep for r in opened})
-        con.execute("SET allowed_directories = [" + ", ".join("'" + a.replace("'", "''") + "'" for a in allowed) + "]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
+    except TracekitError:
+        con.close()
+        raise
     except duckdb.Error as exc:
         con.close()
         raise TracekitError(f"cannot open the runs: {_first_line(exc)}") from None
@@ -212,11 +258,12 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None
     return rel
 
 
-def query(runs, sql: str, params: dict | list | None = None) -> pa.Table:
+def query(runs, sql: str, params: dict | list | None = None, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+          memory_limit: str | None = DEFAULT_MEMORY_LIMIT) -> pa.Table:
     """Run one read-only query over ``runs`` and return the result as an Arrow table."""
-    con = connect(runs)
+    con = connect(runs, memory_limit=memory_limit)
     try:
-        return fetch_arrow(run_sql(con, sql, params))
+        return fetch_limited(con, sql, timeout=timeout, params=params)
     finally:
         con.close()
 
@@ -227,6 +274,33 @@ def fetch_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
         return rel.to_arrow_table()
     except duckdb.Error as exc:
         raise TracekitError(f"query failed: {_first_line(exc)}") from None
+
+
+@contextmanager
+def time_limit(con: duckdb.DuckDBPyConnection, seconds: float | None):
+    """Interrupt whatever ``con`` executes inside the block once ``seconds`` have passed (``None``/0: no limit)."""
+    if not seconds:
+        yield
+        return
+    timer = threading.Timer(float(seconds), con.interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except TracekitError as exc:
+        if not timer.is_alive() and "interrupt" in str(exc).lower():
+            raise TracekitError(f"the query ran longer than --timeout {seconds:g} s and was stopped; narrow it "
+                                "(e.g. WHERE layer = ...) or raise --timeout") from None
+        raise
+    finally:
+        timer.cancel()
+
+
+def fetch_limited(con: duckdb.DuckDBPyConnection, sql: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+                  params: dict | list | None = None) -> pa.Table:
+    """Check, run and fetch one read-only query as an Arrow table, stopped after ``timeout`` seconds."""
+    with time_limit(con, timeout):
+        return fetch_arrow(run_sql(con, sql, params))
 
 
 def fetch_numpy(rel: duckdb.DuckDBPyRelation) -> dict:

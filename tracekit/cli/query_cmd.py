@@ -17,6 +17,13 @@ from . import app
 
 FORMATS = ("table", "csv", "json", "parquet")
 
+# Shared by `query` and `sql`: bounds on one statement (see tracekit.query.fetch_limited and connect).
+TIMEOUT_OPTION = typer.Option(
+    600.0, "--timeout", min=0.0, help="Stop a statement after this many seconds (0 = no limit).")
+MEMORY_LIMIT_OPTION = typer.Option(
+    "4GB", "--memory-limit", help="DuckDB memory limit, e.g. 512MB or 8GB; larger intermediates spill to a private "
+    "temporary folder that is removed afterwards.")
+
 
 def _fmt(v) -> str:
     if v is None:
@@ -103,16 +110,18 @@ def query_cmd(
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the result to this file."),
     max_rows: int = typer.Option(200, "--max-rows", help="Rows shown by --format table."),
+    timeout: float = TIMEOUT_OPTION,
+    memory_limit: str = MEMORY_LIMIT_OPTION,
 ) -> None:
     """Run one read-only SQL query over the views routes, choices, requests, runs, loads."""
-    from ..query import connect, fetch_arrow, run_sql
+    from ..query import connect, fetch_limited
 
     if len(args) < 2:
         raise TracekitError('give one or more run directories and then the SQL, e.g. tracekit query RUN "SELECT * FROM requests"')
     *runs, sql = args
-    con = connect(runs)
+    con = connect(runs, memory_limit=memory_limit)
     try:
-        emit(fetch_arrow(run_sql(con, sql)), fmt, out, max_rows)
+        emit(fetch_limited(con, sql, timeout=timeout), fmt, out, max_rows)
     finally:
         con.close()
 
@@ -121,11 +130,13 @@ def query_cmd(
 def sql_cmd(
     runs: List[str] = typer.Argument(..., help="Run directories (or globs)."),
     max_rows: int = typer.Option(200, "--max-rows", help="Rows shown per result."),
+    timeout: float = TIMEOUT_OPTION,
+    memory_limit: str = MEMORY_LIMIT_OPTION,
 ) -> None:
     """Interactive SQL shell over the same views (reads statements ending in ';' from stdin; piping works)."""
-    from ..query import VIEWS, connect, fetch_arrow, run_sql
+    from ..query import VIEWS, connect, fetch_limited
 
-    con = connect(runs)
+    con = connect(runs, memory_limit=memory_limit)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"tracekit sql: views {', '.join(VIEWS)}; end statements with ';'; .tables, .schema VIEW, .quit")
@@ -135,7 +146,7 @@ def sql_cmd(
     def run(text: str) -> None:
         nonlocal failed
         try:
-            emit(fetch_arrow(run_sql(con, text)), "table", None, max_rows)
+            emit(fetch_limited(con, text, timeout=timeout), "table", None, max_rows)
         except TracekitError as exc:
             failed += 1
             print(f"error: {exc}", file=sys.stderr)

@@ -1,6 +1,7 @@
--- loads: counts of runs of kind "loads" as stored ({files}), plus the counts derived from routes runs.
+-- loads: counts of runs of kind "loads" as stored (`loads_files`: their Parquet chunks as one read-only Arrow
+-- dataset), plus the counts derived from routes runs.
 CREATE VIEW loads AS
 SELECT run_id, model, dataset, domain, phase, "window", layer, expert, count
-FROM read_parquet({files}, union_by_name = true)
+FROM loads_files
 UNION ALL
 SELECT * FROM loads_derived;
