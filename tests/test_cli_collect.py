@@ -19,11 +19,11 @@ def run_cli(args, capsys):
     return exc.value.code, cap.out, cap.err
 
 
-def test_collect_info_end_to_end(tmp_path, shared_data, capsys):
+def test_collect_info_end_to_end(tmp_path, prompt_data, capsys):
     out = tmp_path / "run"
     code, stdout, _ = run_cli(
         ["collect", "--model", "tiny-llama4", "--dataset", "mt-bench", "--data-file",
-         str(shared_data / "prompts" / "mt_bench_questions.jsonl"), "--limit", "4", "--max-new-tokens", "6",
+         str(prompt_data / "mt_bench_questions.jsonl"), "--limit", "4", "--max-new-tokens", "6",
          "--batch-size", "2", "--out", str(out), "--no-progress"], capsys)
     assert code == 0
     assert "complete" in stdout and "rows (token x layer)" in stdout
@@ -36,7 +36,7 @@ def test_collect_info_end_to_end(tmp_path, shared_data, capsys):
     t = m["totals"]["routes"]
     assert rows == t["rows"] == 2 * (t["prompt_tokens"] + t["generated_tokens"]) and reqs == 4 and domains == ["chat"]
     pids = {r[0] for r in con.execute(f"select distinct prompt_id from '{out}/routes/*.parquet'").fetchall()}
-    source_ids = {str(json.loads(line)["question_id"]) for line in open(shared_data / "prompts" / "mt_bench_questions.jsonl")}
+    source_ids = {str(json.loads(line)["question_id"]) for line in open(prompt_data / "mt_bench_questions.jsonl")}
     assert pids <= source_ids and len(pids) == 4
 
     code, stdout, _ = run_cli(["info", str(out)], capsys)
@@ -55,11 +55,11 @@ def _write(path, lines):
     ["unknown-model", "unknown-dataset", "missing-file", "malformed", "missing-field", "too-long", "limit-0",
      "other-model", "weights-offline"],
 )
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, shared_data, capsys, monkeypatch, case):
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, prompt_data, capsys, monkeypatch, case):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never start a real download, even on a machine with network
     out = tmp_path / "run"
     base = ["collect", "--out", str(out), "--no-progress", "--max-new-tokens", "2"]
-    gsm = str(shared_data / "prompts" / "gsm8k_test.jsonl")
+    gsm = str(prompt_data / "gsm8k_test.jsonl")
     args = {
         "unknown-model": ["--model", "no-such-model"],
         "unknown-dataset": ["--dataset", "no-such-set"],

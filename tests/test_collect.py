@@ -25,8 +25,8 @@ def loaded(request):
 
 
 @pytest.fixture(scope="module")
-def gsm8k(shared_data):
-    return load_prompts(get_dataset("gsm8k"), data_file=shared_data / "prompts" / "gsm8k_test.jsonl", limit=5, seed=3)
+def gsm8k(prompt_data):
+    return load_prompts(get_dataset("gsm8k"), data_file=prompt_data / "gsm8k_test.jsonl", limit=5, seed=3)
 
 
 def _rows_by_request(rows):
@@ -114,9 +114,9 @@ def _read(run_dir: Path):
     ).to_arrow_table()
 
 
-def test_run_directory_schema_and_manifest(tmp_path, shared_data):
+def test_run_directory_schema_and_manifest(tmp_path, prompt_data):
     out = tmp_path / "run"
-    res = collect(CollectOptions(model="tiny-deepseek-v3", dataset="mbpp", data_file=shared_data / "prompts" / "mbpp.jsonl",
+    res = collect(CollectOptions(model="tiny-deepseek-v3", dataset="mbpp", data_file=prompt_data / "mbpp.jsonl",
                                  limit=4, max_new_tokens=4, batch_size=2, chunk_requests=2, out=out))
     assert res.complete
     m = json.loads((out / "manifest.json").read_text())
@@ -141,7 +141,7 @@ def test_run_directory_schema_and_manifest(tmp_path, shared_data):
     assert dup == 0
 
 
-def test_resume_after_interrupt_equals_uninterrupted(tmp_path, shared_data):
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
     common = dict(model="tiny-qwen3-moe", dataset="humaneval", limit=6, max_new_tokens=3, batch_size=2, chunk_requests=2)
     full = collect(CollectOptions(out=tmp_path / "full", **common))
     part_dir = tmp_path / "part"

@@ -10,6 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .analysis.coactivation import TOP1_NOTE
 from .analysis.run import analyze
 from .errors import TracekitError
 from .query import connect, resolve_runs
@@ -24,45 +25,96 @@ def _figure():
     return plt
 
 
+# Every figure is at most this wide (inches at DPI): the page is 1200 px wide, so no figure is scaled down and its
+# text shows at the size it was drawn.
+DPI = 110
+MAX_WIDTH_IN = 10.5
+NO_DATA_GREY = "#c8c8c8"
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     _figure().close(fig)
     return buf.getvalue()
 
 
-def _placeholder(title: str, text: str) -> bytes:
+def _placeholder_figure(title: str, text: str):
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 2.2))
     ax.axis("off")
     ax.set_title(title)
     ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
-    return _png(fig)
+    return fig
 
 
-def fig_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str) -> bytes:
-    """load: (L, E) assignments -> heatmap of load / mean load per layer."""
+def _placeholder(title: str, text: str) -> bytes:
+    return _png(_placeholder_figure(title, text))
+
+
+# Round multipliers of a power of ten, coarse levels first: a finer level is used only while the bar has few ticks.
+_TICK_LEVELS = ((1,), (2, 5), (3, 1.5), (1.2, 1.4, 1.6, 1.8, 2.5, 4, 6, 7, 8, 9))
+
+
+def log_ticks(vmin: float, vmax: float, axis_inches: float, min_gap_in: float = 0.28, enough: int = 4) -> list[float]:
+    """Tick values for a log colour bar ``axis_inches`` long: round numbers (powers of ten first, 1 before all,
+    then 2 and 5, ...), none closer than ``min_gap_in`` to another so that their labels never overlap; finer round
+    numbers only while there are fewer than ``enough``."""
+    lv, hv = np.log10(vmin), np.log10(vmax)
+    if hv - lv <= 0:
+        return [vmin]
+    gap = (hv - lv) * min_gap_in / max(axis_inches, 1e-6)  # in decades
+    decades = range(int(np.floor(lv)), int(np.ceil(hv)) + 1)
+    chosen: list[float] = []
+    for i, level in enumerate(_TICK_LEVELS):
+        if len(chosen) >= enough:
+            break
+        # beyond powers of ten, keep ticks spread out: about ``enough`` over the bar, never bunched around 1
+        need = gap if i == 0 else max(gap, (hv - lv) / (enough + 1))
+        cands = sorted({float(f"{m * 10.0 ** d:.6g}") for m in level for d in decades}, key=lambda t: abs(np.log10(t)))
+        for t in cands:
+            if lv <= np.log10(t) <= hv and all(abs(np.log10(t) - np.log10(c)) >= need for c in chosen):
+                chosen.append(t)
+    if len(chosen) < 2:  # a narrow range with at most one round number in it: label its ends (3 digits, inside)
+        for t, r in ((vmin, np.ceil), (vmax, np.floor)):
+            scale = 10.0 ** (np.floor(np.log10(t)) - 2)
+            t = float(f"{r(t / scale) * scale:.3g}")
+            if vmin <= t <= vmax and all(abs(np.log10(t) - np.log10(c)) >= gap for c in chosen):
+                chosen.append(t)
+    return sorted(chosen)
+
+
+def draw_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str):
+    """load: (L, E) assignments -> Figure: heatmap of load / mean load per layer (log colour scale, grey = 0)."""
     plt = _figure()
-    rel = load / np.maximum(load.mean(1, keepdims=True), 1e-12)
-    L, E = rel.shape
-    fig, ax = plt.subplots(figsize=(min(16, 5 + E / 24), min(12, 2.5 + L / 5)))
     from matplotlib.colors import LogNorm
 
+    rel = load / np.maximum(load.mean(1, keepdims=True), 1e-12)
+    L, E = rel.shape
+    height = min(12.0, 2.5 + L / 5)
+    fig, ax = plt.subplots(figsize=(min(MAX_WIDTH_IN, 5 + E / 24), height))
     pos = rel[rel > 0]
     lo = max(float(pos.min()) if pos.size else 0.1, 0.02)  # log scale: skewed layers must not wash out the rest
-    im = ax.imshow(np.clip(rel, lo, None), aspect="auto", cmap="viridis", interpolation="nearest",
-                   norm=LogNorm(vmin=lo, vmax=max(float(rel.max()), lo * 1.01)), extent=(-0.5, E - 0.5, L - 0.5, -0.5))
+    hi = max(float(rel.max()), lo * 1.01)
+    cmap = plt.get_cmap("viridis").with_extremes(bad=NO_DATA_GREY)
+    shown = np.ma.masked_less_equal(np.clip(rel, lo, None) * (rel > 0), 0)  # an expert with no token: grey
+    im = ax.imshow(shown, aspect="auto", cmap=cmap, interpolation="nearest", norm=LogNorm(vmin=lo, vmax=hi),
+                   extent=(-0.5, E - 0.5, L - 0.5, -0.5))
     ax.set_yticks(np.arange(L)[:: max(1, L // 16)])
     ax.set_yticklabels(layers[:: max(1, L // 16)])
     ax.set_xlabel("expert id")
     ax.set_ylabel("MoE layer")
     ax.set_title(f"Expert load per layer ({model}): load / mean load of the layer")
-    cb = fig.colorbar(im, ax=ax, label="load / mean (1 = balanced, log scale)")
-    vmin, vmax = im.norm.vmin, im.norm.vmax
-    ticks = [t for t in (0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 50) if vmin <= t <= vmax]
+    label = "load / mean (1 = balanced, log scale)" + ("\ngrey: no token" if (rel <= 0).any() else "")
+    cb = fig.colorbar(im, ax=ax, label=label)
+    ticks = log_ticks(lo, hi, axis_inches=0.75 * height)
     cb.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
     cb.minorticks_off()
-    return _png(fig)
+    return fig
+
+
+def fig_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str) -> bytes:
+    return _png(draw_load_heatmap(load, layers, model))
 
 
 def fig_imbalance_curve(layers: np.ndarray, curves: dict[str, np.ndarray]) -> bytes:
@@ -80,74 +132,162 @@ def fig_imbalance_curve(layers: np.ndarray, curves: dict[str, np.ndarray]) -> by
     return _png(fig)
 
 
-def fig_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray) -> bytes:
-    """diff: (D, L, E) share in group - overall share."""
+MAX_GROUP_PANELS = 6
+
+
+def panel_grid(n: int, num_experts: int, num_layers: int) -> tuple[int, int, float, float]:
+    """Panels of (layers x experts) heatmaps laid out in a grid whose whole is close to 3:2 and at most
+    MAX_WIDTH_IN wide: returns (rows, cols, panel width, panel height) in inches."""
+    pw, ph = float(np.clip(1.5 + num_experts / 32, 2.5, 8.5)), float(np.clip(1.0 + num_layers / 6, 1.6, 7.0))
+    best = None
+    for cols in range(1, n + 1):
+        rows = -(-n // cols)
+        w = min(pw, (MAX_WIDTH_IN - 1.8) / cols)
+        if w < 2.0 and cols > 1:
+            break
+        h = min(ph, 13.0 / rows)
+        score = abs(np.log((cols * w + 1.8) / (rows * h + 1.0) / 1.5))
+        if best is None or score < best[0]:
+            best = (score, rows, cols, w, h)
+    return best[1], best[2], best[3], best[4]
+
+
+def draw_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray):
+    """diff: (D, L, E) share in group - overall share -> Figure with one panel per group (at most
+    MAX_GROUP_PANELS), in a grid so that the text keeps its size."""
     plt = _figure()
-    D = min(len(groups), 4)
+    D = min(len(groups), MAX_GROUP_PANELS)
     L, E = diff.shape[1:]
     a = np.abs(diff[:D])
     vmax = float(np.nanpercentile(a, 99.5)) if np.isfinite(a).any() else 0.0
     vmax = vmax or 1e-9  # 99.5th percentile: a few outliers must not wash out the rest
-    fig, axes = plt.subplots(1, D, figsize=(min(18, 3 + D * (2 + E / 40)), min(12, 2.5 + L / 5)), squeeze=False,
+    rows, cols, pw, ph = panel_grid(D, E, L)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * pw + 1.8, rows * ph + 1.0), squeeze=False,
                              layout="constrained")  # keeps the figure title clear of the panel titles
-    for d in range(D):
-        ax = axes[0, d]
-        im = ax.imshow(diff[d], aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest",
+    step = max(1, L // max(2, int(ph * 3)))  # about three layer labels per inch
+    for i, ax in enumerate(axes.flat):
+        if i >= D:
+            ax.axis("off")
+            continue
+        im = ax.imshow(diff[i], aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest",
                        extent=(-0.5, E - 0.5, L - 0.5, -0.5))
-        ax.set_title(groups[d])
-        ax.set_xlabel("expert id")
-        if d == 0:
-            ax.set_yticks(np.arange(L)[:: max(1, L // 16)])
-            ax.set_yticklabels(layers[:: max(1, L // 16)])
+        ax.set_title(groups[i])
+        if i // cols == rows - 1 or i + cols >= D:
+            ax.set_xlabel("expert id")
+        if i % cols == 0:
+            ax.set_yticks(np.arange(L)[::step])
+            ax.set_yticklabels(layers[::step])
             ax.set_ylabel("MoE layer")
         else:
             ax.set_yticks([])
-    fig.suptitle("Domain shift: expert share within the group minus share over all requests")
-    fig.colorbar(im, ax=axes[0, :].tolist(), label="share difference\n(red: more popular in the group)")
-    return _png(fig)
+    more = f" (first {D} of {len(groups)} groups)" if len(groups) > D else ""
+    fig.suptitle("Domain shift: expert share within the group minus share over all requests" + more)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="share difference\n(red: more popular in the group)",
+                 shrink=min(1.0, 4.0 / (rows * ph)))
+    return fig
 
 
-def fig_correlation(real: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> bytes:
+def fig_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray) -> bytes:
+    return _png(draw_domain_shift(diff, groups, layers))
+
+
+def correlation_range(*samples: np.ndarray) -> tuple[float, float]:
+    """The x range of the correlation histograms: every finite value of every sample (own decode and the shuffled
+    baseline) with a 10% margin, within [-1, 1]; at least 0.2 wide."""
+    vals = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1) for s in samples] or [np.zeros(0)])
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return -1.0, 1.0
+    lo, hi = float(vals.min()), float(vals.max())
+    pad = max(0.1 * (hi - lo), 0.1 - (hi - lo) / 2, 0.02)
+    return max(-1.0, lo - pad), min(1.0, hi + pad)
+
+
+def draw_correlation(real: dict[str, np.ndarray], base: dict[str, np.ndarray]):
+    """real/base: {"spearman"|"pearson": (R, L) correlations} -> Figure: histograms on an axis fitted to the data."""
     plt = _figure()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    bins = np.linspace(-1, 1, 41)
+    fig, axes = plt.subplots(1, 2, figsize=(MAX_WIDTH_IN, 4))
+    lo, hi = correlation_range(*real.values(), *base.values())
+    bins = np.linspace(lo, hi, 31)
     for ax, name in zip(axes, ("spearman", "pearson")):
         r, b = real[name].reshape(-1), base[name].reshape(-1)
         r, b = r[np.isfinite(r)], b[np.isfinite(b)]
         ax.hist(r, bins=bins, alpha=0.6, label=f"own decode (mean {r.mean():.2f})" if len(r) else "own decode", color="C0")
-        ax.hist(b, bins=bins, alpha=0.6, label=f"another request's decode (mean {b.mean():.2f})" if len(b) else "shuffled", color="C1")
-        ax.set_xlabel(f"{name.capitalize()} correlation of prefill and decode expert histograms")
+        ax.hist(b, bins=bins, alpha=0.6, label=f"another request's decode (mean {b.mean():.2f})" if len(b) else "shuffled",
+                color="C1")
+        for x, c in ((r, "C0"), (b, "C1")):
+            if len(x):
+                ax.axvline(float(x.mean()), color=c, ls="--", lw=1.2)
+        ax.set_xlim(lo, hi)
+        ax.yaxis.get_major_locator().set_params(integer=True)  # counts
+        ax.set_xlabel(f"{name.capitalize()} correlation,\nprefill vs decode expert histogram")
         ax.set_ylabel("(request, layer) pairs")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("Prefill-decode correlation per request and layer vs a shuffled baseline")
-    return _png(fig)
+    fig.suptitle("Prefill-decode correlation per request and layer vs a shuffled baseline (dashed: means)")
+    return fig
 
 
-def fig_coactivation(pairs: np.ndarray, layer: int, trans: np.ndarray | None, next_layer: int | None) -> bytes:
+def fig_correlation(real: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> bytes:
+    return _png(draw_correlation(real, base))
+
+
+def draw_coactivation(pairs: np.ndarray | None, layer: int, trans: np.ndarray | None, next_layer: int | None):
+    """pairs: (E, E) pair counts of ``layer`` (None for top-1 routing, where there are no pairs); trans: (E, E)
+    transitions ``layer`` -> ``next_layer`` or None -> Figure with one panel for each that is given."""
     plt = _figure()
-    fig, axes = plt.subplots(1, 2 if trans is not None else 1, figsize=(13 if trans is not None else 7, 5.5), squeeze=False)
     from matplotlib.colors import LogNorm
 
-    share = pairs / max(pairs.sum() / 2, 1)
-    pos = share[share > 0]
-    im = axes[0, 0].imshow(np.where(share > 0, share, np.nan), cmap="magma", interpolation="nearest",
-                           norm=LogNorm(vmin=pos.min(), vmax=pos.max()) if pos.size else None)
-    axes[0, 0].set_title(f"Co-activation in layer {layer}: share of expert pairs\n(diagonal blank: an expert is not paired with itself)", fontsize=10)
-    axes[0, 0].set_xlabel("expert")
-    axes[0, 0].set_ylabel("expert")
-    fig.colorbar(im, ax=axes[0, 0], label="tokens choosing both / all pairs (log)")
+    panels = [p for p in (pairs, trans) if p is not None]
+    if not panels:
+        return _placeholder_figure(f"Co-activation, layer {layer}", f"{TOP1_NOTE}; layer {layer} is the last MoE layer")
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(MAX_WIDTH_IN if len(panels) > 1 else 6, 5.0),
+                             squeeze=False, layout="constrained")
+    col = 0
+    if pairs is not None:
+        ax = axes[0, col]
+        col += 1
+        share = pairs / max(pairs.sum() / 2, 1)
+        pos = share[share > 0]
+        # log scale on a sequential map with neither end white or grey; a pair no token chose is grey, so zero
+        # never looks like the maximum (nor like the minimum)
+        cmap = plt.get_cmap("viridis").with_extremes(bad=NO_DATA_GREY)
+        im = ax.imshow(np.ma.masked_less_equal(share, 0), cmap=cmap, interpolation="nearest",
+                       norm=LogNorm(vmin=pos.min(), vmax=max(pos.max(), pos.min() * 1.01)) if pos.size else None)
+        ax.set_title(f"Co-activation in layer {layer}: share of expert pairs\n"
+                     "(grey: no token chose the pair, as on the diagonal)", fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("expert")
+        fig.colorbar(im, ax=ax, label="tokens choosing both / all pairs (log)", shrink=0.85)
     if trans is not None:
+        ax = axes[0, col]
         with np.errstate(invalid="ignore", divide="ignore"):
             cond = trans / trans.sum(1, keepdims=True)
             lift = cond / (trans.sum(0) / max(trans.sum(), 1))[None, :]
-        lift = np.clip(np.where(np.isfinite(lift) & (lift > 0), lift, np.nan), 0.1, 10)
-        im2 = axes[0, 1].imshow(lift, cmap="RdBu_r", interpolation="nearest", norm=LogNorm(vmin=0.1, vmax=10))
-        axes[0, 1].set_title(f"Inter-layer affinity, same token, layer {layer} -> {next_layer}", fontsize=10)
-        axes[0, 1].set_xlabel(f"expert at layer {next_layer}")
-        axes[0, 1].set_ylabel(f"expert at layer {layer}")
-        fig.colorbar(im2, ax=axes[0, 1], label="P(next | expert) / P(next)  (1 = independent, log)")
-    return _png(fig)
+        # grey: no token took the path (with few tokens most paths; white would read as "independent")
+        lift = np.ma.masked_where(trans == 0, np.clip(lift, 0.1, 10))
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad=NO_DATA_GREY)
+        im2 = ax.imshow(lift, cmap=cmap, interpolation="nearest", norm=LogNorm(vmin=0.1, vmax=10))
+        ax.set_title(f"Inter-layer affinity, same token, layer {layer} -> {next_layer}\n"
+                     "(grey: no token took the path)", fontsize=9)
+        ax.set_xlabel(f"expert at layer {next_layer}")
+        ax.set_ylabel(f"expert at layer {layer}")
+        fig.colorbar(im2, ax=ax, label="P(next | expert) / P(next), log\n(1 = independent, clipped to 0.1..10)",
+                     extend="both", shrink=0.85)
+    return fig
+
+
+def fig_coactivation(pairs: np.ndarray | None, layer: int, trans: np.ndarray | None, next_layer: int | None) -> bytes:
+    return _png(draw_coactivation(pairs, layer, trans, next_layer))
+
+
+def run_label(path: Path, base: Path) -> str:
+    """How the page names a run: its path relative to the page's folder when it lies below it, else its folder
+    name (never an absolute path: the page is meant to be shared)."""
+    try:
+        return Path(path).resolve().relative_to(Path(base).resolve()).as_posix()
+    except ValueError:
+        return Path(path).resolve().name
 
 
 def _html_table(table, max_rows: int = 20) -> str:
@@ -173,7 +313,7 @@ def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike
         geo = geometry(con)
         layers = geo.layers
         if layer is None:
-            layer = int(layers[len(layers) // 2])
+            layer = int(layers[(len(layers) - 1) // 2])  # the middle one, never the last when there are two
         elif layer not in layers.tolist():
             raise TracekitError(f"--layer {layer} is not a MoE layer of these traces ({layers[0]}..{layers[-1]})")
         res = analyze(con, by=by, layer=layer, seed=seed)
@@ -202,8 +342,10 @@ def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike
                      _placeholder("Prefill-decode correlation", "; ".join(cor.notes))))
     trans = coa.arrays.get("transitions", {})
     (tkey, tmat) = next(iter(trans.items())) if trans else ((layer, None), None)
+    pairs = coa.arrays["pairs"].get(layer)  # None for top-1 routing: co-activation does not apply
     figs.append(("coactivation", f"Co-activation, layer {layer}",
-                 fig_coactivation(coa.arrays["pairs"][layer], layer, tmat, tkey[1] if tmat is not None else None)))
+                 fig_coactivation(pairs, layer, tmat, tkey[1] if tmat is not None else None)))
+    captions = {"coactivation": TOP1_NOTE} if pairs is None else {}
 
     if png_dir is not None:
         png_dir = Path(png_dir)
@@ -216,11 +358,14 @@ def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike
              "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;font-size:12px;margin:0.5em 0 1.5em}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f3f3f3}</style></head><body>",
              f"<h1>tracekit report: {html.escape(model)}</h1>",
-             f"<p>Runs: {html.escape(', '.join(str(r.path) for r in opened))}; MoE layers {layers[0]}..{layers[-1]}, "
+             f"<p>Runs: {html.escape(', '.join(run_label(r.path, out_html.parent) for r in opened))}; "
+             f"MoE layers {layers[0]}..{layers[-1]}, "
              f"E={geo.num_experts}, top-{geo.top_k}.</p>"]
     for name, title, data in figs:
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' id='fig-{name}' src='data:image/png;base64,"
                      f"{base64.b64encode(data).decode()}'/>")
+        if name in captions:
+            parts.append(f"<p class='na'>{html.escape(captions[name])}</p>")
     parts.append("<h2>Summary tables</h2>")
     for r in res.values():
         for title, table in r.summaries.items():

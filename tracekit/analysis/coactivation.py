@@ -11,6 +11,11 @@ from .data import Geometry, geometry
 from .result import AnalysisResult
 
 
+TOP1_NOTE = "co-activation: not applicable to top-1 routing (one expert per token)"
+PAIRS_SCHEMA = pa.schema([("layer", pa.int64()), ("expert_a", pa.int64()), ("expert_b", pa.int64()),
+                          ("count", pa.int64()), ("lift", pa.float64())])
+
+
 def experts_matrix(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """An Arrow list column of expert ids, all of length k -> (N, k) int64 array (no Python loop)."""
     if isinstance(col, pa.ChunkedArray):
@@ -123,8 +128,9 @@ def analyze_coactivation(con: duckdb.DuckDBPyConnection, layer: int | None = Non
     layers = geo.layers.tolist()
     if layer is not None and layer not in layers:
         raise TracekitError(f"layer {layer} is not a MoE layer of these traces; MoE layers: {layers[0]}..{layers[-1]}")
-    pairs = layer_pair_counts(con, geo, None if layer is None else [layer])
     E, k = geo.num_experts, geo.top_k
+    # top-1: a token never uses two experts of a layer, so co-activation is undefined (not zero): no pass, no rows
+    pairs = layer_pair_counts(con, geo, None if layer is None else [layer]) if k > 1 else {}
     iu = np.triu_indices(E, 1)
     rows = {c: [] for c in ("layer", "expert_a", "expert_b", "count", "lift")}
     summ = {c: [] for c in ("layer", "tokens", "top_pair", "top_pair_tokens", "top_pair_share", "max_lift")}
@@ -144,8 +150,11 @@ def analyze_coactivation(con: duckdb.DuckDBPyConnection, layer: int | None = Non
         summ["top_pair_tokens"].append(int(m[iu][t]))
         summ["top_pair_share"].append(float(m[iu][t] / tokens) if tokens else float("nan"))
         summ["max_lift"].append(float(np.nanmax(lf[iu])) if tokens else float("nan"))
-    res.tables["pairs"] = pa.table(rows)
-    res.summaries["co-activation within a layer"] = pa.table(summ)
+    res.tables["pairs"] = pa.table(rows, schema=PAIRS_SCHEMA)
+    if pairs:
+        res.summaries["co-activation within a layer"] = pa.table(summ)
+    else:
+        res.notes.append(TOP1_NOTE)
     res.arrays["pairs"] = pairs
 
     aff_rows = {c: [] for c in ("layer", "next_layer", "expert", "next_expert", "count", "probability")}
