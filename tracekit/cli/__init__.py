@@ -5,11 +5,36 @@ Each command group lives in its own module and registers itself on ``app``; ``ma
 """
 from __future__ import annotations
 
+import re
 import sys
 
 import typer
 
 from ..errors import TracekitError
+
+
+
+def _plain_flags_in_help() -> None:
+    """Typer's rich help prints ``<bool>`` in the type column of every flag (``--sample/--greedy``, ``--force``,
+    even ``--help``), as if it took a value. A flag takes none: show nothing there."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # another typer layout: keep its help as it is
+        return
+    original = TyperOption.display_type_rich
+    if getattr(original, "_tracekit_plain_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return original(self, ctx)
+
+    display_type_rich._tracekit_plain_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_plain_flags_in_help()
 
 app = typer.Typer(
     name="tracekit",
@@ -70,6 +95,11 @@ def usage_message(exc: BaseException) -> str:
         hint = (" (text that starts with '-' is read as an option: to pass SQL that starts with a comment, put -- "
                 f"before the arguments, e.g. {command} -- RUN '-- note\\nSELECT ...')")
         msg = f"No such option: {one_line(option)[:40]}"
+    msg = msg.replace("Value error, ", "")  # pydantic's prefix on typer's choice errors
+    choice = re.fullmatch(r"Invalid value for '(--[\w-]+)'[^:]*: '(.*)' is not one of (.*?)\.?", one_line(msg))
+    if choice:  # "unknown strategy 'magic' (--strategy); choose one of linear, round-robin, ..."
+        opt, value, choices = choice.groups()
+        msg = f"unknown {opt[2:].replace('-', ' ')} {value!r} ({opt}); choose one of {choices.replace(chr(39), '')}"
     return one_line(f"{command}: {msg}{hint}")
 
 
@@ -82,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI: every user mistake (TracekitError, a usage error, an OS refusal such as a full disk or a
     permission) ends as one ``error: ...`` line on stderr and exit 2; Ctrl-C as one line and exit 130."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="tracekit", standalone_mode=False)
     except TracekitError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
