@@ -90,8 +90,8 @@ def usage_message(exc: BaseException) -> str:
     hint = f" (see {command} --help)"
     if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed; name what is missing
         return f"{command}: give a command (listed by {command} --help)"
-    if option and option.startswith("-") and (any(c.isspace() for c in option) or option.startswith("--")
-                                              and command.split()[-1] in ("query", "sql")):
+    if type(exc).__name__ == "NoSuchOption" and option and (any(c.isspace() for c in option)
+                                                            or command.split()[-1] in ("query", "sql")):
         hint = (" (text that starts with '-' is read as an option: to pass SQL that starts with a comment, put -- "
                 f"before the arguments, e.g. {command} -- RUN '-- note\\nSELECT ...')")
         msg = f"No such option: {one_line(option)[:40]}"
