@@ -106,12 +106,20 @@ def world(tmp_path_factory) -> dict[str, str]:
     (b / "trt" / "meta_info.json").write_text('{"num_experts": "many"}')
     (b / "routed.jsonl").write_text('{"text": "hi", "meta_info": {"routed_experts": "abc"}}\n')
     (b / "slotmap.json").write_text('{"physical_to_logical_map": "x"}')
+    (b / "prompt_list.jsonl").write_text('{"question": [1, 2, 3]}\n')
+    (b / "prompt_array.jsonl").write_text('[1, 2, 3]\n')
+    (b / "fake.parquet").write_bytes(b"PAR1 not really")
+    (b / "routed_nan.jsonl").write_text('{"text": "hi", "meta_info": {"routed_experts": [[[NaN, 1]]]}}\n')
+    (b / "routed_huge.jsonl").write_text(json.dumps({"text": "hi", "meta_info": {
+        "routed_experts": [[[2**40, 1]] * 32]}}) + "\n")
 
     paths = {"B": b, "RUN": run, "PL": pl, "AFILE": b / "afile.txt", "EXISTING": b / "existing.csv",
              "ADIR": b / "adir", "EMPTY": b / "empty", "MISSING": b / "missing", "BADJSONL": b / "bad.jsonl",
              "EMPTYJSONL": b / "empty.jsonl", "LISTFIELD": b / "listfield.jsonl", "GARBAGEPT": b / "garbage.pt",
              "NOTJSON": b / "notjson.json", "TRT": b / "trt", "ROUTED": b / "routed.jsonl",
-             "SLOTMAP": b / "slotmap.json"}
+             "SLOTMAP": b / "slotmap.json", "PROMPTLIST": b / "prompt_list.jsonl",
+             "PROMPTARRAY": b / "prompt_array.jsonl", "FAKEPARQUET": b / "fake.parquet",
+             "ROUTEDNAN": b / "routed_nan.jsonl", "ROUTEDHUGE": b / "routed_huge.jsonl"}
 
     manifests = {
         "RUN_GEOSTR": lambda m: _set(m, "geometry", "mixtral"),
@@ -217,7 +225,11 @@ CASES: list[Case] = [
     C("collect-model", "collect --out $B/new --model no-such-model", "unknown model"),
     C("collect-dataset", "collect --out $B/new --dataset no-such-set", "unknown dataset"),
     C("collect-data-file-missing", "collect --out $B/new --dataset gsm8k --data-file $MISSING", "no such file"),
-    C("collect-data-file-dir", "collect --out $B/new --dataset gsm8k --data-file $ADIR"),
+    C("collect-data-file-dir", "collect --out $B/new --dataset gsm8k --data-file $ADIR", "is a folder"),
+    C("collect-data-file-list-field", "collect --out $B/new --dataset gsm8k --data-file $PROMPTLIST", "not text"),
+    C("collect-data-file-not-object", "collect --out $B/new --dataset gsm8k --data-file $PROMPTARRAY"),
+    C("collect-data-file-ext", "collect --out $B/new --dataset gsm8k --data-file $AFILE", "extension"),
+    C("collect-data-file-parquet", "collect --out $B/new --dataset gsm8k --data-file $FAKEPARQUET", "Parquet"),
     C("collect-data-file-bad", "collect --out $B/new --dataset gsm8k --data-file $BADJSONL"),
     C("collect-out-file", "collect --out $AFILE --limit 1", "is a file"),
     C("collect-out-under-file", "collect --out $AFILE/run --limit 1"),
@@ -266,25 +278,27 @@ CASES: list[Case] = [
     C("jsonl-field-map", "import jsonl $LISTFIELD --model m --out $B/new --field-map nonsense"),
     C("jsonl-dir-as-file", "import jsonl $ADIR --model m --out $B/new"),
     # --- import engine formats
-    *[C(f"{fmt}-no-sources", f"import {fmt} --out $B/new --model tiny-mixtral", "Missing argument")
+    *[C(f"{fmt}-no-sources", f"import {fmt} --out $B/new --model mixtral-8x7b", "Missing argument")
       for fmt in ("sglang-per-token", "sglang-stat", "routed-experts", "trtllm-stats")],
-    *[C(f"{fmt}-missing", f"import {fmt} $MISSING --out $B/new --model tiny-mixtral", "no such file")
+    *[C(f"{fmt}-missing", f"import {fmt} $MISSING --out $B/new --model mixtral-8x7b", "no such file")
       for fmt in ("sglang-per-token", "sglang-stat", "routed-experts", "trtllm-stats")],
     *[C(f"{fmt}-experts-neg", f"import {fmt} $GARBAGEPT --out $B/new --num-experts -1", "--num-experts")
       for fmt in ("sglang-per-token", "sglang-stat", "routed-experts", "trtllm-stats")],
-    *[C(f"{fmt}-out-run", f"import {fmt} $GARBAGEPT --out $RUN --model tiny-mixtral")
+    *[C(f"{fmt}-out-run", f"import {fmt} $GARBAGEPT --out $RUN --model mixtral-8x7b")
       for fmt in ("sglang-per-token", "sglang-stat", "routed-experts", "trtllm-stats")],
     *[C(f"{fmt}-bad-model", f"import {fmt} $GARBAGEPT --out $B/new --model no-such-model")
       for fmt in ("sglang-per-token", "sglang-stat", "routed-experts", "trtllm-stats")],
-    C("sglang-per-token-garbage", "import sglang-per-token $GARBAGEPT --out $B/new --model tiny-mixtral"),
-    C("sglang-stat-garbage", "import sglang-stat $GARBAGEPT --out $B/new --model tiny-mixtral"),
-    C("sglang-stat-slot-map", "import sglang-stat $GARBAGEPT --out $B/new --model tiny-mixtral --slot-map $SLOTMAP",
+    C("sglang-per-token-garbage", "import sglang-per-token $GARBAGEPT --out $B/new --model mixtral-8x7b"),
+    C("sglang-stat-garbage", "import sglang-stat $GARBAGEPT --out $B/new --model mixtral-8x7b"),
+    C("sglang-stat-slot-map", "import sglang-stat $GARBAGEPT --out $B/new --model mixtral-8x7b --slot-map $SLOTMAP",
       "--slot-map"),
-    C("routed-experts-bad", "import routed-experts $ROUTED --out $B/new --model tiny-mixtral"),
+    C("routed-experts-bad", "import routed-experts $ROUTED --out $B/new --model mixtral-8x7b"),
     C("routed-experts-slot-map-missing",
-      "import routed-experts $ROUTED --out $B/new --model tiny-mixtral --slot-map $MISSING", "--slot-map"),
-    C("routed-experts-slot-map-bad", "import routed-experts $ROUTED --out $B/new --model tiny-mixtral --slot-map $SLOTMAP"),
-    C("trtllm-bad-meta", "import trtllm-stats $TRT --out $B/new --model tiny-mixtral"),
+      "import routed-experts $ROUTED --out $B/new --model mixtral-8x7b --slot-map $MISSING", "--slot-map"),
+    C("routed-experts-slot-map-bad", "import routed-experts $ROUTED --out $B/new --model mixtral-8x7b --slot-map $SLOTMAP"),
+    C("routed-experts-nan", "import routed-experts $ROUTEDNAN --out $B/new --model mixtral-8x7b"),
+    C("routed-experts-huge-id", "import routed-experts $ROUTEDHUGE --out $B/new --model mixtral-8x7b"),
+    C("trtllm-bad-meta", "import trtllm-stats $TRT --out $B/new --model mixtral-8x7b"),
     C("import-moe-layers-garbage", "import sglang-stat $GARBAGEPT --out $B/new --num-experts 8 --top-k 2 "
       "--moe-layers x-y --num-layers 4"),
     C("import-topk-0", "import routed-experts $ROUTED --out $B/new --top-k 0", "--top-k"),
