@@ -109,8 +109,8 @@ def world(tmp_path_factory) -> dict[str, str]:
     (b / "prompt_list.jsonl").write_text('{"question": [1, 2, 3]}\n')
     (b / "prompt_array.jsonl").write_text('[1, 2, 3]\n')
     (b / "fake.parquet").write_bytes(b"PAR1 not really")
-    (b / "routed_nan.jsonl").write_text('{"text": "hi", "meta_info": {"routed_experts": [[[NaN, 1]]]}}\n')
-    (b / "routed_huge.jsonl").write_text(json.dumps({"text": "hi", "meta_info": {
+    (b / "routed_nan.jsonl").write_text('{"text": "hi", "meta_info": {"prompt_tokens": 1, "completion_tokens": 0, "routed_experts": [[[NaN, 1]]]}}\n')
+    (b / "routed_huge.jsonl").write_text(json.dumps({"text": "hi", "meta_info": {"prompt_tokens": 1, "completion_tokens": 0,
         "routed_experts": [[[2**40, 1]] * 32]}}) + "\n")
 
     paths = {"B": b, "RUN": run, "PL": pl, "AFILE": b / "afile.txt", "EXISTING": b / "existing.csv",
@@ -220,6 +220,11 @@ CASES: list[Case] = [
     C("collect-dtype", "collect --out $B/new --dtype int8", "unknown dtype"),
     C("collect-engine", "collect --out $B/new --server http://127.0.0.1:9 --engine tgi", "unknown engine"),
     C("collect-concurrency-0", "collect --out $B/new --server http://127.0.0.1:9 --concurrency 0", "--concurrency"),
+    C("collect-server-not-url", "collect --out $B/new --model mixtral-8x7b --server notaurl --limit 1", "--server"),
+    C("collect-server-ftp", "collect --out $B/new --model mixtral-8x7b --server ftp://x --limit 1", "--server"),
+    C("collect-server-port", "collect --out $B/new --model mixtral-8x7b --server http://x:99999 --limit 1", "--server"),
+    C("collect-server-refused", "collect --out $B/new --model mixtral-8x7b --server http://127.0.0.1:9 --limit 1",
+      "cannot reach"),
     C("collect-device-map-bogus", "collect --out $B/new --device-map potato", "--device-map"),
     C("collect-device-map-cuda99", "collect --out $B/new --device-map cuda:99", "--device-map"),
     C("collect-model", "collect --out $B/new --model no-such-model", "unknown model"),

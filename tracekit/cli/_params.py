@@ -61,3 +61,20 @@ def check_device_map(device_map: str | None) -> None:
         raise TracekitError(f"--device-map {device_map}: no CUDA GPU is visible on this machine; use --device-map cpu")
     if index >= count:
         raise TracekitError(f"--device-map {device_map}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+
+
+def server_url(value: Optional[str]) -> Optional[str]:
+    """Callback: --server is an http(s) URL with a host, e.g. http://10.0.0.5:30000."""
+    if value is None:
+        return value
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r} is not a URL ({exc})", param_hint="'--server'") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise typer.BadParameter(f"{value!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:30000",
+                                 param_hint="'--server'")
+    return value

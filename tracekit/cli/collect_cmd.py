@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import app
-from ._params import MAX_COUNT, MAX_LAYERS, MAX_SEED, check_device_map, positive_float
+from ._params import MAX_COUNT, MAX_LAYERS, MAX_SEED, check_device_map, positive_float, server_url
 
 console = Console(stderr=True)
 out_console = Console()
@@ -60,7 +60,7 @@ def collect(
     temperature: float = typer.Option(1.0, callback=positive_float("--temperature", 100.0),
                                       help="Sampling temperature (with --sample), > 0."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Always decode --max-new-tokens tokens."),
-    server: Optional[str] = typer.Option(None, help="Trace a running SGLang/vLLM server (started with --enable-return-routed-experts) instead of a local model."),
+    server: Optional[str] = typer.Option(None, callback=server_url, help="Trace a running SGLang/vLLM server (started with --enable-return-routed-experts) instead of a local model."),
     engine: Literal["sglang", "vllm"] = typer.Option("sglang", help="With --server: the engine behind it."),
     concurrency: int = typer.Option(8, min=1, max=4096, help="With --server: requests in flight."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
