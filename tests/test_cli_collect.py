@@ -76,7 +76,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, prompt_data, capsys
     expect = {
         "unknown-model": "unknown model", "unknown-dataset": "unknown dataset", "missing-file": "no such file",
         "malformed": "bad.jsonl:2: malformed JSON", "missing-field": "record 0 has no field", "too-long": "exceeds the model's context",
-        "limit-0": "--limit must be at least 1", "other-model": "holds another run", "weights-offline": "unreachable",
+        "limit-0": "Invalid value for '--limit'", "other-model": "holds another run", "weights-offline": "unreachable",
     }[case]
     if case == "other-model":
         code, _, _ = run_cli(["collect", "--out", str(out), "--no-progress", "--max-new-tokens", "2", "--dataset", "gsm8k",

@@ -141,6 +141,7 @@ def test_timeout_stops_a_query_with_one_line(root, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--memory-limit", "lots"], "--memory-limit"),
+    (["--timeout", "-1"], "--timeout"),
 ])
 def test_bad_limits_are_one_line(root, capsys, args, message):
     with pytest.raises(SystemExit) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,8 @@ def get_dataset(name: str) -> DatasetConfig:
 def read_local_records(path: Path) -> list[dict]:
     """Records of a local JSONL / JSONL.gz / Parquet file."""
     path = Path(path)
+    if path.is_dir():
+        raise TracekitError(f"--data-file {path} is a folder; give a JSONL or Parquet file")
     if not path.is_file():
         raise TracekitError(f"--data-file {path}: no such file")
     name = path.name.lower()
@@ -120,14 +123,29 @@ def _hub_records(cfg: DatasetConfig) -> list[dict]:
 
 
 def render(cfg: DatasetConfig, record: dict, index: int, where: str) -> Prompt:
-    try:
-        text = cfg.prompt_template.format(**record)
-    except (KeyError, IndexError, TypeError) as exc:
-        raise TracekitError(
-            f"{where}: record {index} has no field for template {cfg.prompt_template!r} ({exc!s}); "
-            f"fields present: {', '.join(sorted(record))}"
-        ) from None
+    """One prompt from one record. Every field the template names must be text: a list or an object in a prompt
+    field is a wrong field (or a wrong file), not a prompt, so it is refused instead of printed as ``[1, 2, 3]``."""
+    if not isinstance(record, dict):
+        raise TracekitError(f"{where}: record {index} is a {type(record).__name__}, not an object with named fields")
+    formatter = string.Formatter()
+    for _, field, _, _ in formatter.parse(cfg.prompt_template):
+        if field is None:
+            continue
+        try:
+            value, _ = formatter.get_field(field, (), record)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise TracekitError(
+                f"{where}: record {index} has no field for template {cfg.prompt_template!r} ({exc!s}); "
+                f"fields present: {', '.join(sorted(map(str, record)))}"
+            ) from None
+        if not isinstance(value, str):
+            raise TracekitError(f"{where}: record {index}: field {field!r} of template {cfg.prompt_template!r} is "
+                                f"a {type(value).__name__}, not text; check the file or the dataset config")
+    text = cfg.prompt_template.format(**record)
     pid = record.get(cfg.id_field) if cfg.id_field else None
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, (str, int))):
+        raise TracekitError(f"{where}: record {index}: id field {cfg.id_field!r} is a {type(pid).__name__}; "
+                            "ids are text or integers")
     return Prompt(prompt_id=str(pid) if pid is not None else f"{cfg.name}/{index}", text=text, domain=cfg.domain)
 
 

@@ -4,17 +4,30 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from . import app
+from ._params import MAX_COUNT, MAX_LAYERS, MAX_SEED, check_device_map, positive_float, server_url
 
 console = Console(stderr=True)
 out_console = Console()
+
+
+def _escaped_add_row(table: Table):
+    """``table.add_row`` that shows every cell as plain text: rich would read ``[value]`` in a cell as markup and
+    drop it (ShareGPT's template ``{conversations[0]["value"]}`` printed as ``{conversations[0]}``)."""
+    add_row = table.add_row
+
+    def add(*cells, **kwargs):
+        return add_row(*(escape(c) if isinstance(c, str) else c for c in cells), **kwargs)
+
+    return add
 
 
 def _human_bytes(n: float) -> str:
@@ -30,26 +43,27 @@ def collect(
     model: str = typer.Option("tiny-deepseek-v3", "--model", "-m", help="Registry name, hub id or local path."),
     dataset: str = typer.Option("humaneval", "--dataset", "-d", help="Dataset config name (see `tracekit datasets`)."),
     out: Path = typer.Option(Path("traces/run"), "--out", "-o", help="Run directory (created; resumed if it holds the same run)."),
-    limit: Optional[int] = typer.Option(None, help="Sample this many prompts (seeded)."),
-    seed: int = typer.Option(0, help="Sampling seed."),
-    max_new_tokens: int = typer.Option(64, help="Decode tokens recorded per request (fewer if EOS comes first)."),
-    batch_size: int = typer.Option(8, help="Requests per generate() call."),
-    chunk_requests: int = typer.Option(64, help="Requests per Parquet file (the unit of resume)."),
+    limit: Optional[int] = typer.Option(None, min=1, max=MAX_COUNT, help="Sample this many prompts (seeded)."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Sampling seed."),
+    max_new_tokens: int = typer.Option(64, min=0, max=1_000_000, help="Decode tokens recorded per request (fewer if EOS comes first)."),
+    batch_size: int = typer.Option(8, min=1, max=65536, help="Requests per generate() call."),
+    chunk_requests: int = typer.Option(64, min=1, max=MAX_COUNT, help="Requests per Parquet file (the unit of resume)."),
     data_file: Optional[Path] = typer.Option(None, help="Local JSONL/Parquet with the dataset config's fields."),
-    device_map: Optional[str] = typer.Option(None, help="accelerate device_map, e.g. auto, cuda:0, cpu."),
-    dtype: str = typer.Option("auto", help="auto, bfloat16, float16, float32."),
+    device_map: Optional[str] = typer.Option(None, help="accelerate device_map: auto, cpu, cuda, cuda:N (checked before loading)."),
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = typer.Option("auto", help="Weights dtype."),
     max_memory: Optional[str] = typer.Option(None, help="Per-device memory caps, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the checkpoint."),
-    layers: Optional[int] = typer.Option(None, help="Depth of a tiny preset (real checkpoints keep theirs)."),
-    weights: str = typer.Option("float16", help="Gate weights as float16, float32, or none (ids only)."),
+    layers: Optional[int] = typer.Option(None, min=1, max=MAX_LAYERS, help="Depth of a tiny preset (real checkpoints keep theirs)."),
+    weights: Literal["float16", "float32", "none"] = typer.Option("float16", help="Gate weights as float16, float32, or none (ids only)."),
     chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template."),
     do_sample: bool = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (with --sample)."),
-    ignore_eos: bool = typer.Option(False, help="Always decode --max-new-tokens tokens."),
-    server: Optional[str] = typer.Option(None, help="Trace a running SGLang/vLLM server (started with --enable-return-routed-experts) instead of a local model."),
-    engine: str = typer.Option("sglang", help="With --server: sglang or vllm."),
-    concurrency: int = typer.Option(8, help="With --server: requests in flight."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    temperature: float = typer.Option(1.0, callback=positive_float("--temperature", 100.0),
+                                      help="Sampling temperature (with --sample), > 0."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Always decode --max-new-tokens tokens."),
+    server: Optional[str] = typer.Option(None, callback=server_url, help="Trace a running SGLang/vLLM server (started with --enable-return-routed-experts) instead of a local model."),
+    engine: Literal["sglang", "vllm"] = typer.Option("sglang", help="With --server: the engine behind it."),
+    concurrency: int = typer.Option(8, min=1, max=4096, help="With --server: requests in flight."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Trace which experts every token uses, in prefill and every decode step, into Parquet."""
     if server:
@@ -63,10 +77,12 @@ def collect(
                                        temperature=temperature if do_sample else 0.0, progress=progress)
         t = manifest.get("totals", {}).get("routes", {})
         out_console.print(f"run {manifest['run_id']}: {t.get('requests', 0):,} requests, {t.get('rows', 0):,} rows "
-                          f"-> {out}")
+                          f"-> {out}", markup=False, highlight=False)
         return
     from ..collect import CollectOptions
     from ..collect import collect as run_collect
+
+    check_device_map(device_map)
 
     opts = CollectOptions(
         model=model, dataset=dataset, out=out, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
@@ -98,7 +114,7 @@ def collect(
 def _summary(result) -> None:
     m = result.manifest
     t = m.get("totals", {}).get("routes", {})
-    table = Table(title=f"run {m['run_id']}", show_header=True)
+    table = Table(title=escape(f"run {m['run_id']}"), show_header=True)
     table.add_column("")
     table.add_column("this call", justify="right")
     table.add_column("whole run", justify="right")
@@ -110,25 +126,28 @@ def _summary(result) -> None:
     table.add_row("time", f"{result.seconds:.1f} s", "")
     table.add_row("status", "", m.get("status", "?"))
     out_console.print(table)
-    out_console.print(f"run directory: {result.run_dir}")
+    out_console.print(f"run directory: {result.run_dir}", markup=False, highlight=False)
 
 
 @app.command()
 def info(run: Path = typer.Argument(..., help="A run directory."), as_json: bool = typer.Option(False, "--json")) -> None:
     """What a run recorded: model geometry, dataset, requests, tokens, rows, files."""
-    from ..store import open_run, totals
+    from ..manifest_check import check_manifest
+    from ..store import MANIFEST, open_run, totals
 
     r = open_run(run)
+    check_manifest(r.manifest, str(r.path / MANIFEST))
     m = dict(r.manifest)
     m["totals"] = totals(r.path)  # from the files, also for an unfinished run
     if as_json:
         print(json.dumps(m, indent=2, default=str))
         return
     g = m.get("geometry", {})
-    t = Table(title=f"{run}", show_header=False)
+    t = Table(title=escape(str(run)), show_header=False)
     t.add_column("field", style="bold")
     t.add_column("value")
     model = m.get("model", {})
+    t.add_row = _escaped_add_row(t)  # manifest text is user data, never rich markup
     t.add_row("run id", m.get("run_id", ""))
     t.add_row("status", str(m.get("status")))
     t.add_row("source", str(m.get("source")))
@@ -177,6 +196,7 @@ def models() -> None:
     t = Table(title="models")
     for c in ("name", "hub id / source", "layers (MoE)", "E", "k", "routing"):
         t.add_column(c)
+    t.add_row = _escaped_add_row(t)  # layer spans like [1..3] are text, not rich markup
     for spec in REGISTRY.values():
         g = spec.geometry
         if spec.is_tiny:
@@ -200,6 +220,7 @@ def datasets() -> None:
     t = Table(title="datasets")
     for c in ("name", "domain", "hub id", "split", "prompt", "offline"):
         t.add_column(c)
+    t.add_row = _escaped_add_row(t)  # a template like {conversations[0]} is text, not rich markup
     for c in list_datasets():
         t.add_row(c.name, c.domain, c.hub_id or "-", c.split, c.prompt_template,
                   "bundled" if c.bundled else "--data-file")

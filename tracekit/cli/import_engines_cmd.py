@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from ._params import MAX_EXPERTS, MAX_LAYERS
 from .import_cmd import import_app
 
 _MODEL_HELP = ("Registry name (see `tracekit models`) or a geometry like experts=256,top_k=8,moe_layers=3-60,"
@@ -33,23 +34,24 @@ def _run(fmt: str, sources: List[Path], out: Path, model: Optional[str], num_exp
         con.print(f"  note: {note}", highlight=False)
 
 
-def _register(fmt: str, help_text: str, source_help: str) -> None:
+def _register(fmt: str, help_text: str, source_help: str, with_slot_map: bool = False) -> None:
     def command(
         sources: List[Path] = typer.Argument(..., help=source_help),
         model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
         out: Path = typer.Option(..., "--out", help="New run directory to create (must not hold files)."),
-        num_experts: Optional[int] = typer.Option(None, "--num-experts", help="Routed experts per MoE layer."),
-        top_k: Optional[int] = typer.Option(None, "--top-k", help="Experts per token."),
+        num_experts: Optional[int] = typer.Option(None, "--num-experts", min=1, max=MAX_EXPERTS, help="Routed experts per MoE layer."),
+        top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=MAX_EXPERTS, help="Experts per token."),
         moe_layers: Optional[str] = typer.Option(None, "--moe-layers", help="MoE layer indices, e.g. 3-60 or 1-47:2."),
-        num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Decoder layers of the model."),
+        num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, max=MAX_LAYERS, help="Decoder layers of the model."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset label stored in the run."),
         domain: str = typer.Option("unknown", "--domain", help="Task family: code, math, chat, general."),
         slot_map: Optional[Path] = typer.Option(
-            None, "--slot-map", help="routed-experts only: the server's --init-expert-location JSON, to map "
-            "physical slots (redundant experts) back to logical experts."),
+            None, "--slot-map", hidden=not with_slot_map, help="The server's --init-expert-location JSON, to map physical slots (redundant "
+            "experts) back to logical experts."),
     ) -> None:
         _run(fmt, sources, out, model, num_experts, top_k, moe_layers, num_layers, dataset, domain, slot_map)
 
+    # --slot-map shows only where it applies; elsewhere it stays accepted so the importer can say why it is refused
     command.__doc__ = help_text
     import_app.command(fmt)(command)
 
@@ -59,6 +61,6 @@ _register("sglang-per-token", "SGLang expert distribution recorder dumps (per_to
 _register("sglang-stat", "SGLang expert distribution recorder dumps (stat mode) -> loads.",
           "expert_distribution_recorder_*.pt files (logical_count).")
 _register("routed-experts", "SGLang or vLLM responses with routed experts (JSONL) -> routes.",
-          "JSONL files, one /generate or /v1/completions response per line.")
+          "JSONL files, one /generate or /v1/completions response per line.", with_slot_map=True)
 _register("trtllm-stats", "TensorRT-LLM expert statistics (EXPERT_STATISTIC_PATH) -> loads.",
           "EXPERT_STATISTIC_PATH directories holding meta_info.json and rank*.safetensors.")

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
+from ._params import MAX_EXPERTS, MAX_LAYERS
 from .import_cmd import import_app
 
 
@@ -20,13 +21,13 @@ def import_jsonl_cmd(
         "(default experts=experts,weights=gating_probs,request=problem_id,layer=layer,"
         "position=token_idx|token_pos,dataset=dataset).",
     ),
-    phase: str = typer.Option("auto", "--phase", help="decode, prefill or auto (split prompt + step-major decode)."),
-    num_experts: Optional[int] = typer.Option(None, "--num-experts", help="Routed experts per layer (default: max id + 1)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Experts per token (checked against the records)."),
-    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Layers of the model (default: max layer + 1)."),
+    phase: Literal["auto", "decode", "prefill"] = typer.Option("auto", "--phase", help="decode, prefill or auto (split prompt + step-major decode)."),
+    num_experts: Optional[int] = typer.Option(None, "--num-experts", min=1, max=MAX_EXPERTS, help="Routed experts per layer (default: max id + 1)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=MAX_EXPERTS, help="Experts per token (checked against the records)."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, max=MAX_LAYERS, help="Layers of the model (default: max layer + 1)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name for every record (overrides the field)."),
     domain: Optional[str] = typer.Option(None, "--domain", help="Domain for every record (default: from the dataset name)."),
-    weight_dtype: str = typer.Option("float32", "--weight-dtype", help="float16 or float32."),
+    weight_dtype: Literal["float16", "float32"] = typer.Option("float32", "--weight-dtype", help="float16 or float32."),
 ) -> None:
     """Import per-token routing records (JSON Lines) into a tracekit run directory."""
     from rich.console import Console

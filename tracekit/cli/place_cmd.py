@@ -3,32 +3,35 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
+from ..outputs import check_file, distinct
 from . import app
+from ._params import MAX_LAYERS, MAX_SEED, force_option, positive_float
 
 
 @app.command("place")
 def place_cmd(
     runs: List[Path] = typer.Argument(..., help="Run directories (routes; loads runs only for load-only strategies)."),
-    nodes: int = typer.Option(4, "--nodes", help="Nodes in the cluster."),
-    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (EP size = nodes x this)."),
-    redundant: int = typer.Option(32, "--redundant", help="Redundant expert slots per layer (R); E + R must divide by the EP size."),
-    strategy: str = typer.Option("all", "--strategy", help="linear, round-robin, eplb, locality, or all."),
-    grouping: str = typer.Option("none", "--grouping", help="Request grouping: none, domain or signature."),
-    holdout: float = typer.Option(0.3, "--holdout", help="Share of requests held out (split request)."),
-    split: str = typer.Option("request", "--split", help="request (hold out whole requests) or tokens (fit on each request's first half)."),
-    seed: int = typer.Option(0, "--seed"),
-    max_imbalance: float = typer.Option(1.10, "--max-imbalance", help="GPU load bound (max/mean) for locality."),
-    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes (default: geometry, else 7168)."),
-    bytes_per_elem: float = typer.Option(1.0, "--bytes-per-elem", help="1 = FP8 dispatch, 2 = BF16."),
-    microbatch_tokens: int = typer.Option(256, "--microbatch-tokens", help="Decode tokens per micro-batch."),
-    phase: str = typer.Option("all", "--phase", help="Rows to score: all, decode or prefill."),
+    nodes: int = typer.Option(4, "--nodes", min=1, max=65536, help="Nodes in the cluster."),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", min=1, max=1024, help="GPUs per node (EP size = nodes x this)."),
+    redundant: int = typer.Option(32, "--redundant", min=0, max=1_000_000, help="Redundant expert slots per layer (R); E + R must divide by the EP size."),
+    strategy: Literal["linear", "round-robin", "eplb", "locality", "all"] = typer.Option("all", "--strategy", help="Placement strategy."),
+    grouping: Literal["none", "domain", "signature"] = typer.Option("none", "--grouping", help="Request grouping."),
+    holdout: float = typer.Option(0.3, "--holdout", callback=positive_float("--holdout", 0.99), help="Share of requests held out (split request), in (0, 0.99]."),
+    split: Literal["request", "tokens"] = typer.Option("request", "--split", help="request (hold out whole requests) or tokens (fit on each request's first half)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
+    max_imbalance: float = typer.Option(1.10, "--max-imbalance", min=1.0, max=1e6, help="GPU load bound (max/mean) for locality."),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 20, help="Hidden size for bytes (default: geometry, else 7168)."),
+    bytes_per_elem: float = typer.Option(1.0, "--bytes-per-elem", callback=positive_float("--bytes-per-elem", 16.0), help="1 = FP8 dispatch, 2 = BF16."),
+    microbatch_tokens: int = typer.Option(256, "--microbatch-tokens", min=1, max=1 << 24, help="Decode tokens per micro-batch."),
+    phase: Literal["all", "decode", "prefill"] = typer.Option("all", "--phase", help="Rows to score."),
     baseline_grouping: bool = typer.Option(False, "--baseline-grouping", help="Score baselines under the fitted grouping too."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole comparison as JSON."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the chosen strategy's placement (neutral JSON)."),
+    force: bool = force_option("the -o and --json files"),
 ) -> None:
     """Fit placements on a train split, score them on held-out requests, print the table, save the placement."""
     from rich.console import Console
@@ -39,6 +42,10 @@ def place_cmd(
     from ..placement.traces import load_traces
     from ..store import atomic_write_json
 
+    for option, target in (("-o", out), ("--json", json_out)):
+        if target is not None:
+            check_file(target, force=force, option=option)
+    distinct(("-o", out), ("--json", json_out))
     traces = load_traces(runs)
     cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
     eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens}
@@ -73,17 +80,19 @@ def place_cmd(
 @app.command("export")
 def export_cmd(
     placement: Path = typer.Argument(..., help="Placement JSON written by tracekit place -o."),
-    fmt: str = typer.Option(..., "--format", help="sglang, trtllm, vllm, json or grouping."),
+    fmt: Literal["sglang", "trtllm", "vllm", "json", "grouping"] = typer.Option(..., "--format", help="Target format."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (default: beside the placement)."),
-    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Hidden layers of the model (SGLang rows; default from the traces' geometry)."),
+    force: bool = force_option("the output file"),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, max=MAX_LAYERS, help="Hidden layers of the model (SGLang rows; default from the traces' geometry)."),
 ) -> None:
     """Write a placement in a serving engine's format (validated first, written atomically) and print its flags."""
     from rich.console import Console
 
     from ..placement.export import _suffix, export, load_placement
 
-    p = load_placement(placement)
     out = out or placement.with_name(f"{placement.stem}.{fmt}.{_suffix(fmt)}")
+    check_file(out, force=force, option="-o")
+    p = load_placement(placement)
     notes = export(p, fmt, out, num_hidden_layers=num_layers)
     con = Console(width=200, soft_wrap=True)
     con.print(f"wrote {out}")

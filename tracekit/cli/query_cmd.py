@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import pyarrow as pa
 import typer
 
 from ..errors import TracekitError
+from ..outputs import atomic_write, check_file, check_folder, distinct
 from . import app
+from ._params import MAX_LAYERS, MAX_SEED, force_option
 
 FORMATS = ("table", "csv", "json", "parquet")
 
@@ -38,19 +38,20 @@ def _fmt(v) -> str:
 def print_table(table: pa.Table, title: str | None = None, max_rows: int | None = None, console=None) -> None:
     """An Arrow table as an aligned rich table (numbers right-aligned)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
-    t = Table(title=title, title_justify="left", header_style="bold")
+    t = Table(title=escape(title) if title else title, title_justify="left", header_style="bold")
     numeric = []
     for f in table.schema:
         num = pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
         numeric.append(num)
-        t.add_column(f.name, justify="right" if num else "left")
+        t.add_column(escape(f.name), justify="right" if num else "left")
     shown = table if max_rows is None else table.slice(0, max_rows)
     cells = [[_fmt(v) for v in row.values()] for row in shown.to_pylist()]
     for row in cells:
-        t.add_row(*row)
+        t.add_row(*(escape(c) for c in row))  # query results are data, never rich markup
     # wide enough that headers and cells are never truncated (a terminal wraps long lines instead)
     needed = sum(max([len(f.name)] + [len(r[i]) for r in cells]) + 3 for i, f in enumerate(table.schema)) + 1
     Console(width=max(console.width, needed)).print(t)
@@ -58,20 +59,21 @@ def print_table(table: pa.Table, title: str | None = None, max_rows: int | None 
         console.print(f"... {table.num_rows - max_rows} more rows (use --format csv|json|parquet -o FILE for all)")
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def check_emit(fmt: str, out: Optional[Path], force: bool = False) -> None:
+    """Refuse, before the query runs, a format/-o combination or an output path that :func:`emit` cannot write."""
+    if fmt not in FORMATS:
+        raise TracekitError(f"--format {fmt!r} unknown; use one of {', '.join(FORMATS)}")
+    if fmt == "table" and out is not None:
+        raise TracekitError("-o needs --format csv, json or parquet")
+    if fmt == "parquet" and out is None:
+        raise TracekitError("--format parquet needs -o FILE")
+    if out is not None:
+        check_file(out, force=force, option="-o")
 
 
 def emit(table: pa.Table, fmt: str, out: Optional[Path], max_rows: int | None = 200) -> None:
-    """Write a query result: aligned table on the terminal, or csv/json (stdout or file), or parquet (file)."""
+    """Write a query result: aligned table on the terminal, or csv/json (stdout or file), or parquet (file).
+    ``out`` was checked by :func:`check_emit`; files are written atomically."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -85,7 +87,7 @@ def emit(table: pa.Table, fmt: str, out: Optional[Path], max_rows: int | None = 
     if fmt == "parquet":
         if out is None:
             raise TracekitError("--format parquet needs -o FILE")
-        _atomic_write(out, lambda p: pq.write_table(table, p, compression="zstd"))
+        atomic_write(out, lambda p: pq.write_table(table, p, compression="zstd"))
         return
     if fmt == "csv":
         from ..analysis.result import _csv_safe
@@ -95,21 +97,22 @@ def emit(table: pa.Table, fmt: str, out: Optional[Path], max_rows: int | None = 
             pacsv.write_csv(_csv_safe(table), buf)
             sys.stdout.write(buf.getvalue().to_pybytes().decode())
         else:
-            _atomic_write(out, lambda p: pacsv.write_csv(_csv_safe(table), p))
+            atomic_write(out, lambda p: pacsv.write_csv(_csv_safe(table), p))
         return
     text = "\n".join(json.dumps(r, default=str) for r in table.to_pylist()) + ("\n" if table.num_rows else "")
     if out is None:
         sys.stdout.write(text)
     else:
-        _atomic_write(out, lambda p: Path(p).write_text(text))
+        atomic_write(out, lambda p: Path(p).write_text(text))
 
 
 @app.command("query")
 def query_cmd(
     args: List[str] = typer.Argument(..., metavar="RUNS... SQL", help="Run directories (or globs), then one SQL query."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the result to this file."),
-    max_rows: int = typer.Option(200, "--max-rows", help="Rows shown by --format table."),
+    fmt: Literal["table", "csv", "json", "parquet"] = typer.Option("table", "--format", "-f", help="Output format."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the result to this file (not inside a run)."),
+    force: bool = force_option("an existing -o file"),
+    max_rows: int = typer.Option(200, "--max-rows", min=1, max=10_000_000, help="Rows shown by --format table."),
     timeout: float = TIMEOUT_OPTION,
     memory_limit: str = MEMORY_LIMIT_OPTION,
 ) -> None:
@@ -119,6 +122,7 @@ def query_cmd(
     if len(args) < 2:
         raise TracekitError('give one or more run directories and then the SQL, e.g. tracekit query RUN "SELECT * FROM requests"')
     *runs, sql = args
+    check_emit(fmt, out, force)
     con = connect(runs, memory_limit=memory_limit)
     try:
         emit(fetch_limited(con, sql, timeout=timeout), fmt, out, max_rows)
@@ -129,7 +133,7 @@ def query_cmd(
 @app.command("sql")
 def sql_cmd(
     runs: List[str] = typer.Argument(..., help="Run directories (or globs)."),
-    max_rows: int = typer.Option(200, "--max-rows", help="Rows shown per result."),
+    max_rows: int = typer.Option(200, "--max-rows", min=1, max=10_000_000, help="Rows shown per result."),
     timeout: float = TIMEOUT_OPTION,
     memory_limit: str = MEMORY_LIMIT_OPTION,
 ) -> None:
@@ -184,50 +188,73 @@ def sql_cmd(
         sys.exit(2)  # piped statements: report failure to the caller (each error was printed as one line)
 
 
+def _check_what(value: Optional[str]) -> Optional[str]:
+    """--what: a comma-separated subset of the analyses, checked at parse time."""
+    if value is None:
+        return value
+    from ..analysis.run import ANALYSES
+
+    items = [w.strip() for w in value.split(",")]
+    bad = [w for w in items if w not in ANALYSES]
+    if bad or not items:
+        raise typer.BadParameter(f"{', '.join(repr(b) for b in bad) or '(none)'} unknown; choose from "
+                                 f"{', '.join(ANALYSES)} (comma-separated)", param_hint="'--what'")
+    return ",".join(items)
+
+
 @app.command("analyze")
 def analyze_cmd(
     runs: List[str] = typer.Argument(..., help="Run directories (or globs)."),
-    by: str = typer.Option("domain", "--by", help="Group results by domain, phase or dataset."),
+    by: Literal["domain", "phase", "dataset"] = typer.Option("domain", "--by", help="Group results by this key."),
     what: Optional[str] = typer.Option(
-        None, "--what", help="Comma-separated: imbalance, domain, correlation, coactivation (default: all that the "
+        None, "--what", callback=_check_what, help="Comma-separated: imbalance, domain, correlation, coactivation (default: all that the "
         "runs support; count-only runs support imbalance)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write every full result table into this folder."),
-    fmt: str = typer.Option("parquet", "--format", help="parquet or csv for --out."),
-    layer: Optional[int] = typer.Option(None, "--layer", help="Co-activation and inter-layer affinity for this MoE layer only."),
-    window: Optional[int] = typer.Option(None, "--window", help="Requests per window for hot-set stability (default R/10)."),
-    top_n: Optional[int] = typer.Option(None, "--top-n", help="Experts compared in the top-n overlap (default top-k)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the shuffled baseline and the classifier folds."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write every full result table into this folder (not inside a run)."),
+    force: bool = force_option("files in the --out folder"),
+    fmt: Literal["parquet", "csv"] = typer.Option("parquet", "--format", help="File format for --out."),
+    layer: Optional[int] = typer.Option(None, "--layer", min=0, max=MAX_LAYERS, help="Co-activation and inter-layer affinity for this MoE layer only."),
+    window: Optional[int] = typer.Option(None, "--window", min=1, max=2**31 - 1, help="Requests per window for hot-set stability (default R/10)."),
+    top_n: Optional[int] = typer.Option(None, "--top-n", min=1, max=2**31 - 1, help="Experts compared in the top-n overlap (default top-k)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the shuffled baseline and the classifier folds."),
 ) -> None:
     """Load imbalance, domain specificity, prefill-decode correlation and co-activation, as summary tables."""
     from rich.console import Console
+    from rich.markup import escape
 
     from ..analysis.run import analyze
 
     if fmt not in ("parquet", "csv"):
         raise TracekitError(f"--format {fmt!r} unknown; use parquet or csv")
+    if out is not None:
+        check_folder(out, force=force, option="--out")
     results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed)
     console = Console()
     for name, res in results.items():
-        console.rule(f"[bold]{name}")
+        console.rule(f"[bold]{escape(name)}")
         for title, table in res.summaries.items():
             print_table(table, title=title, max_rows=40, console=console)
         for note in res.notes:
-            console.print(f"note: {note}")
+            console.print(f"note: {note}", markup=False)
         if out is not None:
             for p in res.write(out, fmt):
-                console.print(f"wrote {p}")
+                console.print(f"wrote {p}", markup=False)
 
 
 @app.command("report")
 def report_cmd(
     runs: List[str] = typer.Argument(..., help="Run directories (or globs)."),
-    out: Path = typer.Option(..., "-o", "--out", help="HTML file to write."),
+    out: Path = typer.Option(..., "-o", "--out", help="HTML file to write (not inside a run)."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also write each figure as a PNG into this folder."),
-    layer: Optional[int] = typer.Option(None, "--layer", help="MoE layer of the co-activation heatmap (default: the middle one)."),
-    by: str = typer.Option("domain", "--by", help="Group the domain-shift figure by domain or dataset."),
+    force: bool = force_option("the HTML file and PNGs in the --png folder"),
+    layer: Optional[int] = typer.Option(None, "--layer", min=0, max=MAX_LAYERS, help="MoE layer of the co-activation heatmap (default: the middle one)."),
+    by: Literal["domain", "dataset"] = typer.Option("domain", "--by", help="Group the domain-shift figure by this key."),
 ) -> None:
     """One self-contained HTML page with the load, imbalance, domain-shift, correlation and co-activation plots."""
     from ..report import write_report
 
+    check_file(out, force=force, option="-o")
+    if png is not None:
+        check_folder(png, force=force, option="--png")
+        distinct(("-o", out), ("--png", png))
     path = write_report(runs, out, png_dir=png, layer=layer, by=by)
     print(f"wrote {path}")

@@ -142,9 +142,75 @@ def placement_to_dict(placement: Placement) -> dict[str, Any]:
     }
 
 
+MAX_HIDDEN_LAYERS = 4096  # decoder layers; bounds the SGLang map (rows x slots) so a typo cannot allocate GiBs
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_placement_json(d: Any, where: str) -> None:
+    """One line for a placement file of the wrong shape or types (hand-edited, truncated, another tool's JSON):
+    every field that export reads is checked here, at the read boundary, before any array is built."""
+    fix = "write it again with tracekit place -o"
+    if not isinstance(d, dict):
+        raise TracekitError(f"{where}: a placement is a JSON object, not {type(d).__name__}; {fix}")
+
+    def bad(field: str, want: str) -> TracekitError:
+        return TracekitError(f"{where}: field {field!r} must be {want}; {fix}")
+
+    if "version" in d and not (_is_int(d["version"]) and d["version"] >= 0):
+        raise bad("version", "a non-negative integer")
+    c = d.get("cluster")
+    if not isinstance(c, dict):
+        raise bad("cluster", "an object with nodes, gpus_per_node, num_experts, redundant")
+    for key, lo, hi in (("nodes", 1, 65536), ("gpus_per_node", 1, 1024), ("num_experts", 1, 2**31 - 1),
+                        ("redundant", 0, 2**31 - 1)):
+        v = c.get(key)
+        if not (_is_int(v) and lo <= v <= hi):
+            raise bad(f"cluster.{key}", f"an integer in {lo}..{hi}")
+    layers = d.get("layers")
+    if not (isinstance(layers, list) and all(_is_int(x) and 0 <= x < MAX_HIDDEN_LAYERS for x in layers)):
+        raise bad("layers", f"a list of MoE layer indices in 0..{MAX_HIDDEN_LAYERS - 1}")
+    se = d.get("slot_expert")
+    e = c["num_experts"]
+    if not (isinstance(se, list) and all(isinstance(r, list) and all(_is_int(x) and 0 <= x < e for x in r) for r in se)):
+        raise bad("slot_expert", f"a list (one per MoE layer) of lists of expert ids in 0..{e - 1}")
+    if "strategy" in d and not isinstance(d["strategy"], str):
+        raise bad("strategy", "a string")
+    g = d.get("grouping")
+    if g is not None:
+        if not isinstance(g, dict):
+            raise bad("grouping", "an object")
+        dn = g.get("domain_nodes")
+        if dn is not None and not (isinstance(dn, dict) and all(
+                isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v) for v in dn.values())):
+            raise bad("grouping.domain_nodes", "an object of domain -> list of node indices")
+        fl = g.get("feature_layers")
+        if fl is not None and not (isinstance(fl, list) and all(_is_int(x) and x >= 0 for x in fl)):
+            raise bad("grouping.feature_layers", "a list of layer indices")
+        cen = g.get("centroids")
+        if cen is not None and not (isinstance(cen, list) and all(
+                isinstance(r, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                            and np.isfinite(x) for x in r) for r in cen)):
+            raise bad("grouping.centroids", "a list of lists of finite numbers")
+        cn = g.get("centroid_node")
+        if cn is not None and not (isinstance(cn, list) and all(_is_int(x) and x >= 0 for x in cn)):
+            raise bad("grouping.centroid_node", "a list of node indices")
+    meta = d.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise bad("meta", "an object")
+    n = (meta or {}).get("num_hidden_layers")
+    if n is not None and not (_is_int(n) and 1 <= n <= MAX_HIDDEN_LAYERS):
+        raise bad("meta.num_hidden_layers", f"an integer in 1..{MAX_HIDDEN_LAYERS}")
+
+
 def placement_from_dict(d: dict[str, Any], where: str = "placement") -> Placement:
-    if d.get("format") != NEUTRAL_FORMAT:
-        raise TracekitError(f"{where}: not a tracekit placement (format {d.get('format')!r}); write one with tracekit place -o")
+    if isinstance(d, dict) and d.get("format") == NEUTRAL_FORMAT:
+        check_placement_json(d, where)
+    if not isinstance(d, dict) or d.get("format") != NEUTRAL_FORMAT:
+        raise TracekitError(f"{where}: not a tracekit placement (format {d.get('format') if isinstance(d, dict) else None!r}); "
+                            "write one with tracekit place -o")
     if int(d.get("version", 0)) > NEUTRAL_VERSION:
         raise TracekitError(f"{where}: placement format v{d['version']} is newer than this tracekit; upgrade tracekit")
     try:
@@ -158,9 +224,11 @@ def placement_from_dict(d: dict[str, Any], where: str = "placement") -> Placemen
             grouping=grouping_from_dict(d.get("grouping") or {}),
             meta=dict(d.get("meta") or {}),
         )
+        validate(p)
     except (KeyError, TypeError, ValueError) as exc:
         raise TracekitError(f"{where}: malformed placement ({type(exc).__name__}: {exc})") from None
-    validate(p)
+    except TracekitError as exc:  # name the file the problem is in
+        raise TracekitError(f"{where}: {exc}") from None
     return p
 
 

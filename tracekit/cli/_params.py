@@ -1,0 +1,80 @@
+"""Shared option pieces of the CLI: value domains checked at parse time, the --force flag, device checks.
+
+Every numeric option gets a domain (typer ``min=``/``max=``, or a callback below for open bounds and finiteness),
+and every option with a fixed set of values is a ``Literal`` so that typer lists the valid ones; a value outside
+is one ``error:`` line before any work starts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import typer
+
+from ..errors import TracekitError
+
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_LAYERS = 4096  # decoder layers; real models have < 200, so a bigger value is a typo
+MAX_EXPERTS = 2**31 - 1  # schema: expert ids are at most uint32, counts index int32
+MAX_COUNT = 1_000_000_000
+
+
+def positive_float(option: str, upper: float | None = None) -> Callable[[Optional[float]], Optional[float]]:
+    """Callback: the value is a finite number > 0 (and <= ``upper``), or None."""
+
+    def check(value: Optional[float]) -> Optional[float]:
+        if value is None:
+            return value
+        if not math.isfinite(value) or value <= 0 or (upper is not None and value > upper):
+            limit = f" and at most {upper:g}" if upper is not None else ""
+            raise typer.BadParameter(f"{value!r} is not a finite number > 0{limit}", param_hint=f"'{option}'")
+        return value
+
+    return check
+
+
+def force_option(what: str = "output files") -> bool:
+    return typer.Option(False, "--force", help=f"Replace existing {what}.")
+
+
+def check_device_map(device_map: str | None) -> None:
+    """One line, before any model loads, for a device map that asks for a GPU this machine does not have."""
+    if device_map is None:
+        return
+    dm = device_map.strip().lower()
+    named = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
+    if dm in named:
+        return
+    index: int | None = None
+    if dm == "cuda":
+        index = 0
+    elif dm.startswith("cuda:") and dm[5:].isdigit():
+        index = int(dm[5:])
+    elif dm.isdigit():
+        index = int(dm)
+    if index is None:
+        raise TracekitError(f"--device-map {device_map!r} unknown; use {', '.join(named)}, cuda or cuda:N")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise TracekitError(f"--device-map {device_map}: no CUDA GPU is visible on this machine; use --device-map cpu")
+    if index >= count:
+        raise TracekitError(f"--device-map {device_map}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+
+
+def server_url(value: Optional[str]) -> Optional[str]:
+    """Callback: --server is an http(s) URL with a host, e.g. http://10.0.0.5:30000."""
+    if value is None:
+        return value
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r} is not a URL ({exc})", param_hint="'--server'") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise typer.BadParameter(f"{value!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:30000",
+                                 param_hint="'--server'")
+    return value

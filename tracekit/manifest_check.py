@@ -1,0 +1,61 @@
+"""Type checks for a run's ``manifest.json`` as read back from disk (it may be hand-edited or another tool's).
+
+:func:`check_manifest` raises one :class:`~tracekit.errors.TracekitError` line naming the file, the field and
+what it must be, for every field that readers use (``info``, the query views, analyses, placement). It checks
+types and ranges only; whether the chunk files match the manifest is the store's integrity check.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import TracekitError
+
+_FIX = "restore the file, or collect/import the run again"
+_MAX_LAYER = 4096
+_MAX_EXPERTS = 2**31 - 1
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_manifest(m: Any, where: str) -> None:
+    """One line unless ``m`` (the parsed manifest at ``where``) has the types and ranges readers rely on."""
+    if not isinstance(m, dict):
+        raise TracekitError(f"{where}: a manifest is a JSON object, not {type(m).__name__}; {_FIX}")
+
+    def bad(field: str, want: str) -> TracekitError:
+        return TracekitError(f"{where}: field {field!r} must be {want}; {_FIX}")
+
+    for field in ("run_id", "kind", "source", "status", "tracekit_version", "created_at", "finished_at"):
+        if m.get(field) is not None and not isinstance(m[field], str):
+            raise bad(field, "a string")
+    if m.get("kind") is not None and m["kind"] not in ("routes", "loads"):
+        raise bad("kind", "routes or loads")
+    for field in ("model", "dataset", "args", "totals"):
+        if m.get(field) is not None and not isinstance(m[field], dict):
+            raise bad(field, "an object")
+    for section in ("model", "dataset"):
+        for key, value in (m.get(section) or {}).items():
+            if value is not None and not isinstance(value, (str, int, float, bool)):
+                raise bad(f"{section}.{key}", "a string or a number")
+    notes = m.get("notes")
+    if notes is not None and not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
+        raise bad("notes", "a list of strings")
+    g = m.get("geometry")
+    if g is None:
+        return
+    if not isinstance(g, dict):
+        raise bad("geometry", "an object")
+    moe = g.get("moe_layers")
+    if moe is not None and not (isinstance(moe, list) and all(_is_int(x) and 0 <= x < _MAX_LAYER for x in moe)):
+        raise bad("geometry.moe_layers", f"a list of layer indices in 0..{_MAX_LAYER - 1}")
+    for key, lo, hi in (("num_layers", 1, _MAX_LAYER), ("num_experts", 1, _MAX_EXPERTS), ("top_k", 1, _MAX_EXPERTS),
+                        ("hidden_size", 1, 1 << 24), ("n_group", 0, _MAX_EXPERTS), ("topk_group", 0, _MAX_EXPERTS),
+                        ("n_shared_experts", 0, _MAX_EXPERTS)):
+        v = g.get(key)
+        if v is not None and not (_is_int(v) and lo <= v <= hi):
+            raise bad(f"geometry.{key}", f"an integer in {lo}..{hi}")
+    for key in ("family", "model_type", "router_class", "scoring"):
+        if g.get(key) is not None and not isinstance(g[key], str):
+            raise bad(f"geometry.{key}", "a string")
