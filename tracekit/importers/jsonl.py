@@ -50,7 +50,7 @@ from ..errors import TracekitError
 from ..jsonlines import iter_json_objects
 from ..schema import build_routes_table
 from .geometry import registry_geometry
-from .staging import StagedRun, refuse_nonempty_out
+from .staging import StagedRun, holds_out_lock, refuse_nonempty_out
 
 DEFAULT_FIELD_MAP = {
     "experts": "experts",
@@ -256,6 +256,7 @@ def _recover_phases(req: _Request, mode: str, path: Path) -> _Phased:
     return _Phased(phase, out_pos, step, prompt_tokens, gen, how)
 
 
+@holds_out_lock
 def import_jsonl(
     files: Iterable[str | os.PathLike],
     *,
