@@ -29,6 +29,7 @@ def place_cmd(
     baseline_grouping: bool = typer.Option(False, "--baseline-grouping", help="Score baselines under the fitted grouping too."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole comparison as JSON."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the chosen strategy's placement (neutral JSON)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """Fit placements on a train split, score them on held-out requests, print the table, save the placement."""
     from rich.console import Console
@@ -39,7 +40,10 @@ def place_cmd(
     from ..placement.traces import load_traces
     from ..store import atomic_write_json
 
-    traces = load_traces(runs)
+    from .query_cmd import partial_reads_cli
+
+    with partial_reads_cli(allow_partial):
+        traces = load_traces(runs)
     cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
     eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens}
     if hidden_size is not None:

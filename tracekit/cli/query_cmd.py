@@ -18,6 +18,13 @@ from . import app
 FORMATS = ("table", "csv", "json", "parquet")
 
 
+def partial_reads_cli(allow: bool):
+    """``--allow-partial``: damaged runs are read without their damaged chunks, one warning line per chunk."""
+    from ..store import partial_reads
+
+    return partial_reads(allow, on_skip=lambda line: print(f"warning: {line}", file=sys.stderr))
+
+
 def _fmt(v) -> str:
     if v is None:
         return "NULL"
@@ -103,6 +110,7 @@ def query_cmd(
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the result to this file."),
     max_rows: int = typer.Option(200, "--max-rows", help="Rows shown by --format table."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """Run one read-only SQL query over the views routes, choices, requests, runs, loads."""
     from ..query import connect, fetch_arrow, run_sql
@@ -110,7 +118,8 @@ def query_cmd(
     if len(args) < 2:
         raise TracekitError('give one or more run directories and then the SQL, e.g. tracekit query RUN "SELECT * FROM requests"')
     *runs, sql = args
-    con = connect(runs)
+    with partial_reads_cli(allow_partial):
+        con = connect(runs)
     try:
         emit(fetch_arrow(run_sql(con, sql)), fmt, out, max_rows)
     finally:
@@ -121,11 +130,13 @@ def query_cmd(
 def sql_cmd(
     runs: List[str] = typer.Argument(..., help="Run directories (or globs)."),
     max_rows: int = typer.Option(200, "--max-rows", help="Rows shown per result."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """Interactive SQL shell over the same views (reads statements ending in ';' from stdin; piping works)."""
     from ..query import VIEWS, connect, fetch_arrow, run_sql
 
-    con = connect(runs)
+    with partial_reads_cli(allow_partial):
+        con = connect(runs)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"tracekit sql: views {', '.join(VIEWS)}; end statements with ';'; .tables, .schema VIEW, .quit")
@@ -186,6 +197,7 @@ def analyze_cmd(
     window: Optional[int] = typer.Option(None, "--window", help="Requests per window for hot-set stability (default R/10)."),
     top_n: Optional[int] = typer.Option(None, "--top-n", help="Experts compared in the top-n overlap (default top-k)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled baseline and the classifier folds."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """Load imbalance, domain specificity, prefill-decode correlation and co-activation, as summary tables."""
     from rich.console import Console
@@ -194,7 +206,8 @@ def analyze_cmd(
 
     if fmt not in ("parquet", "csv"):
         raise TracekitError(f"--format {fmt!r} unknown; use parquet or csv")
-    results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed)
+    with partial_reads_cli(allow_partial):
+        results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed)
     console = Console()
     for name, res in results.items():
         console.rule(f"[bold]{name}")
@@ -214,9 +227,11 @@ def report_cmd(
     png: Optional[Path] = typer.Option(None, "--png", help="Also write each figure as a PNG into this folder."),
     layer: Optional[int] = typer.Option(None, "--layer", help="MoE layer of the co-activation heatmap (default: the middle one)."),
     by: str = typer.Option("domain", "--by", help="Group the domain-shift figure by domain or dataset."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """One self-contained HTML page with the load, imbalance, domain-shift, correlation and co-activation plots."""
     from ..report import write_report
 
-    path = write_report(runs, out, png_dir=png, layer=layer, by=by)
+    with partial_reads_cli(allow_partial):
+        path = write_report(runs, out, png_dir=png, layer=layer, by=by)
     print(f"wrote {path}")
