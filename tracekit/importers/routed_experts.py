@@ -144,6 +144,7 @@ def parse_response(obj: Any, geometry: dict[str, Any], where: str) -> list[Route
                                 "started with --enable-return-routed-experts")
         p = _int(mi.get("prompt_tokens"), "meta_info.prompt_tokens", where)
         g = _int(mi.get("completion_tokens"), "meta_info.completion_tokens", where)
+        _check_start(start, p, where)
         arr = decode_array(mi["routed_experts"], rows=p + g - 1 - start, top_k=top_k, layer_options=layer_options,
                            where=where)
         return [RoutedRequest(pid if pid is not None else _label(mi.get("id"), "meta_info.id", where), dom, arr, p, start, g,
@@ -166,6 +167,7 @@ def parse_response(obj: Any, geometry: dict[str, Any], where: str) -> list[Route
                 p = _int(usage["prompt_tokens"], "usage.prompt_tokens", w)
             else:
                 raise TracekitError(f"{w}: prompt length unknown; request with return_token_ids=true (prompt_token_ids)")
+            _check_start(start, p, w)
             out_ids = _ints(ch.get("token_ids"), "token_ids", w)
             g = len(out_ids) if out_ids is not None else (usage.get("completion_tokens") if len(choices) == 1 else None)
             if g is not None:
@@ -177,6 +179,11 @@ def parse_response(obj: Any, geometry: dict[str, Any], where: str) -> list[Route
             out.append(RoutedRequest(rid, dom, arr, p, start, None if g is None else int(g), prompt_ids, out_ids))
         return out
     raise TracekitError(f"{where}: neither an SGLang response (meta_info) nor a vLLM one (choices/outputs)")
+
+
+def _check_start(start: int, prompt_len: int, where: str) -> None:
+    if start > prompt_len:
+        raise TracekitError(f"{where}: routed_experts_prompt_start {start} is past the prompt's {prompt_len} tokens")
 
 
 def _indexed(pid: Any, i: int) -> str | None:
