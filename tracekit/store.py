@@ -222,7 +222,8 @@ def list_chunks(run_dir: Path, kind: str = "routes") -> list[ChunkInfo]:
         except TracekitError:
             raise
         except Exception as exc:  # a foreign or damaged file: say which
-            raise TracekitError(f"{p}: not a readable Parquet chunk ({exc}); remove it and re-run to resume") from None
+            text = "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:80]
+            raise TracekitError(f"{p}: not a readable Parquet chunk ({text}); remove it and re-run to resume") from None
     return out
 
 
@@ -422,7 +423,12 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any] | None = Non
             rec = recorded.get(rel) if isinstance(recorded, dict) else None
             size = p.stat().st_size
             if rec is not None and size != rec.get("bytes"):
-                what = "truncated" if size < rec.get("bytes", 0) else "corrupt"
+                # cut short (a copy that stopped, a full disk): the footer is gone too; else the file was replaced
+                try:
+                    pq.read_metadata(p)
+                    what = "corrupt"
+                except Exception:
+                    what = "truncated" if size < rec.get("bytes", 0) else "corrupt"
                 problems.append(ChunkProblem(rel, what, f"{size} bytes, recorded {rec.get('bytes')}"))
                 continue
             try:
@@ -430,7 +436,8 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any] | None = Non
             except TracekitError:
                 raise
             except Exception as exc:
-                problems.append(ChunkProblem(rel, "corrupt", f"unreadable Parquet footer: {str(exc)[:80]}"))
+                text = "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:80]
+                problems.append(ChunkProblem(rel, "corrupt", f"unreadable Parquet footer: {text}"))
                 continue
             if rec is not None:
                 if info.rows != rec.get("rows"):
