@@ -7,11 +7,16 @@ from .schema import SCHEMA_VERSION  # noqa: E402
 from .store import Run, open_run  # noqa: E402
 
 
-def connect(runs):
-    """A read-only DuckDB connection with the views routes, choices, requests, runs, loads over ``runs``."""
-    from .query import connect as _connect
+def connect(runs, *, allow_partial: bool = False):
+    """A read-only DuckDB connection with the views routes, choices, requests, runs, loads over ``runs``.
 
-    return _connect(runs)
+    A run with a missing, extra, truncated or corrupt chunk is refused unless ``allow_partial`` (then its intact
+    chunks are read)."""
+    from .query import connect as _connect
+    from .store import partial_reads
+
+    with partial_reads(allow_partial):
+        return _connect(runs)
 
 
 def collect(opts, **kwargs):

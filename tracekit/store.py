@@ -345,11 +345,15 @@ def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> None:
     for rel, p in on_disk.items():
         if rel not in recorded:
             try:
-                info, _ = _read_chunk(p)
+                info, kv = _read_chunk(p)
             except TracekitError:
                 raise
             except Exception as exc:
-                raise TracekitError(f"{p}: not a readable Parquet chunk ({exc}); remove it and re-run to resume") from None
+                text = "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:80]
+                raise TracekitError(f"{p}: not a readable Parquet chunk ({text}); remove it and re-run to resume") from None
+            owner = kv.get(META_RUN_ID, b"").decode()
+            if owner and owner != manifest.get("run_id"):
+                raise TracekitError(f"{p} belongs to run {owner}, not {manifest.get('run_id')}; move it out of this run")
             recorded[rel] = {"rows": info.rows, "bytes": info.bytes, "sha256": file_sha256(p)}
     manifest["chunks"] = dict(sorted(recorded.items()))
 
