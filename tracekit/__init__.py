@@ -7,15 +7,17 @@ from .schema import SCHEMA_VERSION  # noqa: E402
 from .store import Run, open_run  # noqa: E402
 
 
-def connect(runs, **kwargs):
+def connect(runs, *, allow_partial: bool = False, **kwargs):
     """A read-only DuckDB connection with the views routes, choices, requests, runs, loads over ``runs``.
 
     Read-only always: no SQL run on it can create, change or delete a file (see :mod:`tracekit.query`);
-    ``memory_limit=``/``threads=`` as in :func:`tracekit.query.connect`.
-    """
+    ``memory_limit=``/``threads=`` as in :func:`tracekit.query.connect`. A run with a missing, extra, truncated or
+    corrupt chunk is refused unless ``allow_partial`` (then its intact chunks are read)."""
     from .query import connect as _connect
+    from .store import partial_reads
 
-    return _connect(runs, **kwargs)
+    with partial_reads(allow_partial):
+        return _connect(runs, **kwargs)
 
 
 def collect(opts, **kwargs):

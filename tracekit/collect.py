@@ -12,13 +12,23 @@ Resume and data parallelism. Requests are numbered in dataset order after sampli
 takes requests ``i % W == r``; every chunk file records which requests it holds, so a re-run skips them and
 continues. The manifest is written by whichever rank gets there first (same content on all ranks) and finalised
 from the chunk footers once every request is covered.
+
+Writers and interruptions. A collect holds the writer lock of ``--out`` (:mod:`tracekit.runlock`) from before it
+looks at the folder until it returns, so a second collect or import on the same ``--out`` is refused in one line
+(the ranks of one data-parallel job share it). A kill at any point leaves a folder the same command resumes: a
+folder holding only a half-written first manifest counts as empty, temporary files are removed on resume, and
+chunks that landed after the last manifest update are adopted. Ctrl-C and SIGTERM mark the manifest
+``interrupted``; a ``running`` manifest whose lock nobody holds (a ``kill -9``) reads as interrupted too.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +43,10 @@ from .errors import TracekitError
 from .hooks import RouterTracer, find_routers, router_geometry
 from .models import LoadedModel, check_weights_reachable, load_model, parse_max_memory
 from .schema import build_routes_table, routes_schema
-from .store import base_manifest, finalize, list_chunks, read_manifest, remove_stale_temporaries, write_chunk, write_manifest
+from .runlock import writer_lock
+from .store import (MANIFEST, atomic_write_json, base_manifest, finalize, list_chunks, manifest_lock, only_leftovers,
+                    read_manifest, reconcile_chunks, remove_leftovers, remove_stale_temporaries, update_manifest,
+                    write_chunk)
 
 #: arguments that must be equal for a re-run on the same --out to count as a resume
 RESUME_KEYS = ("model", "dataset", "data_file", "limit", "seed", "max_new_tokens", "weights", "chat_template",
@@ -114,8 +127,18 @@ def check_resumable(run_dir: Path, opts: CollectOptions) -> dict[str, Any] | Non
     m = read_manifest(run_dir) if run_dir.is_dir() else None
     if m is None:
         if run_dir.is_dir() and any(run_dir.iterdir()):
-            raise TracekitError(f"--out {run_dir} is not empty and holds no tracekit run; choose an empty or new directory")
-        return None
+            with manifest_lock(run_dir):  # a kill during the first manifest write leaves only temporaries: start over
+                if read_manifest(run_dir) is None and only_leftovers(run_dir):
+                    remove_leftovers(run_dir)
+                    return None
+            m = read_manifest(run_dir)
+            if m is None:
+                raise TracekitError(
+                    f"--out {run_dir} is not empty and holds no tracekit run; choose an empty or new directory")
+        else:
+            return None
+    if not isinstance(m, dict):
+        raise TracekitError(f"{run_dir / MANIFEST}: not a tracekit manifest (expected a JSON object)")
     old = m.get("args", {})
     mine = opts.args()
     diff = [k for k in RESUME_KEYS if old.get(k) != mine.get(k)]
@@ -348,9 +371,9 @@ def _validate(opts: CollectOptions) -> None:
 def _open_run(run_dir: Path, existing: dict | None, opts: CollectOptions, loaded: LoadedModel, geometry: dict,
               cfg, n_prompts: int, world: int) -> dict[str, Any]:
     """The run's manifest: written now for a new run (same content on every rank), reused when resuming."""
+    rank, _ = dist_rank_world()
     if existing is not None:
-        remove_stale_temporaries(run_dir)
-        return existing
+        return _resume(run_dir, rank if world > 1 else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = base_manifest(
         run_id=run_id_for(opts), kind="routes", source="collect",
@@ -363,8 +386,55 @@ def _open_run(run_dir: Path, existing: dict | None, opts: CollectOptions, loaded
     )
     manifest["world_size"] = world
     manifest["weights_dtype"] = opts.weights
-    write_manifest(run_dir, manifest)
-    return manifest
+    manifest["chunks"] = {}
+    with manifest_lock(run_dir):  # another rank may have written it meanwhile: keep the first (and its records)
+        if read_manifest(run_dir) is None:
+            atomic_write_json(run_dir / MANIFEST, manifest)
+    return read_manifest(run_dir) or manifest
+
+
+def _resume(run_dir: Path, rank: int | None) -> dict[str, Any]:
+    """Clean what a killed writer left (this rank's temporaries), adopt chunks that landed after the last manifest
+    update, and mark the run running again."""
+    remove_stale_temporaries(run_dir, rank)
+
+    def change(m: dict[str, Any]) -> None:
+        reconcile_chunks(m, run_dir)
+        if m.get("status") != "complete":
+            m["status"] = "running"
+
+    return update_manifest(run_dir, change)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so the run is marked interrupted."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _mark_interrupted(run_dir: Path) -> None:
+    if not (run_dir / MANIFEST).exists():
+        return
+
+    def change(m: dict[str, Any]) -> None:
+        if m.get("status") == "running":
+            m["status"] = "interrupted"
+
+    try:
+        update_manifest(run_dir, change)
+    except (OSError, TracekitError):
+        pass  # the interrupt is what the user must hear about
 
 
 def _finish(run_dir: Path, n_prompts: int, rank: int, world: int) -> dict[str, Any]:
@@ -381,10 +451,22 @@ def _finish(run_dir: Path, n_prompts: int, rank: int, world: int) -> dict[str, A
 
 
 def _collect(opts, *, loaded, prompts, on_progress, stop_after_chunks) -> CollectResult:
-    t0 = time.perf_counter()
     run_dir = Path(opts.out)
     rank, world = dist_rank_world()
     _validate(opts)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TracekitError(f"--out {run_dir} is a file; give a directory")
+    with writer_lock(run_dir, rank, world), _sigterm_as_interrupt():
+        try:
+            return _collect_locked(opts, run_dir, rank, world, loaded=loaded, prompts=prompts,
+                                   on_progress=on_progress, stop_after_chunks=stop_after_chunks)
+        except KeyboardInterrupt:
+            _mark_interrupted(run_dir)
+            raise
+
+
+def _collect_locked(opts, run_dir, rank, world, *, loaded, prompts, on_progress, stop_after_chunks) -> CollectResult:
+    t0 = time.perf_counter()
     existing = check_resumable(run_dir, opts)
     cfg = get_dataset(opts.dataset)
     if loaded is None:

@@ -1,12 +1,48 @@
-"""Reading JSON Lines with one-line errors that name the file and line (shared by every JSONL reader)."""
+"""Reading JSON and JSON Lines with one-line errors that name the file and line (shared by every JSON reader).
+
+Strict about numbers: Python's ``json`` accepts ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON) and turns
+``1e999`` into ``inf``; here all of them are refused, and so is an integer too long for Python to convert, each
+as one line naming ``file:line``. Numbers are checked against the schema's columns by the importers.
+"""
 from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import TracekitError
+
+
+class _NumberError(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NumberError(f"{name} is not a JSON number; write a finite number or null")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NumberError(f"number {text[:40]} is out of range (overflows to infinity)")
+    return value
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and numbers that overflow (raises ValueError)."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _value_error(exc: ValueError) -> str:
+    """One phrase for a ValueError raised while parsing a JSON text."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed JSON ({exc.msg})"
+    msg = str(exc)
+    if "digits" in msg and "integer" in msg:  # sys.set_int_max_str_digits limit
+        return "a number has too many digits"
+    return msg
 
 
 def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -24,11 +60,15 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
                 if not raw.strip():
                     continue
                 try:
-                    yield n, json.loads(raw.decode("utf-8"))
+                    value = loads_strict(raw.decode("utf-8"))
                 except UnicodeDecodeError:
                     raise TracekitError(f"{path}:{n}: not UTF-8 text; is this a JSONL file?") from None
                 except json.JSONDecodeError as exc:
                     raise TracekitError(f"{path}:{n}: malformed JSON ({exc.msg}); the file may be truncated") from None
+                except (ValueError, RecursionError) as exc:
+                    what = "nested too deeply" if isinstance(exc, RecursionError) else _value_error(exc)
+                    raise TracekitError(f"{path}:{n}: {what}") from None
+                yield n, value
     except (OSError, EOFError) as exc:  # a damaged .gz
         raise TracekitError(f"{path}: cannot read ({exc})") from None
 
@@ -45,8 +85,15 @@ def read_json(path: str | Path, fix: str) -> Any:
     """A whole JSON file; one line naming the file, the parse error and ``fix`` (what the user should do)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_strict(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise TracekitError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
+        raise TracekitError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); {fix}") from None
     except UnicodeDecodeError:
         raise TracekitError(f"{path}: not UTF-8 text; {fix}") from None
+    except (ValueError, RecursionError) as exc:
+        what = "nested too deeply" if isinstance(exc, RecursionError) else _value_error(exc)
+        raise TracekitError(f"{path}: {what}; {fix}") from None
+    except IsADirectoryError:
+        raise TracekitError(f"{path} is a directory; {fix}") from None
+    except OSError as exc:
+        raise TracekitError(f"{path}: cannot read ({exc.strerror}); {fix}") from None

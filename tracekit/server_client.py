@@ -27,6 +27,7 @@ from .errors import TracekitError
 from .importers.geometry import resolve_model
 from .importers.routed_experts import RoutesBatcher, add_notes, parse_response
 from .importers.staging import StagedRun
+from .jsonlines import loads_strict
 from .store import read_manifest
 
 ENGINES = ("sglang", "vllm")
@@ -49,9 +50,11 @@ def _send(req: urllib.request.Request, timeout: float) -> Any:
         reason = getattr(exc, "reason", exc)
         raise TracekitError(f"cannot reach {req.full_url} ({reason}); is the server running?") from None
     try:
-        return json.loads(data)
+        return loads_strict(data)
     except json.JSONDecodeError:
         raise TracekitError(f"{req.full_url}: the server answered something that is not JSON") from None
+    except (ValueError, RecursionError) as exc:
+        raise TracekitError(f"{req.full_url}: the server's JSON holds a bad number ({str(exc)[:80]})") from None
 
 
 def served_model_name(base_url: str, timeout: float = 30.0) -> str | None:

@@ -10,18 +10,33 @@ Layout of one run directory::
 Every file is written under a temporary name and renamed when complete, so a file is either whole or absent.
 Each chunk file carries in its Parquet key-value metadata the request ids it holds and their token counts;
 resume and the manifest totals are computed from those footers, never from a side file that could disagree.
+Files are created with mode 0666 minus the process umask, like any Unix tool.
+
+Integrity. The manifest's ``chunks`` maps each chunk file (relative path) to ``{"rows", "bytes", "sha256"}``,
+recorded when the chunk lands (one manifest update per chunk, under a ``flock`` on the run directory so that
+data-parallel ranks do not lose each other's updates). Opening a run (:func:`open_run`, and through it every
+query, analysis, report and placement) checks every chunk's size and its Parquet footer row count against the
+record -- a ``stat`` and a footer read per chunk, no data pages -- and refuses a run with a missing, extra,
+truncated or corrupt chunk in one line naming it, unless ``allow_partial`` (then the damaged chunks are skipped).
+The full SHA-256 of every file is compared only on request (:func:`verify_run` with ``checksums=True``,
+``tracekit info --verify``): it reads every byte. Runs written before the ``chunks`` record existed open as
+``unverified``. A chunk that landed after the last manifest update of a run that is not complete (a kill between
+the rename and the update) is accepted when its footer names the run, and adopted into the record on resume.
 """
 from __future__ import annotations
 
+import contextvars
+import fcntl
+import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,25 +51,71 @@ _PART_RE = re.compile(r"^part-r(\d{3,})-c(\d{6,})\.parquet$")
 META_REQUESTS = b"tracekit.requests"
 META_PROMPT_TOKENS = b"tracekit.prompt_tokens"
 META_GENERATED_TOKENS = b"tracekit.generated_tokens"
+META_RUN_ID = b"tracekit.run_id"
+CHECKSUM = "sha256"
+#: fault injection for the crash tests: ``NAME:N`` makes the N-th atomic write of a file called NAME in this
+#: process stop dead (``os._exit(137)``, like ``kill -9``) after its temporary file is written, before the rename
+CRASH_ENV = "TRACEKIT_CRASH_BEFORE_RENAME"
+_crash_counts: dict[str, int] = {}
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh hidden temporary name next to ``path`` (``.NAME.<random>.tmp``); nothing is created."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _maybe_crash(name: str) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] == int(nth or 1):
+        os._exit(137)
+
+
+def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` creates a temporary file next to ``path``; it is fsynced and renamed over ``path``.
+
+    ``write`` must create the file itself (``open(tmp, "w")``, ``pq.write_table(t, tmp)`` ...), so the file gets
+    the process umask. On any error the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _maybe_crash(path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 & ~umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write_path(path, write)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def new_run_id() -> str:
@@ -86,10 +147,14 @@ def write_chunk(
     meta[META_REQUESTS] = json.dumps(sorted(int(r) for r in requests)).encode()
     meta[META_PROMPT_TOKENS] = str(int(prompt_tokens)).encode()
     meta[META_GENERATED_TOKENS] = str(int(generated_tokens)).encode()
+    if "run_id" in table.schema.names and table.num_rows:
+        col = table.column("run_id").chunk(0)
+        run_id = col.dictionary[0].as_py() if pa.types.is_dictionary(col.type) else col[0].as_py()
+        meta[META_RUN_ID] = str(run_id).encode()
     table = table.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    record: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
         pq.write_table(
             table,
             tmp,
@@ -100,12 +165,13 @@ def write_chunk(
             # min/max statistics let DuckDB skip row groups by layer or request; on list columns they only cost time
             write_statistics=[f.name for f in table.schema if not pa.types.is_list(f.type)],
         )
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        # the bytes are still in the page cache: hashing them costs ~1 ms per MB (SHA-NI), not a second read
+        record.update(rows=table.num_rows, bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
+
+    atomic_write_path(out, write)
+    if (Path(run_dir) / MANIFEST).exists():
+        rel = f"{kind}/{out.name}"
+        update_manifest(run_dir, lambda m: m.setdefault("chunks", {}).__setitem__(rel, record))
     return out
 
 
@@ -121,47 +187,90 @@ class ChunkInfo:
     generated_tokens: int
 
 
-def list_chunks(run_dir: Path, kind: str = "routes") -> list[ChunkInfo]:
-    """Finished chunk files of a run, read from their Parquet footers (cheap: no data pages are read)."""
+def _chunk_files(run_dir: Path, kind: str) -> list[Path]:
     d = Path(run_dir) / kind
     if not d.is_dir():
         return []
+    return [p for p in sorted(d.iterdir()) if _PART_RE.match(p.name)]
+
+
+def _read_chunk(p: Path) -> tuple[ChunkInfo, dict]:
+    """A chunk's footer as ChunkInfo (and its key-value metadata); raises on an unreadable file."""
+    m = _PART_RE.match(p.name)
+    md = pq.read_metadata(p)
+    kv = md.metadata or {}
+    check_version(kv.get(b"tracekit.schema_version", b"").decode() or None, str(p))
+    info = ChunkInfo(
+        path=p,
+        rank=int(m.group(1)),
+        chunk=int(m.group(2)),
+        rows=md.num_rows,
+        bytes=p.stat().st_size,
+        requests=json.loads(kv.get(META_REQUESTS, b"[]")),
+        prompt_tokens=int(kv.get(META_PROMPT_TOKENS, b"0")),
+        generated_tokens=int(kv.get(META_GENERATED_TOKENS, b"0")),
+    )
+    return info, kv
+
+
+def list_chunks(run_dir: Path, kind: str = "routes") -> list[ChunkInfo]:
+    """Finished chunk files of a run, read from their Parquet footers (cheap: no data pages are read)."""
     out = []
-    for p in sorted(d.iterdir()):
-        m = _PART_RE.match(p.name)
-        if not m:
-            continue
+    for p in _chunk_files(run_dir, kind):
         try:
-            md = pq.read_metadata(p)
+            out.append(_read_chunk(p)[0])
+        except TracekitError:
+            raise
         except Exception as exc:  # a foreign or damaged file: say which
-            raise TracekitError(f"{p}: not a readable Parquet chunk ({exc}); remove it and re-run to resume") from None
-        kv = md.metadata or {}
-        check_version(kv.get(b"tracekit.schema_version", b"").decode() or None, str(p))
-        out.append(
-            ChunkInfo(
-                path=p,
-                rank=int(m.group(1)),
-                chunk=int(m.group(2)),
-                rows=md.num_rows,
-                bytes=p.stat().st_size,
-                requests=json.loads(kv.get(META_REQUESTS, b"[]")),
-                prompt_tokens=int(kv.get(META_PROMPT_TOKENS, b"0")),
-                generated_tokens=int(kv.get(META_GENERATED_TOKENS, b"0")),
-            )
-        )
+            text = "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:80]
+            raise TracekitError(f"{p}: not a readable Parquet chunk ({text}); remove it and re-run to resume") from None
     return out
 
 
-def remove_stale_temporaries(run_dir: Path) -> int:
-    """Delete temporary files left by an interrupted writer; finished chunks are never touched."""
+def remove_stale_temporaries(run_dir: Path, rank: int | None = None) -> int:
+    """Delete temporary files left by an interrupted writer; finished chunks are never touched.
+
+    ``rank`` given: only that data-parallel rank's chunk temporaries (another rank may be writing its own).
+    Leftover manifest temporaries are removed under the manifest lock, so no live update loses its file.
+    """
     n = 0
+    pattern = ".part-*.tmp" if rank is None else f".part-r{rank:03d}-*.tmp"
     for kind in KINDS:
         d = Path(run_dir) / kind
         if d.is_dir():
-            for p in d.glob(".part-*.tmp"):
+            for p in d.glob(pattern):
+                p.unlink(missing_ok=True)
+                n += 1
+    if Path(run_dir).is_dir():
+        with manifest_lock(run_dir):
+            for p in Path(run_dir).glob(f".{MANIFEST}.*.tmp"):
                 p.unlink(missing_ok=True)
                 n += 1
     return n
+
+
+def only_leftovers(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds nothing but what a writer killed before its first manifest landed leaves:
+    temporary files and empty table folders."""
+    for p in Path(run_dir).iterdir():
+        if p.is_file() and p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp"):
+            continue
+        if p.is_dir() and p.name in KINDS and all(q.name.startswith(".part-") and q.name.endswith(".tmp")
+                                                  for q in p.iterdir()):
+            continue
+        return False
+    return True
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Delete what :func:`only_leftovers` accepts (the writer holds the run's lock)."""
+    for p in Path(run_dir).iterdir():
+        if p.is_dir():
+            for q in p.iterdir():
+                q.unlink(missing_ok=True)
+            p.rmdir()
+        else:
+            p.unlink(missing_ok=True)
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
@@ -172,41 +281,207 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with manifest_lock(run_dir):
+        atomic_write_json(Path(run_dir) / MANIFEST, manifest)
 
 
-def totals(run_dir: Path) -> dict[str, Any]:
-    """Totals over the finished chunks of every kind, recomputed from the files themselves."""
+@contextmanager
+def manifest_lock(run_dir: Path) -> Iterator[None]:
+    """Serialise read-modify-write of the manifest between the ranks (and threads) writing one run.
+
+    A ``flock`` on the run directory itself: no lock file, and it dies with the process.
+    """
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def update_manifest(run_dir: Path, change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """Apply ``change(manifest)`` (in place) and write the manifest back atomically, under the manifest lock."""
+    with manifest_lock(run_dir):
+        m = read_manifest(run_dir)
+        if m is None:
+            raise TracekitError(f"{run_dir}: no manifest.json; not a tracekit run directory")
+        change(m)
+        atomic_write_json(Path(run_dir) / MANIFEST, m)
+    return m
+
+
+def totals(run_dir: Path, chunks: dict[str, list[ChunkInfo]] | None = None) -> dict[str, Any]:
+    """Totals over the finished chunks of every kind, recomputed from the files themselves (or from ``chunks``)."""
     out: dict[str, Any] = {}
     for kind in KINDS:
-        chunks = list_chunks(run_dir, kind)
-        if not chunks:
+        kind_chunks = list_chunks(run_dir, kind) if chunks is None else chunks.get(kind, [])
+        if not kind_chunks:
             continue
         reqs = set()
-        for c in chunks:
+        for c in kind_chunks:
             reqs.update(c.requests)
         out[kind] = {
-            "files": [str(c.path.relative_to(run_dir)) for c in chunks],
-            "rows": sum(c.rows for c in chunks),
-            "bytes": sum(c.bytes for c in chunks),
+            "files": [str(c.path.relative_to(run_dir)) for c in kind_chunks],
+            "rows": sum(c.rows for c in kind_chunks),
+            "bytes": sum(c.bytes for c in kind_chunks),
             "requests": len(reqs),
-            "prompt_tokens": sum(c.prompt_tokens for c in chunks),
-            "generated_tokens": sum(c.generated_tokens for c in chunks),
+            "prompt_tokens": sum(c.prompt_tokens for c in kind_chunks),
+            "generated_tokens": sum(c.generated_tokens for c in kind_chunks),
         }
     return out
 
 
+def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> None:
+    """Make ``manifest["chunks"]`` list exactly the readable chunk files on disk (resume and finalize).
+
+    Records of files that are gone are dropped (their requests are simply not done); files without a record
+    (written before the record existed, or landed just before a kill) are hashed and recorded.
+    """
+    recorded = manifest.setdefault("chunks", {})
+    on_disk = {f"{kind}/{p.name}": p for kind in KINDS for p in _chunk_files(run_dir, kind)}
+    for rel in [r for r in recorded if r not in on_disk]:
+        del recorded[rel]
+    for rel, p in on_disk.items():
+        if rel not in recorded:
+            try:
+                info, kv = _read_chunk(p)
+            except TracekitError:
+                raise
+            except Exception as exc:
+                text = "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:80]
+                raise TracekitError(f"{p}: not a readable Parquet chunk ({text}); remove it and re-run to resume") from None
+            owner = kv.get(META_RUN_ID, b"").decode()
+            if owner and owner != manifest.get("run_id"):
+                raise TracekitError(f"{p} belongs to run {owner}, not {manifest.get('run_id')}; move it out of this run")
+            recorded[rel] = {"rows": info.rows, "bytes": info.bytes, "sha256": file_sha256(p)}
+    manifest["chunks"] = dict(sorted(recorded.items()))
+
+
 def finalize(run_dir: Path, status: str = "complete", **extra: Any) -> dict[str, Any]:
-    """Fold the chunk totals into the manifest and mark the run complete (idempotent)."""
-    m = read_manifest(run_dir)
-    if m is None:
+    """Fold the chunk totals and records into the manifest and mark the run complete (idempotent)."""
+    if read_manifest(run_dir) is None:
         raise TracekitError(f"{run_dir}: no manifest.json; not a tracekit run directory")
-    m["totals"] = totals(run_dir)
-    m["status"] = status
-    m["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    m.update(extra)
-    write_manifest(run_dir, m)
-    return m
+
+    def change(m: dict[str, Any]) -> None:
+        reconcile_chunks(m, run_dir)
+        m["totals"] = totals(run_dir)
+        m["status"] = status
+        m["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        m.update(extra)
+
+    return update_manifest(run_dir, change)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# integrity
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ChunkProblem:
+    file: str  # relative to the run directory, e.g. routes/part-r000-c000003.parquet
+    what: str  # missing | extra | truncated | corrupt
+    detail: str
+
+    def line(self) -> str:
+        return f"chunk {self.file} is {self.what} ({self.detail})"
+
+
+@dataclass
+class Integrity:
+    """What :func:`verify_run` found. ``state``: verified, unverified (no chunk record) or damaged."""
+
+    state: str
+    checked: str  # what was compared: "sizes and footer row counts" or "sha256 of every byte"
+    problems: list[ChunkProblem]
+    good: dict[str, list[ChunkInfo]]  # per kind: the chunks that passed, in file order
+    unrecorded: list[str] = field(default_factory=list)  # accepted: landed after the last manifest update
+
+    def summary(self) -> str:
+        n = sum(len(v) for v in self.good.values())
+        if self.state == "unverified":
+            return f"unverified: written before tracekit recorded chunk checksums ({n} chunks readable)"
+        if self.state == "verified":
+            extra = f"; {len(self.unrecorded)} chunk(s) not yet recorded (run not finished)" if self.unrecorded else ""
+            return f"verified: {n} chunks, {self.checked}{extra}"
+        return f"DAMAGED: {self.problems[0].line()}" + (f" and {len(self.problems) - 1} more" if len(self.problems) > 1 else "")
+
+
+def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any] | None = None, *, checksums: bool = False) -> Integrity:
+    """Check every chunk of a run against the manifest's record (see the module docstring).
+
+    Default: size and footer row count per chunk (a ``stat`` and a footer read). ``checksums``: also the SHA-256
+    of every file (reads everything). Never raises for damage; a newer schema still raises.
+    """
+    run_dir = Path(run_dir)
+    m = manifest if manifest is not None else (read_manifest(run_dir) or {})
+    recorded = m.get("chunks")
+    complete = m.get("status") == "complete"
+    problems: list[ChunkProblem] = []
+    good: dict[str, list[ChunkInfo]] = {k: [] for k in KINDS}
+    unrecorded: list[str] = []
+    seen: set[str] = set()
+    for kind in KINDS:
+        for p in _chunk_files(run_dir, kind):
+            rel = f"{kind}/{p.name}"
+            seen.add(rel)
+            rec = recorded.get(rel) if isinstance(recorded, dict) else None
+            size = p.stat().st_size
+            if rec is not None and size != rec.get("bytes"):
+                # cut short (a copy that stopped, a full disk): the footer is gone too; else the file was replaced
+                try:
+                    pq.read_metadata(p)
+                    what = "corrupt"
+                except Exception:
+                    what = "truncated" if size < rec.get("bytes", 0) else "corrupt"
+                problems.append(ChunkProblem(rel, what, f"{size} bytes, recorded {rec.get('bytes')}"))
+                continue
+            try:
+                info, kv = _read_chunk(p)
+            except TracekitError:
+                raise
+            except Exception as exc:
+                text = "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:80]
+                problems.append(ChunkProblem(rel, "corrupt", f"unreadable Parquet footer: {text}"))
+                continue
+            if rec is not None:
+                if info.rows != rec.get("rows"):
+                    problems.append(ChunkProblem(rel, "corrupt", f"{info.rows} rows, recorded {rec.get('rows')}"))
+                    continue
+                if checksums and file_sha256(p) != rec.get(CHECKSUM):
+                    problems.append(ChunkProblem(rel, "corrupt", "sha256 differs from the record"))
+                    continue
+            elif isinstance(recorded, dict):
+                owner = kv.get(META_RUN_ID, b"").decode()
+                if complete or owner != m.get("run_id"):
+                    why = "not in the manifest" + (f"; it belongs to run {owner}" if owner and owner != m.get("run_id") else "")
+                    problems.append(ChunkProblem(rel, "extra", why))
+                    continue
+                unrecorded.append(rel)
+            good[kind].append(info)
+    if isinstance(recorded, dict):
+        for rel in recorded:
+            if rel not in seen:
+                problems.append(ChunkProblem(rel, "missing", f"recorded with {recorded[rel].get('rows')} rows"))
+    state = "damaged" if problems else ("verified" if isinstance(recorded, dict) else "unverified")
+    checked = "sha256 of every byte" if checksums else "sizes and footer row counts"
+    return Integrity(state, checked, problems, good, unrecorded)
+
+
+_ALLOW_PARTIAL: contextvars.ContextVar[tuple[bool, Callable[[str], None] | None]] = contextvars.ContextVar(
+    "tracekit_allow_partial", default=(False, None))
+
+
+@contextmanager
+def partial_reads(allow: bool = True, on_skip: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Inside the block, :func:`open_run` (and every reader built on it) skips damaged chunks instead of refusing.
+
+    ``on_skip(line)`` hears one line per skipped chunk. The CLI's ``--allow-partial`` sets this.
+    """
+    token = _ALLOW_PARTIAL.set((allow, on_skip))
+    try:
+        yield
+    finally:
+        _ALLOW_PARTIAL.reset(token)
 
 
 @dataclass
@@ -216,6 +491,7 @@ class Run:
     path: Path
     manifest: dict[str, Any]
     files: dict[str, list[Path]] = field(default_factory=dict)
+    integrity: Integrity | None = None
 
     @property
     def kind(self) -> str:
@@ -238,17 +514,37 @@ class Run:
         return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths], promote_options="permissive")
 
 
-def open_run(path: str | os.PathLike) -> Run:
-    """Open a run directory; one-line errors for a missing, foreign or newer-schema directory."""
+def open_run(path: str | os.PathLike, *, allow_partial: bool | None = None) -> Run:
+    """Open a run directory; one-line errors for a missing, foreign, damaged or newer-schema directory.
+
+    A run with a missing, extra, truncated or corrupt chunk is refused naming the chunk, unless ``allow_partial``
+    (default: the enclosing :func:`partial_reads`, else False); then only the intact chunks are read.
+    """
     p = Path(path)
     if not p.is_dir():
         raise TracekitError(f"{p}: no such run directory")
     m = read_manifest(p)
     if m is None:
         raise TracekitError(f"{p}: no manifest.json; not a tracekit run directory (collect or import one first)")
+    if not isinstance(m, dict):
+        raise TracekitError(f"{p / MANIFEST}: not a tracekit manifest (expected a JSON object)")
     check_version(m.get("schema_version"), str(p / MANIFEST))
-    files = {k: [c.path for c in list_chunks(p, k)] for k in KINDS}
-    return Run(path=p, manifest=m, files=files)
+    integrity = verify_run(p, m)
+    allow, on_skip = _ALLOW_PARTIAL.get()
+    if allow_partial is not None:
+        allow = allow_partial
+    if integrity.problems:
+        if not allow:
+            more = f" (and {len(integrity.problems) - 1} more)" if len(integrity.problems) > 1 else ""
+            raise TracekitError(
+                f"{p}: {integrity.problems[0].line()}{more}; the run is damaged: restore the file or collect it "
+                "again, or pass --allow-partial to read the intact chunks"
+            )
+        if on_skip is not None:
+            for prob in integrity.problems:
+                on_skip(f"{p}: skipping {prob.line()}")
+    files = {k: [c.path for c in integrity.good.get(k, [])] for k in KINDS}
+    return Run(path=p, manifest=m, files=files, integrity=integrity)
 
 
 def base_manifest(*, run_id: str, kind: str, source: str, model: dict, geometry: dict, dataset: dict, args: dict) -> dict:

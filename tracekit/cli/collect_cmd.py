@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.markup import escape
 from rich.table import Table
 
+from ..errors import TracekitError
 from . import app
 from ._params import MAX_COUNT, MAX_LAYERS, MAX_SEED, check_device_map, positive_float, server_url
 
@@ -130,17 +131,31 @@ def _summary(result) -> None:
 
 
 @app.command()
-def info(run: Path = typer.Argument(..., help="A run directory."), as_json: bool = typer.Option(False, "--json")) -> None:
-    """What a run recorded: model geometry, dataset, requests, tokens, rows, files."""
+def info(
+    run: Path = typer.Argument(..., help="A run directory."),
+    as_json: bool = typer.Option(False, "--json"),
+    verify: bool = typer.Option(False, "--verify", help="Also compare the SHA-256 of every chunk with the manifest "
+                                "(reads every byte; by default sizes and Parquet footer row counts are checked)."),
+) -> None:
+    """What a run recorded: model geometry, dataset, requests, tokens, rows, files, and whether they are intact."""
+    from ..runlock import writer_pid
     from ..manifest_check import check_manifest
-    from ..store import MANIFEST, open_run, totals
+    from ..store import MANIFEST, open_run, totals, verify_run
 
-    r = open_run(run)
+    r = open_run(run, allow_partial=True)
     check_manifest(r.manifest, str(r.path / MANIFEST))
+    integrity = verify_run(r.path, r.manifest, checksums=True) if verify else r.integrity
     m = dict(r.manifest)
-    m["totals"] = totals(r.path)  # from the files, also for an unfinished run
+    m.pop("chunks", None)
+    m["totals"] = totals(r.path, integrity.good)  # from the intact files, also for an unfinished run
+    m["status"] = _live_status(m.get("status"), writer_pid(r.path))
+    m["integrity"] = {"state": integrity.state, "checked": integrity.checked,
+                      "problems": [vars(p) for p in integrity.problems], "unrecorded": integrity.unrecorded}
+    damaged = integrity.state == "damaged"
     if as_json:
         print(json.dumps(m, indent=2, default=str))
+        if damaged:
+            raise TracekitError(f"{run}: {integrity.problems[0].line()}; the run is damaged")
         return
     g = m.get("geometry", {})
     t = Table(title=escape(str(run)), show_header=False)
@@ -149,7 +164,8 @@ def info(run: Path = typer.Argument(..., help="A run directory."), as_json: bool
     model = m.get("model", {})
     t.add_row = _escaped_add_row(t)  # manifest text is user data, never rich markup
     t.add_row("run id", m.get("run_id", ""))
-    t.add_row("status", str(m.get("status")))
+    hint = ": run the same command again to resume" if m.get("status") == "interrupted" else ""
+    t.add_row("status", str(m.get("status")) + hint)
     t.add_row("source", str(m.get("source")))
     origin = model.get("hub_id") or ("built-in" if str(model.get("name", "")).startswith("tiny-") else None)
     t.add_row("model", str(model.get("name")) + (f"  ({origin}" + (f", rev {model['revision']}" if model.get("revision") else "") + ")" if origin else ""))
@@ -160,9 +176,24 @@ def info(run: Path = typer.Argument(..., help="A run directory."), as_json: bool
         t.add_row(f"{kind}", f"{tot['requests']:,} requests, {tot['prompt_tokens']:,} prompt + {tot['generated_tokens']:,} "
                              f"generated tokens, {tot['rows']:,} rows, {len(tot['files'])} files, {_human_bytes(tot['bytes'])}")
     t.add_row("schema", f"v{m.get('schema_version')}, tracekit {m.get('tracekit_version')}")
+    t.add_row("integrity", integrity.summary(), style="bold red" if damaged else None)
+    for p in integrity.problems[1:]:
+        t.add_row("", p.line(), style="bold red")
     for note in m.get("notes", []):
         t.add_row("note", str(note))
     out_console.print(t)
+    if damaged:
+        raise TracekitError(f"{run}: {integrity.problems[0].line()}; the run is damaged (restore the file or "
+                            "collect it again; --allow-partial reads the intact chunks)")
+
+
+def _live_status(status, pid: str | None) -> str:
+    """The manifest's status, corrected by the writer lock: ``running`` with no live writer means interrupted."""
+    if status == "running" and pid is None:
+        return "interrupted"
+    if status == "running":
+        return f"running (pid {pid})"
+    return str(status)
 
 
 def _geometry_line(g: dict) -> str:

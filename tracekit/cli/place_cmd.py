@@ -32,6 +32,7 @@ def place_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole comparison as JSON."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the chosen strategy's placement (neutral JSON)."),
     force: bool = force_option("the -o and --json files"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """Fit placements on a train split, score them on held-out requests, print the table, save the placement."""
     from rich.console import Console
@@ -46,7 +47,10 @@ def place_cmd(
         if target is not None:
             check_file(target, force=force, option=option)
     distinct(("-o", out), ("--json", json_out))
-    traces = load_traces(runs)
+    from .query_cmd import partial_reads_cli
+
+    with partial_reads_cli(allow_partial):
+        traces = load_traces(runs)
     cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
     eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens}
     if hidden_size is not None:

@@ -25,6 +25,13 @@ MEMORY_LIMIT_OPTION = typer.Option(
     "temporary folder that is removed afterwards.")
 
 
+def partial_reads_cli(allow: bool):
+    """``--allow-partial``: damaged runs are read without their damaged chunks, one warning line per chunk."""
+    from ..store import partial_reads
+
+    return partial_reads(allow, on_skip=lambda line: print(f"warning: {line}", file=sys.stderr))
+
+
 def _fmt(v) -> str:
     if v is None:
         return "NULL"
@@ -115,6 +122,7 @@ def query_cmd(
     max_rows: int = typer.Option(200, "--max-rows", min=1, max=10_000_000, help="Rows shown by --format table."),
     timeout: float = TIMEOUT_OPTION,
     memory_limit: str = MEMORY_LIMIT_OPTION,
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """Run one read-only SQL query over the views routes, choices, requests, runs, loads."""
     from ..query import connect, fetch_limited
@@ -123,7 +131,8 @@ def query_cmd(
         raise TracekitError('give one or more run directories and then the SQL, e.g. tracekit query RUN "SELECT * FROM requests"')
     *runs, sql = args
     check_emit(fmt, out, force)
-    con = connect(runs, memory_limit=memory_limit)
+    with partial_reads_cli(allow_partial):
+        con = connect(runs, memory_limit=memory_limit)
     try:
         emit(fetch_limited(con, sql, timeout=timeout), fmt, out, max_rows)
     finally:
@@ -136,11 +145,13 @@ def sql_cmd(
     max_rows: int = typer.Option(200, "--max-rows", min=1, max=10_000_000, help="Rows shown per result."),
     timeout: float = TIMEOUT_OPTION,
     memory_limit: str = MEMORY_LIMIT_OPTION,
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """Interactive SQL shell over the same views (reads statements ending in ';' from stdin; piping works)."""
     from ..query import VIEWS, connect, fetch_limited
 
-    con = connect(runs, memory_limit=memory_limit)
+    with partial_reads_cli(allow_partial):
+        con = connect(runs, memory_limit=memory_limit)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"tracekit sql: views {', '.join(VIEWS)}; end statements with ';'; .tables, .schema VIEW, .quit")
@@ -216,6 +227,7 @@ def analyze_cmd(
     window: Optional[int] = typer.Option(None, "--window", min=1, max=2**31 - 1, help="Requests per window for hot-set stability (default R/10)."),
     top_n: Optional[int] = typer.Option(None, "--top-n", min=1, max=2**31 - 1, help="Experts compared in the top-n overlap (default top-k)."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the shuffled baseline and the classifier folds."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """Load imbalance, domain specificity, prefill-decode correlation and co-activation, as summary tables."""
     from rich.console import Console
@@ -227,7 +239,8 @@ def analyze_cmd(
         raise TracekitError(f"--format {fmt!r} unknown; use parquet or csv")
     if out is not None:
         check_folder(out, force=force, option="--out")
-    results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed)
+    with partial_reads_cli(allow_partial):
+        results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed)
     console = Console()
     for name, res in results.items():
         console.rule(f"[bold]{escape(name)}")
@@ -248,6 +261,7 @@ def report_cmd(
     force: bool = force_option("the HTML file and PNGs in the --png folder"),
     layer: Optional[int] = typer.Option(None, "--layer", min=0, max=MAX_LAYERS, help="MoE layer of the co-activation heatmap (default: the middle one)."),
     by: Literal["domain", "dataset"] = typer.Option("domain", "--by", help="Group the domain-shift figure by this key."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """One self-contained HTML page with the load, imbalance, domain-shift, correlation and co-activation plots."""
     from ..report import write_report
@@ -256,5 +270,6 @@ def report_cmd(
     if png is not None:
         check_folder(png, force=force, option="--png")
         distinct(("-o", out), ("--png", png))
-    path = write_report(runs, out, png_dir=png, layer=layer, by=by)
+    with partial_reads_cli(allow_partial):
+        path = write_report(runs, out, png_dir=png, layer=layer, by=by)
     print(f"wrote {path}")

@@ -20,7 +20,7 @@ from ..store import read_manifest
 from .geometry import resolve_model
 from .routed_experts import import_routed_experts
 from .sglang import import_sglang_per_token, import_sglang_stat
-from .staging import StagedRun
+from .staging import StagedRun, holds_out_lock
 from .trtllm import import_trtllm_stats
 
 FORMATS: dict[str, tuple[str, Callable[..., dict]]] = {
@@ -31,6 +31,7 @@ FORMATS: dict[str, tuple[str, Callable[..., dict]]] = {
 }
 
 
+@holds_out_lock
 def import_engine_run(
     fmt: str,
     sources: list[str | os.PathLike],

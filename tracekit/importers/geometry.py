@@ -21,12 +21,18 @@ _ALIASES = {"experts": "num_experts", "e": "num_experts", "num_experts": "num_ex
             "name": "name"}
 
 
+_LAYER_LIMIT = (1 << 15) - 1  # the layer column is int16 (tracekit.schema)
+
+
 def parse_layers(spec: str | list[int] | range | None) -> list[int] | None:
     """``"3-60"``, ``"0,2,4"``, ``"1-47:2"`` (range with step) or a list -> sorted unique layer indices."""
     if spec is None:
         return None
     if not isinstance(spec, str):
-        return sorted({int(x) for x in spec})
+        out = {int(x) for x in spec}
+        if out and (min(out) < 0 or max(out) > _LAYER_LIMIT):
+            raise TracekitError(f"bad layer list; layer indices are 0..{_LAYER_LIMIT}")
+        return sorted(out)
     out: set[int] = set()
     for part in spec.replace(";", ",").split(","):
         part = part.strip()
@@ -40,13 +46,16 @@ def parse_layers(spec: str | list[int] | range | None) -> list[int] | None:
             if "-" in part:
                 a, b = part.split("-", 1)
                 lo, hi = int(a), int(b)
-                if hi < lo or step < 1:
+                if hi < lo or step < 1 or hi > _LAYER_LIMIT:
                     raise ValueError
                 out.update(range(lo, hi + 1, step))
             else:
+                if int(part) > _LAYER_LIMIT:
+                    raise ValueError
                 out.add(int(part))
         except ValueError:
-            raise TracekitError(f"bad layer list {spec!r}; write ranges like 3-60, lists like 0,2,4 or 1-47:2") from None
+            raise TracekitError(f"bad layer list {spec!r}; write ranges like 3-60, lists like 0,2,4 or 1-47:2 "
+                               f"(layers 0..{_LAYER_LIMIT})") from None
     if not out or min(out) < 0:
         raise TracekitError(f"bad layer list {spec!r}; layer indices are non-negative integers")
     return sorted(out)
@@ -126,6 +135,12 @@ def resolve_model(
         geo["num_layers"] = int(geo["num_layers"]) if geo.get("num_layers") is not None else max(geo["moe_layers"]) + 1
     except (TypeError, ValueError):
         raise TracekitError(f"bad geometry for {model!r}: experts, top_k and num_layers must be integers") from None
+    from .numbers import LAYER_MAX, MAX_EXPERTS
+
+    if not 1 <= geo["num_experts"] <= MAX_EXPERTS:
+        raise TracekitError(f"bad geometry: experts={geo['num_experts']} is outside 1..{MAX_EXPERTS}")
+    if not 1 <= geo["num_layers"] <= LAYER_MAX + 1:
+        raise TracekitError(f"bad geometry: num_layers={geo['num_layers']} is outside 1..{LAYER_MAX + 1}")
     if geo["num_experts"] < 1 or not 1 <= geo["top_k"] <= geo["num_experts"]:
         raise TracekitError(f"bad geometry: need 1 <= top_k ({geo['top_k']}) <= experts ({geo['num_experts']})")
     if max(geo["moe_layers"]) >= geo["num_layers"]:

@@ -50,7 +50,9 @@ from ..errors import TracekitError
 from ..jsonlines import iter_json_objects
 from ..schema import build_routes_table
 from .geometry import registry_geometry
-from .staging import StagedRun, refuse_nonempty_out
+from .numbers import (LAYER_MAX, MAX_EXPERTS, POSITION_MAX, TOKEN_ID_MAX, check_int, check_label, check_num_experts,
+                      check_weights)
+from .staging import StagedRun, holds_out_lock, refuse_nonempty_out
 
 DEFAULT_FIELD_MAP = {
     "experts": "experts",
@@ -123,35 +125,43 @@ class _Request:
     weights: list[list[float]] = field(default_factory=list)
 
 
+_FIELD_MAX = {"layer": LAYER_MAX, "position": POSITION_MAX - 1, "token_id": TOKEN_ID_MAX}  # step = position + 1
+
+
 def _int_field(rec: dict, names: str, where: str, what: str) -> int:
     for name in names.split("|"):
         if name in rec:
-            v = rec[name]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 0:
-                raise TracekitError(f"{where}: field {name!r} ({what}) must be a non-negative integer, got {v!r}")
-            return int(v)
+            return check_int(rec[name], f"field {name!r} ({what})", where, 0, _FIELD_MAX[what])
     raise TracekitError(f"{where}: no field {names!r} ({what}); name it with --field-map {what}=FIELD")
 
 
-def _read_files(files: Sequence[Path], fm: dict[str, str], dataset_override: str | None) -> list[_Request]:
+def _read_files(files: Sequence[Path], fm: dict[str, str], dataset_override: str | None,
+                weight_dtype: str = "float32", num_experts: int | None = None) -> list[_Request]:
     requests: dict[tuple, _Request] = {}
     k_seen: int | None = None
+    e_max = (num_experts if num_experts is not None else MAX_EXPERTS) - 1
     for fi, path in enumerate(files):
         if not path.is_file():
             raise TracekitError(f"{path}: no such file")
         for lineno, rec in iter_json_objects(path):
             where = f"{path}:{lineno}"
-            ds = dataset_override or (str(rec[fm["dataset"]]) if fm["dataset"] and fm["dataset"] in rec else path.stem)
+            if dataset_override:
+                ds = dataset_override
+            elif fm["dataset"] and fm["dataset"] in rec:
+                ds = check_label(rec[fm["dataset"]], f"field {fm['dataset']!r} (dataset)", where)
+            else:
+                ds = path.stem
             if fm["request"] not in rec:
                 raise TracekitError(f"{where}: no field {fm['request']!r} (request); name it with --field-map request=FIELD")
-            rkey = rec[fm["request"]]
-            if isinstance(rkey, (list, dict)):
-                raise TracekitError(f"{where}: request field {fm['request']!r} must be a scalar")
+            rkey = check_label(rec[fm["request"]], f"request field {fm['request']!r}", where)
             layer = _int_field(rec, fm["layer"], where, "layer")
             pos = _int_field(rec, fm["position"], where, "position")
             ex = rec.get(fm["experts"])
-            if not isinstance(ex, list) or not ex or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ex):
-                raise TracekitError(f"{where}: field {fm['experts']!r} must be a non-empty list of expert ids, got {ex!r}")
+            if not isinstance(ex, list) or not ex:
+                raise TracekitError(f"{where}: field {fm['experts']!r} must be a non-empty list of expert ids, got {ex!r}"[:300])
+            for i, e in enumerate(ex):
+                what = f"field {fm['experts']!r}[{i}] (expert id)" + (" (--num-experts)" if num_experts is not None else "")
+                check_int(e, what, where, 0, e_max)
             if k_seen is None:
                 k_seen = len(ex)
             elif len(ex) != k_seen:
@@ -161,8 +171,7 @@ def _read_files(files: Sequence[Path], fm: dict[str, str], dataset_override: str
                 w = rec.get(fm["weights"])
                 if w is None:
                     raise TracekitError(f"{where}: no field {fm['weights']!r} (weights); pass --field-map weights= to import without weights")
-                if not isinstance(w, list) or len(w) != len(ex) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
-                    raise TracekitError(f"{where}: field {fm['weights']!r} must be a list of {len(ex)} numbers, got {w!r}")
+                w = check_weights(w, len(ex), f"field {fm['weights']!r}", where, weight_dtype)
             tok = -1
             if fm["token_id"] and fm["token_id"] in rec:
                 tok = _int_field(rec, fm["token_id"], where, "token_id")
@@ -228,7 +237,7 @@ def _recover_phases(req: _Request, mode: str, path: Path) -> _Phased:
         split = 0  # decode only, step-major
     phase = np.ones(n, dtype=np.int8)
     step = np.full(n, -1, dtype=np.int32)
-    out_pos = pos.astype(np.int32)
+    out_pos = pos.astype(np.int64)
     if split is None:  # layer-major decode: position is the generated token's index
         step[:] = pos + 1
         prompt_len, how = 0, "decode (position = generated-token index; prompt length unknown)"
@@ -239,8 +248,11 @@ def _recover_phases(req: _Request, mode: str, path: Path) -> _Phased:
             step[split:] = _steps_by_order(layer[split:])
             out_pos[split:] = prompt_len + step[split:] - 1
         how = "prefill + step-major decode" if 0 < split < n else ("prefill" if split == n else "step-major decode")
-    # one row per (phase, position, layer)
-    key = (phase.astype(np.int64) << 40) | (out_pos.astype(np.int64) << 16) | layer
+        if split < n and prompt_len + int(step[split:].max()) - 1 > POSITION_MAX:
+            raise TracekitError(f"{path}:{req.lines[-1]}: request {req.key!r}: decode positions after a prompt of "
+                                f"{prompt_len} tokens pass {POSITION_MAX}")
+    # one row per (phase, position, layer): position < 2**31 takes bits 16..46, layer < 2**15 bits 0..14
+    key = (phase.astype(np.int64) << 48) | (out_pos.astype(np.int64) << 16) | layer
     uniq, idx, counts = np.unique(key, return_index=True, return_counts=True)
     if len(uniq) < n:
         dup = np.flatnonzero(counts > 1)[0]
@@ -256,6 +268,7 @@ def _recover_phases(req: _Request, mode: str, path: Path) -> _Phased:
     return _Phased(phase, out_pos, step, prompt_tokens, gen, how)
 
 
+@holds_out_lock
 def import_jsonl(
     files: Iterable[str | os.PathLike],
     *,
@@ -284,16 +297,18 @@ def import_jsonl(
     fm = parse_field_map(field_map)
     out = Path(out)
     refuse_nonempty_out(out)  # before reading the files; StagedRun checks again when it opens
-    reqs = _read_files(files, fm, dataset)
+    if weight_dtype not in ("float16", "float32"):
+        raise TracekitError(f"unknown weight dtype {weight_dtype!r}; use float16 or float32")
+    if num_experts is not None:
+        check_num_experts(check_int(num_experts, "--num-experts", "import", 1), "--num-experts")
+    if num_layers is not None:
+        check_int(num_layers, "--num-layers", "import", 1, LAYER_MAX + 1)
+    reqs = _read_files(files, fm, dataset, weight_dtype, num_experts)
 
     max_id = max(max(max(e) for e in r.experts) for r in reqs)
     k = len(reqs[0].experts[0])
     if num_experts is None:
-        num_experts = max_id + 1
-    elif max_id >= num_experts:
-        r = next(r for r in reqs if max(max(e) for e in r.experts) >= num_experts)
-        i = next(i for i, e in enumerate(r.experts) if max(e) >= num_experts)
-        raise TracekitError(f"{files[r.file_idx]}:{r.lines[i]}: expert id {max(r.experts[i])} >= --num-experts {num_experts}")
+        num_experts = check_num_experts(max_id + 1, ", ".join(map(str, files)))
     if top_k is not None and top_k != k:
         raise TracekitError(f"records list {k} experts per token but --top-k is {top_k}")
     layers_seen = sorted({l for r in reqs for l in r.layer})

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import TracekitError
 from ..jsonlines import iter_json_lines, read_json
+from .numbers import POSITION_MAX, TOKEN_ID_MAX, check_int, check_int_list, check_label
 from .staging import StagedRun
 
 CHUNK_REQUESTS = 256
@@ -100,17 +101,19 @@ def decode_array(value: Any, *, rows: int | None, top_k: int, layer_options: tup
 
 
 def _ints(value: Any, what: str, where: str) -> list[int] | None:
+    """Token ids: a list of integers in the token_id column's range."""
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(x, int) for x in value):
-        raise TracekitError(f"{where}: {what} must be a list of integers")
-    return value
+    return check_int_list(value, what, where, 0, TOKEN_ID_MAX)
 
 
 def _int(value: Any, what: str, where: str) -> int:
-    if not isinstance(value, int) or value < 0:
-        raise TracekitError(f"{where}: {what} must be a non-negative integer, got {value!r}")
-    return value
+    """A token count or offset: an integer in 0..2**31-1 (positions are int32)."""
+    return check_int(value, what, where, 0, POSITION_MAX)
+
+
+def _label(value: Any, what: str, where: str) -> str | None:
+    return None if value is None else check_label(value, what, where)
 
 
 def parse_response(obj: Any, geometry: dict[str, Any], where: str) -> list[RoutedRequest]:
@@ -133,7 +136,7 @@ def parse_response(obj: Any, geometry: dict[str, Any], where: str) -> list[Route
     layer_options = (geometry["num_layers"], len(geometry["moe_layers"]))
     start = _int(meta.get("routed_experts_prompt_start", resp.get("routed_experts_prompt_start", 0)),
                  "routed_experts_prompt_start", where)
-    pid, dom = meta.get("prompt_id"), meta.get("domain")
+    pid, dom = _label(meta.get("prompt_id"), "prompt_id", where), _label(meta.get("domain"), "domain", where)
     if "meta_info" in resp:  # SGLang
         mi = resp["meta_info"]
         if not isinstance(mi, dict) or "routed_experts" not in mi or mi["routed_experts"] is None:
@@ -141,9 +144,10 @@ def parse_response(obj: Any, geometry: dict[str, Any], where: str) -> list[Route
                                 "started with --enable-return-routed-experts")
         p = _int(mi.get("prompt_tokens"), "meta_info.prompt_tokens", where)
         g = _int(mi.get("completion_tokens"), "meta_info.completion_tokens", where)
+        _check_start(start, p, where)
         arr = decode_array(mi["routed_experts"], rows=p + g - 1 - start, top_k=top_k, layer_options=layer_options,
                            where=where)
-        return [RoutedRequest(pid if pid is not None else mi.get("id"), dom, arr, p, start, g,
+        return [RoutedRequest(pid if pid is not None else _label(mi.get("id"), "meta_info.id", where), dom, arr, p, start, g,
                               _ints(resp.get("input_ids"), "input_ids", where),
                               _ints(resp.get("output_ids"), "output_ids", where))]
     if "choices" in resp or "outputs" in resp:  # vLLM OpenAI response, or offline RequestOutput
@@ -163,15 +167,23 @@ def parse_response(obj: Any, geometry: dict[str, Any], where: str) -> list[Route
                 p = _int(usage["prompt_tokens"], "usage.prompt_tokens", w)
             else:
                 raise TracekitError(f"{w}: prompt length unknown; request with return_token_ids=true (prompt_token_ids)")
+            _check_start(start, p, w)
             out_ids = _ints(ch.get("token_ids"), "token_ids", w)
             g = len(out_ids) if out_ids is not None else (usage.get("completion_tokens") if len(choices) == 1 else None)
+            if g is not None:
+                g = _int(g, "usage.completion_tokens", w)
             rows = None if g is None else p + int(g) - 1 - start
             arr = decode_array(ch["routed_experts"], rows=rows, top_k=top_k, layer_options=layer_options, where=w)
-            rid = pid if pid is not None else resp.get("id") or resp.get("request_id")
+            rid = pid if pid is not None else _label(resp.get("id") or resp.get("request_id"), "id", w)
             rid = _indexed(rid, ch.get("index", ci)) if len(choices) > 1 else rid
             out.append(RoutedRequest(rid, dom, arr, p, start, None if g is None else int(g), prompt_ids, out_ids))
         return out
     raise TracekitError(f"{where}: neither an SGLang response (meta_info) nor a vLLM one (choices/outputs)")
+
+
+def _check_start(start: int, prompt_len: int, where: str) -> None:
+    if start > prompt_len:
+        raise TracekitError(f"{where}: routed_experts_prompt_start {start} is past the prompt's {prompt_len} tokens")
 
 
 def _indexed(pid: Any, i: int) -> str | None:
@@ -189,6 +201,9 @@ def request_tokens(req: RoutedRequest, geometry: dict[str, Any], where: str,
     """
     arr = req.experts
     rows, n_layers, k = arr.shape
+    if req.prompt_start + rows - 1 > POSITION_MAX:
+        raise TracekitError(f"{where}: positions {req.prompt_start}..{req.prompt_start + rows - 1} pass {POSITION_MAX} "
+                            "(routed_experts_prompt_start too large?)")
     if k != geometry["top_k"]:
         raise TracekitError(f"{where}: {k} experts per token, the model's top_k is {geometry['top_k']}; check --model")
     moe = geometry["moe_layers"]

@@ -47,6 +47,7 @@ import numpy as np
 
 from ..errors import TracekitError
 from ..schema import build_loads_table
+from .numbers import COUNT_MAX, POSITION_MAX, TOKEN_ID_MAX, WINDOW_MAX, check_array, check_int, check_int_list
 from .staging import StagedRun
 
 EXTEND, DECODE, MIXED, IDLE = 1, 2, 3, 4
@@ -140,7 +141,9 @@ def segments(forward_mode: int, extend_seq_lens: list[int] | None, n_tokens: int
     """Token ranges [a, b) of the requests in one pass: extend segments, or one token per request in decode."""
     if forward_mode == DECODE:
         return [(i, i + 1) for i in range(n_tokens)]
-    lens = [int(x) for x in (extend_seq_lens or [])]
+    if hasattr(extend_seq_lens, "tolist"):  # a tensor or array
+        extend_seq_lens = extend_seq_lens.tolist()
+    lens = check_int_list(extend_seq_lens or [], "extend_seq_lens", where, 0, POSITION_MAX)
     if sum(lens) != n_tokens or any(x < 0 for x in lens):
         raise TracekitError(f"{where}: extend_seq_lens sum to {sum(lens)} but the pass has {n_tokens} tokens")
     ends = np.cumsum(lens)
@@ -233,9 +236,11 @@ def import_sglang_per_token(paths: list[str | Path], staged: StagedRun, *, domai
             where = f"{path} record {i}"
             if not isinstance(rec, dict) or any(k not in rec for k in _RECORD_KEYS):
                 raise TracekitError(f"{where}: missing one of {', '.join(_RECORD_KEYS)}")
-            mode = int(rec["forward_mode"])
-            input_ids = _as_np(rec["input_ids"], "input_ids", where, ndim=1)
-            positions = _as_np(rec["positions"], "positions", where, ndim=1)
+            mode = check_int(rec["forward_mode"], "forward_mode", where, 0, 255)
+            input_ids = check_array(_as_np(rec["input_ids"], "input_ids", where, ndim=1), "input_ids", where, 0,
+                                    TOKEN_ID_MAX)
+            positions = check_array(_as_np(rec["positions"], "positions", where, ndim=1), "positions", where, 0,
+                                    POSITION_MAX)
             topk = _as_np(rec["topk_ids_of_layer"], "topk_ids_of_layer", where, ndim=3)
             t = input_ids.shape[0]
             if positions.shape[0] != t or topk.shape[1] != t:
@@ -249,8 +254,9 @@ def import_sglang_per_token(paths: list[str | Path], staged: StagedRun, *, domai
                 skipped["other_mode_passes"] += 1
                 skipped["other_mode_tokens"] += t
                 continue
-            rank = int(rec.get("rank", 0) or 0)
-            fp_id = int(rec.get("forward_pass_id", i) or 0)
+            rank = check_int(rec.get("rank") if rec.get("rank") is not None else 0, "rank", where, 0, 1 << 20)
+            fp_id = check_int(rec.get("forward_pass_id") if rec.get("forward_pass_id") is not None else i,
+                              "forward_pass_id", where, 0, (1 << 63) - 1)
             key = (fp_id, t, mode, input_ids.tobytes(), topk.tobytes())
             if key in seen:  # tensor-parallel ranks record the same pass
                 skipped["duplicate_passes"] += 1
@@ -318,13 +324,12 @@ def stat_counts(obj: Any, path: Path, geometry: dict[str, Any]) -> np.ndarray:
         raise TracekitError(f"{path}: this is a per_token dump (records); import it as sglang-per-token")
     if not isinstance(obj, dict) or "logical_count" not in obj:
         raise TracekitError(f"{path}: not an SGLang stat dump (expected key logical_count)")
-    lc = _as_np(obj["logical_count"], "logical_count", str(path), ndim=3).astype(np.int64)
+    lc = check_array(_as_np(obj["logical_count"], "logical_count", str(path), ndim=3), "logical_count", str(path), 0,
+                     COUNT_MAX)
     _, n_layers, n_exp = lc.shape
     moe = geometry["moe_layers"]
     if n_exp != geometry["num_experts"]:
         raise TracekitError(f"{path}: logical_count has {n_exp} experts, the model {geometry['num_experts']}")
-    if (lc < 0).any():
-        raise TracekitError(f"{path}: logical_count holds negative counts")
     if n_layers == geometry["num_layers"]:
         dense = np.setdiff1d(np.arange(n_layers), moe)
         if dense.size and lc[:, dense].any():
@@ -354,6 +359,8 @@ def import_sglang_stat(paths: list[str | Path], staged: StagedRun, *, domain: st
     windows = 0
     for path in sort_dump_files(paths):
         counts = stat_counts(load_dump(path), path, geo)
+        if offset + counts.shape[0] - 1 > WINDOW_MAX:
+            raise TracekitError(f"{path}: more than {WINDOW_MAX + 1} forward passes in all; import fewer files at once")
         rows = loads_rows(counts, geo["moe_layers"], offset)
         windows += int(np.unique(rows["window"]).size)
         staged.write_loads(build_loads_table(run_id=staged.run_id, model=staged.model_name,

@@ -3,22 +3,44 @@
 Importers validate as they read; when a file turns out malformed half-way, the staging directory is deleted and
 ``--out`` is left exactly as it was (absent or empty). Every table goes through :mod:`tracekit.schema` builders and
 every file through :func:`tracekit.store.write_chunk`, so imported runs are read like collected ones.
+
+The import holds the writer lock of ``--out`` (:mod:`tracekit.runlock`) while it stages, so a concurrent collect or
+import on the same ``--out`` is refused; staging folders left by a killed import are removed under that lock.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import TracekitError
 from ..schema import build_routes_table, routes_schema
-from ..store import base_manifest, finalize, new_run_id, write_chunk, write_manifest
+from ..runlock import writer_lock
+from ..store import base_manifest, finalize, new_run_id, update_manifest, write_chunk, write_manifest
 from .geometry import registry_hub_id
+
+
+def holds_out_lock(fn: Callable) -> Callable:
+    """Decorate an import entry point with an ``out`` argument: the writer lock of ``out`` is held for the whole
+    call (reading the sources included), so a second writer is refused before it reads anything."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        out = Path(sig.bind(*args, **kwargs).arguments["out"])
+        if out.exists() and not out.is_dir():
+            raise TracekitError(f"{out} already exists and is not empty; import into a new --out directory")
+        with writer_lock(out):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def refuse_nonempty_out(out: Path) -> None:
@@ -59,33 +81,57 @@ class StagedRun:
             geometry=geometry, dataset=dataset, args=args,
         )
         self.tmp: Path | None = None
+        self._lock = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> "StagedRun":
-        refuse_nonempty_out(self.out)
-        parent = self.out.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = parent / f".{self.out.name}.importing-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
-        write_manifest(self.tmp, self._manifest)
+        if self.out.exists() and not self.out.is_dir():
+            raise TracekitError(f"{self.out} already exists and is not empty; import into a new --out directory")
+        self._lock = writer_lock(self.out)
+        self._lock.__enter__()
+        try:
+            refuse_nonempty_out(self.out)
+            parent = self.out.parent
+            for stale in parent.glob(f".{self.out.name}.importing-*"):  # left by a killed import (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            self.tmp = parent / f".{self.out.name}.importing-{uuid.uuid4().hex[:8]}"
+            self.tmp.mkdir()
+            write_manifest(self.tmp, {**self._manifest, "chunks": {}})
+        except BaseException:
+            self._unlock()
+            raise
         return self
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.__exit__(None, None, None)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self._chunk == 0:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise TracekitError("the sources hold no routing records to import (empty dump?)")
-        m = dict(self._manifest)
-        m["notes"] = list(self.notes)
-        m.update(self.extra)
-        write_manifest(self.tmp, m)
-        finalize(self.tmp)
-        if self.out.exists():
-            self.out.rmdir()  # empty (checked on enter)
-        os.replace(self.tmp, self.out)
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            if self._chunk == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise TracekitError("the sources hold no routing records to import (empty dump?)")
+
+            def change(m: dict[str, Any]) -> None:
+                m["notes"] = list(self.notes)
+                m.update(self.extra)
+
+            try:
+                update_manifest(self.tmp, change)
+                finalize(self.tmp)
+                if self.out.exists():
+                    self.out.rmdir()  # empty (checked on enter)
+                os.replace(self.tmp, self.out)
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+        finally:
+            self._unlock()
 
     def note(self, text: str) -> None:
         if text not in self.notes:

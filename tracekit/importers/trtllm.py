@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import TracekitError
 from ..jsonlines import read_json
 from ..schema import build_loads_table
+from .numbers import COUNT_MAX, MAX_EXPERTS, WINDOW_MAX, check_array, check_int
 from .staging import StagedRun
 
 _RANK_RE = re.compile(r"^rank(\d+)\.safetensors$")
@@ -35,8 +36,12 @@ def read_meta(directory: Path) -> dict[str, Any]:
     if not p.is_file():
         raise TracekitError(f"{directory}: no meta_info.json; pass the EXPERT_STATISTIC_PATH directory")
     meta = read_json(p, "truncated? dump the statistics again")
-    if not isinstance(meta, dict) or not isinstance(meta.get("num_experts"), int):
+    if not isinstance(meta, dict) or "num_experts" not in meta:
         raise TracekitError(f"{p}: expected {{\"num_experts\": E, \"num_experts_per_token\": k}}")
+    meta["num_experts"] = check_int(meta["num_experts"], "num_experts", str(p), 1, MAX_EXPERTS)
+    if meta.get("num_experts_per_token") is not None:
+        meta["num_experts_per_token"] = check_int(meta["num_experts_per_token"], "num_experts_per_token", str(p), 1,
+                                                  meta["num_experts"])
     return meta
 
 
@@ -62,7 +67,7 @@ def read_rank(path: Path, num_experts: int) -> dict[tuple[int, int], np.ndarray]
             raise TracekitError(f"{path}: key {key!r} is not '{{iter}}_{{layer}}'")
         if arr.ndim != 1 or arr.shape[0] != num_experts or arr.dtype.kind not in "iu":
             raise TracekitError(f"{path}: {key} has shape {arr.shape} ({arr.dtype}), expected ({num_experts},) ints")
-        out[(int(m.group(1)), int(m.group(2)))] = arr.astype(np.int64)
+        out[(int(m.group(1)), int(m.group(2)))] = check_array(arr, f"counts of {key}", str(path), 0, COUNT_MAX)
     return out
 
 
@@ -103,6 +108,9 @@ def import_trtllm_stats(paths: list[str | Path], staged: StagedRun, *, domain: s
         lmap = map_layers(sorted({layer for _, layer in summed}), geo, str(directory))
         keys = sorted(summed)
         iters = sorted({i for i, _ in keys})
+        if iters[-1] - iters[0] + offset > WINDOW_MAX:
+            raise TracekitError(f"{directory}: iterations {iters[0]}..{iters[-1]} span more than {WINDOW_MAX + 1} "
+                                "windows; is a key's iteration number wrong?")
         w = np.repeat(np.array([i - iters[0] + offset for i, _ in keys]), e)
         layer = np.repeat(np.array([lmap[x] for _, x in keys]), e)
         table = build_loads_table(run_id=staged.run_id, model=staged.model_name, dataset=staged.dataset["name"],

@@ -1,0 +1,190 @@
+"""Chunk integrity: the manifest records every chunk's rows, bytes and SHA-256; a missing, extra, truncated or
+corrupt chunk is named by `info`, refused by every reader, and skipped (with a warning) under --allow-partial."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tracekit.cli import main
+from tracekit.errors import TracekitError
+from tracekit.query import connect, fetch_arrow, run_sql
+from tracekit.store import open_run, partial_reads, verify_run
+from tracekit.synth import generate_run
+
+VICTIM = "routes/part-r000-c000001.parquet"
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+        raise SystemExit(0)
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("integrity") / "run"
+    generate_run(out, num_experts=16, top_k=2, moe_layers=[1, 2, 3], requests=24, prompt_tokens=(6, 10),
+                 decode_tokens=(3, 5), rows_per_chunk=300, seed=3)
+    return out
+
+
+@pytest.fixture()
+def run(pristine, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(pristine, dst)
+    return dst
+
+
+def _count(run: Path) -> int:
+    con = connect(run)
+    try:
+        return fetch_arrow(run_sql(con, "SELECT count(*) AS n FROM routes")).column("n")[0].as_py()
+    finally:
+        con.close()
+
+
+def test_manifest_records_every_chunk(pristine):
+    m = json.loads((pristine / "manifest.json").read_text())
+    files = sorted(p.relative_to(pristine).as_posix() for p in (pristine / "routes").glob("*.parquet"))
+    assert len(files) >= 4 and sorted(m["chunks"]) == files
+    for rel, rec in m["chunks"].items():
+        p = pristine / rel
+        assert rec["bytes"] == p.stat().st_size and rec["rows"] == pq.read_metadata(p).num_rows
+        assert len(rec["sha256"]) == 64
+    assert verify_run(pristine, checksums=True).state == "verified"
+
+
+def test_info_verified(run, capsys):
+    code, out, err = cli(capsys, "info", str(run), "--verify")
+    assert code == 0, err
+    assert "verified" in out and "sha256" in out
+
+
+def _damage(run: Path, how: str) -> tuple[str, int]:
+    """Damage the run; returns (the chunk named in the error, rows that --allow-partial still reads)."""
+    victim = run / VICTIM
+    total = sum(pq.read_metadata(p).num_rows for p in (run / "routes").glob("*.parquet"))
+    lost = pq.read_metadata(victim).num_rows
+    if how == "missing":
+        victim.unlink()
+        return VICTIM, total - lost
+    if how == "truncated":
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) // 2])
+        return VICTIM, total - lost
+    if how == "corrupt_footer":  # same size, footer bytes overwritten
+        data = bytearray(victim.read_bytes())
+        data[-40:-8] = b"\xff" * 32
+        victim.write_bytes(bytes(data))
+        return VICTIM, total - lost
+    if how == "corrupt_longer":
+        with open(victim, "ab") as f:
+            f.write(b"junk")
+        return VICTIM, total - lost
+    if how == "extra":
+        shutil.copy(victim, run / "routes/part-r000-c000099.parquet")
+        return "routes/part-r000-c000099.parquet", total
+    if how == "swapped":  # another chunk of the same run under the victim's name: rows differ from the record
+        other = run / "routes/part-r000-c000000.parquet"
+        data = other.read_bytes()
+        recorded = json.loads((run / "manifest.json").read_text())["chunks"][VICTIM]["bytes"]
+        if len(data) == recorded:
+            pytest.skip("chunks happen to have equal sizes")
+        victim.write_bytes(data)
+        return VICTIM, total - lost
+    raise AssertionError(how)
+
+
+KINDS = {"missing": "missing", "truncated": "truncated", "corrupt_footer": "corrupt", "corrupt_longer": "corrupt",
+         "extra": "extra", "swapped": "corrupt"}
+
+
+@pytest.mark.parametrize("how", list(KINDS))
+def test_damage_is_named_refused_and_skippable(run, capsys, how):
+    name, rows_left = _damage(run, how)
+    word = KINDS[how]
+    # info names the chunk and what is wrong with it, and exits 2
+    code, out, err = cli(capsys, "info", str(run))
+    assert code == 2
+    assert name in err and f"is {word}" in err and err.count("\n") == 1, err
+    # query refuses in one line
+    code, out, err = cli(capsys, "query", str(run), "SELECT count(*) FROM routes")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and name in err and "--allow-partial" in err, err
+    # --allow-partial reads the intact chunks and warns once per skipped chunk
+    code, out, err = cli(capsys, "query", str(run), "SELECT count(*) AS n FROM routes", "--format", "csv",
+                         "--allow-partial")
+    assert code == 0, err
+    assert out.split()[-1] == str(rows_left)
+    assert f"warning: {run}: skipping chunk {name} is {word}" in err
+    # the library: open_run refuses, allow_partial=True reads the rest
+    with pytest.raises(TracekitError, match=name.replace(".", r"\.")):
+        open_run(run)
+    assert sum(pq.read_metadata(p).num_rows for p in open_run(run, allow_partial=True).files["routes"]) == rows_left
+
+
+def test_bit_flip_needs_verify(run, capsys):
+    """Same size, footer intact, one data byte changed: only the full checksum sees it (documented trade-off)."""
+    victim = run / VICTIM
+    data = bytearray(victim.read_bytes())
+    data[200] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    code, out, err = cli(capsys, "info", str(run))
+    assert code == 0, err
+    code, out, err = cli(capsys, "info", str(run), "--verify")
+    assert code == 2 and VICTIM in err and "sha256 differs" in err
+
+
+def test_analyze_and_place_refuse_then_allow_partial(run, capsys):
+    from tracekit.analysis.run import analyze
+    from tracekit.placement.traces import load_traces
+
+    _damage(run, "missing")
+    with pytest.raises(TracekitError, match="is missing"):
+        analyze([run], what="imbalance")
+    with pytest.raises(TracekitError, match="is missing"):
+        load_traces([run])
+    skipped: list[str] = []
+    with partial_reads(True, on_skip=skipped.append):
+        assert "imbalance" in analyze([run], what="imbalance")
+        traces = load_traces([run])
+    assert len(traces) > 0 and len(skipped) == 2 and VICTIM in skipped[0]
+    code, out, err = cli(capsys, "analyze", str(run), "--what", "imbalance")
+    assert code == 2 and VICTIM in err
+    code, out, err = cli(capsys, "analyze", str(run), "--what", "imbalance", "--allow-partial")
+    assert code == 0 and "warning:" in err
+
+
+def test_runs_without_chunk_records_open_unverified(run, capsys):
+    m = json.loads((run / "manifest.json").read_text())
+    del m["chunks"]
+    (run / "manifest.json").write_text(json.dumps(m))
+    code, out, err = cli(capsys, "info", str(run))
+    assert code == 0, err
+    assert "unverified" in out
+    assert _count(run) == sum(pq.read_metadata(p).num_rows for p in (run / "routes").glob("*.parquet"))
+
+
+def test_unfinished_run_accepts_its_own_unrecorded_chunk(run):
+    """A kill between a chunk's rename and its manifest update: the chunk names the run, so it is data, not damage;
+    in a complete run, or naming another run, it is an extra chunk."""
+    m = json.loads((run / "manifest.json").read_text())
+    del m["chunks"][VICTIM]
+    m["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(m))
+    integ = open_run(run).integrity
+    assert integ.state == "verified" and integ.unrecorded == [VICTIM]
+    m["status"] = "complete"
+    (run / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TracekitError, match="is extra"):
+        open_run(run)
+    m["status"], m["run_id"] = "running", "someone-else"
+    (run / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TracekitError, match="belongs to run"):
+        open_run(run)
