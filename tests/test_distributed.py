@@ -87,7 +87,9 @@ def test_ctrl_c_keeps_finished_chunks_and_rerun_completes(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines() == ["interrupted: finished chunks are kept; run the same command again to resume"]
+    from tracekit.cli import INTERRUPTED
+
+    assert err.strip().splitlines() == [f"error: {INTERRUPTED}"]
     finished = sorted((out / "routes").glob("part-*.parquet"))
     assert 2 <= len(finished) < 40
     assert duckdb.connect().execute(f"select count(*) from '{out}/routes/*.parquet'").fetchone()[0] > 0
