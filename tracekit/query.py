@@ -10,9 +10,10 @@ routes     (request, token, MoE layer), as stored (see :mod:`tracekit.schema`)
 choices    (token, layer, rank): ``expert``, ``weight``, ``rank`` (0 = the router's first choice)
 requests   request: run_id, request_id, prompt_id, model, dataset, domain, prompt_tokens, generated_tokens, rows
 runs       run directory: its manifest, geometry fields as columns
-loads      (run, phase, window, layer, expert): assignment counts; stored for runs of kind ``loads``, derived
-           from the rows (window = forward pass of the request: 0 prefill, s decode step s, -1 decode step
-           unknown) for runs of kind ``routes``
+loads      (run, phase, window, layer, expert): assignment counts; stored for runs of kind ``loads``; for runs
+           of kind ``routes`` read from the per-chunk summaries (:mod:`tracekit.summaries`; derived from the
+           rows for runs without them), window 0 = prefill, -1 = every decode step together; the view
+           ``loads_by_step`` has the same per decode step (window s = step s), derived from the rows
 =========  ===================================================================================================
 
 Nothing is copied or loaded: every query streams the Parquet files, so traces larger than memory work.
@@ -157,8 +158,7 @@ def connect(
         else:
             con.execute(sql_text("routes_empty"))
         con.execute(sql_text("choices"))
-        con.execute(sql_text("requests"))
-        con.execute(sql_text("loads_derived"))
+        _create_summary_views(con, [r for r in opened if r.kind == "routes"])
         con.execute(sql_text("loads").replace("{files}", _list_literal(loads_files)) if loads_files
                     else "CREATE VIEW loads AS SELECT * FROM loads_derived")
         runs_arrow = _runs_table(opened)
@@ -173,6 +173,21 @@ def connect(
         con.close()
         raise TracekitError(f"cannot open the runs: {_first_line(exc)}") from None
     return con
+
+
+def _create_summary_views(con: duckdb.DuckDBPyConnection, routes_runs: Sequence[Run]) -> None:
+    """``requests`` and ``loads_derived`` from the per-chunk summaries when every routes run has them, else derived
+    from the routes rows (same columns, same numbers); ``loads_by_step`` is always derived."""
+    from .summaries import summary_files
+
+    found = [summary_files(r.path, r.files.get("routes", [])) for r in routes_runs]
+    if routes_runs and all(f is not None for f in found):
+        con.execute(sql_text("requests_summarized").replace("{files}", _list_literal([p for f in found for p in f["requests"]])))
+        con.execute(sql_text("loads_summarized").replace("{files}", _list_literal([p for f in found for p in f["loads"]])))
+    else:
+        for view, summary in (("requests", "summary_requests"), ("loads_derived", "summary_loads")):
+            con.execute(sql_text(view).replace("{select}", sql_text(summary).replace("{source}", "routes")))
+    con.execute(sql_text("loads_by_step"))
 
 
 def _first_line(exc: BaseException) -> str:

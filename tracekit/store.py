@@ -87,6 +87,10 @@ def write_chunk(
     meta[META_PROMPT_TOKENS] = str(int(prompt_tokens)).encode()
     meta[META_GENERATED_TOKENS] = str(int(generated_tokens)).encode()
     table = table.replace_schema_metadata(meta)
+    if kind == "routes":  # small per-chunk aggregates for the loads/requests views, written before the chunk
+        from .summaries import write_chunk_summaries
+
+        write_chunk_summaries(run_dir, table, out.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
