@@ -186,6 +186,8 @@ def analyze_cmd(
     window: Optional[int] = typer.Option(None, "--window", help="Requests per window for hot-set stability (default R/10)."),
     top_n: Optional[int] = typer.Option(None, "--top-n", help="Experts compared in the top-n overlap (default top-k)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled baseline and the classifier folds."),
+    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Working memory of the analyses (DuckDB gets "
+                                      "part of it as its memory_limit), whatever the number of requests."),
 ) -> None:
     """Load imbalance, domain specificity, prefill-decode correlation and co-activation, as summary tables."""
     from rich.console import Console
@@ -194,7 +196,8 @@ def analyze_cmd(
 
     if fmt not in ("parquet", "csv"):
         raise TracekitError(f"--format {fmt!r} unknown; use parquet or csv")
-    results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed)
+    results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed,
+                      memory_budget=memory_budget)
     console = Console()
     for name, res in results.items():
         console.rule(f"[bold]{name}")
@@ -214,9 +217,11 @@ def report_cmd(
     png: Optional[Path] = typer.Option(None, "--png", help="Also write each figure as a PNG into this folder."),
     layer: Optional[int] = typer.Option(None, "--layer", help="MoE layer of the co-activation heatmap (default: the middle one)."),
     by: str = typer.Option("domain", "--by", help="Group the domain-shift figure by domain or dataset."),
+    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Working memory of the analyses behind the "
+                                      "figures, whatever the number of requests."),
 ) -> None:
     """One self-contained HTML page with the load, imbalance, domain-shift, correlation and co-activation plots."""
     from ..report import write_report
 
-    path = write_report(runs, out, png_dir=png, layer=layer, by=by)
+    path = write_report(runs, out, png_dir=png, layer=layer, by=by, memory_budget=memory_budget)
     print(f"wrote {path}")
