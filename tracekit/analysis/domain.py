@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 
 from .data import PHASES
+from .stream import group_sums
 from .result import AnalysisResult
 
 
@@ -104,14 +105,10 @@ class DomainAccumulator:
 
     def add(self, batch) -> None:
         c = batch.counts  # (L, 2, n, E)
-        n = c.shape[2]
         if self.by == "phase":
             self.loads += c.sum(axis=2, dtype=np.int64).transpose(1, 0, 2)
         else:
-            onehot = np.zeros((len(self.names), n))
-            onehot[self.group_of[batch.index], np.arange(n)] = 1.0
-            for l in range(c.shape[0]):
-                self.loads[:, l] += np.rint(onehot @ c[l].sum(axis=0, dtype=np.float64)).astype(np.int64)
+            self.loads += group_sums(c.sum(axis=1, dtype=np.int32), self.group_of[batch.index], len(self.names))
         pos = np.searchsorted(self.sample, batch.index)
         hit = (pos < len(self.sample)) & (self.sample[np.minimum(pos, len(self.sample) - 1)] == batch.index)
         sel, pos = np.flatnonzero(hit), pos[hit]

@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from ..errors import TracekitError
 from .data import PHASES
+from .stream import group_sums
 from .result import AnalysisResult
 
 HOT_FRACTION = 0.10
@@ -86,23 +87,22 @@ class ImbalanceAccumulator:
     def add(self, batch) -> None:
         c = batch.counts  # (L, 2, n, E)
         self.phase += c.sum(axis=2, dtype=np.int64).transpose(1, 0, 2)
+        per_req = c.sum(axis=1, dtype=np.int32)  # (L, n, E)
         if self.names:
-            onehot = np.zeros((len(self.names), c.shape[2]))
-            onehot[self.group_of[batch.index], np.arange(c.shape[2])] = 1.0
-            for l in range(c.shape[0]):
-                self.groups[:, l] += np.rint(onehot @ c[l].sum(axis=0, dtype=np.float64)).astype(np.int64)
+            self.groups += group_sums(per_req, self.group_of[batch.index], len(self.names))
         for s0 in range(0, c.shape[2], self.SUB):  # window sums a few hundred requests at a time
-            self._add_windows(batch.index[s0:s0 + self.SUB], c[:, :, s0:s0 + self.SUB])
+            self._add_windows(batch.index[s0:s0 + self.SUB], per_req[:, s0:s0 + self.SUB])
 
     SUB = 256
 
     def _add_windows(self, index: np.ndarray, c: np.ndarray) -> None:
+        """``c`` (L, m, E): counts of the requests ``index`` (m,), both phases together."""
         w = index // self.window  # non-decreasing within a batch
         starts = np.flatnonzero(np.r_[True, w[1:] != w[:-1]])
-        sums = np.stack([np.add.reduceat(c[l].sum(axis=0, dtype=np.int64), starts, axis=0) for l in range(c.shape[0])], 1)
+        sums = np.add.reduceat(c, starts, axis=1, dtype=np.int64).transpose(1, 0, 2)  # (windows, L, E)
         seen = np.diff(np.r_[starts, len(w)])
         for j, wi in enumerate(w[starts].tolist()):
-            acc = self.open.setdefault(wi, [np.zeros((c.shape[0], c.shape[3]), dtype=np.int64), 0])
+            acc = self.open.setdefault(wi, [np.zeros((c.shape[0], c.shape[2]), dtype=np.int64), 0])
             acc[0] += sums[j]
             acc[1] += int(seen[j])
             if acc[1] == self.win_size[wi]:

@@ -56,6 +56,15 @@ def analyze(
         raise TracekitError(f"--window {window}: give at least 1 request per window")
     names = parse_what(what)
     budget = MemoryBudget.of(memory_budget)
+    from threadpoolctl import threadpool_limits
+
+    # BLAS in one thread: the analyses' matrix products (the classifier) are small, and OpenBLAS threads made a
+    # (4 x 2000) @ (2000 x 256) product 50x slower on a loaded 2-core machine (measured)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _analyze(runs, names, what, by, layer, window, top_n, seed, budget)
+
+
+def _analyze(runs, names, what, by, layer, window, top_n, seed, budget) -> dict[str, AnalysisResult]:
     own = not isinstance(runs, duckdb.DuckDBPyConnection)
     con = connect(runs, memory_limit=budget.duckdb_limit) if own else runs
     try:

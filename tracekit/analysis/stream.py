@@ -149,30 +149,62 @@ def _chunk_groups(chunks, index: RequestIndex, run_id: str) -> list[tuple[list[s
 
 def count_slice(con: duckdb.DuckDBPyConnection, geo: Geometry, sl: Slice, dtype: np.dtype,
                 only: np.ndarray | None = None, decode_only: bool = False) -> np.ndarray:
-    """Dense (L, 2, n, E) counts of the slice's requests (or of ``only``, a sorted subset of its ids)."""
+    """Dense (L, 2, n, E) counts of the slice's requests (or of ``only``, a sorted subset of its ids).
+
+    DuckDB computes each row's cell index (tracekit/sql/request_batch_rows.sql) and numpy counts them. The
+    array's memory order follows the files' row order (probed on their first rows), so that each record batch
+    touches a narrow range of cells and is counted with one small bincount: layer-major for the collector's
+    chunks, request-major for synthetic and imported runs; the result is a (L, 2, n, E) view either way.
+    """
     ids = sl.request_ids if only is None else only
     L, E, n = len(geo.layers), geo.num_experts, len(ids)
-    lut = np.full(int(geo.layers.max()) + 1, -1, dtype=np.int64)
-    lut[geo.layers] = np.arange(L)
     dense = np.zeros(L * 2 * n * E, dtype=dtype)
-    if n == 0:
+    probe = sql_file(con, "row_order_probe", {"files": sl.files}).to_pylist()[0]
+    layer_major = bool(probe["layers"] and probe["layers"] == 1 and (probe["requests"] or 0) > 1)
+    if n:
+        con.register("_tracekit_batch", pa.table({"request_id": pa.array(ids, pa.int32()),
+                                                  "slot": pa.array(np.arange(n), pa.int64())}))
+        con.register("_tracekit_layers", pa.table({"layer": pa.array(geo.layers, pa.int16()),
+                                                   "li": pa.array(np.arange(L), pa.int64())}))
+        try:
+            params = {"files": sl.files, "lo": int(ids[0]), "hi": int(ids[-1]), "decode_only": bool(decode_only),
+                      "layer_major": layer_major, "n": n, "L": L, "E": E}
+            for b in stream_batches(run_sql(con, sql_text("request_batch_rows"), params), ROWS_PER_RECORD_BATCH):
+                add_rows(dense, b.column(0).to_numpy(), b.column(1), E)
+        finally:
+            con.unregister("_tracekit_batch")
+            con.unregister("_tracekit_layers")
+    if layer_major:
         return dense.reshape(L, 2, n, E)
-    params = {"files": sl.files, "lo": int(ids[0]), "hi": int(ids[-1]), "decode_only": bool(decode_only)}
-    for b in stream_batches(run_sql(con, sql_text("request_batch_rows"), params), ROWS_PER_RECORD_BATCH):
-        rid = b.column(0).to_numpy().astype(np.int64)
-        slot = np.searchsorted(ids, rid)
-        layer = b.column(2).to_numpy().astype(np.int64)
-        li = np.where(layer < len(lut), lut[np.minimum(layer, len(lut) - 1)], -1)
-        ok = (slot < n) & (ids[np.minimum(slot, n - 1)] == rid) & (li >= 0)
-        base = ((li * 2 + b.column(1).to_numpy().astype(np.int64)) * n + slot) * E
-        experts = b.column(3)
-        if isinstance(experts, pa.ChunkedArray):
-            experts = experts.combine_chunks()
-        lens = np.diff(experts.offsets.to_numpy())
-        vals = experts.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-        keep = np.repeat(ok, lens) & (vals < E)
-        add_cells(dense, (np.repeat(base, lens) + vals)[keep])
-    return dense.reshape(L, 2, n, E)
+    return dense.reshape(n, 2, L, E).transpose(2, 1, 0, 3)
+
+
+def add_rows(dense: np.ndarray, base: np.ndarray, experts: pa.Array | pa.ChunkedArray, num_experts: int) -> None:
+    """dense[base[i] + e] += 1 for every expert e in row i's list (ids >= num_experts are dropped)."""
+    if isinstance(experts, pa.ChunkedArray):
+        experts = experts.combine_chunks()
+    if len(experts) == 0:
+        return
+    offsets = experts.offsets.to_numpy()
+    vals = experts.flatten().to_numpy(zero_copy_only=False)
+    k = int(offsets[1] - offsets[0])
+    if offsets[-1] - offsets[0] == k * len(experts) and vals.size == k * len(experts):  # fixed top-k: no repeat
+        cells = (base.astype(np.int64)[:, None] + vals.reshape(-1, k)).reshape(-1)
+        bad = vals >= num_experts
+    else:
+        cells = np.repeat(base.astype(np.int64), np.diff(offsets)) + vals
+        bad = vals >= num_experts
+    if bad.any():
+        cells = cells[~bad.reshape(-1)]
+    add_cells(dense, cells)
+
+
+def group_sums(per_request: np.ndarray, codes: np.ndarray, groups: int) -> np.ndarray:
+    """(L, n, E) per-request counts, (n,) group code of each request -> (groups, L, E) int64 sums."""
+    out = np.zeros((groups, per_request.shape[0], per_request.shape[2]), dtype=np.int64)
+    for g in np.unique(codes):
+        out[g] = per_request[:, codes == g, :].sum(axis=1, dtype=np.int64)
+    return out
 
 
 def add_cells(dense: np.ndarray, cells: np.ndarray) -> None:
@@ -181,7 +213,8 @@ def add_cells(dense: np.ndarray, cells: np.ndarray) -> None:
         return
     lo, hi = int(cells.min()), int(cells.max())
     if hi - lo < max(_BINCOUNT_SPAN, 4 * cells.size):
-        dense[lo:hi + 1] += np.bincount(cells - lo, minlength=hi - lo + 1).astype(dense.dtype, copy=False)
+        part = dense[lo:hi + 1]
+        np.add(part, np.bincount(cells - lo, minlength=hi - lo + 1), out=part, casting="unsafe")
     else:
         u, c = np.unique(cells, return_counts=True)
         dense[u] += c.astype(dense.dtype, copy=False)
