@@ -17,6 +17,21 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (da * db).sum(-1) / np.sqrt((da * da).sum(-1) * (db * db).sum(-1))
 
 
+def pearson_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of integer count vectors along the last axis, (..., E) x2 -> (...), from the sums
+    E*sum(ab) - sum(a)*sum(b) and the like, which are exact integers in float64 for counts below 2**16 (a constant
+    row gives exactly 0 variance, hence NaN as :func:`pearson_rows`)."""
+    E = a.shape[-1]
+    x = a.astype(np.float64)
+    y = b.astype(np.float64)
+    sx, sy = x.sum(-1), y.sum(-1)
+    cov = E * np.einsum("...e,...e->...", x, y) - sx * sy
+    vx = E * np.einsum("...e,...e->...", x, x) - sx * sx
+    vy = E * np.einsum("...e,...e->...", y, y) - sy * sy
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cov / np.sqrt(vx * vy)
+
+
 def average_ranks(x: np.ndarray) -> np.ndarray:
     """Ranks along the last axis, ties get their average rank (as scipy.stats.rankdata 'average').
 
@@ -46,14 +61,47 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def top_mask(a: np.ndarray, n: int) -> np.ndarray:
     """(..., E) -> (..., E) bool: the n largest entries along the last axis, ties to the lower expert id (the
-    same set as a stable descending sort), found by a partition on unique keys instead of a sort."""
+    same set as a stable descending sort): everything above the n-th largest value, then the lowest ids equal to
+    it (a partition and a cumulative sum instead of a sort)."""
     E = a.shape[-1]
     n = min(n, E)
-    key = np.asarray(a, dtype=np.float64) * E + (E - 1 - np.arange(E))  # counts are integers: keys are unique
-    top = np.argpartition(-key, n - 1, axis=-1)[..., :n]
-    mask = np.zeros(a.shape, dtype=bool)
-    np.put_along_axis(mask, top, True, axis=-1)
-    return mask
+    t = np.partition(a, E - n, axis=-1)[..., E - n:E - n + 1]  # the n-th largest value
+    gt = a > t
+    eq = a == t
+    need = n - gt.sum(-1, keepdims=True)
+    return gt | (eq & (np.cumsum(eq, axis=-1) <= need))
+
+
+def spearman_counts(a: np.ndarray, b: np.ndarray, max_table: int = 1 << 24) -> np.ndarray:
+    """Spearman correlation of non-negative integer count vectors along the last axis, (..., E) x2 -> (...).
+
+    From each row's joint histogram of (a value, b value) pairs: average ranks of each value, then the Pearson
+    sums over the histogram, never ranking E entries one by one. Falls back to ranking when the values are too
+    large for the histogram (N * (max a + 1) * (max b + 1) > ``max_table``).
+    """
+    shape = a.shape[:-1]
+    E = a.shape[-1]
+    x = a.reshape(-1, E).astype(np.int64)
+    y = b.reshape(-1, E).astype(np.int64)
+    N = x.shape[0]
+    if N == 0:
+        return np.zeros(shape)
+    Va, Vb = int(x.max()) + 1, int(y.max()) + 1
+    if N * Va * Vb > max_table:
+        return pearson_rows(average_ranks(a), average_ranks(b))
+    joint = np.bincount(((np.arange(N)[:, None] * Va + x) * Vb + y).reshape(-1), minlength=N * Va * Vb)
+    joint = joint.reshape(N, Va, Vb).astype(np.float64)
+    ha, hb = joint.sum(2), joint.sum(1)
+    ra = np.cumsum(ha, 1) - ha + (ha + 1) / 2  # average rank of each value (1-based)
+    rb = np.cumsum(hb, 1) - hb + (hb + 1) / 2
+    mean = (E + 1) / 2
+    sab = np.einsum("nvw,nv,nw->n", joint, ra, rb) - E * mean * mean
+    saa = (ha * ra * ra).sum(1) - E * mean * mean
+    sbb = (hb * rb * rb).sum(1) - E * mean * mean
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = sab / np.sqrt(saa * sbb)
+    r[(saa <= 1e-9) | (sbb <= 1e-9)] = np.nan  # a constant row has no ranks to correlate
+    return r.reshape(shape)
 
 
 def topn_overlap(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
@@ -128,20 +176,20 @@ class CorrelationAccumulator:
         sel, sp = np.flatnonzero(hit), pos[hit]
         for s0 in range(0, len(sel), sub):
             b, p = sel[s0:s0 + sub], sp[s0:s0 + sub]
-            pre = np.moveaxis(batch.counts[:, 0, b, :], 1, 0).astype(np.float64)  # (m, L, E)
-            dec = np.moveaxis(batch.counts[:, 1, b, :], 1, 0).astype(np.float64)
             st = self.stats
-            st["pearson"][p] = pearson_rows(pre, dec)
-            rank_pre = average_ranks(pre)
-            st["spearman"][p] = pearson_rows(rank_pre, average_ranks(dec))
-            st["overlap"][p] = topn_overlap(pre, dec, self.n)
+            pre_i = np.moveaxis(batch.counts[:, 0, b, :], 1, 0)  # integer counts: ranks and top-n
+            dec_i = np.moveaxis(batch.counts[:, 1, b, :], 1, 0)
+            st["pearson"][p] = pearson_counts(pre_i, dec_i)
+            st["spearman"][p] = spearman_counts(pre_i, dec_i)
+            top_pre = top_mask(pre_i, self.n)
+            st["overlap"][p] = (top_pre & top_mask(dec_i, self.n)).sum(-1) / min(self.n, self.E)
             ok = self.partners[p] >= 0
             if ok.any() and self.pool_dec is not None:
                 q = p[ok]
-                base = self.pool_dec[self.partner_slot[q]].astype(np.float64)
-                st["base_pearson"][q] = pearson_rows(pre[ok], base)
-                st["base_spearman"][q] = pearson_rows(rank_pre[ok], average_ranks(base))
-                st["base_overlap"][q] = topn_overlap(pre[ok], base, self.n)
+                base_i = self.pool_dec[self.partner_slot[q]]
+                st["base_pearson"][q] = pearson_counts(pre_i[ok], base_i)
+                st["base_spearman"][q] = spearman_counts(pre_i[ok], base_i)
+                st["base_overlap"][q] = (top_pre[ok] & top_mask(base_i, self.n)).sum(-1) / min(self.n, self.E)
 
     def result(self) -> AnalysisResult:
         res = AnalysisResult("correlation")
