@@ -73,7 +73,7 @@ def classify(features: np.ndarray, labels: np.ndarray, seed: int = 0, max_folds:
     return {"accuracy": correct / n, "baseline": base / n, "folds": folds, "n": n}
 
 
-CLASSIFIER_MAX_SAMPLES = 4000  # beyond this the classifier is trained on a seeded random sample (time, memory)
+CLASSIFIER_MAX_SAMPLES = 1000  # beyond this the classifier is trained on a seeded random sample (time, memory)
 
 
 def classifier_sample(R: int, features: int, budget_bytes: int, per_request: int = 1, seed: int = 0) -> np.ndarray:
