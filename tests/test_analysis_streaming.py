@@ -163,3 +163,35 @@ def test_memory_budget_parsing(text, ok):
             parse_size(text)
     else:
         assert parse_size(text) == ok
+
+
+def test_a_request_split_over_two_chunks_is_read_whole(run, tmp_path):
+    """An importer may write one request's rows into two chunks: those chunks are read together."""
+    import json
+    import shutil
+
+    from tracekit.store import finalize, write_chunk
+
+    split = tmp_path / "split"
+    shutil.copytree(run, split, ignore=shutil.ignore_patterns("routes", SUMMARY_DIR))
+    files = sorted((run / "routes").glob("*.parquet"))
+    first = pq.read_table(files[0])
+    req = first["request_id"].to_numpy()
+    shared = int(req[len(req) // 2])  # a request in the middle of the first chunk
+    meta = json.loads(first.schema.metadata[b"tracekit.requests"])
+    layer = first["layer"].to_numpy()
+    for c, mask in enumerate([(req < shared) | ((req == shared) & (layer < 3)),
+                              (req > shared) | ((req == shared) & (layer >= 3))]):
+        part = first.filter(mask)
+        ids = sorted({int(x) for x in part["request_id"].to_numpy()})
+        write_chunk(split, part, chunk=c, requests=ids)
+    for c, f in enumerate(files[1:], start=2):
+        t = pq.read_table(f)
+        write_chunk(split, t, chunk=c, requests=json.loads(t.schema.metadata[b"tracekit.requests"]))
+    finalize(split)
+    assert shared in meta
+    kw = dict(what="imbalance,domain,correlation,coactivation", by="domain", window=7, seed=2, memory_budget="4GB")
+    a, b = analyze(split, **kw), analyze(run, **kw)
+    for name, table in [("imbalance", "layers"), ("imbalance", "stability"), ("domain", "rank_shifts"),
+                        ("correlation", "per_request_layer"), ("coactivation", "affinity")]:
+        assert rows(a, name, table) == rows(b, name, table)
