@@ -89,7 +89,7 @@ def layer_pair_counts(con: duckdb.DuckDBPyConnection, geo: Geometry, layers=None
     lut = _layer_lut(want)
     acc = np.zeros(len(want) * E * E, dtype=np.int64)
     params = {"layer": int(want[0]) if layers is not None and len(want) == 1 else None}
-    for b in stream_batches(run_sql(con, sql_text("layer_experts_all"), params), 1 << 17):
+    for b in stream_batches(run_sql(con, sql_text("layer_experts_all"), params), 1 << 18):
         layer = b.column(0).to_numpy().astype(np.int64)
         x = experts_matrix(b.column(1))
         if x.shape[1] < 2:
