@@ -195,3 +195,14 @@ def test_a_request_split_over_two_chunks_is_read_whole(run, tmp_path):
     for name, table in [("imbalance", "layers"), ("imbalance", "stability"), ("domain", "rank_shifts"),
                         ("correlation", "per_request_layer"), ("coactivation", "affinity")]:
         assert rows(a, name, table) == rows(b, name, table)
+
+
+def test_cli_memory_budget(run, capsys):
+    from tracekit.cli import main
+
+    main(["analyze", str(run), "--what", "imbalance,correlation", "--by", "phase", "--memory-budget", "128MB"])
+    out = capsys.readouterr().out
+    assert "imbalance by group" in out and "--by phase: the correlation compares the two phases" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(run), "--memory-budget", "a lot"])
+    assert exc.value.code == 2 and "memory budget 'a lot' not understood" in capsys.readouterr().err
