@@ -91,7 +91,7 @@ def test_statements_that_write_are_refused(runs, capsys, sql):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and "not allowed" in err
     assert hashlib.sha256(part.read_bytes()).hexdigest() == before
-    assert sorted(p.name for p in (runs / "a").iterdir()) == ["manifest.json", "routes"]
+    assert sorted(p.name for p in (runs / "a").iterdir()) == ["manifest.json", "routes", "summaries"]
 
 
 def test_connection_cannot_touch_files_outside_the_runs(runs, tmp_path):

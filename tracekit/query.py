@@ -10,9 +10,10 @@ routes     (request, token, MoE layer), as stored (see :mod:`tracekit.schema`)
 choices    (token, layer, rank): ``expert``, ``weight``, ``rank`` (0 = the router's first choice)
 requests   request: run_id, request_id, prompt_id, model, dataset, domain, prompt_tokens, generated_tokens, rows
 runs       run directory: its manifest, geometry fields as columns
-loads      (run, phase, window, layer, expert): assignment counts; stored for runs of kind ``loads``, derived
-           from the rows (window = forward pass of the request: 0 prefill, s decode step s, -1 decode step
-           unknown) for runs of kind ``routes``
+loads      (run, phase, window, layer, expert): assignment counts; stored for runs of kind ``loads``; for runs
+           of kind ``routes`` read from the per-chunk summaries (:mod:`tracekit.summaries`; derived from the
+           rows for runs without them), window 0 = prefill, -1 = every decode step together; the view
+           ``loads_by_step`` has the same per decode step (window s = step s), derived from the rows
 =========  ===================================================================================================
 
 Nothing is copied or loaded: every query streams the Parquet files, so traces larger than memory work.
@@ -199,8 +200,7 @@ def connect(
         else:
             con.execute(sql_text("routes_empty"))
         con.execute(sql_text("choices"))
-        con.execute(sql_text("requests"))
-        con.execute(sql_text("loads_derived"))
+        _create_summary_views(con, [r for r in opened if r.kind == "routes"])
         if loads_files:
             con.register("loads_files", _read_only_dataset(loads_files))
             con.execute(sql_text("loads"))
@@ -219,6 +219,23 @@ def connect(
         con.close()
         raise TracekitError(f"cannot open the runs: {_first_line(exc)}") from None
     return con
+
+
+def _create_summary_views(con: duckdb.DuckDBPyConnection, routes_runs: Sequence[Run]) -> None:
+    """``requests`` and ``loads_derived`` from the per-chunk summaries when every routes run has them, else derived
+    from the routes rows (same columns, same numbers); ``loads_by_step`` is always derived."""
+    from .summaries import summary_files
+
+    found = [summary_files(r.path, r.files.get("routes", [])) for r in routes_runs]
+    if routes_runs and all(f is not None for f in found):
+        con.register("request_summary_files", _read_only_dataset([p for f in found for p in f["requests"]]))
+        con.register("load_summary_files", _read_only_dataset([p for f in found for p in f["loads"]]))
+        con.execute(sql_text("requests_summarized"))
+        con.execute(sql_text("loads_summarized"))
+    else:
+        for view, summary in (("requests", "summary_requests"), ("loads_derived", "summary_loads")):
+            con.execute(sql_text(view).replace("{select}", sql_text(summary).replace("{source}", "routes")))
+    con.execute(sql_text("loads_by_step"))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -274,6 +291,18 @@ def fetch_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
         return rel.to_arrow_table()
     except duckdb.Error as exc:
         raise TracekitError(f"query failed: {_first_line(exc)}") from None
+
+
+@contextmanager
+def registered_files(con: duckdb.DuckDBPyConnection, files: Sequence[str | os.PathLike],
+                     name: str = "_tracekit_files"):
+    """Within the block, ``name`` is a read-only relation over the Parquet ``files``: how the analyses read a batch
+    of chunks, since the connection itself can open no file."""
+    con.register(name, _read_only_dataset([Path(f) for f in files]))
+    try:
+        yield name
+    finally:
+        con.unregister(name)
 
 
 @contextmanager

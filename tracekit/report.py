@@ -300,13 +300,16 @@ def _html_table(table, max_rows: int = 20) -> str:
 
 
 def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike, png_dir: str | os.PathLike | None = None,
-                 layer: int | None = None, by: str = "domain", seed: int = 0) -> Path:
+                 layer: int | None = None, by: str = "domain", seed: int = 0, memory_budget: str | None = None) -> Path:
     """Analyse ``runs`` and write one self-contained HTML page (figures as base64 PNG); with ``png_dir`` also
     write each figure as a PNG file there. ``layer``: MoE layer of the co-activation heatmap (default middle).
     Returns the HTML path."""
     out_html = Path(out_html)
     opened = resolve_runs(runs)
-    con = connect([r.path for r in opened])
+    from .analysis.budget import MemoryBudget
+
+    budget = MemoryBudget.of(memory_budget)
+    con = connect([r.path for r in opened], memory_limit=budget.duckdb_limit)
     try:
         from .analysis.data import geometry
 
@@ -316,7 +319,7 @@ def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike
             layer = int(layers[(len(layers) - 1) // 2])  # the middle one, never the last when there are two
         elif layer not in layers.tolist():
             raise TracekitError(f"--layer {layer} is not a MoE layer of these traces ({layers[0]}..{layers[-1]})")
-        res = analyze(con, by=by, layer=layer, seed=seed)
+        res = analyze(con, by=by, layer=layer, seed=seed, memory_budget=budget)
     finally:
         con.close()
     models = sorted({str((r.manifest.get("model") or {}).get("name", "?")) for r in opened})

@@ -152,6 +152,10 @@ def write_chunk(
         run_id = col.dictionary[0].as_py() if pa.types.is_dictionary(col.type) else col[0].as_py()
         meta[META_RUN_ID] = str(run_id).encode()
     table = table.replace_schema_metadata(meta)
+    if kind == "routes":  # small per-chunk aggregates for the loads/requests views, written before the chunk
+        from .summaries import write_chunk_summaries
+
+        write_chunk_summaries(run_dir, table, out.name)
     record: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:

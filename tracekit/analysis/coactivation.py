@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import TracekitError
-from ..query import run_sql, sql_text, stream_batches
+from ..query import registered_files, run_sql, sql_text, stream_batches
 from .data import Geometry, geometry
 from .result import AnalysisResult
 
@@ -80,112 +80,133 @@ def lift(pairs: np.ndarray, loads: np.ndarray, tokens: int, top_k: int) -> np.nd
         return pairs / expected
 
 
+def _layer_lut(layers: np.ndarray) -> np.ndarray:
+    lut = np.full(int(layers.max()) + 1, -1, dtype=np.int64)
+    lut[layers] = np.arange(len(layers))
+    return lut
+
+
 def layer_pair_counts(con: duckdb.DuckDBPyConnection, geo: Geometry, layers=None) -> dict[int, np.ndarray]:
-    """(E, E) pair counts per MoE layer; all layers in one streamed pass when ``layers`` is None."""
+    """(E, E) pair counts per MoE layer (or per layer of ``layers``), in one streamed pass: every record batch adds
+    all its C(k, 2) pairs with one bincount; memory is the (L, E, E) counts plus one record batch."""
     E = geo.num_experts
-    if layers is not None:
-        out = {}
-        for l in layers:
-            out[int(l)] = np.zeros((E, E), dtype=np.int64)
-            for b in stream_batches(run_sql(con, sql_text("layer_experts"), {"layer": int(l)})):
-                x = experts_matrix(b.column(0))
-                if len(x):
-                    out[int(l)] += pair_counts(x, E)
-        return out
-    lut = np.full(int(geo.layers.max()) + 1, -1, dtype=np.int64)
-    lut[geo.layers] = np.arange(len(geo.layers))
-    acc = np.zeros((len(geo.layers), E * E), dtype=np.int64)
-    for b in stream_batches(run_sql(con, sql_text("layer_experts_all"))):
-        layer = b.column(0).to_numpy()
+    want = geo.layers if layers is None else np.asarray(sorted(int(l) for l in layers))
+    lut = _layer_lut(want)
+    acc = np.zeros(len(want) * E * E, dtype=np.int64)
+    params = {"layer": int(want[0]) if layers is not None and len(want) == 1 else None}
+    for b in stream_batches(run_sql(con, sql_text("layer_experts_all"), params), 1 << 18):
+        layer = b.column(0).to_numpy().astype(np.int64)
         x = experts_matrix(b.column(1))
-        li = lut[layer]
-        for i in range(x.shape[1]):
-            for j in range(i + 1, x.shape[1]):
-                cell = (li * E + x[:, i]) * E + x[:, j]
-                acc += np.bincount(cell, minlength=acc.size).reshape(acc.shape)
-    m = acc.reshape(len(geo.layers), E, E)
+        if x.shape[1] < 2:
+            continue
+        li = np.where(layer < len(lut), lut[np.minimum(layer, len(lut) - 1)], -1)
+        ok = li >= 0
+        i, j = np.triu_indices(x.shape[1], 1)
+        cells = (li[ok, None] * E + x[ok][:, i]) * E + x[ok][:, j]
+        acc += np.bincount(cells.reshape(-1), minlength=acc.size)
+    m = acc.reshape(len(want), E, E)
     m = m + m.transpose(0, 2, 1)
-    return {int(l): m[i] for i, l in enumerate(geo.layers)}
+    return {int(l): m[i] for i, l in enumerate(want)}
 
 
-def layer_transition_counts(con: duckdb.DuckDBPyConnection, geo: Geometry, layer: int, next_layer: int) -> np.ndarray:
-    """(E, E) counts of expert i at ``layer`` -> expert j at ``next_layer`` for the same token."""
+def transition_counts_all(con: duckdb.DuckDBPyConnection, geo: Geometry, slices, starts: list[int]) -> np.ndarray:
+    """Inter-layer counts for the MoE layers ``starts`` and each one's next MoE layer, in one query per batch of
+    whole requests (``slices``, see :mod:`.stream`) for all layer pairs at once. Returns (P, E, E) int64:
+    [p, i, j] = tokens with expert i at ``starts[p]`` and expert j at the next MoE layer."""
     E = geo.num_experts
-    out = np.zeros((E, E), dtype=np.int64)
-    for b in stream_batches(run_sql(con, sql_text("interlayer_pairs"), {"layer": int(layer), "next_layer": int(next_layer)})):
-        a, c = experts_matrix(b.column(0)), experts_matrix(b.column(1))
-        if len(a):
-            out += transition_counts(a, c, E)
-    return out
+    layers = geo.layers.tolist()
+    nxt = pa.table({"layer": pa.array(starts, pa.int16()),
+                    "next_layer": pa.array([layers[layers.index(l) + 1] for l in starts], pa.int16())})
+    lut = _layer_lut(np.asarray(starts))
+    acc = np.zeros(len(starts) * E * E, dtype=np.int64)
+    if not starts:
+        return acc.reshape(0, E, E)
+    con.register("_tracekit_next_layer", nxt)
+    try:
+        for sl in slices:
+            params = {"lo": int(sl.request_ids[0]), "hi": int(sl.request_ids[-1])}
+            with registered_files(con, sl.files):
+                for b in stream_batches(run_sql(con, sql_text("interlayer_all"), params), 1 << 16):
+                    li = lut[b.column(0).to_numpy().astype(np.int64)]
+                    a, c = experts_matrix(b.column(1)), experts_matrix(b.column(2))
+                    if len(a):
+                        cells = (li[:, None, None] * E + a[:, :, None]) * E + c[:, None, :]
+                        acc += np.bincount(cells.reshape(-1), minlength=acc.size)
+    finally:
+        con.unregister("_tracekit_next_layer")
+    return acc.reshape(len(starts), E, E)
 
 
-def analyze_coactivation(con: duckdb.DuckDBPyConnection, layer: int | None = None,
-                         geo: Geometry | None = None) -> AnalysisResult:
+def analyze_coactivation(con: duckdb.DuckDBPyConnection, layer: int | None = None, geo: Geometry | None = None,
+                         slices=None) -> AnalysisResult:
     """Pair counts for every MoE layer (or only ``layer``) and inter-layer affinity from each (or that) layer
-    to the next MoE layer."""
+    to the next MoE layer. ``slices``: batches of whole requests for the affinity join (default: planned here
+    with the default memory budget). Top-1 routing has no pairs: co-activation within a layer is undefined and
+    said so; the inter-layer affinity is still computed."""
     geo = geo or geometry(con)
+    if slices is None:
+        from .budget import MemoryBudget
+        from .stream import count_dtype, plan_slices, request_index, requests_per_batch
+
+        index = request_index(con)
+        slices = plan_slices(con, index, requests_per_batch(geo, MemoryBudget.of(None), count_dtype(1 << 31).itemsize))
     res = AnalysisResult("coactivation")
     layers = geo.layers.tolist()
     if layer is not None and layer not in layers:
         raise TracekitError(f"layer {layer} is not a MoE layer of these traces; MoE layers: {layers[0]}..{layers[-1]}")
     E, k = geo.num_experts, geo.top_k
-    # top-1: a token never uses two experts of a layer, so co-activation is undefined (not zero): no pass, no rows
-    pairs = layer_pair_counts(con, geo, None if layer is None else [layer]) if k > 1 else {}
+    want = layers if layer is None else [layer]
     iu = np.triu_indices(E, 1)
-    rows = {c: [] for c in ("layer", "expert_a", "expert_b", "count", "lift")}
-    summ = {c: [] for c in ("layer", "tokens", "top_pair", "top_pair_tokens", "top_pair_share", "max_lift")}
-    for l, m in pairs.items():
-        loads = (m.sum(1) / max(k - 1, 1)) if k > 1 else np.zeros(E)
-        tokens = int(round(m.sum() / max(k * (k - 1), 1)))
-        lf = lift(m, loads, tokens, k)
-        rows["layer"] += [l] * len(iu[0])
-        rows["expert_a"] += iu[0].tolist()
-        rows["expert_b"] += iu[1].tolist()
-        rows["count"] += m[iu].tolist()
-        rows["lift"] += lf[iu].tolist()
-        t = int(np.argmax(m[iu]))
-        summ["layer"].append(l)
-        summ["tokens"].append(tokens)
-        summ["top_pair"].append(f"{iu[0][t]}+{iu[1][t]}")
-        summ["top_pair_tokens"].append(int(m[iu][t]))
-        summ["top_pair_share"].append(float(m[iu][t] / tokens) if tokens else float("nan"))
-        summ["max_lift"].append(float(np.nanmax(lf[iu])) if tokens else float("nan"))
-    res.tables["pairs"] = pa.table(rows, schema=PAIRS_SCHEMA)
-    if pairs:
-        res.summaries["co-activation within a layer"] = pa.table(summ)
-    else:
+    P = len(iu[0])
+    if k < 2:
+        # top-1: a token never uses two experts of a layer, so co-activation is undefined (not zero): no pairs
         res.notes.append(TOP1_NOTE)
+        pairs = {}
+        res.tables["pairs"] = PAIRS_SCHEMA.empty_table()
+    else:
+        pairs = layer_pair_counts(con, geo, None if layer is None else [layer])
+        stack = np.stack([pairs[l] for l in want])  # (L', E, E)
+        tokens = np.rint(stack.sum(axis=(1, 2)) / (k * (k - 1))).astype(np.int64)
+        lifts = np.stack([lift(m, m.sum(1) / (k - 1), int(t), k) for m, t in zip(stack, tokens)])
+        counts_u, lift_u = stack[:, iu[0], iu[1]], lifts[:, iu[0], iu[1]]  # (L', P)
+        res.tables["pairs"] = pa.table({
+            "layer": np.repeat(np.asarray(want, dtype=np.int64), P),
+            "expert_a": np.tile(iu[0], len(want)), "expert_b": np.tile(iu[1], len(want)),
+            "count": counts_u.reshape(-1), "lift": lift_u.reshape(-1)})
+        top = np.argmax(counts_u, axis=1)
+        top_n = counts_u[np.arange(len(want)), top]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            res.summaries["co-activation within a layer"] = pa.table({
+                "layer": want, "tokens": tokens,
+                "top_pair": [f"{iu[0][t]}+{iu[1][t]}" for t in top],
+                "top_pair_tokens": top_n,
+                "top_pair_share": np.where(tokens > 0, top_n / np.maximum(tokens, 1), np.nan),
+                "max_lift": [float(np.nanmax(r)) if t and np.isfinite(r).any() else float("nan")
+                             for r, t in zip(lift_u, tokens)]})
     res.arrays["pairs"] = pairs
 
-    aff_rows = {c: [] for c in ("layer", "next_layer", "expert", "next_expert", "count", "probability")}
-    aff_summ = {c: [] for c in ("layer", "next_layer", "tokens", "concentration", "independent_concentration")}
-    starts = [layer] if layer is not None else layers[:-1]
-    trans = {}
-    for l in starts:
-        i = layers.index(l)
-        if i + 1 >= len(layers):
-            res.notes.append(f"layer {l} is the last MoE layer: no next layer for inter-layer affinity")
-            continue
-        nl = layers[i + 1]
-        c = layer_transition_counts(con, geo, l, nl)
-        trans[(l, nl)] = c
-        p = conditional(c)
-        aff_rows["layer"] += [l] * (E * E)
-        aff_rows["next_layer"] += [nl] * (E * E)
-        aff_rows["expert"] += np.repeat(np.arange(E), E).tolist()
-        aff_rows["next_expert"] += np.tile(np.arange(E), E).tolist()
-        aff_rows["count"] += c.reshape(-1).tolist()
-        aff_rows["probability"] += p.reshape(-1).tolist()
-        w = c.sum(1)
-        ok = w > 0
-        marg = c.sum(0) / max(c.sum(), 1)
-        aff_summ["layer"].append(l)
-        aff_summ["next_layer"].append(nl)
-        aff_summ["tokens"].append(int(c.sum() // max(k * k, 1)))
-        aff_summ["concentration"].append(float((np.nanmax(p[ok], axis=1) * w[ok]).sum() / w[ok].sum()) if ok.any() else float("nan"))
-        aff_summ["independent_concentration"].append(float(marg.max()))
-    res.tables["affinity"] = pa.table(aff_rows) if aff_rows["layer"] else pa.table(
-        {c: pa.array([], pa.float64() if c == "probability" else pa.int64()) for c in aff_rows})
-    res.summaries["inter-layer affinity: weighted mean of max P(next expert | expert)"] = pa.table(aff_summ)
-    res.arrays["transitions"] = trans
+    starts = [l for l in want if layers.index(l) + 1 < len(layers)]
+    if layer is not None and not starts:
+        res.notes.append(f"layer {layer} is the last MoE layer: no next layer for inter-layer affinity")
+    c = transition_counts_all(con, geo, slices, starts)  # (P', E, E)
+    nexts = [layers[layers.index(l) + 1] for l in starts]
+    p = conditional(c.reshape(-1, E)).reshape(c.shape) if len(starts) else c.astype(np.float64)
+    S = len(starts)
+    res.tables["affinity"] = pa.table({
+        "layer": np.repeat(np.asarray(starts, dtype=np.int64), E * E),
+        "next_layer": np.repeat(np.asarray(nexts, dtype=np.int64), E * E),
+        "expert": np.tile(np.repeat(np.arange(E), E), S), "next_expert": np.tile(np.arange(E), S * E),
+        "count": c.reshape(-1), "probability": p.reshape(-1)})
+    w = c.sum(2)  # (S, E) tokens with expert i at the layer (times k)
+    conc = []
+    for s in range(S):
+        ok = w[s] > 0
+        conc.append(float((np.nanmax(p[s][ok], axis=1) * w[s][ok]).sum() / w[s][ok].sum()) if ok.any() else float("nan"))
+    marg = c.sum(1) / np.maximum(c.sum(axis=(1, 2)), 1)[:, None] if S else np.zeros((0, E))
+    res.summaries["inter-layer affinity: weighted mean of max P(next expert | expert)"] = pa.table({
+        "layer": pa.array(starts, pa.int64()), "next_layer": pa.array(nexts, pa.int64()),
+        "tokens": pa.array((c.sum(axis=(1, 2)) // max(k * k, 1)).tolist(), pa.int64()),
+        "concentration": pa.array(conc, pa.float64()),
+        "independent_concentration": pa.array(marg.max(1).tolist() if S else [], pa.float64())})
+    res.arrays["transitions"] = {(l, nl): c[i] for i, (l, nl) in enumerate(zip(starts, nexts))}
     return res

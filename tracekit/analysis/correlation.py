@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .data import RequestCounts
 from .result import AnalysisResult
 
 
@@ -18,11 +17,41 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (da * db).sum(-1) / np.sqrt((da * da).sum(-1) * (db * db).sum(-1))
 
 
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks along the last axis, ties get their average rank (as scipy.stats.rankdata 'average')."""
-    from scipy.stats import rankdata
+def pearson_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of integer count vectors along the last axis, (..., E) x2 -> (...), from the sums
+    E*sum(ab) - sum(a)*sum(b) and the like, which are exact integers in float64 for counts below 2**16 (a constant
+    row gives exactly 0 variance, hence NaN as :func:`pearson_rows`)."""
+    E = a.shape[-1]
+    x = a.astype(np.float64)
+    y = b.astype(np.float64)
+    sx, sy = x.sum(-1), y.sum(-1)
+    cov = E * np.einsum("...e,...e->...", x, y) - sx * sy
+    vx = E * np.einsum("...e,...e->...", x, x) - sx * sx
+    vy = E * np.einsum("...e,...e->...", y, y) - sy * sy
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cov / np.sqrt(vx * vy)
 
-    return rankdata(x, method="average", axis=-1)
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks along the last axis, ties get their average rank (as scipy.stats.rankdata 'average').
+
+    Non-negative integer counts (what the analyses rank) are ranked by counting, O(size + rows * max value),
+    instead of sorting every row: rank(v) = #(values < v) + (#(values == v) + 1) / 2.
+    """
+    x = np.asarray(x)
+    flat = x.reshape(-1, x.shape[-1]) if x.size else x.reshape(0, max(x.shape[-1], 1))
+    vmax = int(flat.max()) if flat.size else 0
+    integral = flat.size and flat.min() >= 0 and np.array_equal(flat, np.round(flat))
+    if not integral or flat.shape[0] * (vmax + 1) > max(1 << 24, 4 * flat.size):
+        from scipy.stats import rankdata
+
+        return rankdata(x, method="average", axis=-1)
+    N, V = flat.shape[0], vmax + 1
+    v = flat.astype(np.int64)
+    cell = np.arange(N, dtype=np.int64)[:, None] * V + v
+    eq = np.bincount(cell.reshape(-1), minlength=N * V)
+    less = np.cumsum(eq.reshape(N, V), axis=1).reshape(-1) - eq
+    return (less[cell] + (eq[cell] + 1) / 2.0).reshape(x.shape)
 
 
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -30,97 +59,196 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return pearson_rows(average_ranks(a), average_ranks(b))
 
 
+def top_mask(a: np.ndarray, n: int) -> np.ndarray:
+    """(..., E) -> (..., E) bool: the n largest entries along the last axis, ties to the lower expert id (the
+    same set as a stable descending sort): everything above the n-th largest value, then the lowest ids equal to
+    it (a partition and a cumulative sum instead of a sort)."""
+    E = a.shape[-1]
+    n = min(n, E)
+    t = np.partition(a, E - n, axis=-1)[..., E - n:E - n + 1]  # the n-th largest value
+    gt = a > t
+    eq = a == t
+    need = n - gt.sum(-1, keepdims=True)
+    return gt | (eq & (np.cumsum(eq, axis=-1) <= need))
+
+
+def spearman_counts(a: np.ndarray, b: np.ndarray, max_table: int = 1 << 24) -> np.ndarray:
+    """Spearman correlation of non-negative integer count vectors along the last axis, (..., E) x2 -> (...).
+
+    From each row's joint histogram of (a value, b value) pairs: average ranks of each value, then the Pearson
+    sums over the histogram, never ranking E entries one by one. Falls back to ranking when the values are too
+    large for the histogram (N * (max a + 1) * (max b + 1) > ``max_table``).
+    """
+    shape = a.shape[:-1]
+    E = a.shape[-1]
+    x = a.reshape(-1, E).astype(np.int64)
+    y = b.reshape(-1, E).astype(np.int64)
+    N = x.shape[0]
+    if N == 0:
+        return np.zeros(shape)
+    Va, Vb = int(x.max()) + 1, int(y.max()) + 1
+    if N * Va * Vb > max_table:
+        return pearson_rows(average_ranks(a), average_ranks(b))
+    joint = np.bincount(((np.arange(N)[:, None] * Va + x) * Vb + y).reshape(-1), minlength=N * Va * Vb)
+    joint = joint.reshape(N, Va, Vb).astype(np.float64)
+    ha, hb = joint.sum(2), joint.sum(1)
+    ra = np.cumsum(ha, 1) - ha + (ha + 1) / 2  # average rank of each value (1-based)
+    rb = np.cumsum(hb, 1) - hb + (hb + 1) / 2
+    mean = (E + 1) / 2
+    sab = np.einsum("nvw,nv,nw->n", joint, ra, rb) - E * mean * mean
+    saa = (ha * ra * ra).sum(1) - E * mean * mean
+    sbb = (hb * rb * rb).sum(1) - E * mean * mean
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = sab / np.sqrt(saa * sbb)
+    r[(saa <= 1e-9) | (sbb <= 1e-9)] = np.nan  # a constant row has no ranks to correlate
+    return r.reshape(shape)
+
+
 def topn_overlap(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     """|top-n(a) & top-n(b)| / n along the last axis (ties: lower expert id first); (..., E) -> (...)."""
-    ta = np.argsort(-a, axis=-1, kind="stable")[..., :n]
-    tb = np.argsort(-b, axis=-1, kind="stable")[..., :n]
-    E = a.shape[-1]
-    ma = np.zeros(a.shape, dtype=bool)
-    mb = np.zeros(b.shape, dtype=bool)
-    np.put_along_axis(ma, ta, True, axis=-1)
-    np.put_along_axis(mb, tb, True, axis=-1)
-    return (ma & mb).sum(-1) / min(n, E)
+    return (top_mask(a, n) & top_mask(b, n)).sum(-1) / min(n, a.shape[-1])
 
 
 def shuffled_partners(subjects: np.ndarray, pool: np.ndarray, seed: int = 0) -> np.ndarray:
     """For each subject request index, a different request drawn uniformly from ``pool`` (indices).
 
-    subjects: (S,) request indices; pool: (P,) request indices with a decode. Returns (S,) partner indices,
-    partner != subject; -1 where the pool holds no other request.
+    subjects: (S,) request indices; pool: (P,) sorted request indices with a decode. Returns (S,) partner
+    indices, partner != subject; -1 where the pool holds no other request. Vectorised: draw among the P (or
+    P - 1, when the subject is in the pool) others and step over the subject's own position.
     """
     rng = np.random.default_rng(seed)
-    pool = np.asarray(pool)
-    out = np.full(len(subjects), -1, dtype=np.int64)
-    for i, s in enumerate(subjects):
-        others = pool[pool != s]
-        if len(others):
-            out[i] = others[rng.integers(len(others))]
-    return out
+    subjects, pool = np.asarray(subjects, dtype=np.int64), np.asarray(pool, dtype=np.int64)
+    if len(pool) == 0:
+        return np.full(len(subjects), -1, dtype=np.int64)
+    pos = np.searchsorted(pool, subjects)
+    inside = (pos < len(pool)) & (pool[np.minimum(pos, len(pool) - 1)] == subjects)
+    others = len(pool) - inside
+    draw = np.floor(rng.random(len(subjects)) * np.maximum(others, 1)).astype(np.int64)
+    draw += inside & (draw >= pos)
+    return np.where(others > 0, pool[np.minimum(draw, len(pool) - 1)], -1)
 
 
-def analyze_correlation(rc: RequestCounts, by: str = "domain", top_n: int | None = None,
-                        seed: int = 0) -> AnalysisResult:
-    """Per request with both phases and per layer: Pearson and Spearman correlation of its prefill and decode
-    expert histograms and the overlap of their top-n experts (default n = top-k), against a shuffled baseline
-    that pairs the prefill with another request's decode. Distributions summarised per ``by`` group."""
-    res = AnalysisResult("correlation")
-    n = int(top_n or rc.top_k)
-    pre_tok = rc.counts[:, 0].sum(axis=(1, 2))
-    dec_tok = rc.counts[:, 1].sum(axis=(1, 2))
-    subjects = np.flatnonzero((pre_tok > 0) & (dec_tok > 0))
-    pool = np.flatnonzero(dec_tok > 0)
-    key = "domain" if by == "phase" else by
-    lab = rc.labels(key)
-    if len(subjects) == 0:
-        res.notes.append("no request has both prefill and decode routing: nothing to correlate")
+POOL_SHARE = 0.25  # of the budget's array memory for the partners' decode counts
+
+
+class CorrelationAccumulator:
+    """Prefill-decode correlation from request batches. Subjects (requests with both phases) and their shuffled
+    partners are fixed from the request index before any row is read; the partners' decode counts are read
+    first (:meth:`fill_pool`, one pass over decode rows), at most a budget-sized random pool of them; then each
+    batch yields its subjects' per-layer statistics. Memory: the pool plus one batch, whatever the run's size."""
+
+    def __init__(self, index, labels: np.ndarray | None, by: str, layers: np.ndarray, num_experts: int, top_k: int,
+                 top_n: int | None, pool_cap: int, seed: int = 0):
+        self.index, self.by, self.layers, self.E = index, by, layers, num_experts
+        self.n = int(top_n or top_k)
+        self.labels = labels
+        self.subjects = np.flatnonzero((index.prefill_rows > 0) & (index.decode_rows > 0))
+        pool = np.flatnonzero(index.decode_rows > 0)
+        self.pool_total = len(pool)
+        if len(pool) > pool_cap:
+            pool = np.sort(np.random.default_rng(seed + 1).choice(pool, pool_cap, replace=False))
+        self.pool = pool
+        self.partners = shuffled_partners(self.subjects, pool, seed)
+        self.partner_slot = np.searchsorted(pool, self.partners)
+        S, L = len(self.subjects), len(layers)
+        self.stats = {k: np.full((S, L), np.nan) for k in ("pearson", "spearman", "overlap", "base_pearson",
+                                                           "base_spearman", "base_overlap")}
+        self.pool_dec = None
+
+    def fill_pool(self, slices, count) -> None:
+        """Read the pool's decode counts: ``count(slice, ids)`` -> (L, 2, n, E) counts of those ids of the slice."""
+        if not (self.partners >= 0).any():
+            return
+        self.pool_dec = None
+        for sl in slices:
+            pos = np.searchsorted(self.pool, sl.index)
+            hit = (pos < len(self.pool)) & (self.pool[np.minimum(pos, len(self.pool) - 1)] == sl.index)
+            if not hit.any():
+                continue
+            c = count(sl, sl.request_ids[hit])
+            if self.pool_dec is None:
+                self.pool_dec = np.zeros((len(self.pool), len(self.layers), self.E), dtype=c.dtype)
+            self.pool_dec[pos[hit]] = np.moveaxis(c[:, 1], 1, 0)
+
+    def add(self, batch, sub: int = 128) -> None:
+        pos = np.searchsorted(self.subjects, batch.index)
+        hit = (pos < len(self.subjects)) & (self.subjects[np.minimum(pos, len(self.subjects) - 1)] == batch.index)
+        sel, sp = np.flatnonzero(hit), pos[hit]
+        for s0 in range(0, len(sel), sub):
+            b, p = sel[s0:s0 + sub], sp[s0:s0 + sub]
+            st = self.stats
+            pre_i = np.moveaxis(batch.counts[:, 0, b, :], 1, 0)  # integer counts: ranks and top-n
+            dec_i = np.moveaxis(batch.counts[:, 1, b, :], 1, 0)
+            st["pearson"][p] = pearson_counts(pre_i, dec_i)
+            st["spearman"][p] = spearman_counts(pre_i, dec_i)
+            top_pre = top_mask(pre_i, self.n)
+            st["overlap"][p] = (top_pre & top_mask(dec_i, self.n)).sum(-1) / min(self.n, self.E)
+            ok = self.partners[p] >= 0
+            if ok.any() and self.pool_dec is not None:
+                q = p[ok]
+                base_i = self.pool_dec[self.partner_slot[q]]
+                st["base_pearson"][q] = pearson_counts(pre_i[ok], base_i)
+                st["base_spearman"][q] = spearman_counts(pre_i[ok], base_i)
+                st["base_overlap"][q] = (top_pre[ok] & top_mask(base_i, self.n)).sum(-1) / min(self.n, self.E)
+
+    def result(self) -> AnalysisResult:
+        res = AnalysisResult("correlation")
+        n, subjects = self.n, self.subjects
+        if len(subjects) == 0:
+            res.notes.append("no request has both prefill and decode routing: nothing to correlate")
+            return res
+        has_partner = self.partners >= 0
+        if not has_partner.any():
+            res.notes.append(f"too few requests for a shuffled baseline: {self.pool_total} request(s) with decode "
+                             "routing, a baseline needs at least 2 (baseline columns are NaN)")
+        elif self.pool_total > len(self.pool):
+            res.notes.append(f"shuffled baseline partners drawn from a random pool of {len(self.pool)} of the "
+                             f"{self.pool_total} requests with decode routing (memory budget)")
+        if self.by == "phase":
+            res.notes.append("--by phase: the correlation compares the two phases of each request, so it is not "
+                             "split by phase; shown over all requests")
+            lab = np.full(len(subjects), "all", dtype=object)
+            key = "phase"
+        else:
+            lab = self.labels[subjects]
+            key = self.by
+        st = self.stats
+        S, L = st["pearson"].shape
+        idx = self.index
+        run_names = sorted(idx.run_range)
+        run_code = np.searchsorted(np.asarray(run_names, dtype=object), idx.run_ids).astype(np.int32)
+        partner = np.maximum(self.partners, 0)
+        groups = sorted(set(lab))
+        gcode = np.searchsorted(np.asarray(groups, dtype=object), lab).astype(np.int32)
+        dict_col = lambda codes, values: pa.DictionaryArray.from_arrays(np.repeat(codes, L), pa.array(values, pa.string()))  # noqa: E731
+        res.tables["per_request_layer"] = pa.table({
+            "run_id": dict_col(run_code[subjects], run_names),
+            "request_id": np.repeat(idx.request_ids[subjects], L),
+            "group": dict_col(gcode, groups),
+            "layer": np.tile(self.layers, S),
+            "pearson": st["pearson"].reshape(-1),
+            "spearman": st["spearman"].reshape(-1),
+            f"top{n}_overlap": st["overlap"].reshape(-1),
+            "baseline_run_id": dict_col(run_code[partner], run_names),
+            "baseline_request_id": np.repeat(np.where(has_partner, idx.request_ids[partner], -1), L),
+            "baseline_pearson": st["base_pearson"].reshape(-1),
+            "baseline_spearman": st["base_spearman"].reshape(-1),
+            f"baseline_top{n}_overlap": st["base_overlap"].reshape(-1),
+        })
+
+        def mean(v: np.ndarray) -> float:
+            return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+        summ = {k: [] for k in ("group", "requests", "pearson", "baseline_pearson", "spearman", "baseline_spearman",
+                                f"top{n}_overlap", f"baseline_top{n}_overlap")}
+        for g in ["all"] + ([] if self.by == "phase" else groups):
+            m = np.ones(S, dtype=bool) if g == "all" else lab == g
+            summ["group"].append(g)
+            summ["requests"].append(int(m.sum()))
+            for name, col in (("pearson", "pearson"), ("spearman", "spearman"), ("overlap", f"top{n}_overlap")):
+                summ[col].append(mean(st[name][m]))
+                summ[f"baseline_{col}"].append(mean(st[f"base_{name}"][m]))
+        res.summaries[f"prefill-decode correlation, mean over requests and layers (by {key})"] = pa.table(summ)
+        res.arrays.update(real_spearman=st["spearman"], base_spearman=st["base_spearman"],
+                          real_pearson=st["pearson"], base_pearson=st["base_pearson"], groups=lab)
         return res
-    partners = shuffled_partners(subjects, pool, seed)
-    has_partner = partners >= 0
-    safe = np.where(has_partner, partners, subjects)  # placeholder rows, masked to NaN below
-    pre = rc.counts[subjects, 0]  # (S, L, E)
-    dec = rc.counts[subjects, 1]
-    base_dec = rc.counts[safe, 1]
-    # rank each histogram once: Spearman = Pearson of average ranks
-    rank_dec_all = np.zeros(rc.counts.shape[:1] + rc.counts.shape[2:])
-    rank_dec_all[pool] = average_ranks(rc.counts[pool, 1])
-    rank_pre = average_ranks(pre)
-    real = {"pearson": pearson_rows(pre, dec), "spearman": pearson_rows(rank_pre, rank_dec_all[subjects]),
-            "overlap": topn_overlap(pre, dec, n)}
-    base = {"pearson": pearson_rows(pre, base_dec), "spearman": pearson_rows(rank_pre, rank_dec_all[safe]),
-            "overlap": topn_overlap(pre, base_dec, n).astype(np.float64)}
-    for v in base.values():
-        v[~has_partner] = np.nan
-    if not has_partner.any():
-        res.notes.append("shuffled baseline needs a second request with decode routing")
-    S, L = real["pearson"].shape
-    reqs = rc.requests
-    res.tables["per_request_layer"] = pa.table({
-        "run_id": np.repeat(np.asarray(reqs["run_id"].to_pylist(), dtype=object)[subjects], L),
-        "request_id": np.repeat(np.asarray(reqs["request_id"].to_pylist())[subjects], L),
-        "group": np.repeat(lab[subjects], L).astype(str),
-        "layer": np.tile(rc.layers, S),
-        "pearson": real["pearson"].reshape(-1),
-        "spearman": real["spearman"].reshape(-1),
-        f"top{n}_overlap": real["overlap"].reshape(-1),
-        "baseline_run_id": np.repeat(np.asarray(reqs["run_id"].to_pylist(), dtype=object)[np.maximum(partners, 0)], L),
-        "baseline_request_id": np.repeat(np.where(has_partner, np.asarray(reqs["request_id"].to_pylist())[np.maximum(partners, 0)], -1), L),
-        "baseline_pearson": base["pearson"].reshape(-1),
-        "baseline_spearman": base["spearman"].reshape(-1),
-        f"baseline_top{n}_overlap": base["overlap"].reshape(-1),
-    })
-    summ = {k: [] for k in ("group", "requests", "pearson", "baseline_pearson", "spearman", "baseline_spearman",
-                            f"top{n}_overlap", f"baseline_top{n}_overlap")}
-    groups = ["all"] + sorted(set(lab[subjects]))
-    for g in groups:
-        m = np.ones(S, dtype=bool) if g == "all" else lab[subjects] == g
-        summ["group"].append(g)
-        summ["requests"].append(int(m.sum()))
-        for name in ("pearson", "spearman"):
-            summ[name].append(float(np.nanmean(real[name][m])) if np.isfinite(real[name][m]).any() else float("nan"))
-            summ[f"baseline_{name}"].append(float(np.nanmean(base[name][m])) if np.isfinite(base[name][m]).any() else float("nan"))
-        summ[f"top{n}_overlap"].append(float(np.nanmean(real["overlap"][m])))
-        summ[f"baseline_top{n}_overlap"].append(float(np.nanmean(base["overlap"][m])) if np.isfinite(base["overlap"][m]).any() else float("nan"))
-    res.summaries[f"prefill-decode correlation, mean over requests and layers (by {key})"] = pa.table(summ)
-    res.arrays.update(real_spearman=real["spearman"], base_spearman=base["spearman"],
-                      real_pearson=real["pearson"], base_pearson=base["pearson"], groups=lab[subjects])
-    return res

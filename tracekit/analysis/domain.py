@@ -6,7 +6,8 @@ import itertools
 import numpy as np
 import pyarrow as pa
 
-from .data import RequestCounts
+from .data import PHASES
+from .stream import group_sums
 from .result import AnalysisResult
 
 
@@ -72,68 +73,129 @@ def classify(features: np.ndarray, labels: np.ndarray, seed: int = 0, max_folds:
     return {"accuracy": correct / n, "baseline": base / n, "folds": folds, "n": n}
 
 
-def analyze_domain(rc: RequestCounts, by: str = "domain", top: int = 10, seed: int = 0) -> AnalysisResult:
-    """Distances between the ``by`` groups' expert distributions per layer, the experts whose popularity rank
-    shifts most between a group and the rest, and how well a request's routing signature predicts its group."""
+CLASSIFIER_MAX_SAMPLES = 1000  # beyond this the classifier is trained on a seeded random sample (time, memory)
+
+
+def classifier_sample(R: int, features: int, budget_bytes: int, per_request: int = 1, seed: int = 0) -> np.ndarray:
+    """Sorted global numbers of the requests whose routing signature the classifier sees: all ``R`` when their
+    features (``per_request`` rows of ``features`` float64 each) fit ``budget_bytes`` and
+    :data:`CLASSIFIER_MAX_SAMPLES`; else a seeded uniform sample of that many."""
+    n = min(CLASSIFIER_MAX_SAMPLES, max(2, budget_bytes // (8 * features * per_request)))
+    if R <= n:
+        return np.arange(R)
+    return np.sort(np.random.default_rng(seed).choice(R, n, replace=False))
+
+
+class DomainAccumulator:
+    """Domain specificity from request batches: the (G, L, E) loads of the ``by`` groups (request labels, or the
+    two phases for ``by='phase'``) and the routing signatures of the ``sample`` requests for the classifier."""
+
+    def __init__(self, labels: np.ndarray | None, by: str, layers: np.ndarray, num_experts: int,
+                 sample: np.ndarray, total_requests: int, seed: int = 0):
+        L, E = len(layers), num_experts
+        self.by, self.layers, self.seed, self.total = by, layers, seed, total_requests
+        self.names = list(PHASES) if by == "phase" else sorted(set(labels))
+        self.group_of = None if by == "phase" else np.searchsorted(np.asarray(self.names, dtype=object), labels)
+        self.loads = np.zeros((len(self.names), L, E), dtype=np.int64)
+        self.sample = sample
+        per = 2 if by == "phase" else 1
+        self.X = np.zeros((len(sample) * per, L * E))
+        self.y = np.full(len(sample) * per, None, dtype=object)
+        self.filled = np.zeros(len(sample) * per, dtype=bool)
+
+    def add(self, batch) -> None:
+        c = batch.counts  # (L, 2, n, E)
+        if self.by == "phase":
+            self.loads += c.sum(axis=2, dtype=np.int64).transpose(1, 0, 2)
+        else:
+            self.loads += group_sums(c.sum(axis=1, dtype=np.int32), self.group_of[batch.index], len(self.names))
+        pos = np.searchsorted(self.sample, batch.index)
+        hit = (pos < len(self.sample)) & (self.sample[np.minimum(pos, len(self.sample) - 1)] == batch.index)
+        sel, pos = np.flatnonzero(hit), pos[hit]
+        for s0 in range(0, len(sel), 256):
+            b, p = sel[s0:s0 + 256], pos[s0:s0 + 256]
+            per_req = np.moveaxis(c[:, :, b, :], 2, 0).astype(np.float64)  # (m, L, 2, E)
+            if self.by == "phase":
+                for ph in range(2):
+                    x = per_req[:, :, ph, :]
+                    self.X[2 * p + ph] = routing_signature(x)
+                    self.y[2 * p + ph] = PHASES[ph]
+                    self.filled[2 * p + ph] = x.sum(axis=(1, 2)) > 0
+            else:
+                self.X[p] = routing_signature(per_req.sum(axis=2))
+                self.y[p] = np.asarray(self.names, dtype=object)[self.group_of[batch.index[b]]]
+                self.filled[p] = True
+
+    def result(self, top: int = 10) -> AnalysisResult:
+        res = domain_result(self.loads, self.names, self.layers, self.by, top)
+        if len(self.names) < 2 or res.notes:
+            return res
+        X, y = self.X[self.filled], self.y[self.filled].astype(str)
+        cls = classify(X, y, seed=self.seed)
+        unit = "request histograms (one per request and phase)" if self.by == "phase" else "requests"
+        res.tables["classifier"] = pa.table({k: [v] for k, v in cls.items()})
+        res.summaries[f"predict a request's {self.by} from its routing"] = pa.table(
+            {"requests": [cls["n"]], "folds": [cls["folds"]], "accuracy": [cls["accuracy"]],
+             "majority_baseline": [cls["baseline"]]})
+        if len(self.sample) < self.total:
+            res.notes.append(f"classifier trained and scored on a random sample of {len(self.sample)} of "
+                             f"{self.total} requests (seed {self.seed}; memory budget and time)")
+        if self.by == "phase":
+            res.notes.append(f"--by phase: the classifier predicts the phase of each of {cls['n']} {unit}")
+        if cls["folds"] == 0:
+            res.notes.append(f"classifier skipped: every {self.by} needs at least 2 requests")
+        return res
+
+
+def domain_result(loads: np.ndarray, names: list[str], layers: np.ndarray, key: str, top: int = 10) -> AnalysisResult:
+    """Distances between the groups' expert distributions per layer and the experts whose popularity rank
+    shifts most between a group and the rest; ``loads`` (G, L, E) of the groups ``names``."""
     res = AnalysisResult("domain")
-    key = "domain" if by == "phase" else by
-    lab = rc.labels(key)
-    names = sorted(set(lab))
-    per_req = rc.counts.sum(axis=1, dtype=np.int64)  # (R, L, E)
-    loads = np.stack([per_req[lab == n].sum(0) for n in names])  # (D, L, E)
+    keep = loads.sum(axis=(1, 2)) > 0
+    names = [n for n, k in zip(names, keep) if k]
+    loads = loads[keep]
     res.arrays["groups"] = names
     res.arrays["loads"] = loads
-    res.arrays["layers"] = rc.layers
+    res.arrays["layers"] = layers
     if len(names) < 2:
-        res.notes.append(f"only one {key} ({names[0]}): nothing to compare")
+        res.notes.append(f"only one {key} ({names[0] if names else 'none'}): nothing to compare")
         return res
     p = normalize(loads)
     pair_rows = {k: [] for k in ("layer", "group_a", "group_b", "js", "tv")}
     summ = {k: [] for k in ("group_a", "group_b", "mean_js", "max_js", "max_js_layer", "mean_tv")}
     for a, b in itertools.combinations(range(len(names)), 2):
         js, tv = js_divergence(p[a], p[b]), tv_distance(p[a], p[b])
-        pair_rows["layer"] += rc.layers.tolist()
-        pair_rows["group_a"] += [names[a]] * len(rc.layers)
-        pair_rows["group_b"] += [names[b]] * len(rc.layers)
+        pair_rows["layer"] += layers.tolist()
+        pair_rows["group_a"] += [names[a]] * len(layers)
+        pair_rows["group_b"] += [names[b]] * len(layers)
         pair_rows["js"] += js.tolist()
         pair_rows["tv"] += tv.tolist()
         i = int(np.nanargmax(js))
         for k, v in (("group_a", names[a]), ("group_b", names[b]), ("mean_js", float(np.nanmean(js))),
-                     ("max_js", float(js[i])), ("max_js_layer", int(rc.layers[i])), ("mean_tv", float(np.nanmean(tv)))):
+                     ("max_js", float(js[i])), ("max_js_layer", int(layers[i])), ("mean_tv", float(np.nanmean(tv)))):
             summ[k].append(v)
     res.tables["distances"] = pa.table(pair_rows)
     res.summaries[f"{key} distance per pair (over layers)"] = pa.table(summ)
 
     total = loads.sum(0)
-    shift_rows = {k: [] for k in ("group", "layer", "expert", "rank_in_group", "rank_in_rest", "rank_shift",
-                                  "share_in_group", "share_in_rest")}
-    shift = np.zeros(loads.shape, dtype=np.int64)
-    for d, name in enumerate(names):
-        rest = total - loads[d]
-        rg, rr = popularity_rank(loads[d]), popularity_rank(rest)
-        sg, sr = normalize(loads[d]), normalize(rest)
-        shift[d] = rr - rg  # > 0: more popular in the group than in the rest
-        L, E = rg.shape
-        shift_rows["group"] += [name] * (L * E)
-        shift_rows["layer"] += np.repeat(rc.layers, E).tolist()
-        shift_rows["expert"] += np.tile(np.arange(E), L).tolist()
-        shift_rows["rank_in_group"] += rg.reshape(-1).tolist()
-        shift_rows["rank_in_rest"] += rr.reshape(-1).tolist()
-        shift_rows["rank_shift"] += shift[d].reshape(-1).tolist()
-        shift_rows["share_in_group"] += sg.reshape(-1).tolist()
-        shift_rows["share_in_rest"] += sr.reshape(-1).tolist()
-    shifts = pa.table(shift_rows)
+    L, E = total.shape
+    G = len(names)
+    rg = np.stack([popularity_rank(loads[d]) for d in range(G)])
+    rr = np.stack([popularity_rank(total - loads[d]) for d in range(G)])
+    shift = rr - rg  # > 0: more popular in the group than in the rest
+    shifts = pa.table({
+        "group": pa.DictionaryArray.from_arrays(np.repeat(np.arange(G, dtype=np.int32), L * E), pa.array(names)),
+        "layer": np.tile(np.repeat(layers, E), G),
+        "expert": np.tile(np.arange(E), G * L),
+        "rank_in_group": rg.reshape(-1),
+        "rank_in_rest": rr.reshape(-1),
+        "rank_shift": shift.reshape(-1),
+        "share_in_group": normalize(loads).reshape(-1),
+        "share_in_rest": normalize(total[None] - loads).reshape(-1),
+    })
     res.tables["rank_shifts"] = shifts
-    order = np.argsort(-np.abs(np.asarray(shift_rows["rank_shift"])), kind="stable")[:top]
+    order = np.argsort(-np.abs(shift.reshape(-1)), kind="stable")[:top]
     res.summaries[f"experts whose rank shifts most ({key} vs the rest)"] = shifts.take(order).select(
         ["group", "layer", "expert", "rank_in_group", "rank_in_rest", "rank_shift", "share_in_group", "share_in_rest"])
     res.arrays["share_diff"] = normalize(loads) - normalize(total)[None]
-
-    cls = classify(routing_signature(per_req), lab.astype(str), seed=seed)
-    res.tables["classifier"] = pa.table({k: [v] for k, v in cls.items()})
-    res.summaries[f"predict a request's {key} from its routing"] = pa.table(
-        {"requests": [cls["n"]], "folds": [cls["folds"]], "accuracy": [cls["accuracy"]],
-         "majority_baseline": [cls["baseline"]]})
-    if cls["folds"] == 0:
-        res.notes.append(f"classifier skipped: every {key} needs at least 2 requests")
     return res

@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from .data import RequestCounts, group_loads
+from ..errors import TracekitError
+from .data import PHASES
+from .stream import group_sums
 from .result import AnalysisResult
 
 HOT_FRACTION = 0.10
@@ -61,26 +63,72 @@ def hot_set_stability(window_loads: np.ndarray, hot_fraction: float = HOT_FRACTI
     return inter / union
 
 
-def window_loads(counts: np.ndarray, window: int) -> np.ndarray:
-    """(R, ..., E) per-request counts -> (ceil(R / window), ..., E) sums over consecutive windows of requests."""
-    R = counts.shape[0]
-    starts = np.arange(0, R, window)
-    return np.add.reduceat(counts.astype(np.int64), starts, axis=0)
+class ImbalanceAccumulator:
+    """Imbalance from request batches: loads of all tokens, per phase and per ``by`` group, summed as batches
+    arrive; hot-set stability from windows of ``window`` consecutive requests (global request order), each
+    window's loads kept only until it is complete, then only its hot set until both neighbours are compared."""
 
+    def __init__(self, labels: np.ndarray, by: str, layers: np.ndarray, num_experts: int, top_k: int,
+                 window: int, hot_fraction: float = HOT_FRACTION):
+        R, L, E = len(labels), len(layers), num_experts
+        self.by, self.layers, self.top_k, self.E, self.hot_fraction = by, layers, top_k, E, hot_fraction
+        self.window = window
+        self.names = sorted(set(labels)) if by != "phase" else []
+        self.group_of = np.searchsorted(np.asarray(self.names, dtype=object), labels) if self.names else None
+        self.phase = np.zeros((2, L, E), dtype=np.int64)
+        self.groups = np.zeros((len(self.names), L, E), dtype=np.int64)
+        self.n_windows = -(-R // window) if R else 0
+        self.win_size = np.minimum(window, R - np.arange(self.n_windows) * window)
+        self.open: dict[int, list] = {}  # window -> [(L, E) loads, requests seen]
+        self.hot: dict[int, np.ndarray] = {}
+        self.jaccard = np.full((max(self.n_windows - 1, 0), L), np.nan)
+        self.compared = np.zeros(max(self.n_windows - 1, 0), dtype=bool)
 
-def analyze_imbalance(rc: RequestCounts, by: str = "phase", window: int | None = None,
-                      hot_fraction: float = HOT_FRACTION) -> AnalysisResult:
-    """Imbalance per layer for all tokens, per phase, and per ``by`` group; hot-set stability over windows of
-    ``window`` consecutive requests (default: R / 10, at least 1)."""
-    groups: list[tuple[str, str, np.ndarray]] = [("all", "all", rc.counts.sum(axis=(0, 1), dtype=np.int64))]
-    for key in ["phase"] + ([by] if by != "phase" else []):
-        names, loads = group_loads(rc, key)
-        groups += [(key, n, l) for n, l in zip(names, loads)]
-    R = rc.counts.shape[0]
-    window = window or max(1, R // 10)
-    per_window = window_loads(rc.counts.sum(axis=1), window)  # (W, L, E)
-    return imbalance_result(groups, rc.layers, rc.top_k, rc.num_experts, per_window, f"{window} requests",
-                            hot_fraction)
+    def add(self, batch) -> None:
+        c = batch.counts  # (L, 2, n, E)
+        self.phase += c.sum(axis=2, dtype=np.int64).transpose(1, 0, 2)
+        per_req = c.sum(axis=1, dtype=np.int32)  # (L, n, E)
+        if self.names:
+            self.groups += group_sums(per_req, self.group_of[batch.index], len(self.names))
+        for s0 in range(0, c.shape[2], self.SUB):  # window sums a few hundred requests at a time
+            self._add_windows(batch.index[s0:s0 + self.SUB], per_req[:, s0:s0 + self.SUB])
+
+    SUB = 256
+
+    def _add_windows(self, index: np.ndarray, c: np.ndarray) -> None:
+        """``c`` (L, m, E): counts of the requests ``index`` (m,), both phases together."""
+        w = index // self.window  # non-decreasing within a batch
+        starts = np.flatnonzero(np.r_[True, w[1:] != w[:-1]])
+        sums = np.add.reduceat(c, starts, axis=1, dtype=np.int64).transpose(1, 0, 2)  # (windows, L, E)
+        seen = np.diff(np.r_[starts, len(w)])
+        for j, wi in enumerate(w[starts].tolist()):
+            acc = self.open.setdefault(wi, [np.zeros((c.shape[0], c.shape[2]), dtype=np.int64), 0])
+            acc[0] += sums[j]
+            acc[1] += int(seen[j])
+            if acc[1] == self.win_size[wi]:
+                self._close(wi, self.open.pop(wi)[0])
+
+    def _close(self, w: int, load: np.ndarray) -> None:
+        """Window ``w`` is complete: compare its hot set with its completed neighbours, drop what is no longer
+        needed (a hot set lives until both neighbours were compared with it)."""
+        self.hot[w] = hot_sets(load, self.hot_fraction)
+        for a in (w - 1, w):
+            if a in self.hot and a + 1 in self.hot:
+                h0, h1 = self.hot[a], self.hot[a + 1]
+                self.jaccard[a] = (h0 & h1).sum(-1) / (h0 | h1).sum(-1)
+                self.compared[a] = True
+        for a in (w - 1, w, w + 1):
+            if a in self.hot and (a == 0 or self.compared[a - 1]) and (a == self.n_windows - 1 or self.compared[a]):
+                del self.hot[a]
+
+    def result(self) -> AnalysisResult:
+        if self.open:
+            raise TracekitError(f"internal: {len(self.open)} windows of requests never completed")
+        groups: list[tuple[str, str, np.ndarray]] = [("all", "all", self.phase.sum(0))]
+        groups += [("phase", n, self.phase[i]) for i, n in enumerate(PHASES)]
+        groups += [(self.by, n, self.groups[i]) for i, n in enumerate(self.names)]
+        return imbalance_result(groups, self.layers, self.top_k, self.E, self.jaccard, self.n_windows,
+                                f"{self.window} requests", self.hot_fraction)
 
 
 def analyze_loads_imbalance(loads: pa.Table, layers: np.ndarray, num_experts: int, top_k: int, by: str = "phase",
@@ -112,13 +160,16 @@ def analyze_loads_imbalance(loads: pa.Table, layers: np.ndarray, num_experts: in
     window = window or max(1, len(passes) // 10)
     chunk = np.searchsorted(passes, loads.column("window").to_numpy()) // window
     per_window = np.stack([dense(chunk == w) for w in range(int(chunk.max()) + 1)]) if len(count) else np.zeros((0, L, E))
-    return imbalance_result(groups, layers, top_k, num_experts, per_window, f"{window} forward passes", hot_fraction)
+    jac = hot_set_stability(per_window, hot_fraction) if len(per_window) >= 2 else np.zeros((0, L))
+    return imbalance_result(groups, layers, top_k, num_experts, jac, len(per_window), f"{window} forward passes",
+                            hot_fraction)
 
 
 def imbalance_result(groups: list[tuple[str, str, np.ndarray]], layers: np.ndarray, top_k: int, num_experts: int,
-                     per_window: np.ndarray, window_label: str, hot_fraction: float = HOT_FRACTION) -> AnalysisResult:
-    """Tables and summaries of imbalance for ``groups`` [(group_by, name, (L, E) loads)] and hot-set stability
-    over ``per_window`` (W, L, E) loads of consecutive windows."""
+                     jac: np.ndarray, n_windows: int, window_label: str,
+                     hot_fraction: float = HOT_FRACTION) -> AnalysisResult:
+    """Tables and summaries of imbalance for ``groups`` [(group_by, name, (L, E) loads)] and hot-set stability:
+    ``jac`` (W-1, L) Jaccard overlaps of the hot sets of ``n_windows`` consecutive windows."""
     res = AnalysisResult("imbalance")
     rows = {k: [] for k in ("group_by", "group", "layer", "tokens", "max_mean", "cv", "gini", "hot_share")}
     summary = {k: [] for k in ("group_by", "group", "mean_max_mean", "worst_layer", "worst_max_mean",
@@ -151,12 +202,11 @@ def imbalance_result(groups: list[tuple[str, str, np.ndarray]], layers: np.ndarr
     res.tables["layers"] = pa.table(rows)
     res.summaries["imbalance by group (means over layers)"] = pa.table(summary)
 
-    if per_window.shape[0] < 2:
-        res.notes.append(f"stability needs at least 2 windows of {window_label}; {per_window.shape[0]} given")
+    if n_windows < 2:
+        res.notes.append(f"stability needs at least 2 windows of {window_label}; {n_windows} given")
         res.tables["stability"] = pa.table({"window": pa.array([], pa.int32()), "layer": pa.array([], pa.int32()),
                                             "jaccard": pa.array([], pa.float64())})
     else:
-        jac = hot_set_stability(per_window, hot_fraction)  # (W-1, L)
         W1, L = jac.shape
         res.tables["stability"] = pa.table({
             "window": np.repeat(np.arange(W1, dtype=np.int32), L),
@@ -164,7 +214,7 @@ def imbalance_result(groups: list[tuple[str, str, np.ndarray]], layers: np.ndarr
             "jaccard": jac.reshape(-1),
         })
         res.summaries[f"hot-set stability between consecutive windows of {window_label}"] = pa.table({
-            "windows": [int(per_window.shape[0])], "hot_experts": [hot_count(num_experts, hot_fraction)],
+            "windows": [int(n_windows)], "hot_experts": [hot_count(num_experts, hot_fraction)],
             "mean_jaccard": [float(jac.mean())], "min_layer_mean_jaccard": [float(jac.mean(0).min())],
             "min_layer": [int(layers[int(np.argmin(jac.mean(0)))])],
         })

@@ -55,6 +55,8 @@ def _csv_safe(table: pa.Table) -> pa.Table:
     cols = []
     for name in table.column_names:
         col = table[name]
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             col = pa.array([None if v is None else str(v) for v in col.to_pylist()], pa.string())
         cols.append(col)

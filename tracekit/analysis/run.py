@@ -9,12 +9,14 @@ import numpy as np
 
 from ..errors import TracekitError
 from ..query import connect, sql_file
+from .budget import MemoryBudget
 from .coactivation import analyze_coactivation
-from .correlation import analyze_correlation
-from .data import GROUP_KEYS, geometry, request_counts
-from .domain import analyze_domain
-from .imbalance import analyze_imbalance, analyze_loads_imbalance
+from .correlation import POOL_SHARE, CorrelationAccumulator
+from .data import GROUP_KEYS, Geometry, geometry
+from .domain import DomainAccumulator, classifier_sample
+from .imbalance import ImbalanceAccumulator, analyze_loads_imbalance
 from .result import AnalysisResult
+from .stream import RequestBatch, RequestIndex, count_dtype, count_slice, plan_slices, request_index, requests_per_batch
 
 ANALYSES = ("imbalance", "domain", "correlation", "coactivation")
 
@@ -38,37 +40,83 @@ def analyze(
     window: int | None = None,
     top_n: int | None = None,
     seed: int = 0,
+    memory_budget: MemoryBudget | str | int | None = None,
 ) -> dict[str, AnalysisResult]:
     """Run the chosen analyses (default all) and return {name: AnalysisResult}.
 
     ``by``: domain, phase or dataset (how imbalance, domain and correlation results are grouped);
     ``layer``: restrict co-activation and inter-layer affinity to one MoE layer (default: every layer);
-    ``window``: requests per window for hot-set stability; ``top_n``: experts compared in the overlap metric.
+    ``window``: requests per window for hot-set stability; ``top_n``: experts compared in the overlap metric;
+    ``memory_budget``: working memory of the analyses ("2GB" by default; DuckDB gets part of it as its
+    ``memory_limit`` when this function opens the runs), whatever the number of requests and rows.
     """
     if by not in GROUP_KEYS:
         raise TracekitError(f"--by {by!r} unknown; use one of {', '.join(GROUP_KEYS)}")
+    if window is not None and window < 1:
+        raise TracekitError(f"--window {window}: give at least 1 request per window")
     names = parse_what(what)
+    budget = MemoryBudget.of(memory_budget)
+    from threadpoolctl import threadpool_limits
+
+    # BLAS in one thread: the analyses' matrix products (the classifier) are small, and OpenBLAS threads made a
+    # (4 x 2000) @ (2000 x 256) product 50x slower on a loaded 2-core machine (measured)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _analyze(runs, names, what, by, layer, window, top_n, seed, budget)
+
+
+def _analyze(runs, names, what, by, layer, window, top_n, seed, budget) -> dict[str, AnalysisResult]:
     own = not isinstance(runs, duckdb.DuckDBPyConnection)
-    con = connect(runs) if own else runs
+    con = connect(runs, memory_limit=budget.duckdb_limit) if own else runs
     try:
         if sql_file(con, "manifest_geometry").num_rows == 0:
             return {"imbalance": _loads_imbalance(con, names, what, by, window)}
         geo = geometry(con)
-        out: dict[str, AnalysisResult] = {}
-        rc = request_counts(con, geo) if set(names) - {"coactivation"} else None
-        for name in names:
-            if name == "imbalance":
-                out[name] = analyze_imbalance(rc, by=by, window=window)
-            elif name == "domain":
-                out[name] = analyze_domain(rc, by=by, seed=seed)
-            elif name == "correlation":
-                out[name] = analyze_correlation(rc, by=by, top_n=top_n, seed=seed)
-            else:
-                out[name] = analyze_coactivation(con, layer=layer, geo=geo)
-        return out
+        index = request_index(con)
+        dtype = count_dtype(int(max(index.prefill_rows.max(initial=0), index.decode_rows.max(initial=0))))
+        slices = plan_slices(con, index, requests_per_batch(geo, budget, dtype.itemsize, BATCH_SHARE))
+        out = analyze_requests(con, geo, index, slices, dtype, [n for n in names if n != "coactivation"],
+                               by=by, window=window, top_n=top_n, seed=seed, budget=budget)
+        if "coactivation" in names:
+            out["coactivation"] = analyze_coactivation(con, layer=layer, geo=geo, slices=slices)
+        return {n: out[n] for n in names}
     finally:
         if own:
             con.close()
+
+
+BATCH_SHARE = 0.35  # of the budget's array memory: one batch of per-request counts
+CLASSIFIER_SHARE = 0.25  # the classifier's sampled routing signatures
+
+
+def analyze_requests(con, geo: Geometry, index: RequestIndex, slices: list, dtype: np.dtype, names: list[str], *,
+                     by: str, window: int | None, top_n: int | None, seed: int,
+                     budget: MemoryBudget) -> dict[str, AnalysisResult]:
+    """Imbalance, domain and correlation in one pass over the request batches (plus the correlation's pass over
+    its partners' decode rows)."""
+    if not names:
+        return {}
+    R, L, E = len(index), len(geo.layers), geo.num_experts
+    labels = None if by == "phase" else index.labels(by)
+    accs: dict = {}
+    for name in names:
+        if name == "imbalance":
+            accs[name] = ImbalanceAccumulator(labels if labels is not None else np.zeros(R, dtype=object), by,
+                                              geo.layers, E, geo.top_k, window or max(1, R // 10))
+        elif name == "domain":
+            per = 2 if by == "phase" else 1
+            sample = classifier_sample(R, L * E, int(budget.arrays * CLASSIFIER_SHARE), per, seed)
+            accs[name] = DomainAccumulator(labels, by, geo.layers, E, sample, R, seed)
+        elif name == "correlation":
+            cap = max(2, int(budget.arrays * POOL_SHARE) // (L * E * dtype.itemsize))
+            acc = CorrelationAccumulator(index, labels, by, geo.layers, E, geo.top_k, top_n, cap, seed)
+            acc.fill_pool(slices, lambda sl, ids: count_slice(con, geo, sl, dtype, only=ids, decode_only=True))
+            accs[name] = acc
+    for sl in slices:
+        batch = RequestBatch(sl.index, count_slice(con, geo, sl, dtype))
+        for acc in accs.values():
+            acc.add(batch)
+        del batch
+    return {name: acc.result() for name, acc in accs.items()}
 
 
 def _loads_imbalance(con: duckdb.DuckDBPyConnection, names: list[str], what, by: str, window: int | None) -> AnalysisResult:

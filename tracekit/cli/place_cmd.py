@@ -67,6 +67,9 @@ def place_cmd(
             save_placement(p, out)
             Console().print(f"saved placement to {out}")
         return
+    from ..placement.traces import describe_input
+
+    Console().print(describe_input(traces), markup=False)
     comp = compare(traces, cluster, strategy, grouping=grouping, holdout=holdout, split=split, seed=seed,
                    max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping, **eval_opts)
     Console(width=max(220, Console().width)).print(render(comp))

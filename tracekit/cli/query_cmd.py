@@ -228,6 +228,8 @@ def analyze_cmd(
     top_n: Optional[int] = typer.Option(None, "--top-n", min=1, max=2**31 - 1, help="Experts compared in the top-n overlap (default top-k)."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the shuffled baseline and the classifier folds."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
+    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Working memory of the analyses (DuckDB gets "
+                                      "part of it as its memory_limit), whatever the number of requests."),
 ) -> None:
     """Load imbalance, domain specificity, prefill-decode correlation and co-activation, as summary tables."""
     from rich.console import Console
@@ -240,7 +242,8 @@ def analyze_cmd(
     if out is not None:
         check_folder(out, force=force, option="--out")
     with partial_reads_cli(allow_partial):
-        results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed)
+        results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed,
+                          memory_budget=memory_budget)
     console = Console()
     for name, res in results.items():
         console.rule(f"[bold]{escape(name)}")
@@ -262,6 +265,8 @@ def report_cmd(
     layer: Optional[int] = typer.Option(None, "--layer", min=0, max=MAX_LAYERS, help="MoE layer of the co-activation heatmap (default: the middle one)."),
     by: Literal["domain", "dataset"] = typer.Option("domain", "--by", help="Group the domain-shift figure by this key."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
+    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Working memory of the analyses behind the "
+                                      "figures, whatever the number of requests."),
 ) -> None:
     """One self-contained HTML page with the load, imbalance, domain-shift, correlation and co-activation plots."""
     from ..report import write_report
@@ -271,5 +276,5 @@ def report_cmd(
         check_folder(png, force=force, option="--png")
         distinct(("-o", out), ("--png", png))
     with partial_reads_cli(allow_partial):
-        path = write_report(runs, out, png_dir=png, layer=layer, by=by)
+        path = write_report(runs, out, png_dir=png, layer=layer, by=by, memory_budget=memory_budget)
     print(f"wrote {path}")

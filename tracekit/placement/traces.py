@@ -187,6 +187,17 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
     )
 
 
+def describe_input(traces: TraceArrays) -> str:
+    """One line for ``place``'s output: what was read into memory and where the fitting samples tokens."""
+    from .locality import SAMPLE_TOKENS
+
+    arrays = (traces.request, traces.layer_pos, traces.experts, traces.phase, traces.token)
+    nbytes = sum(a.nbytes for a in arrays)
+    return (f"input: {len(traces):,} token-layer rows of {len(traces.request_key):,} requests read into memory "
+            f"({nbytes / 1e6:,.0f} MB; loads count every row); locality partitions a sample of {SAMPLE_TOKENS:,} "
+            "token-layers per layer (tracekit/placement/locality.py); scoring replays every held-out row")
+
+
 def subset(traces: TraceArrays, mask: np.ndarray) -> TraceArrays:
     """The rows selected by ``mask`` (N,) bool; requests keep their indices (R_n unchanged), loads are dropped."""
     mask = np.asarray(mask, dtype=bool)

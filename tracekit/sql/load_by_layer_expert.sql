@@ -1,5 +1,6 @@
--- Load per layer and expert: (token, expert) assignments over the whole trace (the benchmark's first query).
-SELECT layer, expert, count(*)::BIGINT AS n
-FROM (SELECT layer, unnest(experts) AS expert FROM routes)
+-- Load per layer and expert: (token, expert) assignments over the whole trace, from the loads view (the
+-- per-chunk summaries of routes runs; stored counts of loads runs).
+SELECT layer, expert, sum(count)::BIGINT AS n
+FROM loads
 GROUP BY ALL
 ORDER BY layer, expert;

@@ -1,10 +1,4 @@
--- loads_derived: (token, expert) assignment counts derived from the routes rows, with window = the forward pass
--- of the request (0 = prefill, s = decode step s, -1 = a decode step the source did not record).
+-- loads_derived: the load summary (summary_loads.sql) computed from the routes rows, for runs written without
+-- per-chunk summaries. The SELECT is summary_loads.sql over the routes view.
 CREATE VIEW loads_derived AS
-SELECT run_id, model, dataset, domain, phase, "window", layer, expert, count(*)::BIGINT AS count
-FROM (
-    SELECT run_id, model, dataset, domain, phase, CASE WHEN phase = 'prefill' THEN 0 ELSE coalesce(step, -1) END AS "window", layer,
-           unnest(experts)::INTEGER AS expert
-    FROM routes
-)
-GROUP BY ALL;
+{select};
