@@ -223,11 +223,14 @@ class Router:
                                    "GET /healthz and GET /metrics")
 
 
+ROUTER = web.AppKey("router", Router)
+
+
 def make_app(table: RouteTable, opts: RouteOptions) -> web.Application:
     """The aiohttp application of one router (start it with ``web.AppRunner`` or :func:`serve`)."""
     router = Router(table, opts)
     app = web.Application(client_max_size=opts.max_body_bytes)
-    app["router"] = router
+    app[ROUTER] = router
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)
     for p in PROXIED:

@@ -97,13 +97,8 @@ def check_dp_size(table: RouteTable, dp_size: int | None) -> None:
 
 
 def model_names(model: dict[str, Any]) -> set[str]:
-    """Names a model answers to: its registry name, its hub id, and their last path components."""
-    out = set()
-    for v in (model or {}).values():
-        if isinstance(v, str) and v:
-            out.add(v.strip().rstrip("/").lower())
-            out.add(v.strip().rstrip("/").rsplit("/", 1)[-1].lower())
-    return out
+    """Names a model answers to: its registry name and hub id (lower case, no trailing slash)."""
+    return {v.strip().rstrip("/").lower() for v in (model or {}).values() if isinstance(v, str) and v.strip()}
 
 
 def check_model(table: RouteTable, served: str | None) -> None:
@@ -117,7 +112,10 @@ def check_model(table: RouteTable, served: str | None) -> None:
     if not names:
         return
     s = served.strip().rstrip("/").lower()
-    if s in names or s.rsplit("/", 1)[-1] in names:
+    if s in names:
+        return
+    local = s.startswith(("/", ".", "~"))  # a local checkout: its folder name against the hub id's model name
+    if local and s.rsplit("/", 1)[-1] in {n.rsplit("/", 1)[-1] for n in names}:
         return
     raise TracekitError(
         f"the grouping file was fitted for model {table.model.get('hub_id') or table.model.get('name')!r}, "
