@@ -342,3 +342,250 @@ def registry_prompts(domains: Sequence[str], limit: int = 2000, seed: int = 0) -
         doms.extend(p.domain for p in prompts)
         used.append(cfg.name)
     return texts, doms, used
+
+
+# ------------------------------------------------------------------------------------------------ from runs
+
+
+def run_models(runs: Sequence[Any]) -> dict[str, Any]:
+    """The model the runs were recorded with (manifest ``model``: name, hub_id); {} when they disagree or lack one."""
+    from ..store import open_run
+
+    models = []
+    for p in runs:
+        m = open_run(p).manifest.get("model") or {}
+        models.append({k: m.get(k) for k in ("name", "hub_id") if m.get(k)})
+    return models[0] if models and all(m == models[0] for m in models) else {}
+
+
+def request_prompts(runs: Sequence[Any], traces) -> np.ndarray:
+    """(R_n,) object: the prompt text of each request of ``traces``, or None where it cannot be found here.
+
+    Runs store (dataset, prompt_id), not text. The text comes from the dataset registry: the run's ``data_file`` or
+    the bundled / hub copy (skipped offline); a prompt id that is a record index (what JSONL imports write) is
+    looked up by position.
+    """
+    import duckdb
+
+    from ..datasets import get_dataset, load_prompts
+    from ..query import sql_text
+    from ..store import open_run
+
+    where: dict[str, tuple[str, str]] = {}
+    data_files: dict[str, str] = {}
+    con = duckdb.connect()
+    for p in runs:
+        run = open_run(p)
+        if run.kind != "routes" or not run.files.get("routes"):
+            continue
+        ds = run.manifest.get("dataset") or {}
+        if ds.get("data_file") and ds.get("name"):
+            data_files[str(ds["name"])] = str(ds["data_file"])
+        files = [str(f) for f in run.files["routes"]]
+        for rid, dataset, pid in con.sql(sql_text("placement_prompts"), params={"files": files}).fetchall():
+            where[f"{run.run_id}:{rid}"] = (str(dataset), str(pid))
+    con.close()
+    texts_by_set: dict[str, tuple[dict[str, str], list[str]] | None] = {}
+    out = np.full(traces.num_requests, None, dtype=object)
+    keys = traces.request_key if traces.request_key is not None else []
+    for r, key in enumerate(keys):
+        if key not in where:
+            continue
+        dataset, pid = where[key]
+        if dataset not in texts_by_set:
+            try:
+                cfg = get_dataset(dataset)
+                df = data_files.get(dataset)
+                prompts = load_prompts(cfg, data_file=Path(df) if df and Path(df).is_file() else None)
+                by_pos = [p.text for p in prompts] if not cfg.min_chars else []
+                texts_by_set[dataset] = ({p.prompt_id: p.text for p in prompts}, by_pos)
+            except TracekitError:
+                texts_by_set[dataset] = None
+        found = texts_by_set[dataset]
+        if found is None:
+            continue
+        by_id, by_pos = found
+        if pid in by_id:
+            out[r] = by_id[pid]
+        elif pid.isdigit() and int(pid) < len(by_pos):
+            out[r] = by_pos[int(pid)]
+    return out
+
+
+def _heldout_requests(comp, traces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(test row mask (N,), train requests (R_n,) bool, held-out requests (R_n,) bool) of a comparison."""
+    from .evaluate import make_split
+
+    m = comp.meta
+    train, test = make_split(traces, m["split"], m.get("holdout") or 0.3, m["seed"], m.get("token_frac") or 0.5)
+    ph = {"prefill": 0, "decode": 1}.get(m.get("score_phase", "all"))
+    if ph is not None:
+        test = test & (traces.phase == ph)
+    R = traces.num_requests
+    train_req = np.bincount(traces.request[train], minlength=R) > 0
+    test_req = np.bincount(traces.request[test], minlength=R) > 0
+    return test, train_req, test_req
+
+
+def _cross_predict(clf_texts: list[str], labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold predictions: each text predicted by a classifier fitted without it."""
+    pred = np.empty(len(clf_texts), dtype=object)
+    order = np.random.default_rng(seed).permutation(len(clf_texts))
+    for k in range(folds):
+        hold = order[k::folds]
+        keep = np.setdiff1d(order, hold)
+        if not len(hold):
+            continue
+        clf = fit_text_classifier([clf_texts[i] for i in keep], labels[keep], seed=seed)
+        pred[hold] = clf.predict([clf_texts[i] for i in hold])
+    return pred
+
+
+def attach_classifiers(comp, traces, runs: Sequence[Any], classifier_data: Sequence[str] = (), *,
+                       seed: int = 0) -> dict[str, Any] | None:
+    """Train the online classifier of every grouped placement of ``comp``, rescore its rows with the predictions.
+
+    Labels come from the placement's own rule (:func:`request_labels`). With prompt text for the runs' requests
+    (:func:`request_prompts`): fit on the train requests, predict the held-out ones (``--split tokens``, where
+    every request is in both splits: out-of-fold predictions, 5 folds), and score each grouped row's held-out
+    traffic with each request sent to the nodes of its *predicted* group (a request without text: any node), so
+    misrouted requests land where a router would send them; the true-group numbers stay in ``heldout_true_groups``.
+    Without prompt text: fit on prompt sets of the same domains (``classifier_data`` FILE:FIELD:DOMAIN, else the
+    dataset registry's readable sets; a signature cluster is then the most common cluster of that domain's
+    requests), report accuracy on a held-out 30% of those prompts, and leave the rows on the true groups.
+    The classifier (plain arrays) goes into ``placement.meta['classifier']``; the runs' model into ``meta['model']``.
+    Returns the summary (also in ``comp.meta['classifier']``), or None for grouping ``none``.
+    """
+    import dataclasses
+
+    from .comm import evaluate
+    from .evaluate import DELTA_KEYS, _rel
+
+    model = run_models(runs)
+    for p in comp.placements.values():
+        if model:
+            p.meta["model"] = model
+    if comp.meta.get("grouping", "none") == "none":
+        return None
+    test, train_req, test_req = _heldout_requests(comp, traces)
+    texts = request_prompts(runs, traces)
+    has_text = np.array([t is not None and bool(str(t).strip()) for t in texts], dtype=bool)
+    extra_texts, extra_doms = load_classifier_data(classifier_data) if classifier_data else ([], [])
+    eval_opts = dict(comp.meta.get("eval_opts") or {})
+    cache: dict[Any, tuple[TextClassifier, np.ndarray | None, dict[str, Any]]] = {}
+    summary: dict[str, Any] = {}
+    for row in comp.rows:
+        p = comp.placements[row["strategy"]]
+        rule = p.grouping
+        if rule is None or rule.kind == "none":
+            continue
+        labels = request_labels(rule, traces)
+        ck = (rule.kind, tuple(labels.tolist()))
+        if ck not in cache:
+            cache[ck] = _fit_one(rule, labels, texts, has_text, train_req, test_req, traces, extra_texts,
+                                 extra_doms, seed)
+        clf, pred, info = cache[ck]
+        p.meta["classifier"] = {**clf.to_dict(), "info": info}
+        row["classifier"] = info
+        summary[row["strategy"]] = info
+        if pred is None:
+            continue
+        routed = dataclasses.replace(traces, request_domain=pred)
+        label_rule = GroupingRule(kind="domain", domain_nodes=group_nodes(rule))
+        row["heldout_true_groups"] = row["heldout"]
+        row["heldout"] = evaluate(dataclasses.replace(p, grouping=label_rule), routed, test, **eval_opts)
+    for ref in ("linear", "eplb"):
+        base = next((r["heldout"] for r in comp.rows if r["strategy"] == ref), None)
+        if base is not None:
+            for r in comp.rows:
+                r[f"vs_{ref}"] = {k: _rel(r["heldout"][k], base[k]) for k in DELTA_KEYS}
+    comp.meta["classifier"] = summary
+    return summary
+
+
+def _fit_one(rule, labels, texts, has_text, train_req, test_req, traces, extra_texts, extra_doms, seed):
+    """(classifier, predicted labels (R_n,) or None, info) for one rule; see :func:`attach_classifiers`."""
+    labelled = has_text & (labels != "")
+    fit_req = labelled & train_req
+    held = labelled & test_req & ~train_req
+    by_request = bool((test_req & ~train_req).any())  # --split request; with --split tokens all requests are in both
+    use_runs = (fit_req.sum() >= 2 and held.any()) if by_request else labelled.sum() >= 5
+    if use_runs:
+        t_fit = [texts[i] for i in np.flatnonzero(fit_req)]
+        y_fit = list(labels[fit_req])
+        if rule.kind == "domain" and extra_texts:
+            t_fit, y_fit = t_fit + list(extra_texts), y_fit + list(extra_doms)
+        pred = np.full(traces.num_requests, "", dtype=object)
+        if by_request:
+            clf = fit_text_classifier(t_fit, y_fit, seed=seed)
+            idx = np.flatnonzero(has_text)
+            pred[idx] = clf.predict([texts[i] for i in idx])
+            info = score(clf, [texts[i] for i in np.flatnonzero(held)], labels[held], y_fit)
+            info["evaluated_on"] = "held-out requests of the runs"
+        else:  # --split tokens: every request is fitted on; score out-of-fold
+            idx = np.flatnonzero(labelled)
+            oof = _cross_predict([texts[i] for i in idx], labels[idx], min(5, len(idx)), seed)
+            pred[idx] = oof
+            truth = labels[idx]
+            vals, counts = np.unique(truth.astype(str), return_counts=True)
+            info = {"accuracy": float((oof == truth).mean()), "majority_baseline": float(counts.max() / counts.sum()),
+                    "majority_label": str(vals[counts.argmax()]), "test": int(len(idx)), "train": int(len(idx)),
+                    "evaluated_on": "out-of-fold (5 folds) over the runs' requests (--split tokens)"}
+            clf = fit_text_classifier(t_fit, y_fit, seed=seed)
+        info["requests_with_text"] = int(has_text.sum())
+        info["table_rows"] = "scored with the classifier's predictions"
+        return clf, pred, info
+    # no prompt text here: train on prompt sets of the runs' domains
+    domains = sorted(set(np.asarray(traces.request_domain).astype(str)))
+    t_all, d_all, used = list(extra_texts), list(extra_doms), ["--classifier-data"] if extra_texts else []
+    if not t_all:
+        t_all, d_all, used = registry_prompts(domains, seed=seed)
+    if not t_all:
+        raise TracekitError(
+            "the grouping classifier needs prompt text: these runs' prompts are not readable here and no prompt set of "
+            f"their domains ({', '.join(domains)}) is; pass --classifier-data FILE:FIELD:DOMAIN (e.g. gsm8k.jsonl:question:math)"
+        )
+    if rule.kind == "signature":
+        dom = np.asarray(traces.request_domain).astype(str)
+        to_cluster = {}
+        for d in set(d_all):
+            ls = labels[(dom == d) & (labels != "")]
+            if len(ls):
+                v, c = np.unique(ls.astype(str), return_counts=True)
+                to_cluster[d] = str(v[c.argmax()])
+        keep = [i for i, d in enumerate(d_all) if d in to_cluster]
+        t_all, d_all = [t_all[i] for i in keep], [to_cluster[d_all[i]] for i in keep]
+        if not t_all:
+            raise TracekitError("no prompt set matches the domains of the clustered requests; pass --classifier-data")
+    info = heldout_accuracy(t_all, d_all, seed=seed)
+    uncovered = sorted(set(np.asarray(traces.request_domain).astype(str)) - set(
+        np.asarray(extra_doms if extra_texts else [d for d in d_all]).astype(str)) - {"unknown"}) if rule.kind == "domain" else []
+    if uncovered:
+        info["uncovered_domains"] = uncovered
+    info["evaluated_on"] = f"held-out 30% of the prompt sets {', '.join(used)} (the runs carry no readable prompt text)"
+    info["table_rows"] = "scored with the true groups (no request text to classify)"
+    return fit_text_classifier(t_all, d_all, seed=seed), None, info
+
+
+def describe(summary: dict[str, Any] | None) -> list[str]:
+    """Lines for ``tracekit place``: each grouped strategy's classifier accuracy and how its row was scored."""
+    if not summary:
+        return []
+    groups: dict[str, list[str]] = {}
+    infos: dict[str, dict[str, Any]] = {}
+    for name, info in summary.items():
+        key = repr(sorted(info.items()))
+        groups.setdefault(key, []).append(name)
+        infos[key] = info
+    out = []
+    for key, names in groups.items():
+        info = infos[key]
+        out.append(
+            f"grouping classifier ({', '.join(names)}): held-out accuracy {info['accuracy']:.3f} vs majority baseline "
+            f"{info['majority_baseline']:.3f} ({info['test']} prompts; {info['evaluated_on']}); "
+            f"table rows {info['table_rows']}"
+        )
+        if info.get("uncovered_domains"):
+            out.append(f"warning: no prompt text for domain(s) {', '.join(info['uncovered_domains'])}: the classifier "
+                       "cannot route them; pass --classifier-data FILE:FIELD:DOMAIN for each")
+    return out
