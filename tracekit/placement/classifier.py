@@ -427,17 +427,19 @@ def _heldout_requests(comp, traces) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return test, train_req, test_req
 
 
-def _cross_predict(clf_texts: list[str], labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Out-of-fold predictions: each text predicted by a classifier fitted without it."""
-    pred = np.empty(len(clf_texts), dtype=object)
-    order = np.random.default_rng(seed).permutation(len(clf_texts))
+def _cross_predict(texts: list[str], labels: np.ndarray, folds: int, seed: int,
+                   extra: tuple[list[str], list[str]] = ([], [])) -> np.ndarray:
+    """Out-of-fold predictions: each text predicted by a classifier fitted without it (plus the ``extra`` pairs)."""
+    pred = np.empty(len(texts), dtype=object)
+    order = np.random.default_rng(seed).permutation(len(texts))
     for k in range(folds):
         hold = order[k::folds]
         keep = np.setdiff1d(order, hold)
         if not len(hold):
             continue
-        clf = fit_text_classifier([clf_texts[i] for i in keep], labels[keep], seed=seed)
-        pred[hold] = clf.predict([clf_texts[i] for i in hold])
+        clf = fit_text_classifier([texts[i] for i in keep] + list(extra[0]), list(labels[keep]) + list(extra[1]),
+                                  seed=seed)
+        pred[hold] = clf.predict([texts[i] for i in hold])
     return pred
 
 
@@ -509,13 +511,19 @@ def _fit_one(rule, labels, texts, has_text, train_req, test_req, traces, extra_t
     fit_req = labelled & train_req
     held = labelled & test_req & ~train_req
     by_request = bool((test_req & ~train_req).any())  # --split request; with --split tokens all requests are in both
-    use_runs = (fit_req.sum() >= 2 and held.any()) if by_request else labelled.sum() >= 5
+    extra_ok = rule.kind == "domain" and bool(extra_texts)  # prompt sets label domains, not signature clusters
+    if extra_ok:  # never train on a held-out request's own text
+        scored = {texts[i] for i in np.flatnonzero(held if by_request else labelled)}
+        keep = [i for i, t in enumerate(extra_texts) if t not in scored]
+        extra = ([extra_texts[i] for i in keep], [extra_doms[i] for i in keep])
+    else:
+        extra = ([], [])
+    need = 1 if extra_ok else 2
+    use_runs = (fit_req.sum() >= need and held.any()) if by_request else labelled.sum() >= need
     if use_runs:
-        t_fit = [texts[i] for i in np.flatnonzero(fit_req)]
-        y_fit = list(labels[fit_req])
-        if rule.kind == "domain" and extra_texts:
-            t_fit, y_fit = t_fit + list(extra_texts), y_fit + list(extra_doms)
         pred = np.full(traces.num_requests, "", dtype=object)
+        t_fit = [texts[i] for i in np.flatnonzero(fit_req)] + extra[0]
+        y_fit = list(labels[fit_req]) + extra[1]
         if by_request:
             clf = fit_text_classifier(t_fit, y_fit, seed=seed)
             idx = np.flatnonzero(has_text)
@@ -524,16 +532,17 @@ def _fit_one(rule, labels, texts, has_text, train_req, test_req, traces, extra_t
             info["evaluated_on"] = "held-out requests of the runs"
         else:  # --split tokens: every request is fitted on; score out-of-fold
             idx = np.flatnonzero(labelled)
-            oof = _cross_predict([texts[i] for i in idx], labels[idx], min(5, len(idx)), seed)
+            oof = _cross_predict([texts[i] for i in idx], labels[idx], min(5, len(idx)), seed, extra)
             pred[idx] = oof
             truth = labels[idx]
-            vals, counts = np.unique(truth.astype(str), return_counts=True)
-            info = {"accuracy": float((oof == truth).mean()), "majority_baseline": float(counts.max() / counts.sum()),
-                    "majority_label": str(vals[counts.argmax()]), "test": int(len(idx)), "train": int(len(idx)),
-                    "evaluated_on": "out-of-fold (5 folds) over the runs' requests (--split tokens)"}
+            vals, counts = np.unique(np.asarray(y_fit, dtype=str), return_counts=True)
+            major = str(vals[counts.argmax()])
+            info = {"accuracy": float((oof == truth).mean()), "majority_baseline": float((truth == major).mean()),
+                    "majority_label": major, "test": int(len(idx)), "train": int(len(y_fit)),
+                    "evaluated_on": f"out-of-fold ({min(5, len(idx))} folds) over the runs' requests (--split tokens)"}
             clf = fit_text_classifier(t_fit, y_fit, seed=seed)
         info["requests_with_text"] = int(has_text.sum())
-        info["table_rows"] = "scored with the classifier's predictions"
+        info["table_rows"] = "scored with the classifier's predictions (requests without text: any node)"
         return clf, pred, info
     # no prompt text here: train on prompt sets of the runs' domains
     domains = sorted(set(np.asarray(traces.request_domain).astype(str)))
