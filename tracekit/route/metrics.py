@@ -27,6 +27,15 @@ class RouteMetrics:
         self.latency = Histogram("tracekit_route_request_seconds", "Time from request received to response "
                                  "finished, by endpoint", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge("tracekit_route_inflight", "In-flight requests per DP rank", ["rank"], registry=r)
+        self._children: dict = {}
+
+    def child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, memoised (labels() costs a lock and a dict build per call)."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
 
 
 def token_counts(data: bytes) -> dict[str, int]:

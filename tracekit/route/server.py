@@ -88,7 +88,7 @@ class Router:
             return None, "client", "client"
         label = self.table.label_of(prompt_texts(path, obj))
         if label != UNROUTED:
-            self.metrics.decisions.labels(label).inc()
+            self.metrics.child(self.metrics.decisions, label).inc()
         ranks = self.table.ranks_of(label)
         return self.balancer.pick(ranks), label, "classifier" if label in self.table.group_ranks else "any"
 
@@ -103,7 +103,7 @@ class Router:
             obj = parse_object(raw)
             rank, label, source = self.choose(path, obj, request.headers.get(RANK_HEADER))
         except BadRequest as exc:
-            m.rejected.labels("bad_request").inc()
+            m.child(m.rejected, "bad_request").inc()
             return error_response(400, str(exc))
         if rank is None:  # the client chose; a header-only rank goes into the body too (native /generate reads no header)
             rank = carried_rank(obj, request.headers.get(RANK_HEADER))
@@ -114,19 +114,19 @@ class Router:
         try:
             await asyncio.wait_for(self.slots.acquire(), self.opts.queue_timeout)
         except asyncio.TimeoutError:
-            m.rejected.labels("concurrency_limit").inc()
+            m.child(m.rejected, "concurrency_limit").inc()
             return error_response(503, f"proxy at its concurrency limit ({self.opts.max_concurrency}) for "
                                        f"{self.opts.queue_timeout:g} s; retry later")
         self.balancer.start(rank)
-        m.inflight.labels(str(rank)).inc()
-        m.requests.labels(path, label, str(rank), source).inc()
+        m.child(m.inflight, str(rank)).inc()
+        m.child(m.requests, path, label, str(rank), source).inc()
         try:
             return await self._forward(request, path, body, label, rank)
         finally:
             self.balancer.finish(rank)
-            m.inflight.labels(str(rank)).dec()
+            m.child(m.inflight, str(rank)).dec()
             self.slots.release()
-            m.latency.labels(path).observe(time.perf_counter() - t0)
+            m.child(m.latency, path).observe(time.perf_counter() - t0)
 
     async def _forward(self, request: web.Request, path: str, body: bytes, label: str, rank: int):
         m = self.metrics
@@ -137,11 +137,11 @@ class Router:
             ctx = self.session.request(request.method, url, data=body, headers=headers)
             up = await ctx.__aenter__()
         except asyncio.TimeoutError:
-            m.upstream_errors.labels(path, "timeout").inc()
+            m.child(m.upstream_errors, path, "timeout").inc()
             return error_response(504, f"upstream {self.upstream} did not answer within {self.opts.connect_timeout:g} s "
                                        f"(connect) / {self.opts.read_timeout:g} s (read)")
         except aiohttp.ClientError as exc:
-            m.upstream_errors.labels(path, "connect").inc()
+            m.child(m.upstream_errors, path, "connect").inc()
             return error_response(502, f"upstream {self.upstream} unreachable: {type(exc).__name__}: "
                                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}")
         try:
@@ -152,7 +152,7 @@ class Router:
                 try:
                     data = await up.read()
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    m.upstream_errors.labels(path, "midstream").inc()
+                    m.child(m.upstream_errors, path, "midstream").inc()
                     return error_response(502, f"upstream {self.upstream} failed while answering: {type(exc).__name__}")
                 self._count_tokens(token_counts(data), label, rank)
                 resp = web.Response(status=up.status, body=data)
@@ -181,7 +181,7 @@ class Router:
                 asyncio.TimeoutError) as exc:
             if isinstance(exc, (ConnectionResetError,)) or request.transport is None or request.transport.is_closing():
                 return resp  # the client left; nothing to tell it
-            m.upstream_errors.labels(path, "midstream").inc()
+            m.child(m.upstream_errors, path, "midstream").inc()
             if ctype.startswith("text/event-stream"):
                 msg = json.dumps({"error": {"message": f"upstream connection lost mid-stream ({type(exc).__name__})",
                                             "type": "tracekit_route", "code": 502}})
@@ -201,7 +201,7 @@ class Router:
     def _count_tokens(self, counts: dict[str, int], label: str, rank: int) -> None:
         for key, kind in (("prompt_tokens", "prompt"), ("completion_tokens", "completion")):
             if counts.get(key):
-                self.metrics.tokens.labels(label, str(rank), kind).inc(counts[key])
+                self.metrics.child(self.metrics.tokens, label, str(rank), kind).inc(counts[key])
 
     async def healthz(self, request: web.Request) -> web.Response:
         t = self.table
@@ -216,7 +216,7 @@ class Router:
         return resp
 
     async def unknown(self, request: web.Request) -> web.Response:
-        self.metrics.rejected.labels("unknown_path").inc()
+        self.metrics.child(self.metrics.rejected, "unknown_path").inc()
         if request.path in PROXIED:
             return error_response(405, f"{request.method} {request.path}: use POST")
         return error_response(404, f"unknown path {request.path}; the router serves POST {', '.join(PROXIED)}, "
