@@ -170,3 +170,40 @@ def test_place_scores_grouped_rows_with_the_classifiers_predictions(shared_data,
     assert right["classifier"]["accuracy"] == 1.0 and swapped["classifier"]["accuracy"] == 0.0
     key = "cross_node_copies_per_token_normal"
     assert swapped["heldout"][key] != right["heldout"][key]
+
+
+def test_signature_groups_are_clusters_and_route_to_their_node(tmp_path):
+    """Signature labels are the nearest centroid of each request's prefill signature; the grouping file maps each
+    cluster label to its node's DP ranks."""
+    import sys
+    from pathlib import Path
+
+    from tracekit.placement import baselines, export
+    from tracekit.placement.grouping import fit_grouping
+    from tracekit.placement.types import Cluster, Placement
+    from tracekit.route.table import load_route_table
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _placement_synth import planted_traces
+
+    traces, _ = planted_traces(requests=40)
+    cluster = Cluster(2, 2, num_experts=traces.num_experts, redundant=0)
+    rule = fit_grouping(traces, cluster, "signature", seed=0)
+    labels = C.request_labels(rule, traces)
+    groups = C.group_nodes(rule)
+    assert set(labels) <= set(groups) and len(set(labels)) > 1
+    assert groups == {f"c{i}": [int(n)] for i, n in enumerate(rule.centroid_node)}
+    # every request's label names the node that the rule itself sends it to
+    from tracekit.placement.grouping import allowed_nodes
+
+    allow = allowed_nodes(rule, traces, cluster)
+    for r, lab in enumerate(labels):
+        assert allow[r, groups[lab][0]] and allow[r].sum() == 1
+    texts = [f"request about topic {lab} number {r}" for r, lab in enumerate(labels)]
+    clf = C.fit_text_classifier(texts, list(labels))
+    p = Placement(cluster, traces.layers, baselines.linear(cluster, traces.num_layers), "t", grouping=rule,
+                  meta={"classifier": clf.to_dict()})
+    export.export(p, "grouping", tmp_path / "g.json")
+    table = load_route_table(tmp_path / "g.json")
+    for lab, nodes in groups.items():
+        assert table.ranks_of(lab) == [r for r in range(4) if r // 2 == nodes[0]]
