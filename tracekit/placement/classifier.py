@@ -543,6 +543,7 @@ def _fit_one(rule, labels, texts, has_text, train_req, test_req, traces, extra_t
                     "evaluated_on": f"out-of-fold ({min(5, len(idx))} folds) over the runs' requests (--split tokens)"}
             clf = fit_text_classifier(t_fit, y_fit, seed=seed)
         info["requests_with_text"] = int(has_text.sum())
+        info["requests"] = int(traces.num_requests)
         info["table_rows"] = "scored with the classifier's predictions (requests without text: any node)"
         return clf, pred, info
     # no prompt text here: train on prompt sets of the runs' domains
@@ -568,8 +569,8 @@ def _fit_one(rule, labels, texts, has_text, train_req, test_req, traces, extra_t
         if not t_all:
             raise TracekitError("no prompt set matches the domains of the clustered requests; pass --classifier-data")
     info = heldout_accuracy(t_all, d_all, seed=seed)
-    uncovered = sorted(set(np.asarray(traces.request_domain).astype(str)) - set(
-        np.asarray(extra_doms if extra_texts else [d for d in d_all]).astype(str)) - {"unknown"}) if rule.kind == "domain" else []
+    run_domains = set(np.asarray(traces.request_domain).astype(str)) - {"unknown"}
+    uncovered = sorted(run_domains - set(d_all)) if rule.kind == "domain" else []
     if uncovered:
         info["uncovered_domains"] = uncovered
     info["evaluated_on"] = f"held-out 30% of the prompt sets {', '.join(used)} (the runs carry no readable prompt text)"
@@ -595,6 +596,9 @@ def describe(summary: dict[str, Any] | None) -> list[str]:
             f"{info['majority_baseline']:.3f} ({info['test']} prompts; {info['evaluated_on']}); "
             f"table rows {info['table_rows']}"
         )
+        if info.get("requests") and info.get("requests_with_text", 0) < info["requests"]:
+            out.append(f"note: {info['requests'] - info['requests_with_text']} of {info['requests']} requests have no "
+                       "readable prompt text (dataset not available here); they are scored as routed to any node")
         if info.get("uncovered_domains"):
             out.append(f"warning: no prompt text for domain(s) {', '.join(info['uncovered_domains'])}: the classifier "
                        "cannot route them; pass --classifier-data FILE:FIELD:DOMAIN for each")
