@@ -4,7 +4,7 @@ POST /generate, /v1/completions, /v1/chat/completions: records (path, raw body, 
 answers JSON with ``meta_info`` / ``usage`` token counts, or, when the body has ``"stream": true``, an SSE stream
 of ``chunks`` events (``data: {...}\\n\\n``) ending with ``data: [DONE]``. Test controls in the body's
 ``"fake"`` object: ``chunks`` (default 3), ``gap`` (seconds between chunks), ``gate`` (an event name: after the
-first chunk, wait until the test sets that event), ``die`` (abort the connection after the first chunk).
+first chunk, wait until the test sets that event), ``die`` (abort the connection after the first chunk), ``sleep`` (seconds to wait before answering).
 GET /get_server_info: model_path and dp_size. Run as a script: ``python _fake_sglang.py PORT [MODEL] [DP]``.
 """
 from __future__ import annotations
@@ -35,6 +35,8 @@ class FakeSGLang:
             self.seen.append({"path": request.path, "body": raw, "headers": dict(request.headers), "rank": rank})
         fake = obj.get("fake") or {}
         meta = {"prompt_tokens": 7, "completion_tokens": int(fake.get("chunks", 3)), "dp_rank": rank}
+        if fake.get("sleep"):
+            await asyncio.sleep(float(fake["sleep"]))
         if not obj.get("stream"):
             if request.path == "/generate":
                 return web.json_response({"text": "ok", "meta_info": meta})

@@ -291,6 +291,24 @@ def test_upstream_process_killed_mid_stream_then_down_then_back(gfile):
         proc.wait()
 
 
+def test_upstream_timeouts_fail_that_request_only(gfile):
+    async def go():
+        async with stack(gfile, read_timeout=0.3) as st:
+            async with st.session.post(st.url + "/generate", json={"text": "1+1", "fake": {"sleep": 3}}) as r:
+                text = await r.text()
+                assert r.status == 504 and text.count("\n") == 1 and "did not answer" in text
+            st.fake.gate("never")  # a stream that goes silent after its first chunk
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with st.session.post(st.url + "/generate",
+                                           json={"text": "1+1", "stream": True, "fake": {"gate": "never"}}) as r:
+                    await r.read()
+            async with st.session.post(st.url + "/generate", json={"text": "1+1"}) as r:
+                assert r.status == 200
+            metrics = await (await st.session.get(st.url + "/metrics")).text()
+            assert 'kind="timeout"} 1.0' in metrics and 'kind="midstream"} 1.0' in metrics
+    arun(go())
+
+
 def test_concurrency_limit_answers_503(gfile):
     async def go():
         async with stack(gfile, max_concurrency=1, queue_timeout=0.2) as st:
