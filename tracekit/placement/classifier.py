@@ -76,24 +76,50 @@ def char_wb_ngrams(text: str, lo: int, hi: int, lowercase: bool = True) -> list[
     return grams
 
 
-def hashed_features(text: str, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Sparse feature vector of one prompt: (indices (nnz,) int64 sorted, values (nnz,) float64), L2-normalised.
+def word_codes(word: str, params: dict[str, Any]) -> np.ndarray:
+    """(g,) int64 signed feature codes of one word's char_wb n-grams: (index + 1) * sign.
 
     Index and sign of an n-gram come from signed 32-bit MurmurHash3 (seed 0) of its UTF-8 bytes, as in sklearn's
-    ``FeatureHasher``: index = |h| mod n_features, sign = + for h >= 0 (with ``alternate_sign``).
+    ``FeatureHasher``: index = |h| mod n_features, sign = + for h >= 0 (always + without ``alternate_sign``).
     """
     from sklearn.utils import murmurhash3_32
 
     lo, hi = (int(x) for x in params["ngram_range"])
     nf = int(params["n_features"])
-    grams = char_wb_ngrams(clip_text(text, params), lo, hi, bool(params.get("lowercase", True)))
-    if not grams:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    grams = char_wb_ngrams(word, lo, hi, lowercase=False)
     h = np.fromiter((murmurhash3_32(g, 0) for g in grams), dtype=np.int64, count=len(grams))
     idx = np.where(h == _INT32_MIN, (2**31 - (nf - 1)) % nf, np.abs(h) % nf)
-    val = np.where(h >= 0, 1.0, -1.0) if params.get("alternate_sign", True) else np.ones(len(h))
-    uniq, inv = np.unique(idx, return_inverse=True)
-    sums = np.bincount(inv.reshape(-1), weights=val, minlength=len(uniq))
+    sign = np.where(h >= 0, 1, -1) if params.get("alternate_sign", True) else 1
+    return (idx + 1) * sign
+
+
+def hashed_features(text: str, params: dict[str, Any], cache: dict[str, np.ndarray] | None = None,
+                    cache_limit: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse feature vector of one prompt: (indices (nnz,) int64 sorted, values (nnz,) float64), L2-normalised.
+
+    char_wb n-grams never cross a word, so the codes are computed per word (:func:`word_codes`) and, with
+    ``cache``, memoised per word (up to ``cache_limit`` words): a router sees the same words again and again.
+    """
+    text = clip_text(text, params)
+    if params.get("lowercase", True):
+        text = text.lower()
+    words = _RUNS_OF_SPACE.sub(" ", text).split()
+    if not words:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    if cache is None:
+        parts = [word_codes(w, params) for w in words]
+    else:
+        parts = []
+        for w in words:
+            c = cache.get(w)
+            if c is None:
+                c = word_codes(w, params)
+                if len(cache) < cache_limit:
+                    cache[w] = c
+            parts.append(c)
+    codes = np.concatenate(parts)
+    uniq, inv = np.unique(np.abs(codes) - 1, return_inverse=True)
+    sums = np.bincount(inv.reshape(-1), weights=np.sign(codes).astype(np.float64), minlength=len(uniq))
     if params.get("norm", "l2") == "l2":
         norm = np.sqrt((sums * sums).sum())
         if norm > 0:
@@ -127,12 +153,13 @@ class TextClassifier:
     intercept: np.ndarray
     params: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PARAMS))
     info: dict[str, Any] = field(default_factory=dict)
+    _word_cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def decision(self, texts: Sequence[str]) -> np.ndarray:
         """(n, C') decision values, what sklearn's ``decision_function`` gives (2-D even in the binary case)."""
         out = np.empty((len(texts), self.coef.shape[0]))
         for i, t in enumerate(texts):
-            idx, val = hashed_features(t, self.params)
+            idx, val = hashed_features(t, self.params, self._word_cache)
             out[i] = self.coef[:, idx] @ val + self.intercept
         return out
 
