@@ -79,13 +79,15 @@ class Router:
 
     # ---------------------------------------------------------------------------------------------- decisions
 
-    def choose(self, path: str, obj: dict, header: str | None) -> tuple[int | None, str, str]:
-        """(rank to insert or None when the client gave one, group label, source) for a parsed request."""
+    def given_rank(self, obj: dict, header: str | None) -> int | None:
+        """The rank the client already chose (validated against the DP size), or None."""
         given = carried_rank(obj, header)
-        if given is not None:
-            if not 0 <= given < self.table.dp_size:
-                raise BadRequest(f"DP rank {given} is outside 0..{self.table.dp_size - 1}")
-            return None, "client", "client"
+        if given is not None and not 0 <= given < self.table.dp_size:
+            raise BadRequest(f"DP rank {given} is outside 0..{self.table.dp_size - 1}")
+        return given
+
+    def choose(self, path: str, obj: dict) -> tuple[int, str, str]:
+        """(rank, group label, source) for a request without a rank: classify, then the least loaded group rank."""
         label = self.table.label_of(prompt_texts(path, obj))
         if label != UNROUTED:
             self.metrics.child(self.metrics.decisions, label).inc()
@@ -101,22 +103,24 @@ class Router:
         raw = await request.read()
         try:
             obj = parse_object(raw)
-            rank, label, source = self.choose(path, obj, request.headers.get(RANK_HEADER))
+            given = self.given_rank(obj, request.headers.get(RANK_HEADER))
         except BadRequest as exc:
             m.child(m.rejected, "bad_request").inc()
             return error_response(400, str(exc))
-        if rank is None:  # the client chose; a header-only rank goes into the body too (native /generate reads no header)
-            rank = carried_rank(obj, request.headers.get(RANK_HEADER))
-            in_body = obj.get("routed_dp_rank") is not None or obj.get("data_parallel_rank") is not None
-            body = raw if in_body else insert_rank(raw, obj, rank)
-        else:
-            body = insert_rank(raw, obj, rank)
         try:
             await asyncio.wait_for(self.slots.acquire(), self.opts.queue_timeout)
         except asyncio.TimeoutError:
             m.child(m.rejected, "concurrency_limit").inc()
             return error_response(503, f"proxy at its concurrency limit ({self.opts.max_concurrency}) for "
                                        f"{self.opts.queue_timeout:g} s; retry later")
+        # the rank is chosen once the request holds a slot, so in-flight counts are those of forwarded requests
+        if given is not None:  # a header-only rank goes into the body too (native /generate reads no header)
+            rank, label, source = given, "client", "client"
+            in_body = obj.get("routed_dp_rank") is not None or obj.get("data_parallel_rank") is not None
+            body = raw if in_body else insert_rank(raw, obj, rank)
+        else:
+            rank, label, source = self.choose(path, obj)
+            body = insert_rank(raw, obj, rank)
         self.balancer.start(rank)
         m.child(m.inflight, str(rank)).inc()
         m.child(m.requests, path, label, str(rank), source).inc()
