@@ -33,6 +33,7 @@ def place_cmd(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the chosen strategy's placement (neutral JSON)."),
     force: bool = force_option("the -o and --json files"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
+    classifier_data: Optional[List[str]] = typer.Option(None, "--classifier-data", help="FILE:FIELD:DOMAIN prompt sets for the grouping classifier when the runs' prompts are not readable (repeatable)."),
 ) -> None:
     """Fit placements on a train split, score them on held-out requests, print the table, save the placement."""
     from rich.console import Console
@@ -72,7 +73,12 @@ def place_cmd(
     Console().print(describe_input(traces), markup=False)
     comp = compare(traces, cluster, strategy, grouping=grouping, holdout=holdout, split=split, seed=seed,
                    max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping, **eval_opts)
+    from ..placement.classifier import attach_classifiers, describe
+
+    clf_summary = attach_classifiers(comp, traces, runs, classifier_data or [], seed=seed)
     Console(width=max(220, Console().width)).print(render(comp))
+    for line in describe(clf_summary):
+        Console(width=220, soft_wrap=True).print(line, markup=False)
     if json_out:
         atomic_write_json(json_out, json.loads(json.dumps(comp.to_json(), default=float)))
         Console().print(f"wrote {json_out}")

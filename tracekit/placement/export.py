@@ -340,9 +340,43 @@ def render(placement: Placement, fmt: str, *, out: str | Path | None = None, num
         return json.dumps(cfg, indent=2) + "\n", ["vllm flags: " + " ".join(cfg["flags"]), "vllm: " + cfg["cannot_take"]]
     if fmt == "grouping":
         rule = placement.grouping or GroupingRule()
-        return json.dumps(grouping_to_dict(rule), indent=1) + "\n", [f"grouping rule: {rule.kind}"]
+        return json.dumps(grouping_export_dict(placement), indent=1) + "\n", grouping_notes(placement, name)
     validate(placement)
     return json.dumps(placement_to_dict(placement), separators=(",", ":")) + "\n", []
+
+
+GROUPING_FORMAT = "tracekit-grouping"
+GROUPING_VERSION = 1
+
+
+def grouping_export_dict(placement: Placement) -> dict[str, Any]:
+    """The grouping file ``tracekit route`` serves: the rule, label -> nodes, the cluster (DP rank r is GPU r, on
+    node r // gpus_per_node), the model it was fitted for, and the prompt classifier (``meta['classifier']``)."""
+    from .classifier import group_nodes
+
+    rule = placement.grouping or GroupingRule()
+    c = placement.cluster
+    return {
+        "format": GROUPING_FORMAT,
+        "version": GROUPING_VERSION,
+        **grouping_to_dict(rule),
+        "groups": group_nodes(rule),
+        "cluster": {"nodes": c.nodes, "gpus_per_node": c.gpus_per_node, "dp_size": c.num_gpus},
+        "dp_rank_convention": "DP attention with dp-size = EP size: DP rank r runs on GPU r, node r // gpus_per_node",
+        "model": _jsonable(placement.meta.get("model")),
+        "classifier": placement.meta.get("classifier"),
+    }
+
+
+def grouping_notes(placement: Placement, name: str) -> list[str]:
+    rule = placement.grouping or GroupingRule()
+    notes = [f"grouping rule: {rule.kind}"]
+    if rule.kind != "none" and not placement.meta.get("classifier"):
+        notes.append("no prompt classifier in this placement (fit it with tracekit place --grouping); "
+                     "tracekit route then needs requests that already carry a rank")
+    notes.append(f"serve it: tracekit route --grouping {name} --upstream http://SGLANG_HOST:PORT --dp-size "
+                 f"{placement.cluster.num_gpus}")
+    return notes
 
 
 def _suffix(fmt: str) -> str:
