@@ -1,6 +1,6 @@
-"""Hostile input for every command: each case must end in exactly one ``error:`` line on stderr and exit 2 (130
-for an interrupt), print no traceback, and leave every file and folder under the test's world unchanged
-(an existing run directory, a placement, output files that a careless option could overwrite).
+"""Hostile input for every command: each case must end in exactly one ``error:`` line on stderr and exit 2 (an
+interrupt: one ``interrupted:`` line and exit 130), print no traceback, and leave every file and folder under the
+test's world unchanged (an existing run directory, a placement, output files that a careless option could overwrite).
 
 The cases are a table: add a row to CASES. A row is ``Case(id, argv, expect=..., stdin=..., xfail=...)`` where
 ``argv`` is one shell-like string with ``$NAME`` placeholders for the paths of the world (see ``world``), and
@@ -342,7 +342,7 @@ CASES: list[Case] = [
     C("query-attach", "query $RUN \"ATTACH '$B/db.duckdb' AS x\""),
     C("query-many", "query $RUN 'select 1; COPY (select 1) TO \"$B/y.csv\"'"),
     C("query-geometry-str", "query $RUN_GEOSTR 'select count(*) from routes'", xfail="store-hardening: manifest types"),
-    C("query-interrupt", "query $RUN 'select 1' -f csv -o $B/q.csv", "interrupted", code=130,
+    C("query-interrupt", "query $RUN 'select 1' -f csv -o $B/q.csv", "run the same command", code=130,
       interrupt="tracekit.query:fetch_arrow"),
     # --- sql
     C("sql-syntax", "sql $RUN", stdin="selec 1;\n"),
@@ -483,7 +483,7 @@ def test_hostile_input(case: Case, world, capsys, monkeypatch):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert "Traceback" not in out + err, err
     assert code == case.code, f"exit {code}; stderr: {err}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("interrupted: " if case.code == 130 else "error: "), err
     if case.expect:
         assert case.expect in lines[0], lines[0]
     assert not changed, f"files or folders changed: {changed[:5]}"

@@ -73,7 +73,7 @@ def _usage_exception_types() -> tuple[type[BaseException], ...]:
 
 
 USAGE_ERRORS = _usage_exception_types()
-INTERRUPTED = "interrupted; finished chunks are kept, nothing half-written: run the same command again to resume"
+INTERRUPTED = "interrupted: finished chunks are kept; run the same command again to resume"
 
 
 def one_line(text: str) -> str:
@@ -108,6 +108,12 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _interrupted() -> None:
+    """Ctrl-C: one line (its own prefix, which scripts and tests match) and exit 130."""
+    print(INTERRUPTED, file=sys.stderr)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: every user mistake (TracekitError, a usage error, an OS refusal such as a full disk or a
     permission) ends as one ``error: ...`` line on stderr and exit 2; Ctrl-C as one line and exit 130."""
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     except TracekitError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        _fail(INTERRUPTED, 130)
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         _fail(f"{exc.strerror or exc}{where}", 2)
     if code == 130:  # Ctrl-C: typer turns KeyboardInterrupt into this exit code
-        _fail(INTERRUPTED, 130)
+        _interrupted()
     if isinstance(code, int) and code:
         sys.exit(code)
 
