@@ -280,6 +280,8 @@ CASES: list[Case] = [
     C("jsonl-experts-0", "import jsonl $BADJSONL --model m --out $B/new --num-experts 0", "--num-experts"),
     C("jsonl-topk-neg", "import jsonl $BADJSONL --model m --out $B/new --top-k -2", "--top-k"),
     C("jsonl-layers-huge", "import jsonl $BADJSONL --model m --out $B/new --num-layers 1000000000", "--num-layers"),
+    C("jsonl-domain", "import jsonl $BADJSONL --model m --out $B/new --domain legal", "unknown domain"),
+    C("sglang-stat-domain-empty", "import sglang-stat $GARBAGEPT --out $B/new --domain ''", "unknown domain"),
     C("jsonl-field-map", "import jsonl $LISTFIELD --model m --out $B/new --field-map nonsense"),
     C("jsonl-dir-as-file", "import jsonl $ADIR --model m --out $B/new"),
     # --- import engine formats
