@@ -336,6 +336,7 @@ CASES: list[Case] = [
     C("query-syntax", "query $RUN 'selec 1'"),
     C("query-unknown-view", "query $RUN 'select * from nope'"),
     C("query-bad-sql-out-untouched", "query $RUN 'selec 1' -f csv --force -o $EXISTING"),
+    C("query-sql-not-utf8", "query $RUN 'select 1 -- \udcff'", "UTF-8"),  # undecodable argv bytes
     C("query-copy", "query $RUN \"COPY (select 1) TO '$B/copy.csv'\""),
     C("query-explain-copy",
       "query $RUN \"EXPLAIN ANALYZE COPY (select * from routes) TO '$RUN/routes/part-r000-c000001.parquet' (FORMAT parquet)\"",
@@ -352,6 +353,8 @@ CASES: list[Case] = [
     C("sql-missing-run", "sql $MISSING", stdin="select 1;\n"),
     C("sql-max-rows", "sql $RUN --max-rows 0", "--max-rows", stdin="select 1;\n"),
     C("sql-no-run", "sql", "Missing argument"),
+    C("sql-not-utf8", "sql $RUN", "UTF-8", stdin="select '\udcff';\n"),
+    C("analyze-run-not-utf8", "analyze $B/\udcff", "UTF-8"),
     C("sql-copy", "sql $RUN", stdin="COPY (select 1) TO '$B/s.csv';\n"),
     # --- analyze
     C("analyze-window-0", "analyze $RUN --window 0", "--window"),

@@ -52,6 +52,21 @@ def print_table(table: pa.Table, title: str | None = None, max_rows: int | None 
         console.print(f"... {table.num_rows - max_rows} more rows (use --format csv|json|parquet -o FILE for all)")
 
 
+def utf8_text(text: str, what: str) -> str:
+    """One line for text that is not valid UTF-8 (Python keeps undecodable bytes of argv/stdin as surrogates, which
+    DuckDB refuses with a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TracekitError(f"{what} is not valid UTF-8 text (at character {exc.start}); re-encode it as UTF-8") from None
+    return text
+
+
+def utf8_runs(runs) -> None:
+    for r in runs:
+        utf8_text(str(r), f"run path {str(r)!r}")
+
+
 def check_emit(fmt: str, out: Optional[Path], force: bool = False) -> None:
     """Refuse, before the query runs, a format/-o combination or an output path that :func:`emit` cannot write."""
     if fmt not in FORMATS:
@@ -113,6 +128,8 @@ def query_cmd(
     if len(args) < 2:
         raise TracekitError('give one or more run directories and then the SQL, e.g. tracekit query RUN "SELECT * FROM requests"')
     *runs, sql = args
+    utf8_text(sql, "the SQL")
+    utf8_runs(runs)
     check_emit(fmt, out, force)
     con = connect(runs)
     try:
@@ -129,6 +146,7 @@ def sql_cmd(
     """Interactive SQL shell over the same views (reads statements ending in ';' from stdin; piping works)."""
     from ..query import VIEWS, connect, fetch_arrow, run_sql
 
+    utf8_runs(runs)
     con = connect(runs)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -139,7 +157,7 @@ def sql_cmd(
     def run(text: str) -> None:
         nonlocal failed
         try:
-            emit(fetch_arrow(run_sql(con, text)), "table", None, max_rows)
+            emit(fetch_arrow(run_sql(con, utf8_text(text, "the statement"))), "table", None, max_rows)
         except TracekitError as exc:
             failed += 1
             print(f"error: {exc}", file=sys.stderr)
@@ -214,6 +232,7 @@ def analyze_cmd(
 
     if fmt not in ("parquet", "csv"):
         raise TracekitError(f"--format {fmt!r} unknown; use parquet or csv")
+    utf8_runs(runs)
     if out is not None:
         check_folder(out, force=force, option="--out")
     results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed)
@@ -241,6 +260,7 @@ def report_cmd(
     """One self-contained HTML page with the load, imbalance, domain-shift, correlation and co-activation plots."""
     from ..report import write_report
 
+    utf8_runs(runs)
     check_file(out, force=force, option="-o")
     if png is not None:
         check_folder(png, force=force, option="--png")
