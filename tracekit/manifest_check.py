@@ -11,8 +11,12 @@ from typing import Any
 from .errors import TracekitError
 
 _FIX = "restore the file, or collect/import the run again"
-_MAX_LAYER = 4096
-_MAX_EXPERTS = 2**31 - 1
+# Geometry limits for values read from files or typed on the command line. Real models have < 200 layers and
+# <= 512 routed experts; the limits are far above that but keep E- or L-sized arrays from reaching GiBs on a typo.
+MAX_LAYERS = 4096
+MAX_EXPERTS = 65536
+_MAX_LAYER = MAX_LAYERS
+_MAX_EXPERTS = MAX_EXPERTS
 
 
 def _is_int(x: Any) -> bool:

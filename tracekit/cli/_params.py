@@ -12,10 +12,9 @@ from typing import Callable, Optional
 import typer
 
 from ..errors import TracekitError
+from ..manifest_check import MAX_EXPERTS, MAX_LAYERS  # noqa: F401  (re-exported for the command modules)
 
 MAX_SEED = 2**32 - 1  # numpy's seed range
-MAX_LAYERS = 4096  # decoder layers; real models have < 200, so a bigger value is a typo
-MAX_EXPERTS = 2**31 - 1  # schema: expert ids are at most uint32, counts index int32
 MAX_COUNT = 1_000_000_000
 
 

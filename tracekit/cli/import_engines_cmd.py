@@ -41,7 +41,7 @@ def _register(fmt: str, help_text: str, source_help: str, with_slot_map: bool = 
         model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
         out: Path = typer.Option(..., "--out", help="New run directory to create (must not hold files)."),
         num_experts: Optional[int] = typer.Option(None, "--num-experts", min=1, max=MAX_EXPERTS, help="Routed experts per MoE layer."),
-        top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=MAX_EXPERTS, help="Experts per token."),
+        top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=1024, help="Experts per token."),
         moe_layers: Optional[str] = typer.Option(None, "--moe-layers", help="MoE layer indices, e.g. 3-60 or 1-47:2."),
         num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, max=MAX_LAYERS, help="Decoder layers of the model."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset label stored in the run."),

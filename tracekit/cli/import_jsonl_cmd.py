@@ -24,7 +24,7 @@ def import_jsonl_cmd(
     ),
     phase: Literal["auto", "decode", "prefill"] = typer.Option("auto", "--phase", help="decode, prefill or auto (split prompt + step-major decode)."),
     num_experts: Optional[int] = typer.Option(None, "--num-experts", min=1, max=MAX_EXPERTS, help="Routed experts per layer (default: max id + 1)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=MAX_EXPERTS, help="Experts per token (checked against the records)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=1024, help="Experts per token (checked against the records)."),
     num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, max=MAX_LAYERS, help="Layers of the model (default: max layer + 1)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name for every record (overrides the field)."),
     domain: Optional[Domain] = typer.Option(None, "--domain", help="Domain for every record (default: from the dataset name)."),
