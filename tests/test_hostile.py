@@ -132,6 +132,10 @@ def world(tmp_path_factory) -> dict[str, str]:
         "RUN_VERSIONSTR": lambda m: _set(m, "schema_version", "one"),
         "RUN_DATASETSTR": lambda m: _set(m, "dataset", "humaneval"),
         "RUN_NOTESSTR": lambda m: _set(m, "notes", 5),
+        "RUN_MODELNAMELIST": lambda m: _set(m, "model.name", ["a"]),
+        "RUN_KIND": lambda m: _set(m, "kind", "tokens"),
+        "RUN_LAYERSHUGE": lambda m: _set(m, "geometry.moe_layers", [1, 2, 10**9]),
+        "RUN_EXPERTSHUGE": lambda m: _set(m, "geometry.num_experts", 10**12),
     }
     for name, edit in manifests.items():
         paths[name] = _edited_run(run, b / name.lower(), edit)
@@ -260,6 +264,13 @@ CASES: list[Case] = [
     C("info-dataset-str", "info $RUN_DATASETSTR", "dataset"),
     C("info-version-str", "info $RUN_VERSIONSTR"),
     C("info-notes-int", "info $RUN_NOTESSTR", "notes"),
+    C("sql-manifest-kind", "sql $RUN_KIND", "manifest.json: field", stdin="select 1;\n"),
+    C("query-model-name-list", "query $RUN_MODELNAMELIST 'select 1'", "manifest.json: field"),
+    C("analyze-layers-huge", "analyze $RUN_LAYERSHUGE", "manifest.json: field"),
+    C("report-experts-huge", "report $RUN_EXPERTSHUGE -o $B/r.html", "manifest.json: field"),
+    C("place-experts-huge", "place $RUN_EXPERTSHUGE", "manifest.json: field"),
+    C("place-layers-str", "place $RUN_LAYERSSTR", "manifest.json: field"),
+    C("info-kind", "info $RUN_KIND", "manifest.json: field"),
     # --- models, datasets
     C("models-extra", "models extra", "unexpected extra argument"),
     C("models-bogus", "models --bogus", "No such option"),
@@ -344,7 +355,7 @@ CASES: list[Case] = [
     C("query-create", "query $RUN 'CREATE TABLE t AS SELECT 1'"),
     C("query-attach", "query $RUN \"ATTACH '$B/db.duckdb' AS x\""),
     C("query-many", "query $RUN 'select 1; COPY (select 1) TO \"$B/y.csv\"'"),
-    C("query-geometry-str", "query $RUN_GEOSTR 'select count(*) from routes'", xfail="store-hardening: manifest types"),
+    C("query-geometry-str", "query $RUN_GEOSTR 'select count(*) from routes'", "manifest.json: field"),
     C("query-interrupt", "query $RUN 'select 1' -f csv -o $B/q.csv", "run the same command", code=130,
       interrupt="tracekit.query:fetch_arrow"),
     # --- sql
@@ -376,8 +387,8 @@ CASES: list[Case] = [
     C("analyze-seed", "analyze $RUN --seed -1", "--seed"),
     C("analyze-missing", "analyze $MISSING"),
     C("analyze-file", "analyze $AFILE"),
-    C("analyze-geometry-str", "analyze $RUN_GEOSTR", xfail="store-hardening: manifest types"),
-    C("analyze-experts-str", "analyze $RUN_EXPERTSSTR", xfail="store-hardening: manifest types"),
+    C("analyze-geometry-str", "analyze $RUN_GEOSTR", "manifest.json: field"),
+    C("analyze-experts-str", "analyze $RUN_EXPERTSSTR", "manifest.json: field"),
     # --- report
     C("report-no-out", "report $RUN", "Missing option"),
     C("report-out-in-run", "report $RUN -o $RUN/r.html", "run directory"),
@@ -392,7 +403,7 @@ CASES: list[Case] = [
     C("report-layer-absent", "report $RUN -o $B/r.html --layer 99", "--layer"),
     C("report-by", "report $RUN -o $B/r.html --by phase", "unknown by"),
     C("report-missing", "report $MISSING -o $B/r.html"),
-    C("report-geometry-str", "report $RUN_GEOSTR -o $B/r.html", xfail="store-hardening: manifest types"),
+    C("report-geometry-str", "report $RUN_GEOSTR -o $B/r.html", "manifest.json: field"),
     # --- place
     C("place-nodes-0", "place $RUN --nodes 0", "--nodes"),
     C("place-gpus-0", "place $RUN --gpus-per-node 0", "--gpus-per-node"),
@@ -420,10 +431,8 @@ CASES: list[Case] = [
     C("place-indivisible", "place $RUN --nodes 3 --gpus-per-node 1 --redundant 0", "divide"),
     C("place-missing", "place $MISSING"),
     C("place-file", "place $AFILE"),
-    C("place-geometry-str", "place $RUN_GEOSTR --nodes 1 --gpus-per-node 2 --redundant 0",
-      xfail="store-hardening/place-pick: manifest types"),
-    C("place-topk-neg", "place $RUN_TOPKNEG --nodes 1 --gpus-per-node 2 --redundant 0",
-      xfail="store-hardening/place-pick: manifest types"),
+    C("place-geometry-str", "place $RUN_GEOSTR --nodes 1 --gpus-per-node 2 --redundant 0", "manifest.json: field"),
+    C("place-topk-neg", "place $RUN_TOPKNEG --nodes 1 --gpus-per-node 2 --redundant 0", "manifest.json: field"),
     # --- export
     C("export-missing", "export $MISSING --format sglang -o $B/e.json", "no such placement"),
     C("export-no-format", "export $PL", "Missing option"),

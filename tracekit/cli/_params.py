@@ -77,3 +77,14 @@ def server_url(value: Optional[str]) -> Optional[str]:
         raise typer.BadParameter(f"{value!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:30000",
                                  param_hint="'--server'")
     return value
+
+
+def check_runs(runs) -> None:
+    """Open the runs a command reads (directories, globs, folders of runs) and type-check their manifests before
+    the library reads them, so a hand-edited manifest is one line naming the file and field."""
+    from ..manifest_check import check_manifest
+    from ..query import resolve_runs
+    from ..store import MANIFEST
+
+    for run in resolve_runs([str(r) for r in runs]):
+        check_manifest(run.manifest, str(run.path / MANIFEST))

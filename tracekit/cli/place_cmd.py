@@ -9,7 +9,7 @@ import typer
 
 from ..outputs import check_file, distinct
 from . import app
-from ._params import MAX_EXPERTS, MAX_LAYERS, MAX_SEED, force_option, positive_float
+from ._params import MAX_EXPERTS, MAX_LAYERS, MAX_SEED, check_runs, force_option, positive_float
 
 
 @app.command("place")
@@ -46,6 +46,7 @@ def place_cmd(
         if target is not None:
             check_file(target, force=force, option=option)
     distinct(("-o", out), ("--json", json_out))
+    check_runs(runs)
     traces = load_traces(runs)
     cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
     eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens}

@@ -13,7 +13,7 @@ import typer
 from ..errors import TracekitError
 from ..outputs import atomic_write, check_file, check_folder, distinct
 from . import app
-from ._params import MAX_LAYERS, MAX_SEED, force_option
+from ._params import MAX_LAYERS, MAX_SEED, check_runs, force_option
 
 FORMATS = ("table", "csv", "json", "parquet")
 
@@ -63,8 +63,11 @@ def utf8_text(text: str, what: str) -> str:
 
 
 def utf8_runs(runs) -> None:
+    """Run paths are valid UTF-8 (DuckDB reads them) and name runs whose manifests have the right types."""
     for r in runs:
         utf8_text(str(r), f"run path {str(r)!r}")
+    if runs:
+        check_runs(runs)
 
 
 def check_emit(fmt: str, out: Optional[Path], force: bool = False) -> None:
