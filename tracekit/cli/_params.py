@@ -79,12 +79,30 @@ def server_url(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def check_runs(runs) -> None:
-    """Open the runs a command reads (directories, globs, folders of runs) and type-check their manifests before
-    the library reads them, so a hand-edited manifest is one line naming the file and field."""
-    from ..manifest_check import check_manifest
-    from ..query import resolve_runs
+def _manifest_files(runs) -> list:
+    """The manifest.json files that :func:`tracekit.query.resolve_runs` would open for ``runs`` (directories,
+    globs, folders of runs one or two levels down)."""
+    import glob
+    from pathlib import Path
+
     from ..store import MANIFEST
 
-    for run in resolve_runs([str(r) for r in runs]):
-        check_manifest(run.manifest, str(run.path / MANIFEST))
+    found = []
+    for item in runs:
+        s = str(item)
+        for m in ([Path(p) for p in sorted(glob.glob(s))] if glob.has_magic(s) else [Path(s)]):
+            if (m / MANIFEST).is_file():
+                found.append(m / MANIFEST)
+            elif m.is_dir():
+                found += sorted(m.glob(f"*/{MANIFEST}")) + sorted(m.glob(f"*/*/{MANIFEST}"))
+    return found
+
+
+def check_runs(runs) -> None:
+    """Type-check the manifests of the runs a command reads before the library opens them, so a hand-edited
+    manifest is one line naming the file and the field (a run that is missing is the library's one line)."""
+    from ..jsonlines import read_json
+    from ..manifest_check import check_manifest
+
+    for path in _manifest_files(runs):
+        check_manifest(read_json(path, "restore or remove it"), str(path))

@@ -132,11 +132,12 @@ def _summary(result) -> None:
 @app.command()
 def info(run: Path = typer.Argument(..., help="A run directory."), as_json: bool = typer.Option(False, "--json")) -> None:
     """What a run recorded: model geometry, dataset, requests, tokens, rows, files."""
-    from ..manifest_check import check_manifest
-    from ..store import MANIFEST, open_run, totals
+    from ..store import open_run, totals
+    from ._params import check_runs
 
+    if run.is_dir():
+        check_runs([run])
     r = open_run(run)
-    check_manifest(r.manifest, str(r.path / MANIFEST))
     m = dict(r.manifest)
     m["totals"] = totals(r.path)  # from the files, also for an unfinished run
     if as_json:
