@@ -1,7 +1,8 @@
 """The `tracekit` command: a thin Typer layer over the library.
 
 Each command group lives in its own module and registers itself on ``app``; ``main`` turns every
-:class:`~tracekit.errors.TracekitError` into one line on stderr and exit code 2, with no traceback.
+:class:`~tracekit.errors.TracekitError` and every usage error (raised by typer's vendored copy of click, or by
+click itself) into one ``error: ...`` line on stderr and exit code 2, with no traceback.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import sys
 import typer
 
 from ..errors import TracekitError
-
 
 
 def _plain_flags_in_help() -> None:
