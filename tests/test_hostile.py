@@ -1,6 +1,6 @@
-"""Hostile input for every command: each case must end in exactly one ``error:`` line on stderr and exit 2 (130
-for an interrupt), print no traceback, and leave every file and folder under the test's world unchanged
-(an existing run directory, a placement, output files that a careless option could overwrite).
+"""Hostile input for every command: each case must end in exactly one ``error:`` line on stderr and exit 2 (an
+interrupt: one ``interrupted:`` line and exit 130), print no traceback, and leave every file and folder under the
+test's world unchanged (an existing run directory, a placement, output files that a careless option could overwrite).
 
 The cases are a table: add a row to CASES. A row is ``Case(id, argv, expect=..., stdin=..., xfail=...)`` where
 ``argv`` is one shell-like string with ``$NAME`` placeholders for the paths of the world (see ``world``), and
@@ -132,6 +132,10 @@ def world(tmp_path_factory) -> dict[str, str]:
         "RUN_VERSIONSTR": lambda m: _set(m, "schema_version", "one"),
         "RUN_DATASETSTR": lambda m: _set(m, "dataset", "humaneval"),
         "RUN_NOTESSTR": lambda m: _set(m, "notes", 5),
+        "RUN_MODELNAMELIST": lambda m: _set(m, "model.name", ["a"]),
+        "RUN_KIND": lambda m: _set(m, "kind", "tokens"),
+        "RUN_LAYERSHUGE": lambda m: _set(m, "geometry.moe_layers", [1, 2, 10**9]),
+        "RUN_EXPERTSHUGE": lambda m: _set(m, "geometry.num_experts", 10**12),
     }
     for name, edit in manifests.items():
         paths[name] = _edited_run(run, b / name.lower(), edit)
@@ -253,13 +257,24 @@ CASES: list[Case] = [
     C("info-bogus", "info $RUN --bogus", "No such option"),
     C("info-extra", "info $RUN $RUN", "unexpected extra argument"),
     C("info-manifest-notjson", "info $RUN_NOTJSON", "not valid JSON"),
-    C("info-manifest-list", "info $RUN_LIST", xfail="store-hardening: manifest types at open_run"),
+    C("info-manifest-list", "info $RUN_LIST", "JSON object"),
+    C("query-manifest-list", "query $RUN_LIST 'select 1'", "JSON object"),
+    C("place-manifest-list", "place $RUN_LIST", "JSON object"),
+    C("query-glob-manifest-str", "query '$B/run_geo*' 'select 1'", "manifest.json: field"),
+    C("analyze-folder-of-runs-bad", "analyze $B", "manifest.json: field"),
     C("info-geometry-str", "info $RUN_GEOSTR", "geometry"),
     C("info-layers-str", "info $RUN_LAYERSSTR", "moe_layers"),
     C("info-model-list", "info $RUN_MODELLIST", "model"),
     C("info-dataset-str", "info $RUN_DATASETSTR", "dataset"),
     C("info-version-str", "info $RUN_VERSIONSTR"),
     C("info-notes-int", "info $RUN_NOTESSTR", "notes"),
+    C("sql-manifest-kind", "sql $RUN_KIND", "manifest.json: field", stdin="select 1;\n"),
+    C("query-model-name-list", "query $RUN_MODELNAMELIST 'select 1'", "manifest.json: field"),
+    C("analyze-layers-huge", "analyze $RUN_LAYERSHUGE", "manifest.json: field"),
+    C("report-experts-huge", "report $RUN_EXPERTSHUGE -o $B/r.html", "manifest.json: field"),
+    C("place-experts-huge", "place $RUN_EXPERTSHUGE", "manifest.json: field"),
+    C("place-layers-str", "place $RUN_LAYERSSTR", "manifest.json: field"),
+    C("info-kind", "info $RUN_KIND", "manifest.json: field"),
     # --- models, datasets
     C("models-extra", "models extra", "unexpected extra argument"),
     C("models-bogus", "models --bogus", "No such option"),
@@ -280,6 +295,8 @@ CASES: list[Case] = [
     C("jsonl-experts-0", "import jsonl $BADJSONL --model m --out $B/new --num-experts 0", "--num-experts"),
     C("jsonl-topk-neg", "import jsonl $BADJSONL --model m --out $B/new --top-k -2", "--top-k"),
     C("jsonl-layers-huge", "import jsonl $BADJSONL --model m --out $B/new --num-layers 1000000000", "--num-layers"),
+    C("jsonl-domain", "import jsonl $BADJSONL --model m --out $B/new --domain legal", "unknown domain"),
+    C("sglang-stat-domain-empty", "import sglang-stat $GARBAGEPT --out $B/new --domain ''", "unknown domain"),
     C("jsonl-field-map", "import jsonl $LISTFIELD --model m --out $B/new --field-map nonsense"),
     C("jsonl-dir-as-file", "import jsonl $ADIR --model m --out $B/new"),
     # --- import engine formats
@@ -334,6 +351,7 @@ CASES: list[Case] = [
     C("query-syntax", "query $RUN 'selec 1'"),
     C("query-unknown-view", "query $RUN 'select * from nope'"),
     C("query-bad-sql-out-untouched", "query $RUN 'selec 1' -f csv --force -o $EXISTING"),
+    C("query-sql-not-utf8", "query $RUN 'select 1 -- \udcff'", "UTF-8"),  # undecodable argv bytes
     C("query-copy", "query $RUN \"COPY (select 1) TO '$B/copy.csv'\""),
     C("query-explain-copy",
       "query $RUN \"EXPLAIN ANALYZE COPY (select * from routes) TO '$RUN/routes/part-r000-c000001.parquet' (FORMAT parquet)\"",
@@ -341,8 +359,8 @@ CASES: list[Case] = [
     C("query-create", "query $RUN 'CREATE TABLE t AS SELECT 1'"),
     C("query-attach", "query $RUN \"ATTACH '$B/db.duckdb' AS x\""),
     C("query-many", "query $RUN 'select 1; COPY (select 1) TO \"$B/y.csv\"'"),
-    C("query-geometry-str", "query $RUN_GEOSTR 'select count(*) from routes'", xfail="store-hardening: manifest types"),
-    C("query-interrupt", "query $RUN 'select 1' -f csv -o $B/q.csv", "interrupted", code=130,
+    C("query-geometry-str", "query $RUN_GEOSTR 'select count(*) from routes'", "manifest.json: field"),
+    C("query-interrupt", "query $RUN 'select 1' -f csv -o $B/q.csv", "run the same command", code=130,
       interrupt="tracekit.query:fetch_arrow"),
     # --- sql
     C("sql-syntax", "sql $RUN", stdin="selec 1;\n"),
@@ -350,6 +368,8 @@ CASES: list[Case] = [
     C("sql-missing-run", "sql $MISSING", stdin="select 1;\n"),
     C("sql-max-rows", "sql $RUN --max-rows 0", "--max-rows", stdin="select 1;\n"),
     C("sql-no-run", "sql", "Missing argument"),
+    C("sql-not-utf8", "sql $RUN", "UTF-8", stdin="select '\udcff';\n"),
+    C("analyze-run-not-utf8", "analyze $B/\udcff", "UTF-8"),
     C("sql-copy", "sql $RUN", stdin="COPY (select 1) TO '$B/s.csv';\n"),
     # --- analyze
     C("analyze-window-0", "analyze $RUN --window 0", "--window"),
@@ -371,8 +391,8 @@ CASES: list[Case] = [
     C("analyze-seed", "analyze $RUN --seed -1", "--seed"),
     C("analyze-missing", "analyze $MISSING"),
     C("analyze-file", "analyze $AFILE"),
-    C("analyze-geometry-str", "analyze $RUN_GEOSTR", xfail="store-hardening: manifest types"),
-    C("analyze-experts-str", "analyze $RUN_EXPERTSSTR", xfail="store-hardening: manifest types"),
+    C("analyze-geometry-str", "analyze $RUN_GEOSTR", "manifest.json: field"),
+    C("analyze-experts-str", "analyze $RUN_EXPERTSSTR", "manifest.json: field"),
     # --- report
     C("report-no-out", "report $RUN", "Missing option"),
     C("report-out-in-run", "report $RUN -o $RUN/r.html", "run directory"),
@@ -387,7 +407,7 @@ CASES: list[Case] = [
     C("report-layer-absent", "report $RUN -o $B/r.html --layer 99", "--layer"),
     C("report-by", "report $RUN -o $B/r.html --by phase", "unknown by"),
     C("report-missing", "report $MISSING -o $B/r.html"),
-    C("report-geometry-str", "report $RUN_GEOSTR -o $B/r.html", xfail="store-hardening: manifest types"),
+    C("report-geometry-str", "report $RUN_GEOSTR -o $B/r.html", "manifest.json: field"),
     # --- place
     C("place-nodes-0", "place $RUN --nodes 0", "--nodes"),
     C("place-gpus-0", "place $RUN --gpus-per-node 0", "--gpus-per-node"),
@@ -415,10 +435,8 @@ CASES: list[Case] = [
     C("place-indivisible", "place $RUN --nodes 3 --gpus-per-node 1 --redundant 0", "divide"),
     C("place-missing", "place $MISSING"),
     C("place-file", "place $AFILE"),
-    C("place-geometry-str", "place $RUN_GEOSTR --nodes 1 --gpus-per-node 2 --redundant 0",
-      xfail="store-hardening/place-pick: manifest types"),
-    C("place-topk-neg", "place $RUN_TOPKNEG --nodes 1 --gpus-per-node 2 --redundant 0",
-      xfail="store-hardening/place-pick: manifest types"),
+    C("place-geometry-str", "place $RUN_GEOSTR --nodes 1 --gpus-per-node 2 --redundant 0", "manifest.json: field"),
+    C("place-topk-neg", "place $RUN_TOPKNEG --nodes 1 --gpus-per-node 2 --redundant 0", "manifest.json: field"),
     # --- export
     C("export-missing", "export $MISSING --format sglang -o $B/e.json", "no such placement"),
     C("export-no-format", "export $PL", "Missing option"),
@@ -483,7 +501,7 @@ def test_hostile_input(case: Case, world, capsys, monkeypatch):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert "Traceback" not in out + err, err
     assert code == case.code, f"exit {code}; stderr: {err}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("interrupted: " if case.code == 130 else "error: "), err
     if case.expect:
         assert case.expect in lines[0], lines[0]
     assert not changed, f"files or folders changed: {changed[:5]}"

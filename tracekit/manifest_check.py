@@ -11,8 +11,12 @@ from typing import Any
 from .errors import TracekitError
 
 _FIX = "restore the file, or collect/import the run again"
-_MAX_LAYER = 4096
-_MAX_EXPERTS = 2**31 - 1
+# Geometry limits for values read from files or typed on the command line. Real models have < 200 layers and
+# <= 512 routed experts; the limits are far above that but keep E- or L-sized arrays from reaching GiBs on a typo.
+MAX_LAYERS = 4096
+MAX_EXPERTS = 65536
+_MAX_LAYER = MAX_LAYERS
+_MAX_EXPERTS = MAX_EXPERTS
 
 
 def _is_int(x: Any) -> bool:
@@ -35,10 +39,14 @@ def check_manifest(m: Any, where: str) -> None:
     for field in ("model", "dataset", "args", "totals"):
         if m.get(field) is not None and not isinstance(m[field], dict):
             raise bad(field, "an object")
-    for section in ("model", "dataset"):
-        for key, value in (m.get(section) or {}).items():
-            if value is not None and not isinstance(value, (str, int, float, bool)):
-                raise bad(f"{section}.{key}", "a string or a number")
+    for section, key in (("model", "name"), ("model", "hub_id"), ("model", "revision"), ("dataset", "name"),
+                         ("dataset", "domain"), ("dataset", "hub_id")):
+        value = (m.get(section) or {}).get(key)
+        if value is not None and not isinstance(value, str):
+            raise bad(f"{section}.{key}", "a string")
+    prompts = (m.get("dataset") or {}).get("prompts")
+    if prompts is not None and not (_is_int(prompts) and prompts >= 0):
+        raise bad("dataset.prompts", "a non-negative integer")
     notes = m.get("notes")
     if notes is not None and not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
         raise bad("notes", "a list of strings")

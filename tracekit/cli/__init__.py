@@ -1,7 +1,8 @@
 """The `tracekit` command: a thin Typer layer over the library.
 
 Each command group lives in its own module and registers itself on ``app``; ``main`` turns every
-:class:`~tracekit.errors.TracekitError` into one line on stderr and exit code 2, with no traceback.
+:class:`~tracekit.errors.TracekitError` and every usage error (raised by typer's vendored copy of click, or by
+click itself) into one ``error: ...`` line on stderr and exit code 2, with no traceback.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import sys
 import typer
 
 from ..errors import TracekitError
-
 
 
 def _plain_flags_in_help() -> None:
@@ -74,7 +74,7 @@ def _usage_exception_types() -> tuple[type[BaseException], ...]:
 
 
 USAGE_ERRORS = _usage_exception_types()
-INTERRUPTED = "interrupted; finished chunks are kept, nothing half-written: run the same command again to resume"
+INTERRUPTED = "interrupted: finished chunks are kept; run the same command again to resume"
 
 
 def one_line(text: str) -> str:
@@ -109,6 +109,12 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _interrupted() -> None:
+    """Ctrl-C: one line (its own prefix, which scripts and tests match) and exit 130."""
+    print(INTERRUPTED, file=sys.stderr)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: every user mistake (TracekitError, a usage error, an OS refusal such as a full disk or a
     permission) ends as one ``error: ...`` line on stderr and exit 2; Ctrl-C as one line and exit 130."""
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     except TracekitError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        _fail(INTERRUPTED, 130)
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         _fail(f"{exc.strerror or exc}{where}", 2)
     if code == 130:  # Ctrl-C: typer turns KeyboardInterrupt into this exit code
-        _fail(INTERRUPTED, 130)
+        _interrupted()
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -12,10 +12,9 @@ from typing import Callable, Optional
 import typer
 
 from ..errors import TracekitError
+from ..manifest_check import MAX_EXPERTS, MAX_LAYERS  # noqa: F401  (re-exported for the command modules)
 
 MAX_SEED = 2**32 - 1  # numpy's seed range
-MAX_LAYERS = 4096  # decoder layers; real models have < 200, so a bigger value is a typo
-MAX_EXPERTS = 2**31 - 1  # schema: expert ids are at most uint32, counts index int32
 MAX_COUNT = 1_000_000_000
 
 
@@ -78,3 +77,32 @@ def server_url(value: Optional[str]) -> Optional[str]:
         raise typer.BadParameter(f"{value!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:30000",
                                  param_hint="'--server'")
     return value
+
+
+def _manifest_files(runs) -> list:
+    """The manifest.json files that :func:`tracekit.query.resolve_runs` would open for ``runs`` (directories,
+    globs, folders of runs one or two levels down)."""
+    import glob
+    from pathlib import Path
+
+    from ..store import MANIFEST
+
+    found = []
+    for item in runs:
+        s = str(item)
+        for m in ([Path(p) for p in sorted(glob.glob(s))] if glob.has_magic(s) else [Path(s)]):
+            if (m / MANIFEST).is_file():
+                found.append(m / MANIFEST)
+            elif m.is_dir():
+                found += sorted(m.glob(f"*/{MANIFEST}")) + sorted(m.glob(f"*/*/{MANIFEST}"))
+    return found
+
+
+def check_runs(runs) -> None:
+    """Type-check the manifests of the runs a command reads before the library opens them, so a hand-edited
+    manifest is one line naming the file and the field (a run that is missing is the library's one line)."""
+    from ..jsonlines import read_json
+    from ..manifest_check import check_manifest
+
+    for path in _manifest_files(runs):
+        check_manifest(read_json(path, "restore or remove it"), str(path))

@@ -141,7 +141,10 @@ def info(
     from ..runlock import writer_pid
     from ..manifest_check import check_manifest
     from ..store import MANIFEST, open_run, totals, verify_run
+    from ._params import check_runs
 
+    if run.is_dir():
+        check_runs([run])
     r = open_run(run, allow_partial=True)
     check_manifest(r.manifest, str(r.path / MANIFEST))
     integrity = verify_run(r.path, r.manifest, checksums=True) if verify else r.integrity

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
 from ._params import MAX_EXPERTS, MAX_LAYERS
 from .import_cmd import import_app
 
+Domain = Literal["code", "math", "chat", "general", "unknown"]  # tracekit.datasets.DOMAINS + unknown
 _MODEL_HELP = ("Registry name (see `tracekit models`) or a geometry like experts=256,top_k=8,moe_layers=3-60,"
                "num_layers=61[,name=my-model].")
 
@@ -24,14 +25,14 @@ def _run(fmt: str, sources: List[Path], out: Path, model: Optional[str], num_exp
                           num_layers=num_layers, dataset=dataset, domain=domain, slot_map=slot_map)
     kind = m.get("kind", "routes")
     t = m.get("totals", {}).get(kind, {})
-    con = Console()
+    con = Console(markup=False, highlight=False)  # paths and notes are text, not rich markup
     if kind == "routes":
         con.print(f"wrote {out}: {t.get('requests', 0)} requests, {t.get('prompt_tokens', 0)} prefill + "
                   f"{t.get('generated_tokens', 0)} decode tokens, {t.get('rows', 0)} rows, {t.get('bytes', 0)} bytes")
     else:
         con.print(f"wrote {out}: {t.get('rows', 0)} (window, layer, expert) counts, {t.get('bytes', 0)} bytes")
     for note in m.get("notes", []):
-        con.print(f"  note: {note}", highlight=False)
+        con.print(f"  note: {note}")
 
 
 def _register(fmt: str, help_text: str, source_help: str, with_slot_map: bool = False) -> None:
@@ -40,11 +41,11 @@ def _register(fmt: str, help_text: str, source_help: str, with_slot_map: bool = 
         model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
         out: Path = typer.Option(..., "--out", help="New run directory to create (must not hold files)."),
         num_experts: Optional[int] = typer.Option(None, "--num-experts", min=1, max=MAX_EXPERTS, help="Routed experts per MoE layer."),
-        top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=MAX_EXPERTS, help="Experts per token."),
+        top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=1024, help="Experts per token."),
         moe_layers: Optional[str] = typer.Option(None, "--moe-layers", help="MoE layer indices, e.g. 3-60 or 1-47:2."),
         num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, max=MAX_LAYERS, help="Decoder layers of the model."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset label stored in the run."),
-        domain: str = typer.Option("unknown", "--domain", help="Task family: code, math, chat, general."),
+        domain: Domain = typer.Option("unknown", "--domain", help="Task family of every request."),
         slot_map: Optional[Path] = typer.Option(
             None, "--slot-map", hidden=not with_slot_map, help="The server's --init-expert-location JSON, to map physical slots (redundant "
             "experts) back to logical experts."),

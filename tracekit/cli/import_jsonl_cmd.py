@@ -8,6 +8,7 @@ import typer
 
 from ._params import MAX_EXPERTS, MAX_LAYERS
 from .import_cmd import import_app
+from .import_engines_cmd import Domain
 
 
 @import_app.command("jsonl")
@@ -23,10 +24,10 @@ def import_jsonl_cmd(
     ),
     phase: Literal["auto", "decode", "prefill"] = typer.Option("auto", "--phase", help="decode, prefill or auto (split prompt + step-major decode)."),
     num_experts: Optional[int] = typer.Option(None, "--num-experts", min=1, max=MAX_EXPERTS, help="Routed experts per layer (default: max id + 1)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=MAX_EXPERTS, help="Experts per token (checked against the records)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=1024, help="Experts per token (checked against the records)."),
     num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, max=MAX_LAYERS, help="Layers of the model (default: max layer + 1)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name for every record (overrides the field)."),
-    domain: Optional[str] = typer.Option(None, "--domain", help="Domain for every record (default: from the dataset name)."),
+    domain: Optional[Domain] = typer.Option(None, "--domain", help="Domain for every record (default: from the dataset name)."),
     weight_dtype: Literal["float16", "float32"] = typer.Option("float32", "--weight-dtype", help="float16 or float32."),
 ) -> None:
     """Import per-token routing records (JSON Lines) into a tracekit run directory."""
@@ -40,7 +41,7 @@ def import_jsonl_cmd(
                      top_k=top_k, num_layers=num_layers, dataset=dataset, domain=domain, weight_dtype=weight_dtype)
     )
     t = run.manifest["totals"]["routes"]
-    Console().print(
+    Console(markup=False, highlight=False).print(
         f"wrote {out}: {t['requests']} requests, {t['prompt_tokens']} prompt + {t['generated_tokens']} generated tokens, "
         f"{t['rows']} rows, {t['bytes']} bytes; " + "; ".join(run.manifest.get("notes", []))
     )

@@ -9,15 +9,15 @@ import typer
 
 from ..outputs import check_file, distinct
 from . import app
-from ._params import MAX_LAYERS, MAX_SEED, force_option, positive_float
+from ._params import MAX_EXPERTS, MAX_LAYERS, MAX_SEED, check_runs, force_option, positive_float
 
 
 @app.command("place")
 def place_cmd(
     runs: List[Path] = typer.Argument(..., help="Run directories (routes; loads runs only for load-only strategies)."),
-    nodes: int = typer.Option(4, "--nodes", min=1, max=65536, help="Nodes in the cluster."),
-    gpus_per_node: int = typer.Option(8, "--gpus-per-node", min=1, max=1024, help="GPUs per node (EP size = nodes x this)."),
-    redundant: int = typer.Option(32, "--redundant", min=0, max=1_000_000, help="Redundant expert slots per layer (R); E + R must divide by the EP size."),
+    nodes: int = typer.Option(4, "--nodes", min=1, max=4096, help="Nodes in the cluster."),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", min=1, max=64, help="GPUs per node (EP size = nodes x this)."),
+    redundant: int = typer.Option(32, "--redundant", min=0, max=MAX_EXPERTS, help="Redundant expert slots per layer (R); E + R must divide by the EP size."),
     strategy: Literal["linear", "round-robin", "eplb", "locality", "all"] = typer.Option("all", "--strategy", help="Placement strategy."),
     grouping: Literal["none", "domain", "signature"] = typer.Option("none", "--grouping", help="Request grouping."),
     holdout: float = typer.Option(0.3, "--holdout", callback=positive_float("--holdout", 0.99), help="Share of requests held out (split request), in (0, 0.99]."),
@@ -48,6 +48,7 @@ def place_cmd(
         if target is not None:
             check_file(target, force=force, option=option)
     distinct(("-o", out), ("--json", json_out))
+    check_runs(runs)
     from .query_cmd import partial_reads_cli
 
     with partial_reads_cli(allow_partial):

@@ -13,7 +13,7 @@ import typer
 from ..errors import TracekitError
 from ..outputs import atomic_write, check_file, check_folder, distinct
 from . import app
-from ._params import MAX_LAYERS, MAX_SEED, force_option
+from ._params import MAX_LAYERS, MAX_SEED, check_runs, force_option
 
 FORMATS = ("table", "csv", "json", "parquet")
 
@@ -64,6 +64,24 @@ def print_table(table: pa.Table, title: str | None = None, max_rows: int | None 
     Console(width=max(console.width, needed)).print(t)
     if max_rows is not None and table.num_rows > max_rows:
         console.print(f"... {table.num_rows - max_rows} more rows (use --format csv|json|parquet -o FILE for all)")
+
+
+def utf8_text(text: str, what: str) -> str:
+    """One line for text that is not valid UTF-8 (Python keeps undecodable bytes of argv/stdin as surrogates, which
+    DuckDB refuses with a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TracekitError(f"{what} is not valid UTF-8 text (at character {exc.start}); re-encode it as UTF-8") from None
+    return text
+
+
+def utf8_runs(runs) -> None:
+    """Run paths are valid UTF-8 (DuckDB reads them) and name runs whose manifests have the right types."""
+    for r in runs:
+        utf8_text(str(r), f"run path {str(r)!r}")
+    if runs:
+        check_runs(runs)
 
 
 def check_emit(fmt: str, out: Optional[Path], force: bool = False) -> None:
@@ -130,6 +148,8 @@ def query_cmd(
     if len(args) < 2:
         raise TracekitError('give one or more run directories and then the SQL, e.g. tracekit query RUN "SELECT * FROM requests"')
     *runs, sql = args
+    utf8_text(sql, "the SQL")
+    utf8_runs(runs)
     check_emit(fmt, out, force)
     with partial_reads_cli(allow_partial):
         con = connect(runs, memory_limit=memory_limit)
@@ -150,6 +170,7 @@ def sql_cmd(
     """Interactive SQL shell over the same views (reads statements ending in ';' from stdin; piping works)."""
     from ..query import VIEWS, connect, fetch_limited
 
+    utf8_runs(runs)
     with partial_reads_cli(allow_partial):
         con = connect(runs, memory_limit=memory_limit)
     interactive = sys.stdin.isatty()
@@ -161,7 +182,7 @@ def sql_cmd(
     def run(text: str) -> None:
         nonlocal failed
         try:
-            emit(fetch_limited(con, text, timeout=timeout), "table", None, max_rows)
+            emit(fetch_limited(con, utf8_text(text, "the statement"), timeout=timeout), "table", None, max_rows)
         except TracekitError as exc:
             failed += 1
             print(f"error: {exc}", file=sys.stderr)
@@ -239,6 +260,7 @@ def analyze_cmd(
 
     if fmt not in ("parquet", "csv"):
         raise TracekitError(f"--format {fmt!r} unknown; use parquet or csv")
+    utf8_runs(runs)
     if out is not None:
         check_folder(out, force=force, option="--out")
     with partial_reads_cli(allow_partial):
@@ -271,6 +293,7 @@ def report_cmd(
     """One self-contained HTML page with the load, imbalance, domain-shift, correlation and co-activation plots."""
     from ..report import write_report
 
+    utf8_runs(runs)
     check_file(out, force=force, option="-o")
     if png is not None:
         check_folder(png, force=force, option="--png")

@@ -29,6 +29,8 @@ import numpy as np
 
 from ..errors import TracekitError
 from ..jsonlines import read_json
+from ..manifest_check import MAX_EXPERTS
+from ..manifest_check import MAX_LAYERS as MAX_HIDDEN_LAYERS  # bounds the SGLang map (rows x slots) a file can ask for
 from ..store import atomic_write_bytes
 from .types import Cluster, GroupingRule, Placement
 
@@ -142,9 +144,6 @@ def placement_to_dict(placement: Placement) -> dict[str, Any]:
     }
 
 
-MAX_HIDDEN_LAYERS = 4096  # decoder layers; bounds the SGLang map (rows x slots) so a typo cannot allocate GiBs
-
-
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
@@ -164,8 +163,8 @@ def check_placement_json(d: Any, where: str) -> None:
     c = d.get("cluster")
     if not isinstance(c, dict):
         raise bad("cluster", "an object with nodes, gpus_per_node, num_experts, redundant")
-    for key, lo, hi in (("nodes", 1, 65536), ("gpus_per_node", 1, 1024), ("num_experts", 1, 2**31 - 1),
-                        ("redundant", 0, 2**31 - 1)):
+    for key, lo, hi in (("nodes", 1, 4096), ("gpus_per_node", 1, 64), ("num_experts", 1, MAX_EXPERTS),
+                        ("redundant", 0, MAX_EXPERTS)):
         v = c.get(key)
         if not (_is_int(v) and lo <= v <= hi):
             raise bad(f"cluster.{key}", f"an integer in {lo}..{hi}")
