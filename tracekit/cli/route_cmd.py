@@ -40,7 +40,7 @@ def route_cmd(
     grouping: Path = typer.Option(..., "--grouping", help="Grouping file written by tracekit export --format grouping."),
     upstream: str = typer.Option(..., "--upstream", help="SGLang server URL, e.g. http://127.0.0.1:30000."),
     listen: str = typer.Option("0.0.0.0:8000", "--listen", help="HOST:PORT to serve on."),
-    dp_size: Optional[int] = typer.Option(None, "--dp-size", help="SGLang's --dp-size (checked against the placement's GPUs; default: asked from the upstream)."),
+    dp_size: Optional[int] = typer.Option(None, "--dp-size", min=1, max=1 << 20, help="SGLang's --dp-size (checked against the placement's GPUs; default: asked from the upstream)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model the upstream serves (checked against the grouping; default: asked from the upstream)."),
     max_concurrency: int = typer.Option(1024, "--max-concurrency", help="Requests forwarded at once; more wait for a slot."),
     queue_timeout: float = typer.Option(30.0, "--queue-timeout", help="Seconds a request may wait for a slot before a 503."),
@@ -60,8 +60,8 @@ def route_cmd(
         raise TracekitError(f"--upstream {upstream!r}: expected an http:// or https:// URL")
     for name, v in (("--max-concurrency", max_concurrency), ("--queue-timeout", queue_timeout),
                     ("--connect-timeout", connect_timeout), ("--read-timeout", read_timeout), ("--max-body-mb", max_body_mb)):
-        if v <= 0:
-            raise TracekitError(f"{name} must be positive (got {v})")
+        if not (0 < v < float("inf")):
+            raise TracekitError(f"{name} must be a positive finite number (got {v})")
     check_dp_size(table, dp_size)
     check_model(table, model)
     info = {} if (dp_size is not None and model is not None) else _upstream_info(upstream)
