@@ -46,10 +46,10 @@ def _is_experts(module: nn.Module) -> bool:
     return name.endswith("Experts") and not name.endswith("SharedExperts")
 
 
-def _gate_name(name: str, blocks_with_several: set[str]) -> str | None:
-    """``text_moe`` for ``...mlp.text_moe.gate`` when the layer's block holds several gates, else None."""
-    parts = name.split(".")
-    return parts[-2] if ".".join(parts[:-2]) in blocks_with_several else None
+def _gate_name(name: str) -> str:
+    """The router's path inside its layer: ``mlp.text_moe.gate`` for ``model.layers.3.mlp.text_moe.gate``."""
+    m = re.search(r"(?:^|\.)(?:layers|block|blocks|h)\.\d+\.(.+)$", name)
+    return m.group(1) if m else name
 
 
 def find_routers(model: nn.Module) -> list[FoundRouter]:
@@ -76,22 +76,24 @@ def find_routers(model: nn.Module) -> list[FoundRouter]:
             if f"{parent}.{child}" in modules and f"{parent}.{child}" not in picked:
                 picked[f"{parent}.{child}"] = GENERIC
                 break
-    found = []
-    grand: dict[str, int] = {}
+    found, per_layer = [], {}
     for name in picked:
-        parts = name.split(".")
-        if len(parts) >= 3:
-            grand[".".join(parts[:-2])] = grand.get(".".join(parts[:-2]), 0) + 1
-    several = {g for g, n in grand.items() if n > 1}
+        try:
+            key = ("encoder" if _ENCODER_RE.search(name) else "decoder", layer_index(name))
+        except ValueError:
+            continue  # a router outside any layer stack (none in transformers today)
+        per_layer[key] = per_layer.get(key, 0) + 1
     for name, adapter in picked.items():
         try:
             layer = layer_index(name)
         except ValueError:
-            continue  # a router outside any layer stack (none in transformers today)
+            continue
+        stack = "encoder" if _ENCODER_RE.search(name) else "decoder"
         parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+        # a layer with several gates (Ernie 4.5 VL text/vision, JetMoE attention + MLP) names each one
+        gate = _gate_name(name) if per_layer[(stack, layer)] > 1 else None
         found.append(FoundRouter(layer=layer, name=name, module=modules[name], adapter=adapter, parent=parent,
-                                 gate=_gate_name(name, several),
-                                 stack="encoder" if _ENCODER_RE.search(name) else "decoder"))
+                                 gate=gate, stack=stack))
     if not found:
         raise TracekitError(
             f"no MoE router found in {type(model).__name__}; supported families: {supported_families()}"

@@ -55,14 +55,24 @@ class RouterAdapter:
 
     def num_experts(self, module: nn.Module) -> int:
         for attr in ("num_experts", "n_routed_experts", "num_local_experts"):
-            if hasattr(module, attr):
+            if isinstance(getattr(module, attr, None), int):
                 return int(getattr(module, attr))
-        return int(module.weight.shape[0])
+        if isinstance(getattr(module, "weight", None), torch.Tensor):
+            return int(module.weight.shape[0])
+        # routers that score with a linear layer of their own (Gemma 4's ``proj``, HunYuan's ``wg``)
+        linear = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        if linear:
+            return int(linear[-1].out_features)
+        raise AttributeError(f"{type(module).__name__}: cannot tell its number of experts")
 
     def top_k(self, module: nn.Module) -> int:
         for attr in ("top_k", "num_experts_per_tok"):
-            if hasattr(module, attr):
+            if isinstance(getattr(module, attr, None), int):
                 return int(getattr(module, attr))
+        config = getattr(module, "config", None)  # Gemma 4 / DiffusionGemma keep it on the config only
+        for attr in ("top_k_experts", "num_experts_per_tok"):
+            if isinstance(getattr(config, attr, None), int):
+                return int(getattr(config, attr))
         raise AttributeError(f"{type(module).__name__} has no top_k")
 
     def k(self, found: "FoundRouter") -> int:

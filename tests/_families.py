@@ -31,6 +31,9 @@ SIZES: dict[str, Any] = {
     "num_nextn_predict_layers": 0, "first_k_dense_replace": 1, "num_dense_layers": 1,
     "expert_capacity": 64, "router_jitter_noise": 0.0,
 }
+#: fields set even where the default is None (the config class leaves them to the checkpoint)
+FILL_NONE = ("sliding_window", "num_experts_per_tok", "n_routed_experts", "num_experts", "top_k_experts",
+             "moe_intermediate_size")
 #: layer counts
 LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "encoder_layers", "decoder_layers", "num_decoder_layers")
 N_LAYERS = 3
@@ -39,7 +42,23 @@ VISION_SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers":
                 "num_heads": 2, "embed_dim": 32, "out_hidden_size": 32, "projection_dim": 32}
 
 #: the few fields a family needs beyond the generic rules (keyed by model type)
-OVERRIDES: dict[str, dict[str, Any]] = {}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # transformers 5.24 reads rope_theta and clamps with clip_qkv unconditionally: released configs set both
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0, "kv_n_heads": 2}},
+    # sparse layers every other layer, so three layers hold MoE in both stacks
+    "nllb-moe": {"encoder_sparse_step": 2, "decoder_sparse_step": 2},
+    "doge": {"is_moe": True},
+    "gemma4": {"text_config": {"enable_moe_block": True}},
+    "zaya": {"num_experts_per_tok": 1},  # transformers 5.24: "ZAYA currently supports num_experts_per_tok=1 only"
+    "hunyuan_v1_moe": {"head_dim": 16},
+    "nemotron_h": {"n_groups": 1, "mamba_head_dim": 16},
+    "glm5_next": {"index_topk": 16},
+    # the released Qwen3-Omni talker config carries this field; the config class has no default for it
+    "qwen3_omni_moe": {"enable_audio_output": False,
+                       "talker_config": {"text_config": {"shared_expert_intermediate_size": 16}}},
+    "switch_transformers": {"encoder_sparse_step": 2, "decoder_sparse_step": 2, "num_sparse_encoder_layers": 2,
+                            "num_sparse_decoder_layers": 2},
+}
 
 
 def _resolve(cfg_cls, name: str) -> str:
@@ -71,7 +90,7 @@ def tiny_kwargs(cfg_cls, vocab: int, overrides: dict[str, Any] | None = None, vi
         cur = getattr(default, real)
         if isinstance(cur, bool) or not isinstance(cur, (int, float)) and cur is not None:
             continue
-        if cur is None and name not in ("sliding_window",):
+        if cur is None and name not in FILL_NONE:
             continue
         kwargs[real] = vocab if value is None else value
     if not vision and hasattr(default, "kv_lora_rank") and "num_key_value_heads" in kwargs:
@@ -98,8 +117,9 @@ def tiny_kwargs(cfg_cls, vocab: int, overrides: dict[str, Any] | None = None, vi
                 kwargs[tok] = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258,
                                "decoder_start_token_id": 256}[tok]
     for key, sub_cls in (getattr(cfg_cls, "sub_configs", None) or {}).items():
-        if not isinstance(sub_cls, type) or getattr(default, key, None) is None:
+        if getattr(default, key, None) is None:
             continue
+        sub_cls = type(getattr(default, key))  # AutoConfig entries: the class the default instance has
         is_vision = any(s in key for s in ("vision", "audio", "code2wav", "visual"))
         sub = tiny_kwargs(sub_cls, vocab, (overrides or {}).get(key), vision=is_vision)
         if sub:

@@ -336,8 +336,9 @@ def model_class_for(config) -> type:
         name = getattr(modeling_auto, mapping, {}).get(model_type)
         if isinstance(name, (list, tuple)):
             name = name[0]
-        if name and hasattr(transformers, name):
-            return getattr(transformers, name)
+        cls = getattr(transformers, name, None) if name else None
+        if cls is not None and getattr(cls, "config_class", type(config)) in (type(config), None):
+            return cls
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if cls is not None and hasattr(cls, "generate"):
