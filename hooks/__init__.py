@@ -6,56 +6,130 @@ Installed as ``tracekit.hooks``. To support a new family, subclass :class:`Route
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
 
 from ..errors import TracekitError
 from .base import FoundRouter, RouterAdapter, layer_index
+from .dbrx import DbrxAdapter
 from .deepseek import DeepseekAdapter
+from .doge import DogeAdapter
 from .generic import GenericTopKAdapter
+from .inkling import InklingAdapter
+from .jetmoe import JetMoeAdapter
 from .llama4 import Llama4Adapter
 from .qwen import QwenMoeAdapter
-from .tracer import RoutedStep, RouterTracer
+from .seq2seq import NllbMoeAdapter, SwitchAdapter
+from .tracer import RoutedStep, RouterCall, RouterTracer
+from .zaya import ZayaAdapter
 
-#: dedicated adapters first; the generic one claims any remaining ``*TopKRouter`` module
-ADAPTERS: list[RouterAdapter] = [DeepseekAdapter(), QwenMoeAdapter(), Llama4Adapter(), GenericTopKAdapter()]
+#: dedicated adapters first; the generic one claims any remaining ``*TopKRouter`` module, and any router found
+#: next to an experts module (see :func:`find_routers`)
+ADAPTERS: list[RouterAdapter] = [
+    DeepseekAdapter(), QwenMoeAdapter(), Llama4Adapter(), DbrxAdapter(), JetMoeAdapter(), InklingAdapter(),
+    ZayaAdapter(), SwitchAdapter(), NllbMoeAdapter(), DogeAdapter(), GenericTopKAdapter(),
+]
+GENERIC = ADAPTERS[-1]
+
+_ROUTER_NAMES = ("gate", "router")
+_ENCODER_RE = re.compile(r"(?:^|\.)encoder(?:\.|$)")
 
 
 def supported_families() -> str:
     return "; ".join(a.models for a in ADAPTERS)
 
 
+def _is_experts(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name.endswith("Experts") and not name.endswith("SharedExperts")
+
+
+def _gate_name(name: str) -> str:
+    """The router's path inside its layer: ``mlp.text_moe.gate`` for ``model.layers.3.mlp.text_moe.gate``."""
+    m = re.search(r"(?:^|\.)(?:layers|block|blocks|h)\.\d+\.(.+)$", name)
+    return m.group(1) if m else name
+
+
 def find_routers(model: nn.Module) -> list[FoundRouter]:
-    """Every router module of ``model`` by module class over ``named_modules()``, sorted by layer."""
-    found = []
-    for name, module in model.named_modules():
+    """Every router module of ``model`` over ``named_modules()``, sorted by (stack, layer, name).
+
+    A router is a module whose class an adapter claims, or (whatever its class) the ``gate``/``router`` module
+    of a block that also holds a routed-experts module (a class ending in ``Experts``); the latter gets the
+    generic adapter, which checks the ``(logits, weights, ids)`` contract on every call.
+    """
+    modules = dict(model.named_modules())
+    picked: dict[str, RouterAdapter] = {}
+    for name, module in modules.items():
         for adapter in ADAPTERS:
             if adapter.matches(module):
-                found.append(FoundRouter(layer=layer_index(name), name=name, module=module, adapter=adapter))
+                picked[name] = adapter
                 break
+    for name, module in modules.items():
+        if not _is_experts(module) or "." not in name:
+            continue
+        parent = name.rsplit(".", 1)[0]
+        if any(p.rsplit(".", 1)[0] == parent for p in picked):
+            continue
+        for child in _ROUTER_NAMES:
+            if f"{parent}.{child}" in modules and f"{parent}.{child}" not in picked:
+                picked[f"{parent}.{child}"] = GENERIC
+                break
+    found, per_layer = [], {}
+    for name in picked:
+        try:
+            key = ("encoder" if _ENCODER_RE.search(name) else "decoder", layer_index(name))
+        except ValueError:
+            continue  # a router outside any layer stack (none in transformers today)
+        per_layer[key] = per_layer.get(key, 0) + 1
+    for name, adapter in picked.items():
+        try:
+            layer = layer_index(name)
+        except ValueError:
+            continue
+        stack = "encoder" if _ENCODER_RE.search(name) else "decoder"
+        parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+        # a layer with several gates (Ernie 4.5 VL text/vision, JetMoE attention + MLP) names each one
+        gate = _gate_name(name) if per_layer[(stack, layer)] > 1 else None
+        found.append(FoundRouter(layer=layer, name=name, module=modules[name], adapter=adapter, parent=parent,
+                                 gate=gate, stack=stack))
     if not found:
         raise TracekitError(
             f"no MoE router found in {type(model).__name__}; supported families: {supported_families()}"
         )
-    return sorted(found, key=lambda r: r.layer)
+    return sorted(found, key=lambda r: (r.stack != "encoder", r.layer, r.name))
 
 
 def router_geometry(model: nn.Module, routers: list[FoundRouter]) -> dict[str, Any]:
-    """The routing geometry recorded in every manifest, read from the live model and its config."""
+    """The routing geometry recorded in every manifest, read from the live model and its config.
+
+    ``num_experts`` counts every id a router can emit, zero-computation experts included; those are listed in
+    ``zero_computation_experts`` (empty for most families). ``encoder_moe_layers`` and ``gates`` appear for
+    encoder-decoder models and layers with several gates.
+    """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    first = routers[0]
+    first = next((r for r in routers if r.stack == "decoder"), routers[0])
+    decoder = [r for r in routers if r.stack == "decoder"]
     geometry = {
         "family": first.adapter.family,
         "model_type": getattr(config, "model_type", None),
         "router_class": type(first.module).__name__,
         "num_layers": getattr(config, "num_hidden_layers", None),
-        "moe_layers": [r.layer for r in routers],
-        "num_experts": first.adapter.num_experts(first.module),
-        "top_k": first.adapter.top_k(first.module),
+        "moe_layers": sorted({r.layer for r in decoder}),
+        "num_experts": max(r.adapter.num_experts(r.module) for r in routers),
+        "top_k": first.adapter.k(first),
         "hidden_size": getattr(config, "hidden_size", None),
     }
     geometry.update(first.adapter.geometry(config))
+    zero = sorted({e for r in routers for e in r.adapter.zero_computation_experts(r.module, config)})
+    geometry["zero_computation_experts"] = zero
+    encoder = sorted({r.layer for r in routers if r.stack == "encoder"})
+    if encoder:
+        geometry["encoder_moe_layers"] = encoder
+    gates = sorted({r.gate for r in routers if r.gate})
+    if gates:
+        geometry["gates"] = gates
     return geometry
 
 
@@ -64,6 +138,7 @@ __all__ = [
     "FoundRouter",
     "RoutedStep",
     "RouterAdapter",
+    "RouterCall",
     "RouterTracer",
     "find_routers",
     "router_geometry",

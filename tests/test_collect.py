@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tracekit.schema import SCHEMA_VERSION
 from tracekit.collect import CollectOptions, collect, encode_prompts, trace_batch
 from tracekit.datasets import get_dataset, load_prompts
 from tracekit.hooks import RouterTracer, find_routers
@@ -120,7 +121,7 @@ def test_run_directory_schema_and_manifest(tmp_path, prompt_data):
                                  limit=4, max_new_tokens=4, batch_size=2, chunk_requests=2, out=out))
     assert res.complete
     m = json.loads((out / "manifest.json").read_text())
-    assert m["schema_version"] == 1 and m["status"] == "complete"
+    assert m["schema_version"] == SCHEMA_VERSION and m["status"] == "complete"
     assert m["geometry"]["num_experts"] == 256 and m["geometry"]["top_k"] == 8
     assert m["geometry"]["moe_layers"] == [1, 2, 3] and m["geometry"]["n_group"] == 8
     assert m["dataset"]["domain"] == "code" and m["args"]["limit"] == 4

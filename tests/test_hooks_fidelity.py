@@ -109,7 +109,7 @@ def test_tracer_does_not_sync_or_copy_in_hooks():
     with RouterTracer(lm.model, routers) as tracer, torch.inference_mode():
         lm.model.generate(**enc, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
         assert tracer.num_steps == 3
-        assert all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in tracer._steps)
+        assert all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for step in tracer._steps for _, _, t in step)
     assert len(tracer.fetch()) == 3 and tracer.num_steps == 0
 
 

@@ -178,7 +178,7 @@ class BatchRows:
     """Columnar rows of one batch (N rows), ready for :func:`build_routes_table`."""
 
     request_id: np.ndarray
-    phase: np.ndarray
+    phase: np.ndarray  # 0 prefill, 1 decode, 2 encoder (schema.PHASES)
     position: np.ndarray
     step: np.ndarray
     layer: np.ndarray
@@ -188,87 +188,123 @@ class BatchRows:
     prompt_tokens: int
     generated_tokens: int
     generated_per_request: dict[int, int]
+    pass_: np.ndarray | None = None  # call number of the router within its forward (looped layers)
+    router: np.ndarray | None = None  # label into the run's gate names, -1 = the layer's only gate
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """What the collector needs to know of each traced router: where its rows go."""
+
+    layer: int
+    stack: str = "decoder"  # "encoder" rows route the encoder input once per request
+    gate: int = -1  # label into the run's gate names; -1 when its layer has one gate
+
+
+def call_sites(routers: list, gates: list[str] | None = None) -> list[CallSite]:
+    gates = gates or []
+    return [CallSite(r.layer, getattr(r, "stack", "decoder"), gates.index(r.gate) if getattr(r, "gate", None) else -1)
+            for r in routers]
+
+
+def _prompt_block(calls, sites, ids: np.ndarray, mask: np.ndarray, phase: int):
+    """Rows of every call in ``calls`` over a left-padded (B, S) input, pad positions dropped."""
+    B, S = ids.shape
+    real = mask.astype(bool)
+    b_idx, s_idx = np.nonzero(real)
+    pos = s_idx - (S - real.sum(1))[b_idx]
+    n = b_idx.size
+    out = []
+    for c in calls:
+        if c.ids.shape[0] != B * S:
+            raise TracekitError(
+                f"router of layer {sites[c.router].layer} routed {c.ids.shape[0]} tokens in a forward of {B}x{S}; "
+                f"tracekit traces text prompts through every router of a layer (mixed-modality inputs are not supported)")
+        k = c.ids.shape[-1]
+        out.append(dict(
+            b=b_idx, phase=np.full(n, phase, np.int8), position=pos, step=np.full(n, -1, np.int32),
+            layer=np.full(n, sites[c.router].layer, np.int16), token=ids[b_idx, s_idx],
+            experts=c.ids.reshape(B, S, k)[b_idx, s_idx],
+            weights=None if c.weights is None else c.weights.reshape(B, S, k)[b_idx, s_idx],
+            pass_=np.full(n, c.pass_, np.int16), router=np.full(n, sites[c.router].gate, np.int32)))
+    return out
 
 
 def rows_from_steps(
     steps: list,
-    layers: list[int],
+    layers: list[int] | list[CallSite],
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
     generated: np.ndarray,
     eos_ids: set[int],
     request_ids: np.ndarray,
+    decoder_prompt: np.ndarray | None = None,
 ) -> BatchRows:
     """Turn the tracer's steps for one left-padded batch into rows (unsorted), dropping pad positions.
 
-    Shapes: ``input_ids``/``attention_mask`` (B, S); ``generated`` (B, G) tokens after the prompt;
-    ``steps[0].ids`` (L, B*S, k) for the prefill and ``steps[s].ids`` (L, B, k) for decode step s.
+    Shapes: ``input_ids``/``attention_mask`` (B, S); ``generated`` (B, G) tokens after the prompt. ``layers`` gives,
+    per traced router, its layer (or a :class:`CallSite` with its stack and gate). Step 0 holds the prefill calls
+    (B*S tokens each) and, for an encoder-decoder model, the encoder calls (B*S) and the decoder calls over
+    ``decoder_prompt`` (B, S_d: the decoder start token); step s >= 1 holds decode calls of B tokens each, one per
+    router and pass. Decode step s routes ``generated[:, s-1]``, kept while it comes before the request's EOS.
     """
+    sites = [x if isinstance(x, CallSite) else CallSite(int(x)) for x in layers]
     B, S = input_ids.shape
-    L = len(layers)
-    k = steps[0].ids.shape[-1]
-    lay = np.asarray(layers, dtype=np.int16)
-    has_w = steps[0].weights is not None
+    dec_ids = input_ids if decoder_prompt is None else decoder_prompt
+    dec_mask = attention_mask if decoder_prompt is None else np.ones_like(decoder_prompt)
+    first = steps[0].calls if steps else []
+    blocks = _prompt_block([c for c in first if sites[c.router].stack == "encoder"], sites, input_ids, attention_mask, 2)
+    blocks += _prompt_block([c for c in first if sites[c.router].stack != "encoder"], sites, dec_ids, dec_mask, 0)
+    dec_len = dec_mask.astype(bool).sum(1)
 
-    # prefill: (L, B, S, k) masked by attention
-    real = attention_mask.astype(bool)
-    b_idx, s_idx = np.nonzero(real)
-    prompt_len = real.sum(1)
-    pos = s_idx - (S - prompt_len[b_idx])
-    pre_ids = steps[0].ids.reshape(L, B, S, k)[:, b_idx, s_idx]  # (L, n, k)
-    n_pre = b_idx.size
-    parts_ids = [pre_ids.reshape(L * n_pre, k)]
-    parts_w = [steps[0].weights.reshape(L, B, S, k)[:, b_idx, s_idx].reshape(L * n_pre, k)] if has_w else []
-    cols = {
-        "b": [np.tile(b_idx, L)],
-        "phase": [np.zeros(L * n_pre, np.int8)],
-        "position": [np.tile(pos, L)],
-        "step": [np.full(L * n_pre, -1, np.int32)],
-        "layer": [np.repeat(lay, n_pre)],
-        "token": [np.tile(input_ids[b_idx, s_idx], L)],
-    }
-
-    # decode: step s (1-based) routes generated[:, s-1]; alive while that token comes before the request's EOS
     n_dec = len(steps) - 1
     gen_len = np.full(B, generated.shape[1], dtype=np.int64)
     for b in range(B):
         hits = np.nonzero(np.isin(generated[b], list(eos_ids)))[0]
         if hits.size:
             gen_len[b] = hits[0]
-    per_request = {}
+    per_request = {int(request_ids[b]): 0 for b in range(B)}
     if n_dec > 0:
-        dec = np.stack([s.ids for s in steps[1:]], axis=2)  # (L, B, T, k)
         alive = np.arange(n_dec)[None, :] < gen_len[:, None]  # (B, T)
         db, dt = np.nonzero(alive)
         n = db.size
-        parts_ids.append(dec[:, db, dt].reshape(L * n, k))
-        if has_w:
-            decw = np.stack([s.weights for s in steps[1:]], axis=2)
-            parts_w.append(decw[:, db, dt].reshape(L * n, k))
-        cols["b"].append(np.tile(db, L))
-        cols["phase"].append(np.ones(L * n, np.int8))
-        cols["position"].append(np.tile(prompt_len[db] + dt, L))
-        cols["step"].append(np.tile(dt + 1, L).astype(np.int32))
-        cols["layer"].append(np.repeat(lay, n))
-        cols["token"].append(np.tile(generated[db, dt], L))
+        # calls are grouped by (router, pass): the same in every decode step
+        keys = [(c.router, c.pass_) for c in steps[1].calls]
+        for s in steps[2:]:
+            if [(c.router, c.pass_) for c in s.calls] != keys:
+                raise TracekitError("the routers called changed between decode steps; tracekit cannot tie rows to tokens")
+        for j, (r, p) in enumerate(keys):
+            ids = np.stack([s.calls[j].ids for s in steps[1:]], axis=1)  # (B, T, k)
+            w = None if steps[1].calls[j].weights is None else np.stack([s.calls[j].weights for s in steps[1:]], axis=1)
+            if ids.shape[0] != B:
+                raise TracekitError(f"router of layer {sites[r].layer} routed {ids.shape[0]} tokens in a decode step of "
+                                    f"batch {B}; tracekit cannot tie rows to tokens")
+            blocks.append(dict(
+                b=db, phase=np.ones(n, np.int8), position=dec_len[db] + dt, step=(dt + 1).astype(np.int32),
+                layer=np.full(n, sites[r].layer, np.int16), token=generated[db, dt], experts=ids[db, dt],
+                weights=None if w is None else w[db, dt], pass_=np.full(n, p, np.int16),
+                router=np.full(n, sites[r].gate, np.int32)))
         counts = alive.sum(1)
         per_request = {int(request_ids[b]): int(counts[b]) for b in range(B)}
-    else:
-        per_request = {int(request_ids[b]): 0 for b in range(B)}
 
-    c = {key: np.concatenate(v) for key, v in cols.items()}
+    def cat(key):
+        return np.concatenate([blk[key] for blk in blocks])
+
+    has_w = bool(blocks) and blocks[0]["weights"] is not None
     return BatchRows(  # unsorted: _merge orders the whole chunk once
-        request_id=request_ids[c["b"]],
-        phase=c["phase"],
-        position=c["position"],
-        step=c["step"],
-        layer=c["layer"],
-        token_id=c["token"],
-        experts=np.concatenate(parts_ids),
-        weights=np.concatenate(parts_w) if has_w else None,
-        prompt_tokens=int(prompt_len.sum()),
+        request_id=request_ids[cat("b")],
+        phase=cat("phase"),
+        position=cat("position"),
+        step=cat("step"),
+        layer=cat("layer"),
+        token_id=cat("token"),
+        experts=cat("experts"),
+        weights=cat("weights") if has_w else None,
+        prompt_tokens=int(attention_mask.astype(bool).sum()),
         generated_tokens=int(sum(per_request.values())),
         generated_per_request=per_request,
+        pass_=cat("pass_"),
+        router=cat("router"),
     )
 
 
@@ -276,17 +312,18 @@ def _merge(rows: list[BatchRows]) -> BatchRows:
     def cat(name):
         return np.concatenate([getattr(r, name) for r in rows])
 
-    req, lay, pos = cat("request_id"), cat("layer"), cat("position")
-    order = np.lexsort((pos, req, lay))  # layer-major file order: best compression, row groups prune by layer
+    req, lay, pos, ph, ps = cat("request_id"), cat("layer"), cat("position"), cat("phase"), cat("pass_")
+    # layer-major file order: best compression, row groups prune by layer; encoder rows before decoder rows
+    order = np.lexsort((ps, pos, -ph.astype(np.int16) // 2, req, lay))
     per = {}
     for r in rows:
         per.update(r.generated_per_request)
     return BatchRows(
-        request_id=req[order], phase=cat("phase")[order], position=pos[order], step=cat("step")[order],
+        request_id=req[order], phase=ph[order], position=pos[order], step=cat("step")[order],
         layer=lay[order], token_id=cat("token_id")[order], experts=cat("experts")[order],
         weights=cat("weights")[order] if rows[0].weights is not None else None,
         prompt_tokens=sum(r.prompt_tokens for r in rows), generated_tokens=sum(r.generated_tokens for r in rows),
-        generated_per_request=per,
+        generated_per_request=per, pass_=ps[order], router=cat("router")[order],
     )
 
 
@@ -306,6 +343,7 @@ def trace_batch(
     token_ids: list[list[int]],
     request_ids: np.ndarray,
     opts: CollectOptions,
+    sites: list[CallSite] | None = None,
 ) -> BatchRows:
     """Generate for one batch with the tracer attached and return its rows."""
     tok = loaded.tokenizer
@@ -328,16 +366,42 @@ def trace_batch(
     with torch.inference_mode():
         sequences = loaded.model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)
     steps = tracer.fetch()
-    S = input_ids.shape[1]
+    # decoder-only: the prompt is the decoder's input; encoder-decoder: the decoder starts from its start token
+    S = 1 if _is_encoder_decoder(loaded.model) else input_ids.shape[1]
+    seq = sequences.cpu().numpy()
     return rows_from_steps(
         steps,
-        tracer.layers,
+        sites if sites is not None else tracer.layers,
         enc["input_ids"].numpy(),
         enc["attention_mask"].numpy(),
-        sequences[:, S:].cpu().numpy(),
+        seq[:, S:],
         set() if opts.ignore_eos else _eos_ids(loaded),
         request_ids,
+        decoder_prompt=seq[:, :1] if _is_encoder_decoder(loaded.model) else None,
     )
+
+
+def preflight(loaded: LoadedModel, routers: list, sites: list[CallSite], token_ids: list[list[int]]) -> None:
+    """One short generate (two prompts, two new tokens) through the tracer and the row builder, nothing written.
+
+    Any router whose output tracekit cannot read, or a model ``generate`` cannot run, fails here with one line,
+    before the run directory is created.
+    """
+    opts = CollectOptions(max_new_tokens=1, ignore_eos=True, weights="float32")
+    ids = [t[:8] or [loaded.tokenizer.eos_token_id or 0] for t in token_ids]
+    with RouterTracer(loaded.model, routers, weight_dtype=torch.float32) as tracer:
+        try:
+            trace_batch(loaded, tracer, ids, np.arange(len(ids), dtype=np.int64), opts, sites=sites)
+        except TracekitError:
+            raise
+        except Exception as exc:  # transformers itself failed: name the model and the reason, in one line
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise TracekitError(f"{type(loaded.model).__name__} cannot run generate under tracekit: "
+                                f"{type(exc).__name__}: {first}") from None
+
+
+def _is_encoder_decoder(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def collect(
@@ -483,8 +547,11 @@ def _collect_locked(opts, run_dir, rank, world, *, loaded, prompts, on_progress,
         )
     routers = find_routers(loaded.model)
     geometry = router_geometry(loaded.model, routers)
+    sites = call_sites(routers, geometry.get("gates"))
     token_ids = encode_prompts(loaded, prompts, opts.chat_template)
     _check_context(loaded, prompts, token_ids, opts.max_new_tokens)
+    if existing is None:
+        preflight(loaded, routers, sites, token_ids[:2])  # a model tracekit cannot trace fails before --out exists
     manifest = _open_run(run_dir, existing, opts, loaded, geometry, cfg, len(prompts), world)
 
     chunks = list_chunks(run_dir)
@@ -510,7 +577,8 @@ def _collect_locked(opts, run_dir, rank, world, *, loaded, prompts, on_progress,
                 batches = []
                 for b0 in range(0, len(by_len), opts.batch_size):
                     ids = by_len[b0 : b0 + opts.batch_size]
-                    rows = trace_batch(loaded, tracer, [token_ids[i] for i in ids], np.asarray(ids, dtype=np.int64), opts)
+                    rows = trace_batch(loaded, tracer, [token_ids[i] for i in ids], np.asarray(ids, dtype=np.int64), opts,
+                                       sites=sites)
                     batches.append(rows)
                     done_mine += len(ids)
                     tokens_done += rows.prompt_tokens + rows.generated_tokens
@@ -522,6 +590,7 @@ def _collect_locked(opts, run_dir, rank, world, *, loaded, prompts, on_progress,
                     request_id=merged.request_id, prompt_id=prompt_ids.take(pa.array(merged.request_id)),
                     phase=merged.phase, position=merged.position, step=merged.step, layer=merged.layer,
                     token_id=merged.token_id, experts=merged.experts, weights=merged.weights,
+                    pass_=merged.pass_, router=merged.router, routers=geometry.get("gates"),
                 )
                 # compress and write on a background thread while the next chunk generates; one write in flight
                 if pending is not None:

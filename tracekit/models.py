@@ -309,3 +309,52 @@ def parse_max_memory(value: str | None) -> dict | None:
         k, v = part.split("=", 1)
         out[int(k) if k.strip().isdigit() else k.strip()] = v.strip()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which model class runs `generate` for a config (any family, including those no auto class maps)
+# ---------------------------------------------------------------------------------------------------------------
+_GENERATE_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                      "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES")
+
+
+def model_class_for(config) -> type:
+    """The transformers class that runs ``generate`` on text for ``config``.
+
+    Order: the auto mappings (causal LM, image-text-to-text, seq2seq, multimodal LM); then the checkpoint's own
+    ``architectures``; then the family's modeling module's ``*ForConditionalGeneration`` / ``*ForCausalLM`` class
+    (Qwen3-Omni-MoE has no auto class). A config none of these cover is one line (exit 2 through the CLI).
+    """
+    import importlib
+
+    import transformers
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    model_type = getattr(config, "model_type", None)
+    for mapping in _GENERATE_MAPPINGS:
+        name = getattr(modeling_auto, mapping, {}).get(model_type)
+        if isinstance(name, (list, tuple)):
+            name = name[0]
+        cls = getattr(transformers, name, None) if name else None
+        if cls is not None and getattr(cls, "config_class", type(config)) in (type(config), None):
+            return cls
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None and hasattr(cls, "generate"):
+            return cls
+    try:
+        mod = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}."
+                                      f"modeling_{model_type_to_module_name(model_type)}")
+    except Exception:
+        mod = None
+    if mod is not None:
+        for suffix in ("ForConditionalGeneration", "ForCausalLM"):
+            for name, cls in vars(mod).items():
+                if name.endswith(suffix) and isinstance(cls, type) and hasattr(cls, "can_generate") and cls.can_generate():
+                    if getattr(cls, "config_class", None) is type(config):
+                        return cls
+    raise TracekitError(
+        f"transformers {transformers.__version__} has no model class that generates text for model type "
+        f"{model_type!r}; tracekit traces models that run generate (causal LM, image-text-to-text or seq2seq)"
+    )

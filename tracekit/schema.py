@@ -21,7 +21,16 @@ layer          int16                        the model's own (absolute) layer ind
 token_id       int32, nullable              the token routed at this position (null if unknown)
 experts        list<uint8|uint16|uint32>    expert ids in the router's order (narrowest type for E)
 weights        list<float16|float32>, null  gate weights as the experts consumed them, same order
+pass           int16 (v2)                   which call of this layer's router in the forward (0 = first;
+                                            looped layers call one router several times per forward)
+router         dictionary<string>, null(v2) which gate of a layer with several (Ernie 4.5 VL ``text_moe``
+                                            / ``vision_moe``); null when the layer has one gate
 =============  ===========================  ==========================================================
+
+Schema v2 (tracekit 0.2) added ``pass``, ``router`` and the phase ``encoder`` (the encoder stack of an
+encoder-decoder model: one row per prompt token and encoder MoE layer; its decoder rows are ``prefill`` for the
+decoder start token and ``decode`` for every generated token). v1 files have neither column: readers see
+``pass = 0`` and ``router = NULL`` (the ``routes`` view fills them).
 
 ``loads`` (kind ``"loads"``): aggregated counts, for engines that dump only statistics.
 
@@ -41,9 +50,10 @@ import pyarrow as pa
 
 from .errors import TracekitError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KINDS = ("routes", "loads")
-PHASES = ("prefill", "decode")
+#: phase labels in the order of their integer codes (0, 1, 2): append only, never reorder
+PHASES = ("prefill", "decode", "encoder")
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
 
@@ -86,6 +96,8 @@ def routes_schema(num_experts: int, weight_dtype: str = "float16") -> pa.Schema:
             pa.field("token_id", pa.int32()),
             pa.field("experts", pa.list_(expert_type(num_experts)), nullable=False),
             pa.field("weights", pa.list_(weight_type(weight_dtype))),
+            pa.field("pass", pa.int16(), nullable=False),
+            pa.field("router", _DICT),
         ],
         metadata={"tracekit.schema_version": str(SCHEMA_VERSION), "tracekit.kind": "routes"},
     )
@@ -141,6 +153,9 @@ def build_routes_table(
     experts: np.ndarray,
     weights: np.ndarray | None,
     domains: list[str] | None = None,
+    pass_: np.ndarray | None = None,
+    router: np.ndarray | None = None,
+    routers: list[str] | None = None,
 ) -> pa.Table:
     """Assemble a ``routes`` table from columnar numpy arrays.
 
@@ -148,6 +163,8 @@ def build_routes_table(
     ``phase`` is an int array (0 = prefill, 1 = decode); ``step`` uses -1 for null (prefill).
     ``domain`` is a single string, or an int array of labels into ``domains``.
     ``token_id`` may use -1 for unknown.
+    ``pass_`` (default all 0) numbers a router's calls within one forward; ``router`` is an int array of labels
+    into ``routers`` with -1 for null (default all null: one gate per layer).
     """
     n = int(request_id.shape[0])
     e_type = schema.field("experts").type.value_type
@@ -190,8 +207,17 @@ def build_routes_table(
         tok,
         _fixed_lists(experts, e_type),
         w_arr,
+        pa.array(np.zeros(n, np.int16) if pass_ is None else pass_.astype(np.int16, copy=False)),
+        _router_labels(router, routers or [], n),
     ]
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _router_labels(router: np.ndarray | None, routers: list[str], n: int) -> pa.DictionaryArray:
+    if router is None or not routers:
+        return pa.DictionaryArray.from_arrays(pa.nulls(n, pa.int32()), pa.array([], pa.string()))
+    labels = np.asarray(router).astype(np.int32, copy=False)
+    return pa.DictionaryArray.from_arrays(pa.array(labels, mask=labels < 0), pa.array(routers, pa.string()))
 
 
 def build_loads_table(

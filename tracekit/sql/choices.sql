@@ -4,5 +4,6 @@ CREATE VIEW choices AS
 SELECT run_id, model, dataset, domain, request_id, prompt_id, phase, position, step, layer, token_id,
        unnest(experts) AS expert,
        unnest(weights) AS weight,
-       unnest(range(len(experts))) AS rank
+       unnest(range(len(experts))) AS rank,
+       "pass", router
 FROM routes;

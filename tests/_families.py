@@ -1,0 +1,167 @@
+"""Tiny random models of every MoE family of the installed transformers, built from the family's own config class.
+
+Sizes are shrunk generically (width, heads, layers, experts) through the config's own attribute names; per-layer
+lists (``layer_types``, ``mlp_layer_types``, ...) keep one layer of every kind they list, so a family with several
+kinds of MoE layer (DeepSeek V4's hash and learned routers) keeps both. ``OVERRIDES`` holds the few config fields a
+family needs beyond that; a family without an entry is built from the generic rules alone, so a new family is tried
+as it comes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tracekit.hooks.families import MoeFamily
+
+#: generic sizes, by the config's (possibly aliased) attribute name
+SIZES: dict[str, Any] = {
+    "hidden_size": 64, "d_model": 64, "intermediate_size": 64, "d_ff": 64, "ffn_dim": 64, "ffn_hidden_size": 64,
+    "moe_intermediate_size": 16, "expert_ffn_hidden_size": 16, "shared_expert_intermediate_size": 16,
+    "moe_shared_expert_intermediate_size": 16, "shared_intermediate_size": 16,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_heads": 4,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+    "q_lora_rank": 16, "kv_lora_rank": 16, "o_lora_rank": 16, "index_n_heads": 2, "index_topk": 8,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_num_heads": 4,
+    "mamba_n_heads": 4, "mamba_num_heads": 4, "mamba_d_state": 8, "ssm_state_size": 8, "router_hidden_size": 16,
+    "num_experts": 8, "n_routed_experts": 8, "num_local_experts": 8, "moe_num_experts": 8,
+    "num_experts_per_tok": 2, "moe_topk": 2, "moe_top_k": 2, "moe_k": 2, "top_k_experts": 2, "num_experts_per_token": 2,
+    "n_group": 2, "topk_group": 1, "num_expert_group": 2, "zero_expert_num": 3,
+    "max_position_embeddings": 512, "sliding_window": 64, "vocab_size": None,  # None: the byte tokenizer's
+    "num_nextn_predict_layers": 0, "first_k_dense_replace": 1, "num_dense_layers": 1,
+    "expert_capacity": 64, "router_jitter_noise": 0.0,
+}
+#: fields set even where the default is None (the config class leaves them to the checkpoint)
+FILL_NONE = ("sliding_window", "num_experts_per_tok", "n_routed_experts", "num_experts", "top_k_experts",
+             "moe_intermediate_size")
+#: layer counts
+LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "encoder_layers", "decoder_layers", "num_decoder_layers")
+N_LAYERS = 3
+#: sub-configs that are not the language model: shrunk hard, never run on text prompts
+VISION_SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "depth": 1, "num_attention_heads": 2,
+                "num_heads": 2, "embed_dim": 32, "out_hidden_size": 32, "projection_dim": 32}
+
+#: the few fields a family needs beyond the generic rules (keyed by model type)
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # transformers 5.24 reads rope_theta and clamps with clip_qkv unconditionally: released configs set both
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0, "kv_n_heads": 2}},
+    # sparse layers every other layer, so three layers hold MoE in both stacks
+    "nllb-moe": {"encoder_sparse_step": 2, "decoder_sparse_step": 2},
+    "doge": {"is_moe": True},
+    "gemma4": {"text_config": {"enable_moe_block": True}},
+    "zaya": {"num_experts_per_tok": 1},  # transformers 5.24: "ZAYA currently supports num_experts_per_tok=1 only"
+    "hunyuan_v1_moe": {"head_dim": 16},
+    "nemotron_h": {"n_groups": 1, "mamba_head_dim": 16},
+    "glm5_next": {"index_topk": 16},
+    # the released Qwen3-Omni talker config carries this field; the config class has no default for it
+    "qwen3_omni_moe": {"enable_audio_output": False,
+                       "talker_config": {"text_config": {"shared_expert_intermediate_size": 16}}},
+    "switch_transformers": {"encoder_sparse_step": 2, "decoder_sparse_step": 2, "num_sparse_encoder_layers": 2,
+                            "num_sparse_decoder_layers": 2},
+}
+
+
+def _resolve(cfg_cls, name: str) -> str:
+    return getattr(cfg_cls, "attribute_map", {}).get(name, name)
+
+
+def _layer_subset(values: list, n: int) -> list[int]:
+    """Indices of ``n`` layers that keep one layer of every kind listed in ``values``."""
+    keep = []
+    for v in dict.fromkeys(map(str, values)):
+        keep.append([str(x) for x in values].index(v))
+    for i in range(len(values)):
+        if len(keep) >= n:
+            break
+        if i not in keep:
+            keep.append(i)
+    return sorted(keep)
+
+
+def tiny_kwargs(cfg_cls, vocab: int, overrides: dict[str, Any] | None = None, vision: bool = False) -> dict[str, Any]:
+    """Constructor kwargs for a tiny instance of ``cfg_cls`` (recursing into its sub-configs)."""
+    default = cfg_cls()
+    kwargs: dict[str, Any] = {}
+    sizes = VISION_SIZES if vision else SIZES
+    for name, value in sizes.items():
+        real = _resolve(cfg_cls, name)
+        if real in kwargs or not hasattr(default, real):
+            continue
+        cur = getattr(default, real)
+        if isinstance(cur, bool) or not isinstance(cur, (int, float)) and cur is not None:
+            continue
+        if cur is None and name not in FILL_NONE:
+            continue
+        kwargs[real] = vocab if value is None else value
+    if not vision and hasattr(default, "kv_lora_rank") and "num_key_value_heads" in kwargs:
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)  # MLA: one kv head per query head
+    if not vision:
+        for key in LAYER_KEYS:
+            real = _resolve(cfg_cls, key)
+            if hasattr(default, real) and isinstance(getattr(default, real), int) and real not in kwargs:
+                n_default = getattr(default, real)
+                # per-layer lists: keep one layer of every kind, in order
+                lists = {k: v for k, v in vars(default).items()
+                         if isinstance(v, list) and len(v) == n_default and n_default > N_LAYERS}
+                idx = None
+                for k, v in lists.items():
+                    sub = _layer_subset(v, N_LAYERS)
+                    if idx is None or len(sub) > len(idx):
+                        idx = sub
+                idx = idx or list(range(min(N_LAYERS, n_default)))
+                kwargs[real] = len(idx)
+                for k, v in lists.items():
+                    kwargs[k] = [v[i] for i in idx]
+        for tok in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+            if hasattr(default, tok):
+                kwargs[tok] = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258,
+                               "decoder_start_token_id": 256}[tok]
+    for key, sub_cls in (getattr(cfg_cls, "sub_configs", None) or {}).items():
+        if getattr(default, key, None) is None:
+            continue
+        sub_cls = type(getattr(default, key))  # AutoConfig entries: the class the default instance has
+        is_vision = any(s in key for s in ("vision", "audio", "code2wav", "visual"))
+        sub = tiny_kwargs(sub_cls, vocab, (overrides or {}).get(key), vision=is_vision)
+        if sub:
+            kwargs[key] = sub
+    kwargs.update({k: v for k, v in (overrides or {}).items() if not isinstance(v, dict)})
+    if hasattr(default, "initializer_range") and kwargs:
+        kwargs["initializer_range"] = 0.15
+    return {k: v for k, v in kwargs.items() if v is not None or k == "sliding_window"}
+
+
+def tiny_config(family: MoeFamily):
+    from transformers import CONFIG_MAPPING
+
+    from tracekit.tokenizer import VOCAB_SIZE
+
+    cfg_cls = CONFIG_MAPPING[family.model_type]
+    return cfg_cls(**tiny_kwargs(cfg_cls, VOCAB_SIZE, OVERRIDES.get(family.model_type)))
+
+
+def tiny_model(family: MoeFamily, seed: int = 0):
+    """(model, tokenizer) of a tiny random-init model of ``family`` that can ``generate`` on text."""
+    from tracekit.models import model_class_for
+    from tracekit.tokenizer import byte_tokenizer
+
+    cfg = tiny_config(family)
+    cls = model_class_for(cfg)
+    torch.manual_seed(seed)
+    model = cls._from_config(cfg, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # learned correction biases are non-zero in real checkpoints
+        for name, buf in model.named_buffers():
+            if name.endswith(("e_score_correction_bias", "expert_bias")) and buf.is_floating_point():
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
+            if name.endswith("tid2eid"):  # DeepSeek V4's hash table: a fixed token -> experts map
+                buf.copy_(torch.stack([torch.randperm(buf.shape[-1] * 0 + _n_experts(model), generator=g)[: buf.shape[-1]]
+                                       for _ in range(buf.shape[0])]))
+    return model, byte_tokenizer()
+
+
+def _n_experts(model) -> int:
+    cfg = model.config.get_text_config()
+    for a in ("n_routed_experts", "num_local_experts", "num_experts"):
+        if isinstance(getattr(cfg, a, None), int):
+            return getattr(cfg, a)
+    raise AttributeError("expert count")
