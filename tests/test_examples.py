@@ -64,3 +64,33 @@ def test_real_traces_example_skips_in_one_line_without_the_data(tmp_path):
              env={"TRACEKIT_SHARED_DATA": str(tmp_path / "none")})
     assert r.returncode == 0 and r.stdout.startswith("skipped:") and len(r.stdout.splitlines()) == 1
     assert not (tmp_path / "rt").exists()
+
+
+def _tracekit_commands(markdown: str) -> list[list[str]]:
+    """Every `tracekit ...` command in the markdown's bash blocks (continuation lines joined, comments dropped)."""
+    import shlex
+
+    cmds = []
+    for block in markdown.split("```bash")[1:]:
+        text = block.split("```", 1)[0].replace("\\\n", " ")
+        for line in text.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith("tracekit "):
+                cmds.append(shlex.split(line)[1:])
+    return cmds
+
+
+def test_deploy_walkthrough_commands_parse():
+    """The deployment walk-through's tracekit commands name real commands and options with valid values."""
+    from typer.main import get_command
+
+    from tracekit.cli import app
+
+    cmds = _tracekit_commands((EXAMPLES / "deploy_sglang.md").read_text())
+    assert {c[0] for c in cmds} >= {"collect", "place", "export", "route"}
+    for argv in cmds:
+        cmd, args, name = get_command(app), list(argv), "tracekit"
+        while hasattr(cmd, "commands"):
+            name = args[0]
+            cmd = cmd.commands[args.pop(0)]
+        cmd.make_context(name, args)  # parses and checks every option (raises on an unknown one or a bad value)
