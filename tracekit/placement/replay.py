@@ -16,7 +16,12 @@ attention and DeepEP does not mix them):
 Within a rank's batch tokens are ordered by request, then position (that index is what per-token dispatch rules,
 vLLM's and TRT-LLM's, see). Only *full* steps, those carrying at least half the tokens of the fullest step of their
 phase, enter the per-step statistics; the ramp-up and drain at the ends of a finite replay would otherwise read as
-imbalance no deployment in steady state sees (their count is reported).
+imbalance no deployment in steady state sees (their count is reported). Decode and prefill steps differ by orders
+of magnitude in size, so their statistics are kept apart: the headline keys are the decode steps' (the steady
+state of serving; the prefill steps' when the rows hold no decode), and ``decode_*`` / ``prefill_*`` carry both.
+A replay holds only the requests of the evaluated split: with few requests per rank, decode batches are smaller
+than ``decode_batch`` (``tokens_per_step`` says how large they were) and per-step imbalance is correspondingly
+noisier than at full batch.
 
 **Per step and MoE layer** (:class:`StepCounts`), with the engine's replica choice
 (:mod:`tracekit.placement.dispatch`):
@@ -44,7 +49,8 @@ over full steps), ``step_time_p99_ms``, ``imbalance_p50``/``imbalance_p99`` (per
 ``cross_node_bytes_per_step`` (mean RDMA dispatch bytes per full step, in the step's mode),
 ``cross_node_copies`` / ``cross_node_copies_ll`` (whole set, per token-layer, normal / low-latency),
 ``gpu_imbalance`` (whole-set GPU max/mean, mean over layers), ``steps``/``full_steps``, ``tokens_per_step``,
-``engine`` and ``profile``.
+``compute_ms_per_step``, ``step_phase`` (which steps the headline keys describe), the same per-step keys prefixed
+``decode_`` and ``prefill_``, ``engine`` and ``profile``.
 """
 from __future__ import annotations
 
@@ -61,6 +67,8 @@ DEFAULT_DECODE_BATCH = 128  # decode tokens per DP rank per step
 DEFAULT_PREFILL_CHUNK = 4096  # prefill tokens per DP rank per step
 DEFAULT_MOE_INTERMEDIATE = 2048  # DeepSeek V3's moe_intermediate_size, when the traces' geometry has none
 COMBINE_BYTES = 2  # DeepEP combines in BF16
+STEP_KEYS = ("tokens_per_step", "step_time_ms", "step_time_p99_ms", "compute_ms_per_step", "imbalance_p50",
+             "imbalance_p99", "cross_node_bytes_per_step")
 
 
 @dataclass
@@ -254,22 +262,27 @@ class StepCounts:
             imb = load.max(2).sum(1) / mean_load
         xbytes = self.rdma_out.reshape(shape).sum((1, 2)) * elem
         full = layout.full & (mean_load > 0)
-        nan = float("nan")
-        if not full.any():
-            return {"steps": int(T), "full_steps": 0, "step_time_ms": nan, "step_time_p99_ms": nan,
-                    "imbalance_p50": nan, "imbalance_p99": nan, "cross_node_bytes_per_step": nan,
-                    "tokens_per_step": nan, "compute_ms_per_step": nan}
-        return {
-            "steps": int(T),
-            "full_steps": int(full.sum()),
-            "tokens_per_step": float(layout.tokens[full].mean()),
-            "step_time_ms": float(step_ms[full].mean()),
-            "step_time_p99_ms": float(np.percentile(step_ms[full], 99)),
-            "compute_ms_per_step": float(compute.sum(1)[full].mean() * 1e3),
-            "imbalance_p50": float(np.percentile(imb[full], 50)),
-            "imbalance_p99": float(np.percentile(imb[full], 99)),
-            "cross_node_bytes_per_step": float(xbytes[full].mean()),
-        }
+
+        def stats(keep: np.ndarray) -> dict:
+            if not keep.any():
+                return dict.fromkeys(STEP_KEYS, float("nan")) | {"full_steps": 0}
+            return {
+                "full_steps": int(keep.sum()),
+                "tokens_per_step": float(layout.tokens[keep].mean()),
+                "step_time_ms": float(step_ms[keep].mean()),
+                "step_time_p99_ms": float(np.percentile(step_ms[keep], 99)),
+                "compute_ms_per_step": float(compute.sum(1)[keep].mean() * 1e3),
+                "imbalance_p50": float(np.percentile(imb[keep], 50)),
+                "imbalance_p99": float(np.percentile(imb[keep], 99)),
+                "cross_node_bytes_per_step": float(xbytes[keep].mean()),
+            }
+
+        dec, pre = stats(full & (layout.phase == 1)), stats(full & (layout.phase == 0))
+        head, head_phase = (dec, "decode") if dec["full_steps"] else (pre, "prefill")
+        out = {"steps": int(T), "step_phase": head_phase, **head}
+        for name, part in (("decode", dec), ("prefill", pre)):
+            out.update({f"{name}_{k}": v for k, v in part.items()})
+        return out
 
 
 def score_placement(placement, traces: TraceArrays, mask: np.ndarray | None = None, *, engine: str = "sglang",
