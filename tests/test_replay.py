@@ -1,6 +1,8 @@
 """Per-step replay on hand-built traces: step layout, per-GPU traffic in both DeepEP modes, time, engines."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -128,3 +130,37 @@ def test_profiles_and_overrides():
         get_profile("a100")
     with pytest.raises(TracekitError, match="tflops"):
         get_profile("h200", tflops=0)
+
+
+def test_place_cli_engine_profile_and_export_warning(shared_data, tmp_path, capsys):
+    from tracekit.cli import main
+    from tracekit.importers.jsonl import import_jsonl
+
+    d = shared_data / "traces" / "mixtral-8x7b"
+    run = import_jsonl([d / "routing_data_collected_humaneval_2_routing.jsonl"], model="mixtral-8x7b",
+                       out=tmp_path / "run")
+
+    def cli(*args) -> int:
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    js, out = tmp_path / "cmp.json", tmp_path / "p.json"
+    assert cli("place", run, "--nodes", 2, "--gpus-per-node", 2, "--redundant", 4, "--strategy", "eplb",
+               "--split", "tokens", "--hidden-size", 4096, "--moe-intermediate-size", 14336, "--engine", "vllm",
+               "--profile", "b200", "--decode-batch", 8, "--rdma-gbps", 25, "--json", js, "-o", out) == 0
+    cmp = json.loads(js.read_text())
+    assert cmp["meta"]["engine"] == "vllm" and cmp["meta"]["eval_opts"]["profile"] == "b200"
+    held = next(r for r in cmp["rows"] if r["strategy"] == "eplb")["heldout"]
+    assert held["engine"] == "vllm" and held["profile"] == "b200" and held["step_time_ms"] > 0
+    assert held["tokens_per_step"] <= 4 * 8
+    assert json.loads(out.read_text())["meta"]["engine"] == "vllm"
+    capsys.readouterr()
+    assert cli("export", out, "--format", "sglang", "-o", tmp_path / "s.json") == 0
+    printed = capsys.readouterr().out
+    assert "warning: this placement's numbers were computed for vllm dispatch" in printed
+    assert cli("place", run, "--nodes", 2, "--gpus-per-node", 2, "--redundant", 4, "--engine", "tgi") == 2
+    assert "unknown engine 'tgi'" in capsys.readouterr().err
+    assert cli("place", run, "--nodes", 2, "--gpus-per-node", 2, "--redundant", 4, "--profile", "a100") == 2
