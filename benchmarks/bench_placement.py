@@ -160,8 +160,8 @@ def table(rows: list[dict], title: str) -> Table:
     for r in rows:
         i = r.get("ideal") or {}
         t.add_row(r["strategy"], r["grouping"], f"{r['fit_seconds']:.2f}",
-                  f"{r.get('step_time_ms') or nan:.3f}", _pct(r.get("vs_eplb_step_time")),
-                  f"{i.get('step_time_ms') or nan:.3f}",
+                  f"{r.get('step_time_ms') or nan:.4g}", _pct(r.get("vs_eplb_step_time")),
+                  f"{i.get('step_time_ms') or nan:.4g}",
                   f"{r.get('imbalance_p50') or nan:.2f}/{r.get('imbalance_p99') or nan:.2f}",
                   f"{i.get('imbalance_p50') or nan:.2f}/{i.get('imbalance_p99') or nan:.2f}",
                   f"{r['cross_node_copies_per_token_normal']:.3f}", f"{r['cross_node_copies_per_token_lowlat']:.3f}",
@@ -356,7 +356,8 @@ def main() -> None:
         tr = load_traces(mixtral_runs(OUT / "mixtral-runs"))
         run_set(con, result, "mixtral-real", tr, {"nodes": 2, "gpus_per_node": 2, "redundant": 4},
                 groupings=("domain",), split="tokens", seed=args.seed, hidden_size=4096,
-                moe_intermediate_size=14336)  # Mixtral-8x7B's expert FFN width
+                moe_intermediate_size=14336,  # Mixtral-8x7B's expert FFN width
+                decode_batch=16)  # ~330 held-out decode tokens on 4 ranks: 16 per rank gives ~5 decode steps
 
     if not (args.skip_tiny or args.only):
         tr = load_traces([tiny_run()])

@@ -216,7 +216,7 @@ def render(comp: Comparison):
         f = r["fitted"] or {}
         t.add_row(
             r["strategy"], r["grouping"], f"{r['fit_seconds']:.2f}",
-            f"{h.get('step_time_ms', float('nan')):.3f}", _pct(r["vs_eplb"]["step_time_ms"]),
+            f"{h.get('step_time_ms', float('nan')):.4g}", _pct(r["vs_eplb"]["step_time_ms"]),
             f"{h.get('imbalance_p50', float('nan')):.2f}/{h.get('imbalance_p99', float('nan')):.2f}",
             f"{h['cross_node_copies_per_token_normal']:.3f}", f"{h['cross_node_copies_per_token_lowlat']:.3f}",
             f"{h['intra_node_copies_per_token']:.3f}", f"{h['bytes_normal'] / 1e9:.3f}",
