@@ -364,7 +364,8 @@ def main() -> None:
         gpus = 8
         red = (-tr.num_experts) % gpus or gpus
         run_set(con, result, "tiny-deepseek-v3", tr, {"nodes": 2, "gpus_per_node": 4, "redundant": red}, **split,
-                moe_intermediate_size=16)  # the tiny preset's expert FFN width
+                moe_intermediate_size=16,  # the tiny preset's expert FFN width
+                decode_batch=16)  # ~600 held-out decode tokens on 8 ranks: 16 per rank gives ~5 decode steps
 
     for label, t in result["targets"].items():
         print_targets(con, label, t)
