@@ -20,6 +20,14 @@ Data sets:
    tokens; cached under benchmarks/out/), 2 nodes x 4 GPUs, R the smallest positive count making E + R divide
    over the GPUs, split by request.
 
+Scoring (every data set): each strategy's held-out rows are scored under SGLang 0.5.23's own dispatch
+(``--engine sglang``, the default of ``tracekit place``) and under the ``ideal`` nearest-replica bound, replayed
+as deployment steps (:mod:`tracekit.placement.replay`, H200 profile, 128 decode tokens and 4096 prefill tokens
+per DP rank per step): ``step ms`` is the estimated MoE time of a decode step (sum over MoE layers; the prefill
+step time is in the JSON), ``step max/mean p50/p99`` the per-step GPU max/mean over the decode steps, ``x-node``
+the whole-set cross-node copies per token-layer (normal / low-latency), all under SGLang's dispatch unless the
+column says ``ideal``.
+
 Headroom reference (synthetic sets): ``oracle-no-balance:top-use`` and ``oracle-no-balance:partition`` rows, one
 per grouping, are NOT strategies (never registered, excluded from the targets): they see the held-out rows and
 ignore GPU balance (see :func:`oracle_no_balance`), to show how far placement alone could go on this data.
@@ -62,7 +70,19 @@ MIXTRAL_FILES = {
 EPLB_DSV3 = {"eplb": {"num_groups": 8}}  # DeepSeek V3's n_group: 8 groups on 4 nodes -> hierarchical EPLB
 KEYS = ("cross_node_copies_per_token_normal", "cross_node_copies_per_token_lowlat", "gpu_load_max_over_mean",
         "gpu_load_max_over_mean_worst", "node_load_max_over_mean", "distinct_experts_per_microbatch",
-        "est_alltoall_ms")
+        "est_alltoall_ms", "step_time_ms", "step_time_p99_ms", "imbalance_p50", "imbalance_p99",
+        "tokens_per_step", "full_steps", "prefill_step_time_ms", "prefill_imbalance_p99")
+ENGINES = ("sglang", "ideal")  # every row is scored under SGLang's own dispatch (compare) and the ideal bound
+
+
+def ideal_scores(tr, comp, placement) -> dict:
+    """The same held-out rows scored under the ``ideal`` dispatch (upper bound): KEYS only."""
+    m = comp.meta
+    _, test = make_split(tr, m["split"], m["holdout"] or 0.3, m["seed"], m["token_frac"] or 0.5)
+    if m["score_phase"] != "all":
+        test = test & (tr.phase == {"prefill": 0, "decode": 1}[m["score_phase"]])
+    h = evaluate(placement, tr, test, engine="ideal", **dict(m.get("eval_opts") or {}))
+    return {k: h.get(k) for k in KEYS}
 
 
 SYNTH_TOPICS = {"n_group": 8, "topk_group": 4, "topics": 16, "topic_size": 16, "topic_boost": 8.0,
@@ -113,15 +133,17 @@ def mixtral_runs(tmp: Path) -> list[Path]:
             for name, files in MIXTRAL_FILES.items()]
 
 
-def summarize(comp, label: str) -> list[dict]:
+def summarize(comp, label: str, tr=None) -> list[dict]:
     rows = []
     for r in comp.rows:
         h = r["heldout"]
         rows.append({
             "workload": label, "strategy": r["strategy"], "grouping": r["grouping"],
             "fit_seconds": r["fit_seconds"], "eval_seconds": r.get("eval_seconds"),
-            **{k: h[k] for k in KEYS},
+            "engine": comp.meta.get("engine"), **{k: h.get(k) for k in KEYS},
+            "ideal": ideal_scores(tr, comp, comp.placements[r["strategy"]]) if tr is not None else None,
             "fitted_gpu_load_max_over_mean": (r["fitted"] or {}).get("gpu_load_max_over_mean"),
+            "vs_eplb_step_time": r["vs_eplb"].get("step_time_ms"),
             "vs_eplb_normal": r["vs_eplb"]["cross_node_copies_per_token_normal"],
             "vs_linear_normal": r["vs_linear"]["cross_node_copies_per_token_normal"],
         })
@@ -130,17 +152,26 @@ def summarize(comp, label: str) -> list[dict]:
 
 def table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
-    for c in ("strategy", "grouping", "fit s", "x-node normal", "x-node LL", "GPU max/mean", "worst layer",
-              "fitted GPU max/mean", "node max/mean", "a2a ms", "vs eplb", "vs linear"):
+    for c in ("strategy", "grouping", "fit s", "step ms sglang", "vs eplb", "step ms ideal",
+              "step max/mean p50/p99 sglang", "p50/p99 ideal", "x-node normal", "x-node LL", "GPU max/mean",
+              "fitted GPU max/mean", "x-node vs eplb"):
         t.add_column(c)
+    nan = float("nan")
     for r in rows:
+        i = r.get("ideal") or {}
         t.add_row(r["strategy"], r["grouping"], f"{r['fit_seconds']:.2f}",
+                  f"{r.get('step_time_ms') or nan:.4g}", _pct(r.get("vs_eplb_step_time")),
+                  f"{i.get('step_time_ms') or nan:.4g}",
+                  f"{r.get('imbalance_p50') or nan:.2f}/{r.get('imbalance_p99') or nan:.2f}",
+                  f"{i.get('imbalance_p50') or nan:.2f}/{i.get('imbalance_p99') or nan:.2f}",
                   f"{r['cross_node_copies_per_token_normal']:.3f}", f"{r['cross_node_copies_per_token_lowlat']:.3f}",
-                  f"{r['gpu_load_max_over_mean']:.3f}", f"{r['gpu_load_max_over_mean_worst']:.3f}",
-                  f"{r['fitted_gpu_load_max_over_mean'] or float('nan'):.3f}",
-                  f"{r['node_load_max_over_mean']:.3f}", f"{r['est_alltoall_ms']:.4f}",
-                  f"{100 * r['vs_eplb_normal']:+.1f}%", f"{100 * r['vs_linear_normal']:+.1f}%")
+                  f"{r['gpu_load_max_over_mean']:.3f}", f"{r['fitted_gpu_load_max_over_mean'] or nan:.3f}",
+                  _pct(r["vs_eplb_normal"]))
     return t
+
+
+def _pct(x) -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{100 * x:+.1f}%"
 
 
 def oracle_layer(U: np.ndarray, slots_per_node: int) -> np.ndarray:
@@ -209,12 +240,17 @@ def oracle_rows(tr, comps: dict, label: str, **kw) -> list[dict]:
             t0 = time.perf_counter()
             p = oracle_no_balance(tr, p_loc.cluster, test, p_loc.grouping, method, seed=kw.get("seed", 0))
             build_s = time.perf_counter() - t0
-            h = evaluate(p, tr, test, **dict(comp.meta.get("eval_opts") or {}))
+            opts = dict(comp.meta.get("eval_opts") or {})
+            h = evaluate(p, tr, test, engine=comp.meta.get("engine", "sglang"), **opts)
             eplb = comp.row("eplb")["heldout"]["cross_node_copies_per_token_normal"]
             lin = comp.row("linear")["heldout"]["cross_node_copies_per_token_normal"]
+            eplb_step = comp.row("eplb")["heldout"].get("step_time_ms")
             rows.append({
                 "workload": label, "strategy": p.strategy, "grouping": g, "reference_only": True,
-                "fit_seconds": build_s, "eval_seconds": None, **{k: h[k] for k in KEYS},
+                "fit_seconds": build_s, "eval_seconds": None, "engine": comp.meta.get("engine"),
+                **{k: h.get(k) for k in KEYS},
+                "ideal": ideal_scores(tr, comp, p),
+                "vs_eplb_step_time": h["step_time_ms"] / eplb_step - 1 if eplb_step else None,
                 "fitted_gpu_load_max_over_mean": None,
                 "vs_eplb_normal": h["cross_node_copies_per_token_normal"] / eplb - 1,
                 "vs_linear_normal": h["cross_node_copies_per_token_normal"] / lin - 1,
@@ -228,12 +264,12 @@ def run_set(con, result: dict, label: str, tr, cluster: dict, groupings=("domain
     oracle-no-balance reference row per grouping); one table; rows into ``result``."""
     t0 = time.perf_counter()
     comp = compare(tr, cluster, "all", grouping="none", **kw)
-    rows = summarize(comp, label)
+    rows = summarize(comp, label, tr)
     names = strat.available()
     comps = {}
     for g in groupings if "locality" in names else ():
         comps[g] = c2 = compare(tr, cluster, ["locality"], grouping=g, **kw)
-        rows += [r for r in summarize(c2, label) if r["strategy"] == "locality"]
+        rows += [r for r in summarize(c2, label, tr) if r["strategy"] == "locality"]
     result["timings"][f"{label}_compare_s"] = time.perf_counter() - t0
     if oracle and comps:
         t0 = time.perf_counter()
@@ -319,13 +355,17 @@ def main() -> None:
     if SHARED.is_dir() and not (args.skip_mixtral or args.only):
         tr = load_traces(mixtral_runs(OUT / "mixtral-runs"))
         run_set(con, result, "mixtral-real", tr, {"nodes": 2, "gpus_per_node": 2, "redundant": 4},
-                groupings=("domain",), split="tokens", seed=args.seed, hidden_size=4096)
+                groupings=("domain",), split="tokens", seed=args.seed, hidden_size=4096,
+                moe_intermediate_size=14336,  # Mixtral-8x7B's expert FFN width
+                decode_batch=16)  # ~330 held-out decode tokens on 4 ranks: 16 per rank gives ~5 decode steps
 
     if not (args.skip_tiny or args.only):
         tr = load_traces([tiny_run()])
         gpus = 8
         red = (-tr.num_experts) % gpus or gpus
-        run_set(con, result, "tiny-deepseek-v3", tr, {"nodes": 2, "gpus_per_node": 4, "redundant": red}, **split)
+        run_set(con, result, "tiny-deepseek-v3", tr, {"nodes": 2, "gpus_per_node": 4, "redundant": red}, **split,
+                moe_intermediate_size=16,  # the tiny preset's expert FFN width
+                decode_batch=16)  # ~600 held-out decode tokens on 8 ranks: 16 per rank gives ~5 decode steps
 
     for label, t in result["targets"].items():
         print_targets(con, label, t)

@@ -29,6 +29,14 @@ def place_cmd(
     microbatch_tokens: int = typer.Option(256, "--microbatch-tokens", min=1, max=1 << 24, help="Decode tokens per micro-batch."),
     phase: Literal["all", "decode", "prefill"] = typer.Option("all", "--phase", help="Rows to score."),
     baseline_grouping: bool = typer.Option(False, "--baseline-grouping", help="Score baselines under the fitted grouping too."),
+    engine: str = typer.Option("sglang", "--engine", help="Whose replica choice scores the placements: sglang, vllm, trtllm or ideal (upper bound)."),
+    profile: str = typer.Option("h200", "--profile", help="Hardware profile for the step time: h100, h200 or b200."),
+    decode_batch: int = typer.Option(128, "--decode-batch", help="Decode tokens per DP rank per step (replay)."),
+    prefill_chunk: int = typer.Option(4096, "--prefill-chunk", help="Prefill tokens per DP rank per step (replay)."),
+    moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", help="Expert FFN width for compute time (default: geometry, else 2048)."),
+    tflops: Optional[float] = typer.Option(None, "--tflops", help="Override the profile's dense BF16 TFLOP/s per GPU."),
+    nvlink_gbps: Optional[float] = typer.Option(None, "--nvlink-gbps", help="Override the profile's NVLink GB/s per GPU (one way)."),
+    rdma_gbps: Optional[float] = typer.Option(None, "--rdma-gbps", help="Override the profile's RDMA GB/s per GPU (one way)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole comparison as JSON."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the chosen strategy's placement (neutral JSON)."),
     force: bool = force_option("the -o and --json files"),
@@ -54,7 +62,14 @@ def place_cmd(
     with partial_reads_cli(allow_partial):
         traces = load_traces(runs)
     cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
-    eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens}
+    eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens, "profile": profile,
+                 "decode_batch": decode_batch, "prefill_chunk": prefill_chunk, "moe_intermediate_size": moe_intermediate_size,
+                 "tflops": tflops, "nvlink_gbps": nvlink_gbps, "internode_gbps": rdma_gbps}
+    from ..placement.dispatch import check_engine
+    from ..placement.hardware import get_profile
+
+    check_engine(engine)
+    get_profile(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=rdma_gbps)  # one-line error early
     if hidden_size is not None:
         eval_opts["hidden_size"] = hidden_size
     if len(traces) == 0:  # loads-only: fit, no scoring
@@ -64,6 +79,7 @@ def place_cmd(
         if strategy == "all" or strategy not in ("linear", "round-robin", "eplb"):
             raise TracekitError("loads-only runs have no token routes: choose --strategy linear, round-robin or eplb")
         p = strat.fit(strategy, traces, make_cluster(traces, **cluster), seed=seed, max_imbalance=max_imbalance)
+        p.meta["engine"] = engine
         Console().print(f"{strategy}: fitted on aggregated loads (no per-token routes, so no held-out scoring)")
         if out:
             save_placement(p, out)
@@ -73,7 +89,8 @@ def place_cmd(
 
     Console().print(describe_input(traces), markup=False)
     comp = compare(traces, cluster, strategy, grouping=grouping, holdout=holdout, split=split, seed=seed,
-                   max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping, **eval_opts)
+                   max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping, engine=engine,
+                   **eval_opts)
     from ..placement.classifier import attach_classifiers, describe
 
     clf_summary = attach_classifiers(comp, traces, runs, classifier_data or [], seed=seed)
