@@ -40,6 +40,21 @@ def test_eplb_matches_published_example():
                             [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
 
 
+def test_eplb_one_item_per_pack_keeps_published_order():
+    # deepseek-ai/EPLB balanced_packing: with one item per pack, item i goes to pack i (no sort by weight)
+    assert eplb([[1, 5, 3, 2]], 4, num_nodes=1, num_gpus=4, num_groups=1).tolist() == [[0, 1, 2, 3]]
+    pack, rank = balanced_packing(np.array([1.0, 5, 3, 2]), 4)
+    assert pack.tolist() == [0, 1, 2, 3] and rank.tolist() == [0, 0, 0, 0]
+    # global policy with replicas, one slot per GPU: physical order is [experts..., replicas in the order added]
+    # 5 -> 2.5/copy, then 3 (expert 2), then 2.5 (expert 1 again: 1.67/copy), then 2 (expert 3)
+    assert eplb([[1, 5, 3, 2]], 8, num_nodes=1, num_gpus=8, num_groups=1).tolist() == [[0, 1, 2, 3, 1, 2, 1, 3]]
+    # hierarchical, 2 groups on 2 nodes, one slot per GPU: group g -> node g, experts in id order on each node
+    assert eplb([[1, 5, 3, 2]], 4, num_nodes=2, num_gpus=4, num_groups=2).tolist() == [[0, 1, 2, 3]]
+    # two items per pack still sort heaviest first into the lightest open pack, rank = fill order
+    pack, rank = balanced_packing(np.array([1.0, 5, 3, 2]), 2)
+    assert pack.tolist() == [0, 0, 1, 1] and rank.tolist() == [1, 0, 0, 1]
+
+
 def test_replicas_go_to_heaviest_and_packing_is_even():
     w = np.array([100.0, 1, 1, 1, 50, 1, 1, 1])
     phy2log, _, cnt = replicate_experts(w, 11)
