@@ -51,13 +51,17 @@ def test_trtllm_yaml_exact(tmp_path):
 
 
 def test_vllm_picks_closest_strategy_and_says_what_it_cannot_take(tmp_path):
-    c = Cluster(2, 2, 8, 4)
-    rr = Placement(c, np.array([0, 1]), baselines.round_robin(c, 2), "round-robin")
+    c0 = Cluster(2, 2, 8, 0)  # round_robin exists only without redundant slots
+    rr = Placement(c0, np.array([0, 1]), baselines.round_robin(c0, 2), "round-robin")
     notes = export.export(rr, "vllm", tmp_path / "v.json")
     d = json.loads((tmp_path / "v.json").read_text())
     assert d["expert_placement_strategy"] == "round_robin"
-    assert d["eplb_config"]["num_redundant_experts"] == 4
     assert "--expert-placement-strategy round_robin" in notes[0]
+    c = Cluster(2, 2, 8, 4)
+    ep = Placement(c, np.array([0, 1]), baselines.linear(c, 2)[:, ::-1].copy(), "eplb")
+    export.export(ep, "vllm", tmp_path / "v4.json")
+    d = json.loads((tmp_path / "v4.json").read_text())
+    assert d["eplb_config"]["num_redundant_experts"] == 4
     assert "loads no static expert map" in d["cannot_take"]
     lin = Placement(c, np.array([0, 1]), baselines.linear(c, 2), "linear")
     assert export.vllm_config(lin)["expert_placement_strategy"] == "linear"

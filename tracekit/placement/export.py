@@ -230,7 +230,9 @@ def vllm_config(placement: Placement) -> dict[str, Any]:
         ref = {(int(g), int(e)) for g, e in zip(gpu, row)}
         return float(np.mean([(int(g), int(e)) in ref for g, e in zip(np.tile(gpu, se.shape[0]), se.ravel())]))
 
-    scores = {"linear": overlap(linear_row(c)), "round_robin": overlap(round_robin_row(c))}
+    scores = {"linear": overlap(linear_row(c))}
+    if not c.redundant:  # vLLM runs round_robin only without redundant experts
+        scores["round_robin"] = overlap(round_robin_row(c))
     best = max(scores, key=lambda k: (scores[k], k == "linear"))
     eplb_cfg = {**VLLM_EPLB_DEFAULTS, "num_redundant_experts": c.redundant}
     flags = [
