@@ -25,6 +25,9 @@ request's home node), in six steps:
 5. **Pack.** Each node's copies go to its GPUs (slots per GPU fixed): longest-processing-time, then swaps off
    the busiest GPU. A node that still overflows trades its lightest redundant copy for another copy of its
    heaviest expert, and packs again.
+6. **Hold.** :func:`tracekit.placement.balance.hold_placement` measures every layer on the fit rows under the
+   engine's replica choice and moves slots until GPU max/mean <= ``max_imbalance`` (free swaps inside a node
+   first); a layer that cannot takes EPLB's layout when that holds, else the fit stops with one line.
 
 Load model (matching :mod:`tracekit.placement.comm`): a token uses the copy on its home node if there is one,
 else splits evenly over the expert's nodes; within a node, an expert's load splits evenly over its copies.
@@ -44,6 +47,7 @@ import time
 import numpy as np
 
 from ..errors import TracekitError
+from .balance import fit_load_by_gpu, hold_placement
 from .comm import route_requests
 from .eplb import eplb as _eplb
 from .grouping import fit_grouping
@@ -67,6 +71,7 @@ def place_locality(
     item_cap: float = 0.8,
     sample_tokens: int = SAMPLE_TOKENS,
     refine_rounds: int = 8,
+    dispatch_rule: str = "spread",
     **opts,
 ) -> Placement:
     """Locality-aware placement of every MoE layer (see module docstring). Returns a :class:`Placement`.
@@ -74,6 +79,8 @@ def place_locality(
     ``grouping``: ``none`` | ``domain`` | ``signature`` (fitted here with :func:`fit_grouping`) or a fitted
     :class:`GroupingRule`. ``node_slack``: planned node load bound above the mean (default
     ``(max_imbalance - 1) / 5``). ``item_cap``: largest single copy as a fraction of the mean GPU load.
+    ``dispatch_rule``: the engine's replica choice the bound is held under (:mod:`tracekit.placement.balance`).
+    Raises a one-line TracekitError when no layout (its own or EPLB's) holds ``max_imbalance`` on the fit rows.
     """
     if cluster.num_experts != fit_traces.num_experts:
         raise TracekitError(
@@ -127,6 +134,10 @@ def place_locality(
             init=init_nodes[m],
         )
         stats.append(info)
+    # hold the bound on the fit rows under the engine's replica choice (see tracekit.placement.balance)
+    A = fit_load_by_gpu(fit_traces, rule, cluster)
+    slot_expert, held = hold_placement(slot_expert, A, cluster, max_imbalance, layers=fit_traces.layers,
+                                       fallback=eplb_rows, rule=dispatch_rule)
     meta = {
         "max_imbalance": max_imbalance,
         "node_slack": slack,
@@ -135,6 +146,7 @@ def place_locality(
         "grouping": rule.kind,
         "seed": seed,
         "fit_seconds": round(time.perf_counter() - t0, 3),
+        "balance": held,
         "fit_estimate": {
             "remote_nodes_per_token": float(np.mean([s["cost"] for s in stats])),
             "remote_nodes_per_token_before_replicas": float(np.mean([s["cost_partition"] for s in stats])),

@@ -1,0 +1,278 @@
+"""Hold a GPU load bound on the fit data, under the engine's own replica choice.
+
+The strategies plan balance with a load model (an expert's load splits evenly over its copies). Engines do not
+split evenly: a static dispatch maps every source GPU to *one* replica of an expert (SGLang: a replica on the same
+GPU, else the first on the same node, else one elsewhere), so an expert's load follows the home loads of the GPUs
+mapped to each replica. This module measures one layer's GPU loads exactly under such a rule, from the fit rows'
+load per (home GPU, expert), and moves slots until the layer meets the bound:
+
+1. **Duplicates.** A second copy of an expert on the same GPU splits nothing; it becomes a copy of the expert
+   whose extra copy lowers the busiest GPU most (or swaps with a slot of another GPU of the node).
+2. **Free swaps.** Swaps of two slots on different GPUs of one node: the set of experts on each node stays the
+   same, so cross-node traffic does not change; taken while they lower the busiest GPU's load.
+3. **Paid moves** (only while the layer is above the bound): a redundant copy re-pointed to the busiest GPU's
+   heaviest expert, or swaps across nodes; they can cost cross-node traffic, which the bound outranks.
+
+Every move is checked exactly (both experts' replica choices recomputed). No move puts a second copy of an expert
+on a GPU. :func:`hold_layer` returns the new row and what it reached; the caller decides what to do when the bound
+is out of reach.
+
+Rules (``rule``): ``nearest`` (SGLang's static dispatch: same GPU, else the first same-node replica, else the
+remote replica with the fewest sources so far) and ``spread`` (tier as nearest, but the least-used candidate in
+every tier, as :func:`tracekit.placement.comm.dispatch_table` does).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .types import Cluster
+
+RULES = ("nearest", "spread")
+
+
+def replica_choice(slot_gpu: np.ndarray, cluster: Cluster, rule: str = "spread") -> np.ndarray:
+    """(G,) index into the replicas (slot_gpu (r,), GPU of each replica, in slot order) each source GPU uses."""
+    G, gpn = cluster.num_gpus, cluster.gpus_per_node
+    r = slot_gpu.shape[0]
+    if r == 1:
+        return np.zeros(G, dtype=np.int64)
+    src = np.arange(G)
+    on_gpu = slot_gpu[None, :] == src[:, None]  # (G, r)
+    on_node = (slot_gpu // gpn)[None, :] == (src // gpn)[:, None]
+    tier = np.where(on_gpu.any(1), 0, np.where(on_node.any(1), 1, 2))
+    out = np.empty(G, dtype=np.int64)
+    used = np.zeros(r, dtype=np.int64)
+    for g in np.argsort(tier, kind="stable"):
+        cand = on_gpu[g] if tier[g] == 0 else (on_node[g] if tier[g] == 1 else np.ones(r, dtype=bool))
+        idx = np.flatnonzero(cand)
+        pick = idx[0] if (rule == "nearest" and tier[g] < 2) else idx[np.argmin(used[idx])]
+        used[pick] += 1
+        out[g] = pick
+    return out
+
+
+class LayerLoads:
+    """One layer's slot row and its exact GPU loads under ``rule``.
+
+    ``row`` (S,) slot -> expert; ``A`` (G, E) load of each expert from requests homed on each GPU (fit rows).
+    """
+
+    def __init__(self, row: np.ndarray, A: np.ndarray, cluster: Cluster, rule: str = "spread"):
+        self.c, self.A, self.rule = cluster, np.asarray(A, dtype=np.float64), rule
+        self.row = np.asarray(row, dtype=np.int64).copy()
+        self.gpu_of = cluster.gpu_of_slot()
+        self.slot_load = np.zeros(cluster.num_slots)
+        for e in range(cluster.num_experts):
+            s = np.flatnonzero(self.row == e)
+            self.slot_load[s] = self.expert_loads(e, s)
+        self.gpu_load = np.bincount(self.gpu_of, weights=self.slot_load, minlength=cluster.num_gpus)
+
+    def expert_loads(self, e: int, slots: np.ndarray) -> np.ndarray:
+        """(len(slots),) load of each replica of ``e`` when it sits in ``slots`` (sorted slot order)."""
+        slots = np.sort(slots)
+        pick = replica_choice(self.gpu_of[slots], self.c, self.rule)
+        return np.bincount(pick, weights=self.A[:, e], minlength=slots.size)
+
+    def ratio(self) -> float:
+        m = self.gpu_load.mean()
+        return float(self.gpu_load.max() / m) if m > 0 else 1.0
+
+    def trial(self, changes: dict[int, int]) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """GPU loads after setting ``row[slot] = expert`` for each item of ``changes`` (exact), plus the new
+        (slots, loads) of every touched expert."""
+        row = self.row.copy()
+        for s, e in changes.items():
+            row[s] = e
+        touched = {int(self.row[s]) for s in changes} | set(changes.values())
+        gpu = self.gpu_load.copy()
+        new = {}
+        for e in touched:
+            old = np.flatnonzero(self.row == e)
+            gpu -= np.bincount(self.gpu_of[old], weights=self.slot_load[old], minlength=gpu.size)
+            s = np.flatnonzero(row == e)
+            ld = self.expert_loads(e, s)
+            gpu += np.bincount(self.gpu_of[s], weights=ld, minlength=gpu.size)
+            new[e] = (s, ld)
+        return gpu, new
+
+    def apply(self, changes: dict[int, int], new: dict[int, tuple[np.ndarray, np.ndarray]], gpu: np.ndarray) -> None:
+        for s, e in changes.items():
+            self.row[s] = e
+        for e, (s, ld) in new.items():
+            self.slot_load[s] = ld
+        self.gpu_load = gpu
+
+    def makes_duplicate(self, changes: dict[int, int]) -> bool:
+        """True when the changes put a second copy of an expert on a GPU that had at most one."""
+        row = self.row.copy()
+        for s, e in changes.items():
+            row[s] = e
+        for e in {int(self.row[s]) for s in changes} | set(changes.values()):
+            before = np.bincount(self.gpu_of[self.row == e], minlength=self.c.num_gpus)
+            after = np.bincount(self.gpu_of[row == e], minlength=self.c.num_gpus)
+            if ((after > 1) & (after > before)).any():
+                return True
+        return False
+
+
+def duplicates(row: np.ndarray, cluster: Cluster) -> int:
+    """Number of extra copies sitting on a GPU that already holds that expert."""
+    gpu = cluster.gpu_of_slot()
+    key = gpu * cluster.num_experts + np.asarray(row)
+    return int(key.size - np.unique(key).size)
+
+
+def _best(L: LayerLoads, moves: list[dict[int, int]]) -> tuple[float, dict, dict, np.ndarray] | None:
+    """The move with the lowest exact max GPU load (ties: lower sum of squares), or None."""
+    best = None
+    for ch in moves:
+        if L.makes_duplicate(ch):
+            continue
+        gpu, new = L.trial(ch)
+        key = (float(gpu.max()), float((gpu ** 2).sum()))
+        if best is None or key < best[0]:
+            best = (key, ch, new, gpu)
+    return best
+
+
+def _swaps(L: LayerLoads, h: int, same_node: bool, top: int) -> list[dict[int, int]]:
+    """Swap candidates between the busiest GPU ``h`` and other GPUs (same node or other nodes), ranked by the
+    max of the two GPUs after moving the slot-load difference, ``top`` best."""
+    c = L.c
+    gpn = c.gpus_per_node
+    mine = np.flatnonzero(L.gpu_of == h)
+    node_of = L.gpu_of // gpn
+    other = np.flatnonzero((L.gpu_of != h) & ((node_of == h // gpn) == same_node))
+    if other.size == 0:
+        return []
+    d = L.slot_load[mine][:, None] - L.slot_load[other][None, :]
+    est = np.maximum(L.gpu_load[h] - d, L.gpu_load[L.gpu_of[other]][None, :] + d)
+    est[(d <= 0) | (L.row[mine][:, None] == L.row[other][None, :])] = np.inf
+    flat = np.argsort(est, axis=None)[:top]
+    out = []
+    for f in flat:
+        i, j = divmod(int(f), other.size)
+        if not np.isfinite(est[i, j]):
+            break
+        out.append({int(mine[i]): int(L.row[other[j]]), int(other[j]): int(L.row[mine[i]])})
+    return out
+
+
+def _repoints(L: LayerLoads, h: int, top: int) -> list[dict[int, int]]:
+    """A redundant copy elsewhere (its expert has another copy) re-pointed to one of the busiest GPU's experts."""
+    cnt = np.bincount(L.row, minlength=L.c.num_experts)
+    spare = np.flatnonzero((cnt[L.row] > 1) & (L.gpu_of != h))
+    if spare.size == 0:
+        return []
+    spare = spare[np.argsort(L.gpu_load[L.gpu_of[spare]] + L.slot_load[spare], kind="stable")][:top]
+    heavy = np.flatnonzero(L.gpu_of == h)
+    heavy = heavy[np.argsort(-L.slot_load[heavy], kind="stable")][:3]
+    return [{int(t): int(L.row[s])} for s in heavy for t in spare if L.row[t] != L.row[s]]
+
+
+def _dedupe(L: LayerLoads, top: int) -> None:
+    """Give every same-GPU duplicate copy a useful job (a copy of another expert, or a swap within its node)."""
+    for _ in range(L.row.size):
+        key = L.gpu_of * L.c.num_experts + L.row
+        _, first = np.unique(key, return_index=True)
+        dup = np.setdiff1d(np.arange(L.row.size), first)
+        if dup.size == 0:
+            return
+        s = int(dup[0])
+        g = int(L.gpu_of[s])
+        here = set(L.row[L.gpu_of == g].tolist())
+        moves = [{s: e} for e in range(L.c.num_experts) if e not in here]
+        gpn = L.c.gpus_per_node
+        for t in np.flatnonzero((L.gpu_of // gpn == g // gpn) & (L.gpu_of != g)):
+            if int(L.row[t]) not in here:
+                moves.append({s: int(L.row[t]), int(t): int(L.row[s])})
+        b = _best(L, moves)
+        if b is None:
+            return  # nothing else fits on this GPU: the duplicate stays (reported by the caller)
+        L.apply(b[1], b[2], b[3])
+
+
+def hold_layer(row: np.ndarray, A: np.ndarray, cluster: Cluster, bound: float, *, rule: str = "spread",
+               paid: bool = True, max_moves: int = 400, top: int = 16) -> tuple[np.ndarray, dict]:
+    """One layer: row (S,), A (G, E) fit load by home GPU -> (new row (S,), info).
+
+    ``info``: ``ratio`` (GPU max/mean reached on the fit load), ``before``, ``met`` (ratio <= bound),
+    ``duplicates`` (copies left on a GPU that already holds the expert), ``paid_moves``.
+    """
+    L = LayerLoads(row, A, cluster, rule)
+    before = L.ratio()
+    _dedupe(L, top)
+    paid_moves = 0
+    for _ in range(max_moves):
+        h = int(np.argmax(L.gpu_load))
+        cur = float(L.gpu_load[h])
+        b = _best(L, _swaps(L, h, True, top)) if cluster.gpus_per_node > 1 else None
+        if b is not None and b[0][0] < cur * (1 - 1e-6):
+            L.apply(b[1], b[2], b[3])
+            continue
+        if not paid or L.ratio() <= bound:
+            break
+        b = _best(L, _repoints(L, h, top) + (_swaps(L, h, False, top) if cluster.nodes > 1 else []))
+        if b is None or b[0][0] >= cur * (1 - 1e-6):
+            break
+        L.apply(b[1], b[2], b[3])
+        paid_moves += 1
+    ratio = L.ratio()
+    return L.row, {"before": before, "ratio": ratio, "met": ratio <= bound + 1e-9,
+                   "duplicates": duplicates(L.row, cluster), "paid_moves": paid_moves}
+
+
+def fit_load_by_gpu(traces, grouping, cluster: Cluster) -> np.ndarray:
+    """(M, G, E) float: each expert's load from the requests the router homes on each GPU (rows of ``traces``).
+
+    A loads-only run (no rows) spreads its aggregated loads evenly over the GPUs (the expectation)."""
+    from .comm import route_requests
+    from .stats import expert_load, load_by_group
+
+    if len(traces) == 0:
+        w = expert_load(traces).astype(np.float64)
+        return np.repeat(w[:, None, :] / cluster.num_gpus, cluster.num_gpus, axis=1)
+    home = route_requests(grouping, traces, cluster)
+    return load_by_group(traces, home, cluster.num_gpus).astype(np.float64)
+
+
+def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bound: float, *, layers,
+                   fallback: np.ndarray | None = None, rule: str = "spread", strategy: str = "locality",
+                   ) -> tuple[np.ndarray, dict]:
+    """Every layer of slot_expert (M, S) brought within ``bound`` on the fit load A (M, G, E).
+
+    A layer that cannot reach the bound tries ``fallback`` (M, S) (EPLB's layout) the same way and takes it when
+    that one meets the bound. When neither does, raises one TracekitError naming the layer, the ratio reached and
+    the bound that would hold. Returns (new slot_expert, info: per-layer ratios, layers that fell back, duplicates
+    left, paid moves).
+    """
+    from ..errors import TracekitError
+
+    out = np.array(slot_expert, dtype=np.int64, copy=True)
+    ratios, fell_back, dups, paid, worst = [], [], 0, 0, None
+    for m in range(out.shape[0]):
+        row, info = hold_layer(out[m], A[m], cluster, bound, rule=rule)
+        if not info["met"]:  # a wider search before giving up
+            row, info = hold_layer(row, A[m], cluster, bound, rule=rule, top=96)
+        if not info["met"] and fallback is not None:
+            row2, info2 = hold_layer(fallback[m], A[m], cluster, bound, rule=rule)
+            if info2["met"] or info2["ratio"] < info["ratio"]:
+                row, info = row2, info2
+                fell_back.append(int(layers[m]))
+        if not info["met"] and (worst is None or info["ratio"] > worst[1]):
+            worst = (int(layers[m]), info["ratio"])
+        out[m] = row
+        ratios.append(info["ratio"])
+        dups += info["duplicates"]
+        paid += info["paid_moves"]
+    if worst is not None:
+        need = np.ceil(max(ratios) * 100) / 100
+        raise TracekitError(
+            f"{strategy} cannot hold --max-imbalance {bound:.2f} on its fit data: layer {worst[0]} stays at GPU "
+            f"max/mean {worst[1]:.3f} ({100 * (worst[1] / bound - 1):+.1f}% over), eplb's layout included; "
+            f"use --max-imbalance {need:.2f} or more --redundant slots"
+        )
+    return out, {"fit_gpu_max_over_mean_per_layer": [round(float(r), 4) for r in ratios],
+                 "fit_gpu_max_over_mean_worst": float(max(ratios)) if ratios else 1.0,
+                 "eplb_layers_for_balance": fell_back, "duplicates_on_one_gpu": dups, "paid_moves": paid,
+                 "dispatch_rule": rule}
