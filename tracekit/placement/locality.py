@@ -72,6 +72,7 @@ def place_locality(
     sample_tokens: int = SAMPLE_TOKENS,
     refine_rounds: int = 8,
     dispatch_rule: str = "spread",
+    eplb_layers: list[int] | None = None,
     **opts,
 ) -> Placement:
     """Locality-aware placement of every MoE layer (see module docstring). Returns a :class:`Placement`.
@@ -80,6 +81,8 @@ def place_locality(
     :class:`GroupingRule`. ``node_slack``: planned node load bound above the mean (default
     ``(max_imbalance - 1) / 5``). ``item_cap``: largest single copy as a fraction of the mean GPU load.
     ``dispatch_rule``: the engine's replica choice the bound is held under (:mod:`tracekit.placement.balance`).
+    ``eplb_layers``: absolute layer indices that take EPLB's layout as they are (chosen on validation by
+    :func:`tracekit.placement.select.validate`); the bound is held on them too.
     Raises a one-line TracekitError when no layout (its own or EPLB's) holds ``max_imbalance`` on the fit rows.
     """
     if cluster.num_experts != fit_traces.num_experts:
@@ -121,7 +124,11 @@ def place_locality(
     ])  # (M, E)
     slot_expert = np.empty((M, cluster.num_slots), dtype=np.int64)
     stats = []
+    keep_eplb = set(int(x) for x in (eplb_layers or ()))
     for m in range(M):
+        if int(fit_traces.layers[m]) in keep_eplb:
+            slot_expert[m] = eplb_rows[m]
+            continue
         if samples is not None and len(samples[m]):
             rows = samples[m]
             X = fit_traces.experts[rows].astype(np.int64)
@@ -147,10 +154,12 @@ def place_locality(
         "seed": seed,
         "fit_seconds": round(time.perf_counter() - t0, 3),
         "balance": held,
+        "eplb_layers": sorted(keep_eplb),
         "fit_estimate": {
-            "remote_nodes_per_token": float(np.mean([s["cost"] for s in stats])),
-            "remote_nodes_per_token_before_replicas": float(np.mean([s["cost_partition"] for s in stats])),
-            "planned_gpu_max_over_mean": float(np.max([s["gpu_imbalance"] for s in stats])),
+            "remote_nodes_per_token": float(np.mean([s["cost"] for s in stats])) if stats else None,
+            "remote_nodes_per_token_before_replicas": (float(np.mean([s["cost_partition"] for s in stats]))
+                                                        if stats else None),
+            "planned_gpu_max_over_mean": float(np.max([s["gpu_imbalance"] for s in stats])) if stats else None,
         },
     }
     return Placement(

@@ -1,0 +1,209 @@
+"""Pick the placement to deploy on a validation split of the train data, never one worse than EPLB.
+
+:func:`validate` is what ``tracekit place`` runs before the final fit:
+
+1. Split the train rows again (:func:`validation_split`: by request, or by token position inside each request, as
+   the outer split), into *fit* and *validation* rows. The test rows are never touched.
+2. Fit every strategy on the fit rows and score it on the validation rows with the scorer (the engine's dispatch).
+3. **Per layer, locality against EPLB.** Both layouts are scored layer by layer on the validation rows, under the
+   same router (locality's grouping rule); the layers where locality does not beat EPLB's layout on the objective
+   take EPLB's layout (``eplb_layers``, passed to the final fit). The mixed placement is scored again.
+4. **The pick**: the strategy with the best validation value of the objective (ties go to the reference, eplb),
+   among those whose validation balance (p99 per-step GPU max/mean) is within ``balance_margin`` (5%) of EPLB's,
+   so that a traffic win never buys an overloaded GPU. EPLB is always a candidate, so the pick is never worse than
+   EPLB on validation.
+
+Objectives (lower is better): ``step-time`` (estimated MoE time per step), ``traffic`` (cross-node bytes per
+step) and ``balance`` (p99 over steps of GPU max/mean). A scorer is ``fn(placement, traces, home=None) -> dict``;
+:func:`default_scorer` uses :func:`tracekit.placement.dispatch.score_placement` (per-step replay under the engine's
+replica choice) when it is installed, else :func:`tracekit.placement.comm.evaluate` (whole-set counts; its
+step-time stand-in is the all-to-all estimate, with no compute term).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import TracekitError
+from . import strategies as strat
+from .comm import route_requests
+from .traces import split_requests, split_tokens, subset
+from .types import Cluster, Placement, TraceArrays
+
+OBJECTIVES = ("step-time", "traffic", "balance")
+# objective -> metric keys, first one a score dict has wins: the replay's, then comm.evaluate's stand-ins
+METRIC_KEYS = {
+    "step-time": ("step_time_ms", "est_alltoall_ms"),
+    "traffic": ("cross_node_bytes_per_step", "cross_node_copies_per_token_normal"),
+    "balance": ("imbalance_p99", "gpu_load_max_over_mean_worst"),
+}
+REFERENCE = "eplb"
+Scorer = Callable[..., dict]
+
+
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise TracekitError(f"unknown objective {objective!r}; use {', '.join(OBJECTIVES)}")
+    return objective
+
+
+def metric_key(scores: dict, objective: str) -> str:
+    """The key of ``scores`` that measures ``objective``."""
+    for k in METRIC_KEYS[check_objective(objective)]:
+        if k in scores:
+            return k
+    raise TracekitError(f"the scores carry no metric for objective {objective!r}")
+
+
+def default_scorer(engine: str = "sglang", **score_opts) -> Scorer:
+    """``fn(placement, traces, home=None) -> dict``: the engine-faithful replay when available, else comm.evaluate."""
+    try:
+        from .dispatch import score_placement  # noqa: PLC0415  (lands with the engine dispatch models)
+    except ImportError:
+        score_placement = None
+    if score_placement is not None:
+        def replay(p: Placement, tr: TraceArrays, home=None) -> dict:
+            return score_placement(p, tr, engine=engine, home=home, **score_opts)
+        return replay
+
+    from .comm import evaluate
+    ev_opts = {k: v for k, v in score_opts.items()
+               if k in ("hidden_size", "bytes_per_elem", "microbatch_tokens", "nvlink_gbps", "internode_gbps")}
+
+    def whole_set(p: Placement, tr: TraceArrays, home=None) -> dict:
+        return evaluate(p, tr, home=home, **ev_opts)
+    return whole_set
+
+
+def validation_split(traces: TraceArrays, train: np.ndarray, split: str = "request", *, seed: int = 0,
+                     share: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) masks (N,) bool inside ``train``: ``share`` of the train requests (split request), or the
+    last ``share`` of each request's train decode tokens (split tokens)."""
+    sub = subset(traces, train)
+    if split == "tokens":
+        a, b = split_tokens(sub, frac=1.0 - share)
+    else:
+        a, b = split_requests(sub, holdout=share, seed=seed + 1)
+    idx = np.flatnonzero(train)
+    fit = np.zeros(len(traces), dtype=bool)
+    val = np.zeros(len(traces), dtype=bool)
+    fit[idx[a]] = True
+    val[idx[b]] = True
+    return fit, val
+
+
+def one_layer(traces: TraceArrays, m: int) -> TraceArrays:
+    """The rows of MoE-layer position ``m`` as a one-layer TraceArrays (requests keep their indices)."""
+    sel = traces.layer_pos == m
+    sub = subset(traces, sel)
+    sub.layers = traces.layers[m:m + 1]
+    sub.layer_pos = np.zeros(int(sel.sum()), dtype=traces.layer_pos.dtype)
+    sub.geometry = traces.geometry
+    return sub
+
+
+def layer_values(p: Placement, per_layer: list[TraceArrays], scorer: Scorer, objective: str,
+                 home: np.ndarray) -> np.ndarray:
+    """(M,) objective value of each layer of ``p``, each scored on its own rows under the same ``home``."""
+    out = np.full(len(per_layer), np.nan)
+    for m, tr in enumerate(per_layer):
+        if len(tr) == 0:
+            continue
+        q = Placement(p.cluster, p.layers[m:m + 1], p.slot_expert[m:m + 1], p.strategy, p.grouping, dict(p.meta))
+        s = scorer(q, tr, home=home)
+        out[m] = float(s[metric_key(s, objective)])
+    return out
+
+
+@dataclass
+class Validation:
+    """What :func:`validate` found: the pick, why, the validation value per strategy, locality's EPLB layers."""
+
+    pick: str
+    objective: str
+    metric: str
+    values: dict[str, float]
+    reason: str
+    balance: dict[str, float] = field(default_factory=dict)
+    eplb_layers: list[int] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pick": self.pick, "objective": self.objective, "metric": self.metric, "values": self.values,
+                "balance": self.balance, "reason": self.reason, "locality_eplb_layers": self.eplb_layers, "errors": self.errors}
+
+
+def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.ndarray, *,
+             objective: str = "step-time", split: str = "request", seed: int = 0, max_imbalance: float = 1.10,
+             grouping: str = "none", scorer: Scorer | None = None, strategy_opts: dict[str, dict] | None = None,
+             share: float = 0.25, balance_margin: float = 0.05) -> Validation:
+    """Fit ``names`` on the fit part of ``train``, score them on its validation part, pick (see module docstring)."""
+    check_objective(objective)
+    scorer = scorer or default_scorer()
+    if REFERENCE not in names:
+        names = [REFERENCE, *names]
+    fit_mask, val_mask = validation_split(traces, train, split, seed=seed, share=share)
+    if not fit_mask.any() or not val_mask.any():
+        raise TracekitError("the train split is too small to hold out a validation part; use more requests")
+    fit_tr, val_tr = subset(traces, fit_mask), subset(traces, val_mask)
+    opts = strategy_opts or {}
+    fitted: dict[str, Placement] = {}
+    values: dict[str, float] = {}
+    balance: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    metric = None
+
+    def record(name: str, s: dict) -> None:
+        values[name] = float(s[metric])
+        balance[name] = float(s[metric_key(s, "balance")])
+
+    for name in names:
+        try:
+            p = strat.fit(name, fit_tr, cluster, seed=seed, max_imbalance=max_imbalance, grouping=grouping,
+                          attach_grouping=name not in ("linear", "round-robin", "eplb"), **opts.get(name, {}))
+        except TracekitError as exc:  # e.g. a bound this part of the data cannot hold: not a candidate
+            if name == REFERENCE:
+                raise
+            errors[name] = str(exc)
+            continue
+        s = scorer(p, val_tr)
+        metric = metric or metric_key(s, objective)
+        fitted[name] = p
+        record(name, s)
+    eplb_layers: list[int] = []
+    if "locality" in fitted:
+        loc, ref = fitted["locality"], fitted[REFERENCE]
+        home = route_requests(loc.grouping, val_tr, cluster)
+        per_layer = [one_layer(val_tr, m) for m in range(traces.num_layers)]
+        ref_same_router = Placement(cluster, ref.layers, ref.slot_expert, REFERENCE, loc.grouping)
+        v_loc = layer_values(loc, per_layer, scorer, objective, home)
+        v_ref = layer_values(ref_same_router, per_layer, scorer, objective, home)
+        lose = ~(v_loc < v_ref)  # ties and unscored layers keep the reference layout
+        eplb_layers = [int(x) for x in traces.layers[lose]]
+        if lose.any():
+            mixed = Placement(cluster, loc.layers, np.where(lose[:, None], ref.slot_expert, loc.slot_expert),
+                              "locality", loc.grouping, dict(loc.meta))
+            record("locality", scorer(mixed, val_tr))
+    limit = balance[REFERENCE] * (1 + balance_margin)
+    eligible = [n for n in values if n == REFERENCE or balance[n] <= limit]
+    order = sorted(eligible, key=lambda n: (values[n], n != REFERENCE))
+    pick = order[0]
+    ref_v = values[REFERENCE]
+    if pick == REFERENCE:
+        runner = next((n for n in order if n != REFERENCE), None)
+        reason = (f"eplb: lowest {objective} on validation ({metric} {ref_v:.4g}"
+                  + (f"; next {runner} {_pct(values[runner], ref_v)})" if runner else ")"))
+    else:
+        reason = f"{pick}: lowest {objective} on validation ({metric} {values[pick]:.4g}, {_pct(values[pick], ref_v)} vs eplb)"
+    skipped = [n for n in values if n not in eligible and values[n] < values[pick]]
+    if skipped:
+        reason += f"; {', '.join(skipped)} skipped: balance > eplb's + {100 * balance_margin:.0f}%"
+    if "locality" in values and eplb_layers:
+        reason += f"; locality keeps eplb's layout on {len(eplb_layers)} of {traces.num_layers} layers"
+    return Validation(pick, objective, metric, values, reason, balance, eplb_layers, errors)
+
+
+def _pct(x: float, ref: float) -> str:
+    return f"{100 * (x / ref - 1):+.1f}%" if ref else "n/a"
