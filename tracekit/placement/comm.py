@@ -75,41 +75,18 @@ def check_placement(placement: Placement) -> None:
             )
 
 
-def dispatch_table(placement: Placement) -> np.ndarray:
-    """(M, G, E) int32: the slot a token homed on GPU g uses for logical expert e at layer position m.
+def dispatch_table(placement: Placement, engine: str = "ideal", seed: int = 42) -> np.ndarray:
+    """(M, G, E) int32: the slot a token homed on GPU g uses for logical expert e at layer position m, under a
+    static engine's dispatch (:mod:`tracekit.placement.dispatch`: ``ideal`` the nearest-replica upper bound,
+    ``sglang`` SGLang's own table, placed among the model's hidden layers as the SGLang export writes them)."""
+    from .dispatch import dispatch_table as _table
 
-    Same GPU first, then same node, then any; among several candidates, the one with the fewest source GPUs
-    mapped to it so far (ties: lowest slot). Experts with a single replica map straight to it.
-    """
     check_placement(placement)
     c = placement.cluster
-    se = np.asarray(placement.slot_expert)
-    M, S = se.shape
-    G, E, gpn = c.num_gpus, c.num_experts, c.gpus_per_node
-    gpu = c.gpu_of_slot()
-    node = gpu // gpn
-    table = np.empty((M, G, E), dtype=np.int32)
-    for m in range(M):
-        row = se[m]
-        first = np.full(E, -1, dtype=np.int64)
-        first[row[::-1]] = np.arange(S)[::-1]  # lowest slot of each expert
-        table[m] = first[None, :]
-        counts = np.bincount(row, minlength=E)
-        for e in np.flatnonzero(counts > 1):
-            slots = np.flatnonzero(row == e)
-            used = np.zeros(slots.size, dtype=np.int64)
-            g_all = np.arange(G)
-            on_gpu = gpu[slots][None, :] == g_all[:, None]  # (G, r)
-            on_node = node[slots][None, :] == (g_all // gpn)[:, None]
-            # sources with a local replica first, then same-node, then remote ones
-            tier = np.where(on_gpu.any(1), 0, np.where(on_node.any(1), 1, 2))
-            for g in np.argsort(tier, kind="stable"):
-                cand = on_gpu[g] if tier[g] == 0 else (on_node[g] if tier[g] == 1 else np.ones(slots.size, bool))
-                idx = np.flatnonzero(cand)
-                pick = idx[np.argmin(used[idx])]
-                used[pick] += 1
-                table[m, g, e] = slots[pick]
-    return table
+    n_hidden = placement.meta.get("num_hidden_layers") if placement.meta else None
+    return _table(np.asarray(placement.slot_expert), engine=engine, gpus_per_node=c.gpus_per_node,
+                  num_gpus=c.num_gpus, num_experts=c.num_experts, seed=seed,
+                  layers=np.asarray(placement.layers), num_hidden_layers=n_hidden)
 
 
 def home_gpus(traces: TraceArrays, placement: Placement, cluster: Cluster | None = None,
