@@ -71,7 +71,7 @@ def place_locality(
     item_cap: float = 0.8,
     sample_tokens: int = SAMPLE_TOKENS,
     refine_rounds: int = 8,
-    dispatch_rule: str = "spread",
+    engine: str = "ideal",
     eplb_layers: list[int] | None = None,
     **opts,
 ) -> Placement:
@@ -80,7 +80,7 @@ def place_locality(
     ``grouping``: ``none`` | ``domain`` | ``signature`` (fitted here with :func:`fit_grouping`) or a fitted
     :class:`GroupingRule`. ``node_slack``: planned node load bound above the mean (default
     ``(max_imbalance - 1) / 5``). ``item_cap``: largest single copy as a fraction of the mean GPU load.
-    ``dispatch_rule``: the engine's replica choice the bound is held under (:mod:`tracekit.placement.balance`).
+    ``engine``: whose replica choice the bound is held under (:mod:`tracekit.placement.balance`).
     ``eplb_layers``: absolute layer indices that take EPLB's layout as they are (chosen on validation by
     :func:`tracekit.placement.select.validate`); the bound is held on them too.
     Raises a one-line TracekitError when no layout (its own or EPLB's) holds ``max_imbalance`` on the fit rows.
@@ -144,7 +144,8 @@ def place_locality(
     # hold the bound on the fit rows under the engine's replica choice (see tracekit.placement.balance)
     A = fit_load_by_gpu(fit_traces, rule, cluster)
     slot_expert, held = hold_placement(slot_expert, A, cluster, max_imbalance, layers=fit_traces.layers,
-                                       fallback=eplb_rows, rule=dispatch_rule)
+                                       fallback=eplb_rows, rule=engine,
+                                       num_hidden_layers=(fit_traces.geometry or {}).get("num_layers"))
     meta = {
         "max_imbalance": max_imbalance,
         "node_slack": slack,

@@ -59,10 +59,13 @@ def metric_key(scores: dict, objective: str) -> str:
 
 def default_scorer(engine: str = "sglang", **score_opts) -> Scorer:
     """``fn(placement, traces, home=None) -> dict``: the engine-faithful replay when available, else comm.evaluate."""
-    try:
-        from .dispatch import score_placement  # noqa: PLC0415  (lands with the engine dispatch models)
-    except ImportError:
-        score_placement = None
+    score_placement = None
+    for mod in ("replay", "dispatch"):  # lands with the engine dispatch models and the per-step replay
+        try:
+            score_placement = getattr(__import__(f"tracekit.placement.{mod}", fromlist=["x"]), "score_placement")
+            break
+        except (ImportError, AttributeError):
+            continue
     if score_placement is not None:
         def replay(p: Placement, tr: TraceArrays, home=None) -> dict:
             return score_placement(p, tr, engine=engine, home=home, **score_opts)
