@@ -28,9 +28,13 @@ def place_cmd(
     phase: str = typer.Option("all", "--phase", help="Rows to score: all, decode or prefill."),
     baseline_grouping: bool = typer.Option(False, "--baseline-grouping", help="Score baselines under the fitted grouping too."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole comparison as JSON."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the chosen strategy's placement (neutral JSON)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the picked placement (or --strategy's) as neutral JSON."),
+    objective: str = typer.Option("step-time", "--objective", help="What the pick minimises on validation: step-time, traffic or balance."),
+    engine: str = typer.Option("sglang", "--engine", help="Dispatch the placements are scored and balanced under: sglang, vllm, trtllm or ideal."),
+    wide: bool = typer.Option(False, "--wide", help="Print every metric (a table about 210 columns wide)."),
 ) -> None:
-    """Fit placements on a train split, score them on held-out requests, print the table, save the placement."""
+    """Fit placements on a train split, pick one on a validation part of it, score all on held-out requests,
+    print the table, save the pick."""
     from rich.console import Console
 
     from ..errors import TracekitError
@@ -56,18 +60,46 @@ def place_cmd(
             save_placement(p, out)
             Console().print(f"saved placement to {out}")
         return
-    comp = compare(traces, cluster, strategy, grouping=grouping, holdout=holdout, split=split, seed=seed,
-                   max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping, **eval_opts)
-    Console(width=max(220, Console().width)).print(render(comp))
+    from ..placement.dispatch import check_engine
+    from ..placement.evaluate import make_cluster, make_split, resolve_strategies
+    from ..placement.select import check_objective, default_scorer, validate
+    from ..placement.table import WIDTH, pick_line, render_narrow
+
+    check_objective(objective)
+    check_engine(engine)
+    cl = make_cluster(traces, **cluster)
+    names = resolve_strategies(strategy, cl)
+    train, _ = make_split(traces, split, holdout, seed)
+    opts = {"locality": {"engine": engine}}
+    val = validate(traces, cl, names, train, objective=objective, split=split, seed=seed,
+                   max_imbalance=max_imbalance, grouping=grouping, strategy_opts=opts,
+                   scorer=default_scorer(engine, **eval_opts))
+    opts["locality"]["eplb_layers"] = val.eplb_layers
+    comp = compare(traces, cl, names, grouping=grouping, holdout=holdout, split=split, seed=seed,
+                   max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping,
+                   strategy_opts=opts, **eval_opts)
+    comp.meta["pick"] = val.to_json()
+    comp.meta["engine"] = engine
+    if wide:
+        Console(width=max(220, Console().width)).print(render(comp))
+    else:
+        Console(width=WIDTH).print(render_narrow(comp, val.to_json()))
+    con = Console(width=WIDTH)
+    con.print(pick_line(val.to_json()), markup=False)
+    for name, err in val.errors.items():
+        con.print(f"  {name} left out of the pick: {err}", markup=False)
     if json_out:
         atomic_write_json(json_out, json.loads(json.dumps(comp.to_json(), default=float)))
-        Console().print(f"wrote {json_out}")
+        con.print(f"wrote {json_out}")
     if out:
-        chosen = strategy if strategy != "all" else ("locality" if "locality" in comp.placements else "eplb")
+        chosen = strategy if strategy != "all" else val.pick
         p = comp.placements[chosen]
         p.meta["heldout"] = {k: v for k, v in comp.row(chosen)["heldout"].items() if not isinstance(v, list)}
+        p.meta["pick"] = val.to_json()
+        p.meta["engine"] = engine
         save_placement(p, out)
-        Console().print(f"saved {chosen} placement to {out}")
+        con.print(f"saved {chosen} placement to {out}" + (" (the pick)" if chosen == val.pick else
+                                                          f" (--strategy; the pick was {val.pick})"))
 
 
 @app.command("export")

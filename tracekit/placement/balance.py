@@ -296,16 +296,23 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
         out[m], model[m] = row, info["ratio"]
         paid += info["paid_moves"]
     real = engine_ratios(out, A, cluster, rule, layers=layers, num_hidden_layers=num_hidden_layers)
-    for _ in range(rounds if real is not None else 0):
-        bad = np.flatnonzero(real > bound + 1e-9)
-        if bad.size == 0:
-            break
-        for m in bad:
-            target = max(1.0, bound - max(0.0, real[m] - model[m]))
-            out[m], info = hold_layer(out[m], A[m], cluster, target, rule=rule, top=96)
-            model[m] = info["ratio"]
-            paid += info["paid_moves"]
-        real = engine_ratios(out, A, cluster, rule, layers=layers, num_hidden_layers=num_hidden_layers)
+    if real is not None:
+        best, best_real = out.copy(), real.copy()
+        for _ in range(rounds):
+            bad = np.flatnonzero(real > bound + 1e-9)
+            if bad.size == 0:
+                break
+            for m in bad:
+                target = max(1.0, bound - max(0.0, real[m] - model[m]))
+                out[m], info = hold_layer(out[m], A[m], cluster, target, rule=rule, top=96)
+                model[m] = info["ratio"]
+                paid += info["paid_moves"]
+            real = engine_ratios(out, A, cluster, rule, layers=layers, num_hidden_layers=num_hidden_layers)
+            better = real < best_real
+            best[better], best_real[better] = out[better], real[better]
+        # the engine's draws for one layer depend on the layers before it: score the kept mix once more
+        real = engine_ratios(best, A, cluster, rule, layers=layers, num_hidden_layers=num_hidden_layers)
+        out = best
     ratios = real if real is not None else model
     worst = int(np.argmax(ratios)) if M else 0
     if M and ratios[worst] > bound + 1e-9:

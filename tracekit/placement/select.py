@@ -195,16 +195,14 @@ def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.
     pick = order[0]
     ref_v = values[REFERENCE]
     if pick == REFERENCE:
-        runner = next((n for n in order if n != REFERENCE), None)
-        reason = (f"eplb: lowest {objective} on validation ({metric} {ref_v:.4g}"
-                  + (f"; next {runner} {_pct(values[runner], ref_v)})" if runner else ")"))
+        reason = f"eplb: best {objective} on validation"
     else:
-        reason = f"{pick}: lowest {objective} on validation ({metric} {values[pick]:.4g}, {_pct(values[pick], ref_v)} vs eplb)"
+        reason = f"{pick}: {objective} {_pct(values[pick], ref_v)} vs eplb on validation"
     skipped = [n for n in values if n not in eligible and values[n] < values[pick]]
     if skipped:
-        reason += f"; {', '.join(skipped)} skipped: balance > eplb's + {100 * balance_margin:.0f}%"
+        reason += f"; {', '.join(skipped)} skipped (balance > eplb +{100 * balance_margin:.0f}%)"
     if "locality" in values and eplb_layers:
-        reason += f"; locality keeps eplb's layout on {len(eplb_layers)} of {traces.num_layers} layers"
+        reason += f"; locality: eplb layout on {len(eplb_layers)}/{traces.num_layers} layers"
     return Validation(pick, objective, metric, values, reason, balance, eplb_layers, errors)
 
 
