@@ -34,26 +34,50 @@ RULES = ("sglang", "ideal", "vllm", "trtllm")
 PER_TOKEN = ("vllm", "trtllm")  # replica picked per token: each replica takes an even share
 
 
-def replica_choice(slot_gpu: np.ndarray, cluster: Cluster, rule: str = "ideal") -> np.ndarray:
-    """(G,) index into the replicas (slot_gpu (r,), GPU of each replica, in slot order) each source GPU uses
-    (static rules ``sglang`` and ``ideal``)."""
-    G, gpn = cluster.num_gpus, cluster.gpus_per_node
+def _tiers(slot_gpu: np.ndarray, cluster: Cluster, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(on_gpu (G, r), on_node (G, r), tier (G,)): 0 a replica on the source GPU, 1 one on its node (for sglang
+    only when the node narrows the candidates: some, not all, replicas on it), 2 neither."""
+    gpn = cluster.gpus_per_node
     r = slot_gpu.shape[0]
-    if r == 1:
-        return np.zeros(G, dtype=np.int64)
-    src = np.arange(G)
-    on_gpu = slot_gpu[None, :] == src[:, None]  # (G, r)
+    src = np.arange(cluster.num_gpus)
+    on_gpu = slot_gpu[None, :] == src[:, None]
     on_node = (slot_gpu // gpn)[None, :] == (src // gpn)[:, None]
-    if rule == "sglang":  # the node narrows the candidates only when some, not all, replicas are on it
+    if rule == "sglang":
         n_node = on_node.sum(1)
         on_node &= ((n_node > 0) & (n_node < r))[:, None]
     tier = np.where(on_gpu.any(1), 0, np.where(on_node.any(1), 1, 2))
+    return on_gpu, on_node, tier
+
+
+def replica_choice(slot_gpu: np.ndarray, cluster: Cluster, rule: str = "ideal",
+                   pattern: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """(G,) index into the replicas (slot_gpu (r,), GPU of each replica, in slot order) each source GPU uses
+    (static rules ``sglang`` and ``ideal``).
+
+    ``sglang``: the first replica on the GPU, else the first on the node when it narrows; the other ranks get
+    SGLang's seeded fair pick, taken from ``pattern`` (remaining ranks (n,), replica index of each (n,), read off
+    the engine's table for the same layer) when the remaining ranks are the same, else an even round-robin.
+    """
+    G = cluster.num_gpus
+    r = slot_gpu.shape[0]
+    if r == 1:
+        return np.zeros(G, dtype=np.int64)
+    on_gpu, on_node, tier = _tiers(slot_gpu, cluster, rule)
     out = np.empty(G, dtype=np.int64)
+    if rule == "sglang":
+        out[tier == 0] = on_gpu[tier == 0].argmax(1)
+        out[tier == 1] = on_node[tier == 1].argmax(1)
+        rest = np.flatnonzero(tier == 2)
+        if pattern is not None and np.array_equal(pattern[0], rest) and pattern[1].max(initial=-1) < r:
+            out[rest] = pattern[1]
+        else:
+            out[rest] = np.arange(rest.size) % r
+        return out
     used = np.zeros(r, dtype=np.int64)
     for g in np.argsort(tier, kind="stable"):
         cand = on_gpu[g] if tier[g] == 0 else (on_node[g] if tier[g] == 1 else np.ones(r, dtype=bool))
         idx = np.flatnonzero(cand)
-        pick = idx[0] if (rule == "sglang" and tier[g] < 2) else idx[np.argmin(used[idx])]
+        pick = idx[np.argmin(used[idx])]
         used[pick] += 1
         out[g] = pick
     return out
@@ -62,15 +86,26 @@ def replica_choice(slot_gpu: np.ndarray, cluster: Cluster, rule: str = "ideal") 
 class LayerLoads:
     """One layer's slot row and its exact GPU loads under ``rule``.
 
-    ``row`` (S,) slot -> expert; ``A`` (G, E) load of each expert from requests homed on each GPU (fit rows).
+    ``row`` (S,) slot -> expert; ``A`` (G, E) load of each expert from requests homed on each GPU (fit rows);
+    ``table`` (G, E) the engine's own dispatch table of this layer (sglang: its seeded picks are reused for
+    every expert whose remaining ranks a move leaves unchanged).
     """
 
-    def __init__(self, row: np.ndarray, A: np.ndarray, cluster: Cluster, rule: str = "ideal"):
+    def __init__(self, row: np.ndarray, A: np.ndarray, cluster: Cluster, rule: str = "ideal",
+                 table: np.ndarray | None = None):
         if rule not in RULES:
             raise ValueError(f"unknown dispatch rule {rule!r}")
         self.c, self.A, self.rule = cluster, np.asarray(A, dtype=np.float64), rule
         self.row = np.asarray(row, dtype=np.int64).copy()
         self.gpu_of = cluster.gpu_of_slot()
+        self.patterns: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if table is not None and rule == "sglang":
+            cnt = np.bincount(self.row, minlength=cluster.num_experts)
+            for e in np.flatnonzero(cnt > 1):
+                slots = np.flatnonzero(self.row == e)
+                _, _, tier = _tiers(self.gpu_of[slots], cluster, rule)
+                rest = np.flatnonzero(tier == 2)
+                self.patterns[int(e)] = (rest, np.searchsorted(slots, table[rest, e]))
         self.slot_load = np.zeros(cluster.num_slots)
         for e in range(cluster.num_experts):
             s = np.flatnonzero(self.row == e)
@@ -82,7 +117,7 @@ class LayerLoads:
         slots = np.sort(slots)
         if self.rule in PER_TOKEN:
             return np.full(slots.size, self.A[:, e].sum() / max(slots.size, 1))
-        pick = replica_choice(self.gpu_of[slots], self.c, self.rule)
+        pick = replica_choice(self.gpu_of[slots], self.c, self.rule, self.patterns.get(int(e)))
         return np.bincount(pick, weights=self.A[:, e], minlength=slots.size)
 
     def ratio(self) -> float:
@@ -205,13 +240,14 @@ def _dedupe(L: LayerLoads, top: int) -> None:
 
 
 def hold_layer(row: np.ndarray, A: np.ndarray, cluster: Cluster, bound: float, *, rule: str = "ideal",
-               paid: bool = True, max_moves: int = 400, top: int = 16) -> tuple[np.ndarray, dict]:
+               paid: bool = True, max_moves: int = 400, top: int = 16,
+               table: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """One layer: row (S,), A (G, E) fit load by home GPU -> (new row (S,), info).
 
     ``info``: ``ratio`` (GPU max/mean reached on the fit load), ``before``, ``met`` (ratio <= bound),
     ``duplicates`` (copies left on a GPU that already holds the expert), ``paid_moves``.
     """
-    L = LayerLoads(row, A, cluster, rule)
+    L = LayerLoads(row, A, cluster, rule, table)
     before = L.ratio()
     _dedupe(L, top)
     paid_moves = 0
@@ -249,9 +285,9 @@ def fit_load_by_gpu(traces, grouping, cluster: Cluster) -> np.ndarray:
 
 
 def engine_ratios(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, engine: str, *, layers,
-                  num_hidden_layers: int | None = None) -> np.ndarray | None:
-    """(M,) GPU max/mean per layer of the fit load A (M, G, E) under a static engine's own table
-    (:func:`tracekit.placement.dispatch.dispatch_table`); None for per-token engines (no table to replay here)."""
+                  num_hidden_layers: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """((M,) GPU max/mean per layer of the fit load A (M, G, E), (M, G, E) table) under a static engine's own
+    table (:func:`tracekit.placement.dispatch.dispatch_table`); None for per-token engines."""
     from .dispatch import STATIC_ENGINES, dispatch_table
 
     if engine not in STATIC_ENGINES:
@@ -264,30 +300,35 @@ def engine_ratios(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, engi
         gl = np.bincount(gpu[m].ravel(), weights=A[m].ravel(), minlength=cluster.num_gpus)
         if gl.mean() > 0:
             out[m] = gl.max() / gl.mean()
-    return out
+    return out, t
 
 
 def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bound: float, *, layers,
                    fallback: np.ndarray | None = None, rule: str = "ideal", strategy: str = "locality",
-                   num_hidden_layers: int | None = None, rounds: int = 3) -> tuple[np.ndarray, dict]:
+                   num_hidden_layers: int | None = None, rounds: int = 4) -> tuple[np.ndarray, dict]:
     """Every layer of slot_expert (M, S) brought within ``bound`` on the fit load A (M, G, E).
 
     A layer that cannot reach the bound tries ``fallback`` (M, S) (EPLB's layout) the same way and takes it when
-    that one does better. For a static engine the result is then re-scored with the engine's own table
-    (:func:`engine_ratios`); a layer still above the bound there is held again against a target lowered by the
-    model's error, up to ``rounds`` times. When a layer stays above the bound, raises one TracekitError naming the
-    layer, the ratio reached and the bound that would hold. Returns (new slot_expert, info).
+    that one does better. A static engine's own table is computed for the whole placement (SGLang's seeded picks
+    run over all layers in one stream), each layer is held against it, and the placement is scored again; layers
+    still above the bound are held again against the new table, up to ``rounds`` times, keeping each layer's best.
+    When a layer stays above the bound, raises one TracekitError naming the layer, the ratio reached and the bound
+    that would hold. Returns (new slot_expert, info).
     """
     from ..errors import TracekitError
 
     out = np.array(slot_expert, dtype=np.int64, copy=True)
     M = out.shape[0]
-    model = np.ones(M)
+    score = lambda se: engine_ratios(se, A, cluster, rule, layers=layers, num_hidden_layers=num_hidden_layers)  # noqa: E731
     fell_back, paid = [], 0
+    first = score(out)
+    tab = first[1] if first is not None else None
+    model = np.ones(M)
     for m in range(M):
-        row, info = hold_layer(out[m], A[m], cluster, bound, rule=rule)
+        tm = tab[m] if tab is not None else None
+        row, info = hold_layer(out[m], A[m], cluster, bound, rule=rule, table=tm)
         if not info["met"]:  # a wider search before giving up
-            row, info = hold_layer(row, A[m], cluster, bound, rule=rule, top=96)
+            row, info = hold_layer(row, A[m], cluster, bound, rule=rule, top=96, table=tm)
         if not info["met"] and fallback is not None:
             row2, info2 = hold_layer(fallback[m], A[m], cluster, bound, rule=rule, top=96)
             if info2["ratio"] < info["ratio"]:
@@ -295,25 +336,27 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
                 fell_back.append(int(layers[m]))
         out[m], model[m] = row, info["ratio"]
         paid += info["paid_moves"]
-    real = engine_ratios(out, A, cluster, rule, layers=layers, num_hidden_layers=num_hidden_layers)
-    if real is not None:
+    res = score(out)
+    if res is not None:
+        real, tab = res
         best, best_real = out.copy(), real.copy()
         for _ in range(rounds):
             bad = np.flatnonzero(real > bound + 1e-9)
             if bad.size == 0:
                 break
             for m in bad:
-                target = max(1.0, bound - max(0.0, real[m] - model[m]))
-                out[m], info = hold_layer(out[m], A[m], cluster, target, rule=rule, top=96)
-                model[m] = info["ratio"]
+                out[m], info = hold_layer(out[m], A[m], cluster, bound, rule=rule, top=96, table=tab[m])
                 paid += info["paid_moves"]
-            real = engine_ratios(out, A, cluster, rule, layers=layers, num_hidden_layers=num_hidden_layers)
+            real, tab = score(out)
             better = real < best_real
             best[better], best_real[better] = out[better], real[better]
+            out = best.copy()
         # the engine's draws for one layer depend on the layers before it: score the kept mix once more
-        real = engine_ratios(best, A, cluster, rule, layers=layers, num_hidden_layers=num_hidden_layers)
+        real, _ = score(best)
         out = best
-    ratios = real if real is not None else model
+        ratios = real
+    else:
+        ratios = model
     worst = int(np.argmax(ratios)) if M else 0
     if M and ratios[worst] > bound + 1e-9:
         need = np.ceil(ratios[worst] * 100) / 100

@@ -142,6 +142,7 @@ def place_locality(
         )
         stats.append(info)
     # hold the bound on the fit rows under the engine's replica choice (see tracekit.placement.balance)
+    t_hold = time.perf_counter()
     A = fit_load_by_gpu(fit_traces, rule, cluster)
     slot_expert, held = hold_placement(slot_expert, A, cluster, max_imbalance, layers=fit_traces.layers,
                                        fallback=eplb_rows, rule=engine,
@@ -154,7 +155,7 @@ def place_locality(
         "grouping": rule.kind,
         "seed": seed,
         "fit_seconds": round(time.perf_counter() - t0, 3),
-        "balance": held,
+        "balance": {**held, "seconds": round(time.perf_counter() - t_hold, 3)},
         "eplb_layers": sorted(keep_eplb),
         "fit_estimate": {
             "remote_nodes_per_token": float(np.mean([s["cost"] for s in stats])) if stats else None,
