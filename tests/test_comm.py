@@ -176,5 +176,7 @@ def test_bitmask_and_sort_paths_agree():
     p = placement(c, se)
     fast = comm.evaluate(p, tr)
     slow = comm.evaluate(p, tr, force_sort=True)
-    assert fast == slow
+    assert fast.keys() == slow.keys()
+    for k in fast:  # NaN (no prefill steps here) equals NaN
+        assert fast[k] == slow[k] or (isinstance(fast[k], float) and np.isnan(fast[k]) and np.isnan(slow[k])), k
     assert fast["cross_node_copies_per_token_normal"] <= fast["cross_node_copies_per_token_lowlat"]

@@ -51,20 +51,32 @@ def test_trtllm_yaml_exact(tmp_path):
 
 
 def test_vllm_picks_closest_strategy_and_says_what_it_cannot_take(tmp_path):
-    c0 = Cluster(2, 2, 8, 0)  # round_robin exists only without redundant slots
-    rr = Placement(c0, np.array([0, 1]), baselines.round_robin(c0, 2), "round-robin")
+    c = Cluster(2, 2, 8, 4)
+    rr = Placement(c, np.array([0, 1]), np.tile(baselines.round_robin_row(c, strict=False), (2, 1)), "round-robin")
     notes = export.export(rr, "vllm", tmp_path / "v.json")
     d = json.loads((tmp_path / "v.json").read_text())
-    assert d["expert_placement_strategy"] == "round_robin"
-    assert "--expert-placement-strategy round_robin" in notes[0]
-    c = Cluster(2, 2, 8, 4)
-    ep = Placement(c, np.array([0, 1]), baselines.linear(c, 2)[:, ::-1].copy(), "eplb")
-    export.export(ep, "vllm", tmp_path / "v4.json")
-    d = json.loads((tmp_path / "v4.json").read_text())
+    # closest to round_robin, but vLLM falls back to linear with redundant experts (EPLB on): say so, flag linear
+    assert d["closest_strategy"] == "round_robin" and d["expert_placement_strategy"] == "linear"
     assert d["eplb_config"]["num_redundant_experts"] == 4
+    assert "--expert-placement-strategy linear" in notes[0]
     assert "loads no static expert map" in d["cannot_take"]
+    assert "falls back to linear" in d["cannot_take"]
+    c0 = Cluster(2, 2, 8, 0)
+    rr0 = Placement(c0, np.array([0, 1]), baselines.round_robin(c0, 2), "round-robin", meta={"n_group": 4})
+    assert export.vllm_config(rr0)["expert_placement_strategy"] == "round_robin"
+    rr0.meta["n_group"] = 1  # no expert groups: vLLM runs linear
+    assert export.vllm_config(rr0)["expert_placement_strategy"] == "linear"
     lin = Placement(c, np.array([0, 1]), baselines.linear(c, 2), "linear")
     assert export.vllm_config(lin)["expert_placement_strategy"] == "linear"
+
+
+def test_export_to_another_engine_warns_in_one_line(tmp_path):
+    c = Cluster(2, 2, 8, 4)
+    p = Placement(c, np.array([0, 1]), baselines.linear(c, 2), "linear", meta={"engine": "sglang"})
+    assert export.export(p, "sglang", tmp_path / "s.json")[0].startswith("sglang server flags")
+    warn = export.export(p, "trtllm", tmp_path / "t.yaml")[0]
+    assert warn.startswith("warning:") and "sglang" in warn and "\n" not in warn
+    assert export.engine_warning(p, "json") is None
 
 
 def test_neutral_json_round_trip_and_grouping(tmp_path):

@@ -27,10 +27,17 @@ def place_cmd(
     microbatch_tokens: int = typer.Option(256, "--microbatch-tokens", help="Decode tokens per micro-batch."),
     phase: str = typer.Option("all", "--phase", help="Rows to score: all, decode or prefill."),
     baseline_grouping: bool = typer.Option(False, "--baseline-grouping", help="Score baselines under the fitted grouping too."),
+    engine: str = typer.Option("sglang", "--engine", help="Whose replica choice scores the placements: sglang, vllm, trtllm or ideal (upper bound)."),
+    profile: str = typer.Option("h200", "--profile", help="Hardware profile for the step time: h100, h200 or b200."),
+    decode_batch: int = typer.Option(128, "--decode-batch", help="Decode tokens per DP rank per step (replay)."),
+    prefill_chunk: int = typer.Option(4096, "--prefill-chunk", help="Prefill tokens per DP rank per step (replay)."),
+    moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", help="Expert FFN width for compute time (default: geometry, else 2048)."),
+    tflops: Optional[float] = typer.Option(None, "--tflops", help="Override the profile's dense BF16 TFLOP/s per GPU."),
+    nvlink_gbps: Optional[float] = typer.Option(None, "--nvlink-gbps", help="Override the profile's NVLink GB/s per GPU (one way)."),
+    rdma_gbps: Optional[float] = typer.Option(None, "--rdma-gbps", help="Override the profile's RDMA GB/s per GPU (one way)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole comparison as JSON."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the picked placement (or --strategy's) as neutral JSON."),
     objective: str = typer.Option("step-time", "--objective", help="What the pick minimises on validation: step-time, traffic or balance."),
-    engine: str = typer.Option("sglang", "--engine", help="Dispatch the placements are scored and balanced under: sglang, vllm, trtllm or ideal."),
     wide: bool = typer.Option(False, "--wide", help="Print every metric (a table about 210 columns wide)."),
 ) -> None:
     """Fit placements on a train split, pick one on a validation part of it, score all on held-out requests,
@@ -45,7 +52,14 @@ def place_cmd(
 
     traces = load_traces(runs)
     cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
-    eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens}
+    eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens, "profile": profile,
+                 "decode_batch": decode_batch, "prefill_chunk": prefill_chunk, "moe_intermediate_size": moe_intermediate_size,
+                 "tflops": tflops, "nvlink_gbps": nvlink_gbps, "internode_gbps": rdma_gbps}
+    from ..placement.dispatch import check_engine
+    from ..placement.hardware import get_profile
+
+    check_engine(engine)
+    get_profile(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=rdma_gbps)  # one-line error early
     if hidden_size is not None:
         eval_opts["hidden_size"] = hidden_size
     if len(traces) == 0:  # loads-only: fit, no scoring
@@ -55,29 +69,31 @@ def place_cmd(
         if strategy == "all" or strategy not in ("linear", "round-robin", "eplb"):
             raise TracekitError("loads-only runs have no token routes: choose --strategy linear, round-robin or eplb")
         p = strat.fit(strategy, traces, make_cluster(traces, **cluster), seed=seed, max_imbalance=max_imbalance)
+        p.meta["engine"] = engine
         Console().print(f"{strategy}: fitted on aggregated loads (no per-token routes, so no held-out scoring)")
         if out:
             save_placement(p, out)
             Console().print(f"saved placement to {out}")
         return
-    from ..placement.dispatch import check_engine
     from ..placement.evaluate import make_cluster, make_split, resolve_strategies
     from ..placement.select import check_objective, default_scorer, validate
     from ..placement.table import WIDTH, pick_line, render_narrow
 
     check_objective(objective)
-    check_engine(engine)
     cl = make_cluster(traces, **cluster)
     names = resolve_strategies(strategy, cl)
     train, _ = make_split(traces, split, holdout, seed)
     opts = {"locality": {"engine": engine}}
+    score_opts = dict(eval_opts)
+    if "hidden_size" not in score_opts and (traces.geometry or {}).get("hidden_size"):
+        score_opts["hidden_size"] = int(traces.geometry["hidden_size"])
     val = validate(traces, cl, names, train, objective=objective, split=split, seed=seed,
                    max_imbalance=max_imbalance, grouping=grouping, strategy_opts=opts,
-                   scorer=default_scorer(engine, **eval_opts))
+                   scorer=default_scorer(engine, **score_opts))
     opts["locality"]["eplb_layers"] = val.eplb_layers
     comp = compare(traces, cl, names, grouping=grouping, holdout=holdout, split=split, seed=seed,
                    max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping,
-                   strategy_opts=opts, **eval_opts)
+                   strategy_opts=opts, engine=engine, **eval_opts)
     comp.meta["pick"] = val.to_json()
     comp.meta["engine"] = engine
     if wide:

@@ -8,11 +8,11 @@ Model (pure functions over numpy arrays; every quantity below is computed exactl
    ``domain`` the nodes listed for its domain; ``signature`` the node of the centroid nearest to its prefill
    routing signature), and among those nodes' GPUs the request goes to the least-loaded one, requests taken in
    arrival (index) order, load = token-layers of the *evaluated* rows (``mask``) sent there so far.
-2. **Dispatch.** Per token-layer, each of its k experts goes to one replica, chosen by a static table
-   (:func:`dispatch_table`, as SGLang's static dispatch builds one per source GPU): a replica on the home GPU,
-   else one on the home node, else a remote one; when several replicas qualify, the one with the fewest source
-   GPUs mapped to it so far (the least loaded; ties go to the lowest slot), so traffic to a replicated expert
-   splits evenly over its replicas.
+2. **Dispatch.** Per token-layer, each of its k experts goes to one replica, chosen the way ``engine`` chooses
+   (:mod:`tracekit.placement.dispatch`): ``sglang`` SGLang 0.5.23's static table, ``vllm`` / ``trtllm`` their
+   per-token rules (which need the step layout of :mod:`tracekit.placement.replay`), or ``ideal`` (the default
+   here, an upper bound no engine implements): a replica on the home GPU, else one on the home node, else a
+   remote one; among several, the one with the fewest source GPUs mapped to it so far (ties: lowest slot).
 3. **Copies.** ``normal`` mode (DeepEP high-throughput kernels): a token crosses once to each *distinct remote
    node* among its destinations, landing on the GPU with the home GPU's local rank, then fans out over NVLink
    (``nvlink_forward_copies_per_token``: distinct remote destination GPUs other than the landing GPU).
@@ -28,7 +28,8 @@ Model (pure functions over numpy arrays; every quantity below is computed exactl
 6. **Time estimate** (optional, rough): per MoE layer and micro-batch, dispatch bytes through the busiest node's
    NICs (``internode_gbps`` GB/s per GPU, ``gpus_per_node`` NICs per node) and into the busiest GPU over NVLink
    (``nvlink_gbps`` GB/s); the two overlap (max), and combine mirrors dispatch (x2). Bandwidths are in
-   gigabytes per second.
+   gigabytes per second, from the hardware profile (:mod:`tracekit.placement.hardware`) unless overridden.
+   The per-step estimate that the placement table leads with is :mod:`tracekit.placement.replay`'s.
 
 Everything is vectorised over token-layers in row chunks (no Python loop per row); chunks run on a few threads
 (numpy releases the GIL in its kernels) with one accumulator each, merged at the end. Distinct destinations per row
@@ -50,8 +51,6 @@ DEFAULTS = {
     "hidden_size": 7168,  # DeepSeek V3
     "bytes_per_elem": 1,  # FP8 dispatch
     "microbatch_tokens": 256,
-    "nvlink_gbps": 450.0,  # GB/s per GPU, one direction (NVLink 4: 900 GB/s bidirectional)
-    "internode_gbps": 50.0,  # GB/s per GPU (one 400 Gb/s NIC per GPU)
 }
 EVAL_THREADS = min(4, os.cpu_count() or 1)  # threads over row chunks in evaluate()
 _MAX_MB_BITMAP = 1 << 28  # cap on micro-batch x layer x slot flags (bytes); beyond it only the first micro-batches count
@@ -75,15 +74,17 @@ def check_placement(placement: Placement) -> None:
             )
 
 
-def dispatch_table(placement: Placement, engine: str = "ideal", seed: int = 42) -> np.ndarray:
+def dispatch_table(placement: Placement, engine: str = "ideal", seed: int = 42,
+                   num_hidden_layers: int | None = None) -> np.ndarray:
     """(M, G, E) int32: the slot a token homed on GPU g uses for logical expert e at layer position m, under a
     static engine's dispatch (:mod:`tracekit.placement.dispatch`: ``ideal`` the nearest-replica upper bound,
-    ``sglang`` SGLang's own table, placed among the model's hidden layers as the SGLang export writes them)."""
+    ``sglang`` SGLang's own table, placed among the model's hidden layers as the SGLang export writes them:
+    ``num_hidden_layers``, else the placement's ``meta['num_hidden_layers']``, else last MoE layer + 1)."""
     from .dispatch import dispatch_table as _table
 
     check_placement(placement)
     c = placement.cluster
-    n_hidden = placement.meta.get("num_hidden_layers") if placement.meta else None
+    n_hidden = num_hidden_layers or (placement.meta.get("num_hidden_layers") if placement.meta else None)
     return _table(np.asarray(placement.slot_expert), engine=engine, gpus_per_node=c.gpus_per_node,
                   num_gpus=c.num_gpus, num_experts=c.num_experts, seed=seed,
                   layers=np.asarray(placement.layers), num_hidden_layers=n_hidden)
@@ -140,20 +141,43 @@ def evaluate(
     traces: TraceArrays,
     mask: np.ndarray | None = None,
     *,
+    engine: str = "ideal",
+    profile: str = "h200",
+    decode_batch: int | None = None,
+    prefill_chunk: int | None = None,
+    replay: bool = True,
     hidden_size: int = DEFAULTS["hidden_size"],
     bytes_per_elem: float = DEFAULTS["bytes_per_elem"],
+    moe_intermediate_size: int | None = None,
     microbatch_tokens: int = DEFAULTS["microbatch_tokens"],
-    nvlink_gbps: float = DEFAULTS["nvlink_gbps"],
-    internode_gbps: float = DEFAULTS["internode_gbps"],
+    nvlink_gbps: float | None = None,
+    internode_gbps: float | None = None,
+    tflops: float | None = None,
+    seed: int = 42,
     home: np.ndarray | None = None,
     force_sort: bool = False,
 ) -> dict:
     """Score ``placement`` on the token-layers of ``traces`` selected by ``mask`` (N,) bool (default all).
 
-    ``home`` (R_n,) overrides :func:`home_gpus`. ``force_sort`` uses the general per-row sort path even when the
-    cluster has <= 64 GPUs (where per-row GPU bitmasks are faster); both give identical numbers. Returns a flat dict of floats (JSON-ready) plus
-    ``gpu_load_max_over_mean_per_layer`` (list, one per loaded layer). See the module docstring for definitions.
+    ``engine``: whose replica choice sends each (token, expert) to a slot (:mod:`tracekit.placement.dispatch`:
+    sglang, vllm, trtllm, ideal). ``replay``: also replay the rows as deployment steps
+    (:mod:`tracekit.placement.replay`: ``decode_batch``, ``prefill_chunk``, the hardware ``profile`` with
+    ``tflops``/``nvlink_gbps``/``internode_gbps`` overrides, ``moe_intermediate_size`` from the geometry, else
+    DeepSeek V3's) and add its per-step keys; per-token engines (vllm, trtllm) always lay out the steps, since
+    their choice depends on a token's place in its rank's batch. ``home`` (R_n,) overrides :func:`home_gpus`.
+    ``force_sort`` uses the general per-row sort path even when the cluster has <= 64 GPUs (where per-row GPU
+    bitmasks are faster); both give identical numbers. Returns a flat dict of floats (JSON-ready) plus
+    ``gpu_load_max_over_mean_per_layer`` (list, one per loaded layer). See the module docstring for definitions;
+    the weight-read columns use the ``ideal`` table for per-token engines.
     """
+    from . import replay as rp
+    from .dispatch import STATIC_ENGINES, check_engine, choose_replicas, replica_lists
+
+    check_engine(engine)
+    prof = rp.profile_for(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=internode_gbps)
+    nvlink_gbps, internode_gbps = prof.nvlink_gbps, prof.rdma_gbps
+    decode_batch = rp.DEFAULT_DECODE_BATCH if decode_batch is None else int(decode_batch)
+    prefill_chunk = rp.DEFAULT_PREFILL_CHUNK if prefill_chunk is None else int(prefill_chunk)
     c = placement.cluster
     if traces.num_experts != c.num_experts:
         raise TracekitError(f"traces have {traces.num_experts} experts but the placement {c.num_experts}")
@@ -165,20 +189,27 @@ def evaluate(
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (len(traces),):
             raise ValueError(f"mask must be (N,) with N={len(traces)}")
-    table = dispatch_table(placement)
+    static = engine in STATIC_ENGINES
+    n_hidden = placement.meta.get("num_hidden_layers") or (traces.geometry or {}).get("num_layers")
+    table = dispatch_table(placement, engine if static else "ideal", seed=seed, num_hidden_layers=n_hidden)
     M, G, E = table.shape
     gpn, nodes = c.gpus_per_node, c.nodes
     gpu_of_slot = c.gpu_of_slot()
     if home is None:
         home = home_gpus(traces, placement, c, mask)
     home = np.asarray(home, dtype=np.int64)
+    layout = rp.step_layout(traces, mask, home, decode_batch=decode_batch, prefill_chunk=prefill_chunk) \
+        if (replay or not static) else None
+    reps = None if static else replica_lists(np.asarray(placement.slot_expert), E)
+    se = np.asarray(placement.slot_expert)
 
     gpu_table = gpu_of_slot[table].astype(np.int16).reshape(-1)  # (M*G*E,) destination GPU per (m, g, e)
     chunk_fn = _chunk_bits if (G <= 64 and not force_sort) else _chunk_sorted
     chunks = list(row_chunks(len(traces)))
 
-    def work(part: list[slice]) -> _Counts:
+    def work(part: list[slice]) -> tuple:
         acc_ = _Counts(M, G, nodes)
+        steps_ = rp.StepCounts(layout.num_steps, M, G, gpn) if (replay and layout is not None) else None
         for sl in part:
             sel = slice(None) if mask is None else mask[sl]
             lp = traces.layer_pos[sl][sel].astype(np.int32)
@@ -186,9 +217,17 @@ def evaluate(
                 continue
             h = home[traces.request[sl][sel]].astype(np.int32)
             ex = traces.experts[sl][sel].astype(np.int32)
-            dg = gpu_table[((lp * G + h) * E)[:, None] + ex]  # (n, k) destination GPU of every (token, expert)
+            if static:
+                dg = gpu_table[((lp * G + h) * E)[:, None] + ex]  # (n, k) destination GPU of every (token, expert)
+            else:
+                st = layout.step[sl][sel].astype(np.int64)
+                slots = choose_replicas(se, lp, h, ex, engine=engine, gpus_per_node=gpn, num_gpus=G, num_experts=E,
+                                        batch=st * G + h, index_in_batch=layout.index[sl][sel], replicas=reps)
+                dg = gpu_of_slot[slots].astype(np.int16)
             chunk_fn(acc_, lp, h, dg, G, gpn, nodes)
-        return acc_
+            if steps_ is not None:
+                steps_.add(layout.step[sl][sel], lp, h, dg, traces.phase[sl][sel] == 1)
+        return acc_, steps_
 
     # numpy releases the GIL in its kernels: chunks (and the micro-batch statistics) run on EVAL_THREADS threads
     n_thr = max(1, min(EVAL_THREADS, len(chunks)))
@@ -197,9 +236,11 @@ def evaluate(
                                 microbatch_tokens=microbatch_tokens)
         parts = list(pool.map(work, [chunks[i::n_thr] for i in range(n_thr)]))
         mb = mb_future.result()
-    acc = parts[0]
-    for other in parts[1:]:
+    acc, step_acc = parts[0]
+    for other, other_steps in parts[1:]:
         acc.merge(other)
+        if step_acc is not None:
+            step_acc.merge(other_steps)
     rows = acc.rows
     cn_norm, cn_ll, intra_norm, intra_ll, fwd_norm = acc.cn_norm, acc.cn_ll, acc.intra_norm, acc.intra_ll, acc.fwd_norm
     node_eg_norm, node_in_norm, node_eg_ll, node_in_ll = acc.node_eg_norm, acc.node_in_norm, acc.node_eg_ll, acc.node_in_ll
@@ -243,7 +284,17 @@ def evaluate(
         "cross_node_copies_per_token_normal_per_layer": [
             float(x) for x in acc.cn_norm_layer / np.maximum(acc.rows_layer, 1)
         ],
+        "engine": engine,
+        "cross_node_copies": cn_norm / rows,
+        "cross_node_copies_ll": cn_ll / rows,
+        "gpu_imbalance": float(g_ratio.mean()),
     }
+    if step_acc is not None:
+        inter = moe_intermediate_size or (traces.geometry or {}).get("moe_intermediate_size") \
+            or rp.DEFAULT_MOE_INTERMEDIATE
+        out.update(step_acc.summary(layout, prof, hidden_size=hidden_size, bytes_per_elem=bytes_per_elem,
+                                    moe_intermediate_size=int(inter)))
+        out.update(profile=prof.name, decode_batch=decode_batch, prefill_chunk=prefill_chunk)
     return out
 
 

@@ -3,8 +3,12 @@
 :func:`compare` is the library form of ``tracekit place``: load traces (or take loaded ones), split them
 (``request``: hold out whole requests; ``tokens``: fit on each request's first decode tokens, score the rest),
 fit every strategy on the train rows only, and score each placement with :func:`tracekit.placement.comm.evaluate`
-on the held-out rows (the numbers that count) and on the fitted rows (for contrast: balance on tokens the
-optimizer saw is always flattering). Each row also carries the relative change against ``linear`` and ``eplb``.
+on the held-out rows (the numbers that count), under the target ``engine``'s own replica choice
+(:mod:`tracekit.placement.dispatch`, default ``sglang``) and replayed step by step (:mod:`tracekit.placement.replay`:
+estimated MoE step time, per-step GPU max/mean), and on the fitted rows (for contrast, whole-set numbers only:
+balance on tokens the optimizer saw is always flattering). Each row also carries the relative change against
+``linear`` and ``eplb``. The engine is recorded in every placement's ``meta`` (``export`` warns when a placement
+goes to another engine).
 
 Grouping: the strategy fits the rule (locality does it jointly); with ``baseline_grouping=True`` the baselines are
 scored under the same fitted rule, otherwise under ``none`` as engines run them today.
@@ -12,6 +16,7 @@ scored under the same fitted rule, otherwise under ``none`` as engines run them 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -25,6 +30,9 @@ from .types import Cluster, Placement, TraceArrays
 
 BASELINES = ("linear", "round-robin", "eplb")
 DELTA_KEYS = (
+    "step_time_ms",
+    "step_time_p99_ms",
+    "imbalance_p99",
     "cross_node_copies_per_token_normal",
     "cross_node_copies_per_token_lowlat",
     "intra_node_copies_per_token",
@@ -96,20 +104,27 @@ def compare(
     score_phase: str = "all",
     baseline_grouping: bool = False,
     strategy_opts: dict[str, dict] | None = None,
+    engine: str = "sglang",
     **eval_opts,
 ) -> Comparison:
     """Fit every strategy on the train split and score it on the held-out split (and on the fitted rows).
 
     ``cluster``: a :class:`Cluster` or ``{"nodes", "gpus_per_node", "redundant"}`` (experts from the traces).
-    ``score_phase``: all | decode | prefill rows to score. ``eval_opts`` go to :func:`comm.evaluate`
-    (hidden_size, bytes_per_elem, microbatch_tokens, nvlink_gbps, internode_gbps).
+    ``score_phase``: all | decode | prefill rows to score. ``engine``: sglang | vllm | trtllm | ideal, whose
+    dispatch scores the placements. ``eval_opts`` go to :func:`comm.evaluate` (hidden_size, bytes_per_elem,
+    moe_intermediate_size, microbatch_tokens, profile, decode_batch, prefill_chunk, tflops, nvlink_gbps,
+    internode_gbps).
     """
+    from .dispatch import check_engine
+
+    check_engine(engine)
     traces = runs_or_traces if isinstance(runs_or_traces, TraceArrays) else load_traces(list(runs_or_traces))
     if len(traces) == 0:
         raise TracekitError("placement comparison needs per-token routes; loads-only runs can be placed but not scored")
     if isinstance(cluster, dict):
         cluster = make_cluster(traces, **cluster)
     names = resolve_strategies(strategies, cluster)
+    n_hidden = (traces.geometry or {}).get("num_layers")
     if "hidden_size" not in eval_opts and (traces.geometry or {}).get("hidden_size"):
         eval_opts["hidden_size"] = int(traces.geometry["hidden_size"])
     train, test = make_split(traces, split, holdout, seed, token_frac)
@@ -133,20 +148,29 @@ def compare(
             name, fit_traces, cluster, seed=seed, max_imbalance=max_imbalance, grouping=grouping,
             attach_grouping=baseline_grouping or name not in BASELINES, **opts.get(name, {}),
         )
+        if n_hidden and not p.meta.get("num_hidden_layers"):
+            p.meta["num_hidden_layers"] = int(n_hidden)  # the SGLang map's rows, as export writes them
+        p.meta["engine"] = engine
+        if (traces.geometry or {}).get("n_group") and "n_group" not in p.meta:
+            p.meta["n_group"] = int(traces.geometry["n_group"])  # vLLM's round_robin needs expert groups
         placements[name] = p
-        held = evaluate(p, traces, test, **eval_opts)
-        fitted = evaluate(p, traces, fitted_scored, **eval_opts) if fitted_scored.any() else {}
+        t0 = time.perf_counter()
+        held = evaluate(p, traces, test, engine=engine, **eval_opts)
+        eval_s = time.perf_counter() - t0
+        fitted = evaluate(p, traces, fitted_scored, engine=engine, replay=False, **eval_opts) \
+            if fitted_scored.any() else {}
         rows.append({
             "strategy": name,
             "grouping": p.grouping.kind,
             "fit_seconds": float(p.meta.get("fit_seconds", float("nan"))),
+            "eval_seconds": eval_s,
             "heldout": held,
             "fitted": fitted,
         })
     for ref in ("linear", "eplb"):
         base = next(r["heldout"] for r in rows if r["strategy"] == ref)
         for r in rows:
-            r[f"vs_{ref}"] = {k: _rel(r["heldout"][k], base[k]) for k in DELTA_KEYS}
+            r[f"vs_{ref}"] = {k: _rel(r["heldout"].get(k, float("nan")), base.get(k, float("nan"))) for k in DELTA_KEYS}
     meta = {
         "cluster": {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "num_experts": cluster.num_experts,
                     "redundant": cluster.redundant, "slots_per_gpu": cluster.slots_per_gpu},
@@ -154,7 +178,7 @@ def compare(
         "split": split, "holdout": holdout if split == "request" else None,
         "token_frac": token_frac if split == "tokens" else None, "seed": seed,
         "grouping": grouping, "baseline_grouping": baseline_grouping, "max_imbalance": max_imbalance,
-        "score_phase": score_phase,
+        "score_phase": score_phase, "engine": engine,
         "requests": int(traces.num_requests),
         "train_token_layers": int(train.sum()), "test_token_layers": int(test.sum()),
         "train_requests": int(np.unique(traces.request[train]).size),
@@ -178,10 +202,12 @@ def render(comp: Comparison):
     m = comp.meta
     title = (f"held-out placement comparison: {m['cluster']['nodes']} nodes x {m['cluster']['gpus_per_node']} GPUs, "
              f"E={m['cluster']['num_experts']} R={m['cluster']['redundant']}, split={m['split']}, "
-             f"test {m['test_requests']} requests / {m['test_token_layers']:,} token-layers")
+             f"test {m['test_requests']} requests / {m['test_token_layers']:,} token-layers; "
+             f"dispatch {m.get('engine', 'ideal')}, {m['eval_opts'].get('profile', 'h200')} profile")
     t = Table(title=title)
     cols = [
         ("strategy", "left"), ("grouping", "left"), ("fit s", "right"),
+        ("step ms", "right"), ("step vs eplb", "right"), ("step max/mean p50/p99", "right"),
         ("x-node/tok normal", "right"), ("x-node/tok LL", "right"), ("intra/tok", "right"),
         ("GB normal", "right"), ("GPU max/mean", "right"), ("worst layer", "right"), ("node max/mean", "right"),
         ("experts/mb", "right"), ("a2a ms", "right"), ("vs linear", "right"), ("vs eplb", "right"),
@@ -194,6 +220,8 @@ def render(comp: Comparison):
         f = r["fitted"] or {}
         t.add_row(
             r["strategy"], r["grouping"], f"{r['fit_seconds']:.2f}",
+            f"{h.get('step_time_ms', float('nan')):.3f}", _pct(r["vs_eplb"]["step_time_ms"]),
+            f"{h.get('imbalance_p50', float('nan')):.2f}/{h.get('imbalance_p99', float('nan')):.2f}",
             f"{h['cross_node_copies_per_token_normal']:.3f}", f"{h['cross_node_copies_per_token_lowlat']:.3f}",
             f"{h['intra_node_copies_per_token']:.3f}", f"{h['bytes_normal'] / 1e9:.3f}",
             f"{h['gpu_load_max_over_mean']:.3f}", f"{h['gpu_load_max_over_mean_worst']:.3f}",

@@ -7,15 +7,23 @@ Every format shares the slot convention: physical slot p sits on EP rank (GPU) `
   *hidden layer* of the model including dense ones (SGLang sizes the map by ``num_hidden_layers`` and indexes it
   by absolute layer id). Dense layers have no experts; their rows are never read, and we fill them with SGLang's
   own trivial map ``arange(E + R) % E`` (what ``ExpertLocationMetadata.init_trivial`` builds for every layer), so
-  every row is a valid mapping of width E + R. Note: SGLang's ``static`` dispatch prefers a replica on the same
-  GPU and otherwise picks replicas at random (fairly); it has no same-node preference, so the node-local replicas
-  our model counts save traffic in SGLang only when they sit on the token's own GPU or when dispatch is extended.
+  every row is a valid mapping of width E + R. SGLang 0.5.23's ``static`` dispatch (``_find_nearest_expert``) takes
+  a replica on the token's own GPU, else the *first* replica on its node when some but not all replicas are there,
+  else a seeded fair random one; ``tracekit place --engine sglang`` scores placements under exactly that table
+  (:mod:`tracekit.placement.dispatch`), which is why dense rows matter there too: they take random draws.
 - ``trtllm``: MoE load balancer YAML: ``num_slots``, ``layer_updates_per_iter: 0`` (static),
   ``initial_global_assignments`` keyed by absolute MoE layer index, each a list of ``num_slots`` expert ids;
   rank r holds slots [r * num_slots / ep, (r + 1) * num_slots / ep).
 - ``vllm``: released vLLM cannot load a static expert map. We emit the ``--eplb-config`` JSON (redundant experts,
-  window sizes) and the ``--expert-placement-strategy`` (linear | round_robin) closest to the placement, and say
-  plainly what is lost.
+  window sizes) and the ``--expert-placement-strategy`` closest to the placement that vLLM will actually run, and
+  say plainly what is lost. vLLM (0.33, ``determine_expert_placement_strategy``) runs ``round_robin`` only for
+  models with expert groups (``n_group`` > 1), no redundant experts and EPLB off, and with all-to-all kernels only
+  on the DeepEP low-latency or NIXL EP backend; anything else falls back to ``linear``. So with R > 0 the flag is
+  ``linear``.
+
+Each placement records the dispatch it was scored under (``meta['engine']``, from ``tracekit place --engine``);
+exporting it to another engine adds a one-line warning to the notes: that engine picks replicas its own way, so
+the table's numbers do not carry over.
 - ``json``: the neutral form (:func:`save_placement` / :func:`load_placement`), the whole placement and its rule.
 - ``grouping``: the request grouping rule alone, what a router applies online.
 """
@@ -230,10 +238,16 @@ def vllm_config(placement: Placement) -> dict[str, Any]:
         ref = {(int(g), int(e)) for g, e in zip(gpu, row)}
         return float(np.mean([(int(g), int(e)) in ref for g, e in zip(np.tile(gpu, se.shape[0]), se.ravel())]))
 
-    scores = {"linear": overlap(linear_row(c))}
-    if not c.redundant:  # vLLM runs round_robin only without redundant experts
-        scores["round_robin"] = overlap(round_robin_row(c))
-    best = max(scores, key=lambda k: (scores[k], k == "linear"))
+    scores = {"linear": overlap(linear_row(c)), "round_robin": overlap(round_robin_row(c, strict=False))}
+    closest = max(scores, key=lambda k: (scores[k], k == "linear"))
+    n_group = placement.meta.get("n_group")
+    rr_runs = c.redundant == 0 and (n_group is None or int(n_group) > 1)
+    best = closest if (closest == "linear" or rr_runs) else "linear"
+    rr_note = (
+        " vLLM runs round_robin only for models with expert groups (n_group > 1), no redundant experts and EPLB off "
+        "(with all-to-all kernels only on the DeepEP low-latency or NIXL EP backend); otherwise it falls back to "
+        "linear" + (f", so this placement (closest to round_robin) gets linear" if closest != best else "") + "."
+    )
     eplb_cfg = {**VLLM_EPLB_DEFAULTS, "num_redundant_experts": c.redundant}
     flags = [
         "--enable-expert-parallel",
@@ -245,6 +259,7 @@ def vllm_config(placement: Placement) -> dict[str, Any]:
     return {
         "eplb_config": eplb_cfg,
         "expert_placement_strategy": best,
+        "closest_strategy": closest,
         "placement_overlap": scores,
         "flags": flags,
         "cannot_take": (
@@ -252,6 +267,7 @@ def vllm_config(placement: Placement) -> dict[str, Any]:
             f"({placement.strategy}), its replica choice and the request grouping rule cannot be given to vLLM. "
             f"It starts from --expert-placement-strategy {best} (the same for every layer) and, with --enable-eplb, "
             f"re-balances {c.redundant} redundant experts from its own load counts (EPLB: balance, not locality)."
+            + rr_note
         ),
     }
 
@@ -283,8 +299,18 @@ def _suffix(fmt: str) -> str:
     return "yaml" if fmt == "trtllm" else "json"
 
 
+def engine_warning(placement: Placement, fmt: str) -> str | None:
+    """One line when ``placement`` was scored under another engine's dispatch than ``fmt`` (sglang, trtllm, vllm)."""
+    scored = placement.meta.get("engine")
+    if fmt not in ("sglang", "trtllm", "vllm") or not scored or scored == fmt:
+        return None
+    return (f"warning: this placement's numbers were computed for {scored} dispatch, not {fmt}'s replica choice; "
+            f"rescore with tracekit place --engine {fmt} before relying on them")
+
+
 def export(placement: Placement, fmt: str, out: str | Path, *, num_hidden_layers: int | None = None) -> list[str]:
-    """Validate, render and write ``out`` atomically. Returns the notes (server flags, limits) to print."""
+    """Validate, render and write ``out`` atomically. Returns the notes (engine warning, server flags, limits)."""
     text, notes = render(placement, fmt, out=out, num_hidden_layers=num_hidden_layers)
     atomic_write_bytes(Path(out), text.encode())
-    return notes
+    warn = engine_warning(placement, fmt)
+    return ([warn] if warn else []) + notes
