@@ -2,15 +2,18 @@
 
 :func:`validate` is what ``tracekit place`` runs before the final fit:
 
-1. Split the train rows again (:func:`validation_split`: by request, or by token position inside each request, as
-   the outer split), into *fit* and *validation* rows. The test rows are never touched.
-2. Fit every strategy on the fit rows and score it on the validation rows with the scorer (the engine's dispatch).
+1. Split the train rows again (:func:`validation_folds`: by request, two folds of half the train requests each
+   way; or by token position inside each request, one fold, as the outer split) into *fit* and *validation*
+   rows. The test rows are never touched.
+2. Fit every strategy on the fit rows and score it on the validation rows with the scorer (the engine's dispatch);
+   values are means over the folds.
 3. **Per layer, locality against EPLB.** Both layouts are scored layer by layer on the validation rows, under the
    same router (locality's grouping rule); the layers where locality does not beat EPLB's layout on the objective
    take EPLB's layout (``eplb_layers``, passed to the final fit). The mixed placement is scored again.
 4. **The pick**: the strategy with the best validation value of the objective (ties go to the reference, eplb),
    among those whose validation balance (p99 per-step GPU max/mean) is within ``balance_margin`` (5%) of EPLB's,
-   so that a traffic win never buys an overloaded GPU. EPLB is always a candidate, so the pick is never worse than
+   so that a traffic win never buys an overloaded GPU, and that beat EPLB in every fold (a win that flips
+   between halves of the train requests is noise). EPLB is always a candidate, so the pick is never worse than
    EPLB on validation.
 
 Objectives (lower is better): ``step-time`` (estimated MoE time per step), ``traffic`` (cross-node bytes per
@@ -97,6 +100,17 @@ def validation_split(traces: TraceArrays, train: np.ndarray, split: str = "reque
     return fit, val
 
 
+def validation_folds(traces: TraceArrays, train: np.ndarray, split: str = "request", *, seed: int = 0,
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (fit, validation) pairs :func:`validate` uses: split request -> two folds (half the train requests
+    each way, so every train request validates once); split tokens -> one fold (the last quarter of each
+    request's train decode tokens: validation stays later in time than the fit)."""
+    if split == "tokens":
+        return [validation_split(traces, train, "tokens", seed=seed, share=0.25)]
+    fit, val = validation_split(traces, train, "request", seed=seed, share=0.5)
+    return [(fit, val), (val, fit)]
+
+
 def one_layer(traces: TraceArrays, m: int) -> TraceArrays:
     """The rows of MoE-layer position ``m`` as a one-layer TraceArrays (requests keep their indices)."""
     sel = traces.layer_pos == m
@@ -141,69 +155,92 @@ class Validation:
 def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.ndarray, *,
              objective: str = "step-time", split: str = "request", seed: int = 0, max_imbalance: float = 1.10,
              grouping: str = "none", scorer: Scorer | None = None, strategy_opts: dict[str, dict] | None = None,
-             share: float = 0.25, balance_margin: float = 0.05) -> Validation:
-    """Fit ``names`` on the fit part of ``train``, score them on its validation part, pick (see module docstring)."""
+             balance_margin: float = 0.05) -> Validation:
+    """Fit ``names`` on the fit part of each fold of ``train``, score them on its validation part, pick (see the
+    module docstring). Values are means over the folds; a strategy other than eplb must beat eplb in every fold."""
     check_objective(objective)
     scorer = scorer or default_scorer()
     if REFERENCE not in names:
         names = [REFERENCE, *names]
-    fit_mask, val_mask = validation_split(traces, train, split, seed=seed, share=share)
-    if not fit_mask.any() or not val_mask.any():
+    folds = validation_folds(traces, train, split, seed=seed)
+    if any(not f.any() or not v.any() for f, v in folds):
         raise TracekitError("the train split is too small to hold out a validation part; use more requests")
-    fit_tr, val_tr = subset(traces, fit_mask), subset(traces, val_mask)
     opts = strategy_opts or {}
-    fitted: dict[str, Placement] = {}
-    values: dict[str, float] = {}
-    balance: dict[str, float] = {}
     errors: dict[str, str] = {}
     metric = None
-
-    def record(name: str, s: dict) -> None:
-        values[name] = float(s[metric])
-        balance[name] = float(s[metric_key(s, "balance")])
-
-    for name in names:
-        try:
-            p = strat.fit(name, fit_tr, cluster, seed=seed, max_imbalance=max_imbalance, grouping=grouping,
-                          attach_grouping=name not in ("linear", "round-robin", "eplb"), **opts.get(name, {}))
-        except TracekitError as exc:  # e.g. a bound this part of the data cannot hold: not a candidate
-            if name == REFERENCE:
-                raise
-            errors[name] = str(exc)
-            continue
-        s = scorer(p, val_tr)
-        metric = metric or metric_key(s, objective)
-        fitted[name] = p
-        record(name, s)
+    per_fold: list[dict[str, tuple[float, float]]] = []  # fold -> name -> (value, balance)
+    fitted_folds, v_loc, v_ref = [], np.zeros(traces.num_layers), np.zeros(traces.num_layers)
+    for fit_mask, val_mask in folds:
+        fit_tr, val_tr = subset(traces, fit_mask), subset(traces, val_mask)
+        scores: dict[str, tuple[float, float]] = {}
+        fitted: dict[str, Placement] = {}
+        for name in names:
+            if name in errors:
+                continue
+            try:
+                p = strat.fit(name, fit_tr, cluster, seed=seed, max_imbalance=max_imbalance, grouping=grouping,
+                              attach_grouping=name not in ("linear", "round-robin", "eplb"), **opts.get(name, {}))
+            except TracekitError as exc:  # e.g. a bound this part of the data cannot hold: not a candidate
+                if name == REFERENCE:
+                    raise
+                errors[name] = str(exc)
+                continue
+            sc = scorer(p, val_tr)
+            metric = metric or metric_key(sc, objective)
+            fitted[name] = p
+            scores[name] = (float(sc[metric]), float(sc[metric_key(sc, "balance")]))
+        if "locality" in fitted:  # per-layer values under the same router, summed over the folds
+            loc, ref = fitted["locality"], fitted[REFERENCE]
+            home = route_requests(loc.grouping, val_tr, cluster)
+            per_layer = [one_layer(val_tr, m) for m in range(traces.num_layers)]
+            ref_same_router = Placement(cluster, ref.layers, ref.slot_expert, REFERENCE, loc.grouping, dict(ref.meta))
+            v_loc += np.nan_to_num(layer_values(loc, per_layer, scorer, objective, home), nan=np.inf)
+            v_ref += np.nan_to_num(layer_values(ref_same_router, per_layer, scorer, objective, home), nan=np.inf)
+        per_fold.append(scores)
+        fitted_folds.append((fitted, val_tr))
     eplb_layers: list[int] = []
-    if "locality" in fitted:
-        loc, ref = fitted["locality"], fitted[REFERENCE]
-        home = route_requests(loc.grouping, val_tr, cluster)
-        per_layer = [one_layer(val_tr, m) for m in range(traces.num_layers)]
-        ref_same_router = Placement(cluster, ref.layers, ref.slot_expert, REFERENCE, loc.grouping)
-        v_loc = layer_values(loc, per_layer, scorer, objective, home)
-        v_ref = layer_values(ref_same_router, per_layer, scorer, objective, home)
+    if any("locality" in f for f, _ in fitted_folds) and "locality" not in errors:
         lose = ~(v_loc < v_ref)  # ties and unscored layers keep the reference layout
         eplb_layers = [int(x) for x in traces.layers[lose]]
         if lose.any():
-            mixed = Placement(cluster, loc.layers, np.where(lose[:, None], ref.slot_expert, loc.slot_expert),
-                              "locality", loc.grouping, dict(loc.meta))
-            record("locality", scorer(mixed, val_tr))
+            for (fitted, val_tr), scores in zip(fitted_folds, per_fold):
+                loc, ref = fitted["locality"], fitted[REFERENCE]
+                mixed = Placement(cluster, loc.layers, np.where(lose[:, None], ref.slot_expert, loc.slot_expert),
+                                  "locality", loc.grouping, dict(loc.meta))
+                sc = scorer(mixed, val_tr)
+                scores["locality"] = (float(sc[metric]), float(sc[metric_key(sc, "balance")]))
+    common = [n for n in names if all(n in f for f in per_fold)]
+    values = {n: float(np.mean([f[n][0] for f in per_fold])) for n in common}
+    balance = {n: float(np.mean([f[n][1] for f in per_fold])) for n in common}
+    steady = {n: all(f[n][0] < f[REFERENCE][0] for f in per_fold) for n in common}
+    pick, reason = choose(values, balance, objective, balance_margin, steady=steady)
+    if "locality" in values and eplb_layers:
+        reason += f"; locality: eplb layout on {len(eplb_layers)}/{traces.num_layers} layers"
+    return Validation(pick, objective, metric, values, reason, balance, eplb_layers, errors)
+
+
+def choose(values: dict[str, float], balance: dict[str, float], objective: str,
+           balance_margin: float = 0.05, steady: dict[str, bool] | None = None) -> tuple[str, str]:
+    """(pick, one line of why) from validation ``values`` (lower is better) and ``balance`` (p99 per-step GPU
+    max/mean) per candidate; ``eplb`` must be among them. Candidates whose balance exceeds eplb's by more than
+    ``balance_margin``, or that do not beat eplb in every validation fold (``steady`` False), are skipped; ties
+    go to eplb."""
     limit = balance[REFERENCE] * (1 + balance_margin)
-    eligible = [n for n in values if n == REFERENCE or balance[n] <= limit]
-    order = sorted(eligible, key=lambda n: (values[n], n != REFERENCE))
-    pick = order[0]
+    steady = steady or {}
+    eligible = [n for n in values if n == REFERENCE or (balance[n] <= limit and steady.get(n, True))]
+    pick = sorted(eligible, key=lambda n: (values[n], n != REFERENCE))[0]
     ref_v = values[REFERENCE]
     if pick == REFERENCE:
         reason = f"eplb: best {objective} on validation"
     else:
         reason = f"{pick}: {objective} {_pct(values[pick], ref_v)} vs eplb on validation"
-    skipped = [n for n in values if n not in eligible and values[n] < values[pick]]
+    unsteady = [n for n in values if n not in eligible and values[n] < values[pick] and not steady.get(n, True)]
+    skipped = [n for n in values if n not in eligible and values[n] < values[pick] and n not in unsteady]
     if skipped:
         reason += f"; {', '.join(skipped)} skipped (balance > eplb +{100 * balance_margin:.0f}%)"
-    if "locality" in values and eplb_layers:
-        reason += f"; locality: eplb layout on {len(eplb_layers)}/{traces.num_layers} layers"
-    return Validation(pick, objective, metric, values, reason, balance, eplb_layers, errors)
+    if unsteady:
+        reason += f"; {', '.join(unsteady)} skipped (not better than eplb in every fold)"
+    return pick, reason
 
 
 def _pct(x: float, ref: float) -> str:
