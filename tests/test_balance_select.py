@@ -85,6 +85,7 @@ def test_validation_split_stays_inside_train(planted):
     assert not set(traces.request[fit].tolist()) & set(traces.request[val].tolist())
     lay = one_layer(subset(traces, val), 1)
     assert lay.num_layers == 1 and (lay.layer_pos == 0).all() and len(lay) == int((val & (traces.layer_pos == 1)).sum())
+    assert lay.layers.tolist() == [0]
 
 
 def test_pick_is_never_worse_than_eplb_and_falls_back_per_layer(planted):

@@ -112,10 +112,13 @@ def validation_folds(traces: TraceArrays, train: np.ndarray, split: str = "reque
 
 
 def one_layer(traces: TraceArrays, m: int) -> TraceArrays:
-    """The rows of MoE-layer position ``m`` as a one-layer TraceArrays (requests keep their indices)."""
+    """The rows of MoE-layer position ``m`` as a one-layer model (requests keep their indices).
+
+    Its one layer is numbered 0, so that a static engine's table is built for that layer alone (SGLang's seeded
+    picks then start the stream at this layer: per-layer values are a close model of the whole placement's)."""
     sel = traces.layer_pos == m
     sub = subset(traces, sel)
-    sub.layers = traces.layers[m:m + 1]
+    sub.layers = np.zeros(1, dtype=traces.layers.dtype)
     sub.layer_pos = np.zeros(int(sel.sum()), dtype=traces.layer_pos.dtype)
     sub.geometry = traces.geometry
     return sub
@@ -128,7 +131,8 @@ def layer_values(p: Placement, per_layer: list[TraceArrays], scorer: Scorer, obj
     for m, tr in enumerate(per_layer):
         if len(tr) == 0:
             continue
-        q = Placement(p.cluster, p.layers[m:m + 1], p.slot_expert[m:m + 1], p.strategy, p.grouping, dict(p.meta))
+        meta = {k: v for k, v in p.meta.items() if k != "num_hidden_layers"}
+        q = Placement(p.cluster, tr.layers, p.slot_expert[m:m + 1], p.strategy, p.grouping, meta)
         s = scorer(q, tr, home=home)
         out[m] = float(s[metric_key(s, objective)])
     return out
