@@ -67,6 +67,7 @@ def test_place_and_export_end_to_end(mixtral_runs, tmp_path, capsys):
     assert pick["values"][pick["pick"]] <= pick["values"]["eplb"]
     assert f"* pick: {pick['pick']}" in printed
     assert json.loads(out.read_text())["strategy"] == pick["pick"]
+    assert not [ln for ln in printed.splitlines() if "share a GPU" in ln and "locality" in ln]  # no stacked copies
     # locality held --max-imbalance on its fit rows, layer by layer, with no expert twice on one GPU
     loc = next(r for r in cmp["rows"] if r["strategy"] == "locality")
     assert max(loc["fitted"]["gpu_load_max_over_mean_per_layer"]) <= 1.3 + 1e-9 or pick["locality_eplb_layers"]

@@ -77,7 +77,7 @@ def place_cmd(
         return
     from ..placement.evaluate import make_cluster, make_split, resolve_strategies
     from ..placement.select import check_objective, default_scorer, validate
-    from ..placement.table import WIDTH, pick_line, render_narrow
+    from ..placement.table import WIDTH, duplicate_lines, pick_line, render_narrow
 
     check_objective(objective)
     cl = make_cluster(traces, **cluster)
@@ -104,6 +104,8 @@ def place_cmd(
     con.print(pick_line(val.to_json()), markup=False)
     for name, err in val.errors.items():
         con.print(f"  {name} left out of the pick: {err}", markup=False)
+    for line in duplicate_lines(comp):
+        con.print(line, markup=False)
     if json_out:
         atomic_write_json(json_out, json.loads(json.dumps(comp.to_json(), default=float)))
         con.print(f"wrote {json_out}")

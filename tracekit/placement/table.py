@@ -91,3 +91,16 @@ def render_narrow(comp, pick: dict | None = None):
 def pick_line(pick: dict[str, Any]) -> str:
     """One line: which strategy is picked and why."""
     return f"* pick: {pick['reason']}"
+
+
+def duplicate_lines(comp) -> list[str]:
+    """One line per strategy that puts two copies of an expert on one GPU (a copy that splits no load)."""
+    from .balance import duplicates
+
+    out = []
+    for name, p in comp.placements.items():
+        n = sum(duplicates(row, p.cluster) for row in p.slot_expert)
+        if n:
+            why = "as DeepSeek's published EPLB places them" if name == "eplb" else "nothing else fitted"
+            out.append(f"  {name}: {n} copies share a GPU with another copy of the same expert ({why})")
+    return out
