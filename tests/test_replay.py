@@ -32,16 +32,17 @@ LAYOUT_ROWS = ([(0, 0, p, 0, [0]) for p in range(3)] + [(0, 0, p, 1, [0]) for p 
 LAYOUT_HOME = np.array([0, 1, 0])
 
 
-def test_prefill_chunks_and_one_place_decode():
+def test_prefill_chunks_and_decode_batches():
     tr = traces(LAYOUT_ROWS, 2)
     lay = rp.step_layout(tr, None, LAYOUT_HOME, decode_batch=1, prefill_chunk=4)
     # rank 0 prefill: r0 p0-2 + r2 p0 -> step 0 (index 0..3); r2 p1-3 -> step 1 (0..2); rank 1: r1 p0-1 -> step 0
     assert lay.step[:3].tolist() == [0, 0, 0] and lay.index[:3].tolist() == [0, 1, 2]
     assert lay.step[10:14].tolist() == [0, 1, 1, 1] and lay.index[10:14].tolist() == [3, 0, 1, 2]
     assert lay.step[6:8].tolist() == [0, 0] and lay.index[6:8].tolist() == [0, 1]
-    # decode, one place per rank: r0 runs decode steps 2, 3, 4; r2 waits for it (step 5); r1 on rank 1: 2, 3
-    assert lay.step[3:6].tolist() == [2, 3, 4]
-    assert lay.step[14] == 5
+    # decode, one token per rank per step, (decode index, request) order: rank 0 runs r0's 1st, r2's 1st, r0's 2nd,
+    # r0's 3rd (global steps 2..5); rank 1 runs r1's two tokens (steps 2, 3)
+    assert lay.step[3:6].tolist() == [2, 4, 5]
+    assert lay.step[14] == 3
     assert lay.step[8:10].tolist() == [2, 3]
     assert lay.index[3:6].tolist() == [0, 0, 0]
     assert lay.phase.tolist() == [0, 0, 1, 1, 1, 1]
@@ -49,19 +50,22 @@ def test_prefill_chunks_and_one_place_decode():
     assert lay.full.tolist() == [True, True, True, True, True, True]  # 3 * 2 >= 6 and 1 * 2 >= 2
 
 
-def test_continuous_batching_shares_a_step_and_orders_by_request():
+def test_decode_batches_fill_with_consecutive_tokens_and_order_by_request():
     tr = traces(LAYOUT_ROWS, 2)
     lay = rp.step_layout(tr, None, LAYOUT_HOME, decode_batch=2, prefill_chunk=4)
-    # two places on rank 0: r0 and r2 both start at decode step 0 (global 2); in that batch r0 is 0, r2 is 1
+    # rank 0: step 2 = r0's 1st (index 0), r2's 1st (index 1); step 3 = r0's 2nd and 3rd; rank 1: r1's two at step 2
+    assert lay.step[3:6].tolist() == [2, 3, 3] and lay.index[3:6].tolist() == [0, 0, 1]
     assert lay.step[14] == 2 and lay.index[14] == 1
-    assert lay.step[3] == 2 and lay.index[3] == 0
-    assert lay.tokens.tolist() == [6, 3, 3, 2, 1]
-    assert lay.full.tolist() == [True, True, True, True, False]  # last decode step: 1 token < half of 3
-    # a mask drops rows; the kept decode tokens of r0 start at its first kept one
+    assert lay.step[8:10].tolist() == [2, 2] and lay.index[8:10].tolist() == [0, 1]
+    assert lay.tokens.tolist() == [6, 3, 4, 2]
+    assert lay.full.tolist() == [True, True, True, True]  # 2 * 2 >= 4
+    # a mask drops rows; the kept decode tokens of r0 count from its first kept one
     mask = np.ones(len(tr), bool)
     mask[3] = False
     lay2 = rp.step_layout(tr, mask, LAYOUT_HOME, decode_batch=2, prefill_chunk=4)
     assert lay2.step[3] == -1 and lay2.step[4:6].tolist() == [2, 3]
+    assert lay2.tokens.tolist() == [6, 3, 4, 1]
+    assert lay2.full.tolist() == [True, True, True, False]  # 1 * 2 < 4: a drain step, left out of the statistics
     with pytest.raises(TracekitError, match="decode-batch"):
         rp.step_layout(tr, None, LAYOUT_HOME, decode_batch=0)
 

@@ -9,9 +9,12 @@ attention and DeepEP does not mix them):
 
 - prefill: each rank concatenates its requests' prompt tokens in arrival (request index) order and cuts them into
   chunks of ``prefill_chunk`` tokens; prefill step s is every rank's s-th chunk.
-- decode: each rank runs at most ``decode_batch`` requests at once (continuous batching): requests in arrival order
-  take the first free place; a running request contributes one token per step (its evaluated decode tokens in
-  position order) and frees its place after its last one. Decode step s is every rank's batch at s.
+- decode: each rank orders its requests' evaluated decode tokens by (decode index, request) (the j-th token of
+  every request before the (j+1)-th of any) and cuts them into batches of ``decode_batch`` tokens; decode step s is
+  every rank's s-th batch. With at least ``decode_batch`` requests on a rank this is continuous batching (one token
+  per running request per step); with fewer, a batch takes several consecutive tokens of each request, as if more
+  requests like them were running, so that batches have the deployment's size rather than the trace's
+  concurrency (a held-out split rarely has 128 requests per rank).
 
 Within a rank's batch tokens are ordered by request, then position (that index is what per-token dispatch rules,
 vLLM's and TRT-LLM's, see). Only *full* steps, those carrying at least half the tokens of the fullest step of their
@@ -19,9 +22,7 @@ phase, enter the per-step statistics; the ramp-up and drain at the ends of a fin
 imbalance no deployment in steady state sees (their count is reported). Decode and prefill steps differ by orders
 of magnitude in size, so their statistics are kept apart: the headline keys are the decode steps' (the steady
 state of serving; the prefill steps' when the rows hold no decode), and ``decode_*`` / ``prefill_*`` carry both.
-A replay holds only the requests of the evaluated split: with few requests per rank, decode batches are smaller
-than ``decode_batch`` (``tokens_per_step`` says how large they were) and per-step imbalance is correspondingly
-noisier than at full batch.
+``tokens_per_step`` says how large the full steps were.
 
 **Per step and MoE layer** (:class:`StepCounts`), with the engine's replica choice
 (:mod:`tracekit.placement.dispatch`):
@@ -54,7 +55,6 @@ over full steps), ``step_time_p99_ms``, ``imbalance_p50``/``imbalance_p99`` (per
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,29 +138,16 @@ def step_layout(traces: TraceArrays, mask: np.ndarray | None, home: np.ndarray, 
         t_idx[order] = q % prefill_chunk
         n_pre_steps = int(t_step[order].max()) + 1
 
-    # decode: continuous batching per rank, `decode_batch` places, requests in arrival order
+    # decode: per rank, tokens in (decode index, request) order cut into batches of `decode_batch`
     dec = np.flatnonzero(present & (t_phase == 1))
     if dec.size:
-        r_dec = t_req[dec]
+        r_dec = t_req[dec]  # slots are (request, position) ordered: searchsorted gives each request's first
         j = np.arange(dec.size) - np.searchsorted(r_dec, r_dec, side="left")  # j-th decode token of its request
-        length = np.bincount(r_dec, minlength=R)
-        start_step = np.zeros(R, dtype=np.int64)
-        places: dict[int, list[int]] = {}
-        for r in np.flatnonzero(length):
-            heap = places.setdefault(int(home[r]), [0] * decode_batch)
-            free_at = heapq.heappop(heap)
-            start_step[r] = free_at
-            heapq.heappush(heap, free_at + int(length[r]))
-        s = n_pre_steps + start_step[r_dec] + j
-        t_step[dec] = s
-        # index in the rank's batch: tokens of (rank, step) ordered by request
-        key = s * G + rank[dec]
-        order = np.lexsort((r_dec, key))
-        ks = key[order]
-        first = np.searchsorted(ks, ks, side="left")
-        idx = np.empty(dec.size, dtype=np.int64)
-        idx[order] = np.arange(dec.size) - first
-        t_idx[dec] = idx
+        order = np.lexsort((r_dec, j, rank[dec]))
+        rk = rank[dec][order]
+        q = np.arange(dec.size) - np.searchsorted(rk, rk, side="left")
+        t_step[dec[order]] = n_pre_steps + q // decode_batch
+        t_idx[dec[order]] = q % decode_batch
     T = int(t_step.max()) + 1
     tok = np.flatnonzero(present)
     tokens = np.bincount(t_step[tok], minlength=T)
