@@ -43,6 +43,7 @@ METRIC_KEYS = {
     "balance": ("imbalance_p99", "gpu_load_max_over_mean_worst"),
 }
 REFERENCE = "eplb"
+FEW_STEPS = 8  # fewer full replay steps than this in a validation fold: the pick's line says it is noisy
 Scorer = Callable[..., dict]
 
 
@@ -173,6 +174,7 @@ def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.
     errors: dict[str, str] = {}
     metric = None
     per_fold: list[dict[str, tuple[float, float]]] = []  # fold -> name -> (value, balance)
+    steps: list[float] = []  # full replay steps per fold (the replay's sample size)
     fitted_folds, v_loc, v_ref = [], np.zeros(traces.num_layers), np.zeros(traces.num_layers)
     for fit_mask, val_mask in folds:
         fit_tr, val_tr = subset(traces, fit_mask), subset(traces, val_mask)
@@ -191,6 +193,8 @@ def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.
                 continue
             sc = scorer(p, val_tr)
             metric = metric or metric_key(sc, objective)
+            if name == REFERENCE and "full_steps" in sc:
+                steps.append(float(sc["full_steps"]))
             fitted[name] = p
             scores[name] = (float(sc[metric]), float(sc[metric_key(sc, "balance")]))
         if "locality" in fitted:  # per-layer values under the same router, summed over the folds
@@ -219,7 +223,9 @@ def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.
     steady = {n: all(f[n][0] < f[REFERENCE][0] for f in per_fold) for n in common}
     pick, reason = choose(values, balance, objective, balance_margin, steady=steady)
     if "locality" in values and eplb_layers:
-        reason += f"; locality: eplb layout on {len(eplb_layers)}/{traces.num_layers} layers"
+        reason += f"; locality on eplb layout in {len(eplb_layers)}/{traces.num_layers} layers"
+    if steps and min(steps) < FEW_STEPS:
+        reason += f"; noisy: {int(min(steps))} step/fold"
     return Validation(pick, objective, metric, values, reason, balance, eplb_layers, errors)
 
 
