@@ -18,9 +18,9 @@
 
 Objectives (lower is better): ``step-time`` (estimated MoE time per step), ``traffic`` (cross-node bytes per
 step) and ``balance`` (p99 over steps of GPU max/mean). A scorer is ``fn(placement, traces, home=None) -> dict``;
-:func:`default_scorer` uses :func:`tracekit.placement.dispatch.score_placement` (per-step replay under the engine's
-replica choice) when it is installed, else :func:`tracekit.placement.comm.evaluate` (whole-set counts; its
-step-time stand-in is the all-to-all estimate, with no compute term).
+:func:`default_scorer` replays the rows per step under the engine's replica choice
+(:func:`tracekit.placement.replay.score_placement`). A scorer without the replay's keys is read through
+:data:`METRIC_KEYS`' stand-ins (comm.evaluate's all-to-all estimate, copies per token, worst-layer max/mean).
 """
 from __future__ import annotations
 
@@ -62,26 +62,13 @@ def metric_key(scores: dict, objective: str) -> str:
 
 
 def default_scorer(engine: str = "sglang", **score_opts) -> Scorer:
-    """``fn(placement, traces, home=None) -> dict``: the engine-faithful replay when available, else comm.evaluate."""
-    score_placement = None
-    for mod in ("replay", "dispatch"):  # lands with the engine dispatch models and the per-step replay
-        try:
-            score_placement = getattr(__import__(f"tracekit.placement.{mod}", fromlist=["x"]), "score_placement")
-            break
-        except (ImportError, AttributeError):
-            continue
-    if score_placement is not None:
-        def replay(p: Placement, tr: TraceArrays, home=None) -> dict:
-            return score_placement(p, tr, engine=engine, home=home, **score_opts)
-        return replay
+    """``fn(placement, traces, home=None) -> dict``: the per-step replay under ``engine``'s replica choice
+    (:func:`tracekit.placement.replay.score_placement`; ``score_opts``: profile, decode_batch, hidden_size, ...)."""
+    from .replay import score_placement
 
-    from .comm import evaluate
-    ev_opts = {k: v for k, v in score_opts.items()
-               if k in ("hidden_size", "bytes_per_elem", "microbatch_tokens", "nvlink_gbps", "internode_gbps")}
-
-    def whole_set(p: Placement, tr: TraceArrays, home=None) -> dict:
-        return evaluate(p, tr, home=home, **ev_opts)
-    return whole_set
+    def replay(p: Placement, tr: TraceArrays, home=None) -> dict:
+        return score_placement(p, tr, engine=engine, home=home, **score_opts)
+    return replay
 
 
 def validation_split(traces: TraceArrays, train: np.ndarray, split: str = "request", *, seed: int = 0,
