@@ -305,7 +305,8 @@ def engine_ratios(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, engi
 
 def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bound: float, *, layers,
                    fallback: np.ndarray | None = None, rule: str = "ideal", strategy: str = "locality",
-                   num_hidden_layers: int | None = None, rounds: int = 4) -> tuple[np.ndarray, dict]:
+                   num_hidden_layers: int | None = None, rounds: int = 4,
+                   strict: bool = True) -> tuple[np.ndarray, dict]:
     """Every layer of slot_expert (M, S) brought within ``bound`` on the fit load A (M, G, E).
 
     A layer that cannot reach the bound tries ``fallback`` (M, S) (EPLB's layout) the same way and takes it when
@@ -313,7 +314,8 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
     run over all layers in one stream), each layer is held against it, and the placement is scored again; layers
     still above the bound are held again against the new table, up to ``rounds`` times, keeping each layer's best.
     When a layer stays above the bound, raises one TracekitError naming the layer, the ratio reached and the bound
-    that would hold. Returns (new slot_expert, info).
+    that would hold (with ``strict=False`` it returns the best it reached instead, ``info['met']`` False).
+    Returns (new slot_expert, info).
     """
     from ..errors import TracekitError
 
@@ -358,7 +360,7 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
     else:
         ratios = model
     worst = int(np.argmax(ratios)) if M else 0
-    if M and ratios[worst] > bound + 1e-9:
+    if strict and M and ratios[worst] > bound + 1e-9:
         need = np.ceil(ratios[worst] * 100) / 100
         raise TracekitError(
             f"{strategy} cannot hold --max-imbalance {bound:.2f} on its fit data under {rule}'s dispatch: layer "
@@ -368,5 +370,6 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
     dups = sum(duplicates(r, cluster) for r in out)
     return out, {"fit_gpu_max_over_mean_per_layer": [round(float(r), 4) for r in ratios],
                  "fit_gpu_max_over_mean_worst": float(ratios.max()) if M else 1.0,
+                 "met": bool(not M or ratios[worst] <= bound + 1e-9),
                  "eplb_layers_for_balance": fell_back, "duplicates_on_one_gpu": int(dups), "paid_moves": paid,
                  "dispatch": rule}

@@ -73,6 +73,7 @@ def place_locality(
     refine_rounds: int = 8,
     engine: str = "ideal",
     eplb_layers: list[int] | None = None,
+    strict_bound: bool = True,
     **opts,
 ) -> Placement:
     """Locality-aware placement of every MoE layer (see module docstring). Returns a :class:`Placement`.
@@ -82,7 +83,8 @@ def place_locality(
     ``(max_imbalance - 1) / 5``). ``item_cap``: largest single copy as a fraction of the mean GPU load.
     ``engine``: whose replica choice the bound is held under (:mod:`tracekit.placement.balance`).
     ``eplb_layers``: absolute layer indices that take EPLB's layout as they are (chosen on validation by
-    :func:`tracekit.placement.select.validate`); the bound is held on them too.
+    :func:`tracekit.placement.select.validate`); the bound is held on them too. ``strict_bound=False`` (the
+    validation folds, fitted on part of the train rows) keeps the best layout reached instead of stopping.
     Raises a one-line TracekitError when no layout (its own or EPLB's) holds ``max_imbalance`` on the fit rows.
     """
     if cluster.num_experts != fit_traces.num_experts:
@@ -145,7 +147,7 @@ def place_locality(
     t_hold = time.perf_counter()
     A = fit_load_by_gpu(fit_traces, rule, cluster)
     slot_expert, held = hold_placement(slot_expert, A, cluster, max_imbalance, layers=fit_traces.layers,
-                                       fallback=eplb_rows, rule=engine,
+                                       fallback=eplb_rows, rule=engine, strict=strict_bound,
                                        num_hidden_layers=(fit_traces.geometry or {}).get("num_layers"))
     meta = {
         "max_imbalance": max_imbalance,
