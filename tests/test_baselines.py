@@ -26,9 +26,19 @@ def imbalance(gpu_load: np.ndarray) -> float:
 def test_linear_and_round_robin_layouts():
     c = Cluster(2, 2, 8, 4)  # 12 slots, 3 per GPU
     assert baselines.linear_row(c).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
-    rr = baselines.round_robin_row(c)
-    assert rr.tolist() == [0, 4, 0, 1, 5, 1, 2, 6, 2, 3, 7, 3]
-    assert sorted(set(rr[c.gpu_of_slot() == 1].tolist())) == [1, 5]  # expert e on GPU e % G
+    c0 = Cluster(2, 2, 8, 0)  # 8 slots, 2 per GPU
+    rr = baselines.round_robin_row(c0)
+    assert rr.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert sorted(set(rr[c0.gpu_of_slot() == 1].tolist())) == [1, 5]  # expert e on GPU e % G
+
+
+def test_round_robin_refuses_redundant_slots():
+    # vLLM runs round_robin only without redundant experts; R > 0 used to stack every copy on its original's GPU
+    with pytest.raises(TracekitError, match="round-robin has no redundant slots"):
+        baselines.round_robin(Cluster(2, 2, 8, 4), 1)
+    from tracekit.placement.evaluate import resolve_strategies
+    assert "round-robin" not in resolve_strategies("all", Cluster(2, 2, 8, 4))
+    assert "round-robin" in resolve_strategies("all", Cluster(2, 2, 8, 0))
 
 
 def test_eplb_matches_published_example():
@@ -38,6 +48,21 @@ def test_eplb_matches_published_example():
     out = eplb(w, 16, num_nodes=2, num_gpus=8, num_groups=4)
     assert out.tolist() == [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
                             [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+
+
+def test_eplb_one_item_per_pack_keeps_published_order():
+    # deepseek-ai/EPLB balanced_packing: with one item per pack, item i goes to pack i (no sort by weight)
+    assert eplb([[1, 5, 3, 2]], 4, num_nodes=1, num_gpus=4, num_groups=1).tolist() == [[0, 1, 2, 3]]
+    pack, rank = balanced_packing(np.array([1.0, 5, 3, 2]), 4)
+    assert pack.tolist() == [0, 1, 2, 3] and rank.tolist() == [0, 0, 0, 0]
+    # global policy with replicas, one slot per GPU: physical order is [experts..., replicas in the order added]
+    # 5 -> 2.5/copy, then 3 (expert 2), then 2.5 (expert 1 again: 1.67/copy), then 2 (expert 3)
+    assert eplb([[1, 5, 3, 2]], 8, num_nodes=1, num_gpus=8, num_groups=1).tolist() == [[0, 1, 2, 3, 1, 2, 1, 3]]
+    # hierarchical, 2 groups on 2 nodes, one slot per GPU: group g -> node g, experts in id order on each node
+    assert eplb([[1, 5, 3, 2]], 4, num_nodes=2, num_gpus=4, num_groups=2).tolist() == [[0, 1, 2, 3]]
+    # two items per pack still sort heaviest first into the lightest open pack, rank = fill order
+    pack, rank = balanced_packing(np.array([1.0, 5, 3, 2]), 2)
+    assert pack.tolist() == [0, 0, 1, 1] and rank.tolist() == [1, 0, 0, 1]
 
 
 def test_replicas_go_to_heaviest_and_packing_is_even():
@@ -97,8 +122,9 @@ def test_registry_strategies_place_real_sized_layers():
     c = Cluster(2, 2, E, 4)
     res = {}
     for name in ("linear", "round-robin", "eplb"):
-        p = strategies.fit(name, tr, c)
-        assert p.slot_expert.shape == (2, 12) and p.strategy == name
+        cn = Cluster(2, 2, E, 0) if name == "round-robin" else c
+        p = strategies.fit(name, tr, cn)
+        assert p.slot_expert.shape == (2, cn.num_slots) and p.strategy == name
         res[name] = comm.evaluate(p, tr)["gpu_load_max_over_mean"]
     assert res["eplb"] < res["linear"]
     with pytest.raises(TracekitError, match="unknown strategy"):

@@ -52,7 +52,7 @@ def test_trtllm_yaml_exact(tmp_path):
 
 def test_vllm_picks_closest_strategy_and_says_what_it_cannot_take(tmp_path):
     c = Cluster(2, 2, 8, 4)
-    rr = Placement(c, np.array([0, 1]), baselines.round_robin(c, 2), "round-robin")
+    rr = Placement(c, np.array([0, 1]), np.tile(baselines.round_robin_row(c, strict=False), (2, 1)), "round-robin")
     notes = export.export(rr, "vllm", tmp_path / "v.json")
     d = json.loads((tmp_path / "v.json").read_text())
     # closest to round_robin, but vLLM falls back to linear with redundant experts (EPLB on): say so, flag linear

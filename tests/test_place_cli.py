@@ -53,13 +53,24 @@ def test_load_traces_from_real_runs(mixtral_runs):
 def test_place_and_export_end_to_end(mixtral_runs, tmp_path, capsys):
     out, js = tmp_path / "placement.json", tmp_path / "cmp.json"
     rc = run_cli(["place", *mixtral_runs, "--nodes", 2, "--gpus-per-node", 2, "--redundant", 4,
-                  "--strategy", "all", "--split", "tokens", "--hidden-size", 4096, "--json", js, "-o", out])
+                  "--strategy", "all", "--split", "tokens", "--hidden-size", 4096, "--max-imbalance", 1.3,
+                  "--json", js, "-o", out])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "eplb" in printed and "linear" in printed
+    assert max(len(line) for line in printed.splitlines()) <= 120  # details behind --wide / --json
     cmp = json.loads(js.read_text())
     names = [r["strategy"] for r in cmp["rows"]]
-    assert {"linear", "round-robin", "eplb"} <= set(names)
+    assert {"linear", "eplb", "locality"} <= set(names) and "round-robin" not in names  # R=4: no round-robin
+    pick = cmp["meta"]["pick"]
+    # the pick is never worse than eplb on validation, is marked, and is what -o saved
+    assert pick["values"][pick["pick"]] <= pick["values"]["eplb"]
+    assert f"* pick: {pick['pick']}" in printed
+    assert json.loads(out.read_text())["strategy"] == pick["pick"]
+    assert not [ln for ln in printed.splitlines() if "share a GPU" in ln and "locality" in ln]  # no stacked copies
+    # locality held --max-imbalance on its fit rows, layer by layer, with no expert twice on one GPU
+    loc = next(r for r in cmp["rows"] if r["strategy"] == "locality")
+    assert max(loc["fitted"]["gpu_load_max_over_mean_per_layer"]) <= 1.3 + 1e-9 or pick["locality_eplb_layers"]
     for r in cmp["rows"]:
         h = r["heldout"]
         assert 0 < h["cross_node_copies_per_token_normal"] <= h["cross_node_copies_per_token_lowlat"] <= 2
@@ -79,6 +90,28 @@ def test_place_and_export_end_to_end(mixtral_runs, tmp_path, capsys):
         assert (tmp_path / f"e.{fmt}").stat().st_size > 0
 
 
+def test_locality_stops_when_the_bound_cannot_hold(mixtral_runs, capsys):
+    # 5 requests on 4 GPUs: no layout keeps every layer within 1.02 of the mean on the fit rows
+    rc = run_cli(["place", *mixtral_runs, "--nodes", 2, "--gpus-per-node", 2, "--redundant", 4,
+                  "--strategy", "locality", "--split", "tokens", "--max-imbalance", 1.02])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cannot hold --max-imbalance 1.02 on its fit data" in err and "\n" not in err
+    assert "% over" in err and "use --max-imbalance" in err
+
+
+def test_wide_table_and_objectives(mixtral_runs, tmp_path, capsys):
+    for objective in ("traffic", "balance"):
+        js = tmp_path / f"{objective}.json"
+        assert run_cli(["place", *mixtral_runs, "--nodes", 2, "--gpus-per-node", 2, "--redundant", 4,
+                        "--split", "tokens", "--max-imbalance", 1.3, "--objective", objective, "--json", js]) == 0
+        pick = json.loads(js.read_text())["meta"]["pick"]
+        assert pick["objective"] == objective and pick["values"][pick["pick"]] <= pick["values"]["eplb"]
+    capsys.readouterr()
+    assert run_cli(["place", *mixtral_runs, "--nodes", 2, "--gpus-per-node", 2, "--redundant", 4,
+                    "--split", "tokens", "--max-imbalance", 1.3, "--wide"]) == 0
+    assert "intra/tok" in capsys.readouterr().out  # the full metric set
+
+
 def test_request_split_with_grouping(mixtral_runs, tmp_path):
     js = tmp_path / "cmp.json"
     rc = run_cli(["place", *mixtral_runs, "--nodes", 2, "--gpus-per-node", 2, "--redundant", 4,
@@ -96,6 +129,8 @@ def test_request_split_with_grouping(mixtral_runs, tmp_path):
         (["--nodes", 2, "--gpus-per-node", 2, "--redundant", 4, "--strategy", "magic"], "unknown strategy"),
         (["--nodes", 2, "--gpus-per-node", 2, "--redundant", 4, "--holdout", 1.5], "--holdout"),
         (["--nodes", 2, "--gpus-per-node", 2, "--redundant", 4, "--grouping", "astrology"], "unknown grouping"),
+        (["--nodes", 2, "--gpus-per-node", 2, "--redundant", 4, "--objective", "speed"], "unknown objective"),
+        (["--nodes", 2, "--gpus-per-node", 2, "--redundant", 4, "--strategy", "round-robin"], "no redundant slots"),
     ],
 )
 def test_invalid_requests_exit_2_with_one_line(mixtral_runs, capsys, args, message):

@@ -29,21 +29,24 @@ def place_cmd(
     microbatch_tokens: int = typer.Option(256, "--microbatch-tokens", min=1, max=1 << 24, help="Decode tokens per micro-batch."),
     phase: Literal["all", "decode", "prefill"] = typer.Option("all", "--phase", help="Rows to score."),
     baseline_grouping: bool = typer.Option(False, "--baseline-grouping", help="Score baselines under the fitted grouping too."),
-    engine: str = typer.Option("sglang", "--engine", help="Whose replica choice scores the placements: sglang, vllm, trtllm or ideal (upper bound)."),
-    profile: str = typer.Option("h200", "--profile", help="Hardware profile for the step time: h100, h200 or b200."),
-    decode_batch: int = typer.Option(128, "--decode-batch", help="Decode tokens per DP rank per step (replay)."),
-    prefill_chunk: int = typer.Option(4096, "--prefill-chunk", help="Prefill tokens per DP rank per step (replay)."),
-    moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", help="Expert FFN width for compute time (default: geometry, else 2048)."),
-    tflops: Optional[float] = typer.Option(None, "--tflops", help="Override the profile's dense BF16 TFLOP/s per GPU."),
-    nvlink_gbps: Optional[float] = typer.Option(None, "--nvlink-gbps", help="Override the profile's NVLink GB/s per GPU (one way)."),
-    rdma_gbps: Optional[float] = typer.Option(None, "--rdma-gbps", help="Override the profile's RDMA GB/s per GPU (one way)."),
+    engine: Literal["sglang", "vllm", "trtllm", "ideal"] = typer.Option("sglang", "--engine", help="Whose replica choice scores the placements: sglang, vllm, trtllm or ideal (upper bound)."),
+    profile: Literal["h100", "h200", "b200"] = typer.Option("h200", "--profile", help="Hardware profile for the step time: h100, h200 or b200."),
+    decode_batch: int = typer.Option(128, "--decode-batch", min=1, max=1 << 20, help="Decode tokens per DP rank per step (replay)."),
+    prefill_chunk: int = typer.Option(4096, "--prefill-chunk", min=1, max=1 << 24, help="Prefill tokens per DP rank per step (replay)."),
+    moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", min=1, max=1 << 20, help="Expert FFN width for compute time (default: geometry, else 2048)."),
+    tflops: Optional[float] = typer.Option(None, "--tflops", callback=positive_float("--tflops", 1e6), help="Override the profile's dense BF16 TFLOP/s per GPU."),
+    nvlink_gbps: Optional[float] = typer.Option(None, "--nvlink-gbps", callback=positive_float("--nvlink-gbps", 1e6), help="Override the profile's NVLink GB/s per GPU (one way)."),
+    rdma_gbps: Optional[float] = typer.Option(None, "--rdma-gbps", callback=positive_float("--rdma-gbps", 1e6), help="Override the profile's RDMA GB/s per GPU (one way)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole comparison as JSON."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the chosen strategy's placement (neutral JSON)."),
     force: bool = force_option("the -o and --json files"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
     classifier_data: Optional[List[str]] = typer.Option(None, "--classifier-data", help="FILE:FIELD:DOMAIN prompt sets for the grouping classifier when the runs' prompts are not readable (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the picked placement (or --strategy's) as neutral JSON."),
+    objective: Literal["step-time", "traffic", "balance"] = typer.Option("step-time", "--objective", help="What the pick minimises on validation: step-time, traffic or balance."),
+    wide: bool = typer.Option(False, "--wide", help="Print every metric (a table about 210 columns wide)."),
 ) -> None:
-    """Fit placements on a train split, score them on held-out requests, print the table, save the placement."""
+    """Fit placements on a train split, pick one on a validation part of it, score all on held-out requests,
+    print the table, save the pick."""
     from rich.console import Console
 
     from ..errors import TracekitError
@@ -88,24 +91,54 @@ def place_cmd(
     from ..placement.traces import describe_input
 
     Console().print(describe_input(traces), markup=False)
-    comp = compare(traces, cluster, strategy, grouping=grouping, holdout=holdout, split=split, seed=seed,
-                   max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping, engine=engine,
-                   **eval_opts)
+    from ..placement.evaluate import make_cluster, make_split, resolve_strategies
+    from ..placement.select import check_objective, default_scorer, validate
+    from ..placement.table import WIDTH, duplicate_lines, pick_line, render_narrow
+
+    check_objective(objective)
+    cl = make_cluster(traces, **cluster)
+    names = resolve_strategies(strategy, cl)
+    train, _ = make_split(traces, split, holdout, seed)
+    opts = {"locality": {"engine": engine}}
+    score_opts = dict(eval_opts)
+    if "hidden_size" not in score_opts and (traces.geometry or {}).get("hidden_size"):
+        score_opts["hidden_size"] = int(traces.geometry["hidden_size"])
+    val = validate(traces, cl, names, train, objective=objective, split=split, seed=seed,
+                   max_imbalance=max_imbalance, grouping=grouping, strategy_opts=opts,
+                   scorer=default_scorer(engine, **score_opts))
+    opts["locality"]["eplb_layers"] = val.eplb_layers
+    comp = compare(traces, cl, names, grouping=grouping, holdout=holdout, split=split, seed=seed,
+                   max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping,
+                   strategy_opts=opts, engine=engine, **eval_opts)
+    comp.meta["pick"] = val.to_json()
+    comp.meta["engine"] = engine
     from ..placement.classifier import attach_classifiers, describe
 
     clf_summary = attach_classifiers(comp, traces, runs, classifier_data or [], seed=seed)
-    Console(width=max(220, Console().width)).print(render(comp))
+    if wide:
+        Console(width=max(220, Console().width)).print(render(comp))
+    else:
+        Console(width=WIDTH).print(render_narrow(comp, val.to_json()))
+    con = Console(width=WIDTH)
+    con.print(pick_line(val.to_json()), markup=False)
+    for name, err in val.errors.items():
+        con.print(f"  {name} left out of the pick: {err}", markup=False)
+    for line in duplicate_lines(comp):
+        con.print(line, markup=False)
     for line in describe(clf_summary):
-        Console(width=220, soft_wrap=True).print(line, markup=False)
+        con.print(line, markup=False)
     if json_out:
         atomic_write_json(json_out, json.loads(json.dumps(comp.to_json(), default=float)))
-        Console().print(f"wrote {json_out}")
+        con.print(f"wrote {json_out}")
     if out:
-        chosen = strategy if strategy != "all" else ("locality" if "locality" in comp.placements else "eplb")
+        chosen = strategy if strategy != "all" else val.pick
         p = comp.placements[chosen]
         p.meta["heldout"] = {k: v for k, v in comp.row(chosen)["heldout"].items() if not isinstance(v, list)}
+        p.meta["pick"] = val.to_json()
+        p.meta["engine"] = engine
         save_placement(p, out)
-        Console().print(f"saved {chosen} placement to {out}")
+        con.print(f"saved {chosen} placement to {out}" + (" (the pick)" if chosen == val.pick else
+                                                          f" (--strategy; the pick was {val.pick})"))
 
 
 @app.command("export")

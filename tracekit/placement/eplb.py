@@ -7,7 +7,8 @@ Published method (github.com/deepseek-ai/EPLB), reproduced step by step:
 - ``replicate_experts``: start with one replica per logical expert; add the R redundant replicas one at a time,
   each to the expert with the largest load per replica (load / replica count).
 - ``balanced_packing``: sort items by weight, heaviest first; put each into the lightest pack that still has room
-  (every pack takes exactly items / packs items).
+  (every pack takes exactly items / packs items). When every pack takes one item, item i goes to pack i unsorted
+  (the published shortcut: ``eplb([[1, 5, 3, 2]], 4 slots, 1 node, 4 GPUs)`` gives ``[[0, 1, 2, 3]]``).
 - Hierarchical policy (used when the expert-group count divides by the node count, e.g. DeepSeek V3's 8 groups on
   4 nodes): (1) pack whole expert groups onto nodes by group load (balanced packing, groups/nodes groups a node);
   (2) inside each node, replicate that node's experts into S / nodes physical slots; (3) pack the node's replicas
@@ -33,11 +34,8 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     per = n // num_packs
     pack = np.empty(n, dtype=np.int64)
     rank = np.empty(n, dtype=np.int64)
-    if per == 1:
-        order = np.argsort(-weight, kind="stable")
-        pack[order] = np.arange(n)
-        rank[:] = 0
-        return pack, rank
+    if per == 1:  # as published: item i alone in pack i (no sort; the weights decide nothing here)
+        return np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     pw = np.zeros(num_packs)
     cnt = np.zeros(num_packs, dtype=np.int64)
     for i in np.argsort(-weight, kind="stable"):

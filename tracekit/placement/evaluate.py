@@ -66,11 +66,15 @@ def make_cluster(traces: TraceArrays, nodes: int, gpus_per_node: int, redundant:
     return Cluster(nodes=nodes, gpus_per_node=gpus_per_node, num_experts=traces.num_experts, redundant=redundant)
 
 
-def resolve_strategies(names: str | Sequence[str]) -> list[str]:
-    """``'all'`` or a list of names -> validated list (linear and eplb always included: they are the references)."""
+def resolve_strategies(names: str | Sequence[str], cluster: Cluster | None = None) -> list[str]:
+    """``'all'`` or a list of names -> validated list (linear and eplb always included: they are the references).
+
+    ``'all'`` leaves out round-robin when the cluster has redundant slots (it has none; see baselines)."""
     avail = strat.available()
     if isinstance(names, str):
         names = avail if names == "all" else [names]
+        if cluster is not None and cluster.redundant and len(names) > 1:
+            names = [n for n in names if n != "round-robin"]
     for n in names:
         strat.get(n)
     out = [n for n in ("linear", "eplb") if n not in names] + list(names)
@@ -119,7 +123,7 @@ def compare(
         raise TracekitError("placement comparison needs per-token routes; loads-only runs can be placed but not scored")
     if isinstance(cluster, dict):
         cluster = make_cluster(traces, **cluster)
-    names = resolve_strategies(strategies)
+    names = resolve_strategies(strategies, cluster)
     n_hidden = (traces.geometry or {}).get("num_layers")
     if "hidden_size" not in eval_opts and (traces.geometry or {}).get("hidden_size"):
         eval_opts["hidden_size"] = int(traces.geometry["hidden_size"])

@@ -305,7 +305,7 @@ def vllm_config(placement: Placement) -> dict[str, Any]:
         ref = {(int(g), int(e)) for g, e in zip(gpu, row)}
         return float(np.mean([(int(g), int(e)) in ref for g, e in zip(np.tile(gpu, se.shape[0]), se.ravel())]))
 
-    scores = {"linear": overlap(linear_row(c)), "round_robin": overlap(round_robin_row(c))}
+    scores = {"linear": overlap(linear_row(c)), "round_robin": overlap(round_robin_row(c, strict=False))}
     closest = max(scores, key=lambda k: (scores[k], k == "linear"))
     n_group = placement.meta.get("n_group")
     rr_runs = c.redundant == 0 and (n_group is None or int(n_group) > 1)

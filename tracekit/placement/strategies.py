@@ -6,7 +6,9 @@ strategies (linear, round-robin, eplb) also accept loads-kind runs (``fit_traces
 
 ``locality`` lives in :mod:`tracekit.placement.locality` (``place_locality``) and is registered when that module
 imports; the registry never fails because it is absent. Options a strategy does not use are ignored, so one
-``**opts`` dict (e.g. ``grouping="domain"``) can be passed to all of them.
+``**opts`` dict (e.g. ``grouping="domain"``) can be passed to all of them. ``max_imbalance`` binds locality only
+(it holds it on its fit rows under ``engine``'s dispatch or raises one line); the baselines are what the engines
+or DeepSeek publish, unbounded. ``round-robin`` refuses redundant slots (no engine runs it with them).
 """
 from __future__ import annotations
 

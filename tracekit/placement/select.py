@@ -1,0 +1,246 @@
+"""Pick the placement to deploy on a validation split of the train data, never one worse than EPLB.
+
+:func:`validate` is what ``tracekit place`` runs before the final fit:
+
+1. Split the train rows again (:func:`validation_folds`: by request, two folds of half the train requests each
+   way; or by token position inside each request, one fold, as the outer split) into *fit* and *validation*
+   rows. The test rows are never touched.
+2. Fit every strategy on the fit rows and score it on the validation rows with the scorer (the engine's dispatch);
+   values are means over the folds.
+3. **Per layer, locality against EPLB.** Both layouts are scored layer by layer on the validation rows, under the
+   same router (locality's grouping rule); the layers where locality does not beat EPLB's layout on the objective
+   take EPLB's layout (``eplb_layers``, passed to the final fit). The mixed placement is scored again.
+4. **The pick**: the strategy with the best validation value of the objective (ties go to the reference, eplb),
+   among those whose validation balance (p99 per-step GPU max/mean) is within ``balance_margin`` (5%) of EPLB's,
+   so that a traffic win never buys an overloaded GPU, and that beat EPLB in every fold (a win that flips
+   between halves of the train requests is noise). EPLB is always a candidate, so the pick is never worse than
+   EPLB on validation.
+
+Objectives (lower is better): ``step-time`` (estimated MoE time per step), ``traffic`` (cross-node bytes per
+step) and ``balance`` (p99 over steps of GPU max/mean). A scorer is ``fn(placement, traces, home=None) -> dict``;
+:func:`default_scorer` replays the rows per step under the engine's replica choice
+(:func:`tracekit.placement.replay.score_placement`). A scorer without the replay's keys is read through
+:data:`METRIC_KEYS`' stand-ins (comm.evaluate's all-to-all estimate, copies per token, worst-layer max/mean).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import TracekitError
+from . import strategies as strat
+from .comm import route_requests
+from .traces import split_requests, split_tokens, subset
+from .types import Cluster, Placement, TraceArrays
+
+OBJECTIVES = ("step-time", "traffic", "balance")
+# objective -> metric keys, first one a score dict has wins: the replay's, then comm.evaluate's stand-ins
+METRIC_KEYS = {
+    "step-time": ("step_time_ms", "est_alltoall_ms"),
+    "traffic": ("cross_node_bytes_per_step", "cross_node_copies_per_token_normal"),
+    "balance": ("imbalance_p99", "gpu_load_max_over_mean_worst"),
+}
+REFERENCE = "eplb"
+FEW_STEPS = 8  # fewer full replay steps than this in a validation fold: the pick's line says it is noisy
+Scorer = Callable[..., dict]
+
+
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise TracekitError(f"unknown objective {objective!r}; use {', '.join(OBJECTIVES)}")
+    return objective
+
+
+def metric_key(scores: dict, objective: str) -> str:
+    """The key of ``scores`` that measures ``objective``."""
+    for k in METRIC_KEYS[check_objective(objective)]:
+        if k in scores:
+            return k
+    raise TracekitError(f"the scores carry no metric for objective {objective!r}")
+
+
+def default_scorer(engine: str = "sglang", **score_opts) -> Scorer:
+    """``fn(placement, traces, home=None) -> dict``: the per-step replay under ``engine``'s replica choice
+    (:func:`tracekit.placement.replay.score_placement`; ``score_opts``: profile, decode_batch, hidden_size, ...)."""
+    from .replay import score_placement
+
+    def replay(p: Placement, tr: TraceArrays, home=None) -> dict:
+        return score_placement(p, tr, engine=engine, home=home, **score_opts)
+    return replay
+
+
+def validation_split(traces: TraceArrays, train: np.ndarray, split: str = "request", *, seed: int = 0,
+                     share: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) masks (N,) bool inside ``train``: ``share`` of the train requests (split request), or the
+    last ``share`` of each request's train decode tokens (split tokens)."""
+    sub = subset(traces, train)
+    if split == "tokens":
+        a, b = split_tokens(sub, frac=1.0 - share)
+    else:
+        a, b = split_requests(sub, holdout=share, seed=seed + 1)
+    idx = np.flatnonzero(train)
+    fit = np.zeros(len(traces), dtype=bool)
+    val = np.zeros(len(traces), dtype=bool)
+    fit[idx[a]] = True
+    val[idx[b]] = True
+    return fit, val
+
+
+def validation_folds(traces: TraceArrays, train: np.ndarray, split: str = "request", *, seed: int = 0,
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (fit, validation) pairs :func:`validate` uses: split request -> two folds (half the train requests
+    each way, so every train request validates once); split tokens -> one fold (the last quarter of each
+    request's train decode tokens: validation stays later in time than the fit)."""
+    if split == "tokens":
+        return [validation_split(traces, train, "tokens", seed=seed, share=0.25)]
+    fit, val = validation_split(traces, train, "request", seed=seed, share=0.5)
+    return [(fit, val), (val, fit)]
+
+
+def one_layer(traces: TraceArrays, m: int) -> TraceArrays:
+    """The rows of MoE-layer position ``m`` as a one-layer model (requests keep their indices).
+
+    Its one layer is numbered 0, so that a static engine's table is built for that layer alone (SGLang's seeded
+    picks then start the stream at this layer: per-layer values are a close model of the whole placement's)."""
+    sel = traces.layer_pos == m
+    sub = subset(traces, sel)
+    sub.layers = np.zeros(1, dtype=traces.layers.dtype)
+    sub.layer_pos = np.zeros(int(sel.sum()), dtype=traces.layer_pos.dtype)
+    sub.geometry = traces.geometry
+    return sub
+
+
+def layer_values(p: Placement, per_layer: list[TraceArrays], scorer: Scorer, objective: str,
+                 home: np.ndarray) -> np.ndarray:
+    """(M,) objective value of each layer of ``p``, each scored on its own rows under the same ``home``."""
+    out = np.full(len(per_layer), np.nan)
+    for m, tr in enumerate(per_layer):
+        if len(tr) == 0:
+            continue
+        meta = {k: v for k, v in p.meta.items() if k != "num_hidden_layers"}
+        q = Placement(p.cluster, tr.layers, p.slot_expert[m:m + 1], p.strategy, p.grouping, meta)
+        s = scorer(q, tr, home=home)
+        out[m] = float(s[metric_key(s, objective)])
+    return out
+
+
+@dataclass
+class Validation:
+    """What :func:`validate` found: the pick, why, the validation value per strategy, locality's EPLB layers."""
+
+    pick: str
+    objective: str
+    metric: str
+    values: dict[str, float]
+    reason: str
+    balance: dict[str, float] = field(default_factory=dict)
+    eplb_layers: list[int] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pick": self.pick, "objective": self.objective, "metric": self.metric, "values": self.values,
+                "balance": self.balance, "reason": self.reason, "locality_eplb_layers": self.eplb_layers, "errors": self.errors}
+
+
+def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.ndarray, *,
+             objective: str = "step-time", split: str = "request", seed: int = 0, max_imbalance: float = 1.10,
+             grouping: str = "none", scorer: Scorer | None = None, strategy_opts: dict[str, dict] | None = None,
+             balance_margin: float = 0.05) -> Validation:
+    """Fit ``names`` on the fit part of each fold of ``train``, score them on its validation part, pick (see the
+    module docstring). Values are means over the folds; a strategy other than eplb must beat eplb in every fold."""
+    check_objective(objective)
+    scorer = scorer or default_scorer()
+    if REFERENCE not in names:
+        names = [REFERENCE, *names]
+    folds = validation_folds(traces, train, split, seed=seed)
+    if any(not f.any() or not v.any() for f, v in folds):
+        raise TracekitError("the train split is too small to hold out a validation part; use more requests")
+    opts = strategy_opts or {}
+    errors: dict[str, str] = {}
+    metric = None
+    per_fold: list[dict[str, tuple[float, float]]] = []  # fold -> name -> (value, balance)
+    steps: list[float] = []  # full replay steps per fold (the replay's sample size)
+    fitted_folds, v_loc, v_ref = [], np.zeros(traces.num_layers), np.zeros(traces.num_layers)
+    for fit_mask, val_mask in folds:
+        fit_tr, val_tr = subset(traces, fit_mask), subset(traces, val_mask)
+        scores: dict[str, tuple[float, float]] = {}
+        fitted: dict[str, Placement] = {}
+        for name in names:
+            if name in errors:
+                continue
+            try:
+                # a fold fits on part of the train rows: the bound binds the final fit, not this one
+                p = strat.fit(name, fit_tr, cluster, seed=seed, max_imbalance=max_imbalance, grouping=grouping,
+                              attach_grouping=name not in ("linear", "round-robin", "eplb"),
+                              **{"strict_bound": False, **opts.get(name, {})})
+            except TracekitError as exc:  # e.g. a bound this part of the data cannot hold: not a candidate
+                if name == REFERENCE:
+                    raise
+                errors[name] = str(exc)
+                continue
+            sc = scorer(p, val_tr)
+            metric = metric or metric_key(sc, objective)
+            if name == REFERENCE and "full_steps" in sc:
+                steps.append(float(sc["full_steps"]))
+            fitted[name] = p
+            scores[name] = (float(sc[metric]), float(sc[metric_key(sc, "balance")]))
+        if "locality" in fitted:  # per-layer values under the same router, summed over the folds
+            loc, ref = fitted["locality"], fitted[REFERENCE]
+            home = route_requests(loc.grouping, val_tr, cluster)
+            per_layer = [one_layer(val_tr, m) for m in range(traces.num_layers)]
+            ref_same_router = Placement(cluster, ref.layers, ref.slot_expert, REFERENCE, loc.grouping, dict(ref.meta))
+            v_loc += np.nan_to_num(layer_values(loc, per_layer, scorer, objective, home), nan=np.inf)
+            v_ref += np.nan_to_num(layer_values(ref_same_router, per_layer, scorer, objective, home), nan=np.inf)
+        per_fold.append(scores)
+        fitted_folds.append((fitted, val_tr))
+    eplb_layers: list[int] = []
+    if any("locality" in f for f, _ in fitted_folds) and "locality" not in errors:
+        lose = ~(v_loc < v_ref)  # ties and unscored layers keep the reference layout
+        eplb_layers = [int(x) for x in traces.layers[lose]]
+        if lose.any():
+            for (fitted, val_tr), scores in zip(fitted_folds, per_fold):
+                loc, ref = fitted["locality"], fitted[REFERENCE]
+                mixed = Placement(cluster, loc.layers, np.where(lose[:, None], ref.slot_expert, loc.slot_expert),
+                                  "locality", loc.grouping, dict(loc.meta))
+                sc = scorer(mixed, val_tr)
+                scores["locality"] = (float(sc[metric]), float(sc[metric_key(sc, "balance")]))
+    common = [n for n in names if all(n in f for f in per_fold)]
+    values = {n: float(np.mean([f[n][0] for f in per_fold])) for n in common}
+    balance = {n: float(np.mean([f[n][1] for f in per_fold])) for n in common}
+    steady = {n: all(f[n][0] < f[REFERENCE][0] for f in per_fold) for n in common}
+    pick, reason = choose(values, balance, objective, balance_margin, steady=steady)
+    if "locality" in values and eplb_layers:
+        reason += f"; locality on eplb layout in {len(eplb_layers)}/{traces.num_layers} layers"
+    if steps and min(steps) < FEW_STEPS:
+        reason += f"; noisy: {int(min(steps))} step/fold"
+    return Validation(pick, objective, metric, values, reason, balance, eplb_layers, errors)
+
+
+def choose(values: dict[str, float], balance: dict[str, float], objective: str,
+           balance_margin: float = 0.05, steady: dict[str, bool] | None = None) -> tuple[str, str]:
+    """(pick, one line of why) from validation ``values`` (lower is better) and ``balance`` (p99 per-step GPU
+    max/mean) per candidate; ``eplb`` must be among them. Candidates whose balance exceeds eplb's by more than
+    ``balance_margin``, or that do not beat eplb in every validation fold (``steady`` False), are skipped; ties
+    go to eplb."""
+    limit = balance[REFERENCE] * (1 + balance_margin)
+    steady = steady or {}
+    eligible = [n for n in values if n == REFERENCE or (balance[n] <= limit and steady.get(n, True))]
+    pick = sorted(eligible, key=lambda n: (values[n], n != REFERENCE))[0]
+    ref_v = values[REFERENCE]
+    if pick == REFERENCE:
+        reason = f"eplb: best {objective} on validation"
+    else:
+        reason = f"{pick}: {objective} {_pct(values[pick], ref_v)} vs eplb on validation"
+    unsteady = [n for n in values if n not in eligible and values[n] < values[pick] and not steady.get(n, True)]
+    skipped = [n for n in values if n not in eligible and values[n] < values[pick] and n not in unsteady]
+    if skipped:
+        reason += f"; {', '.join(skipped)} skipped (balance > eplb +{100 * balance_margin:.0f}%)"
+    if unsteady:
+        reason += f"; {', '.join(unsteady)} skipped (not better than eplb in every fold)"
+    return pick, reason
+
+
+def _pct(x: float, ref: float) -> str:
+    return f"{100 * (x / ref - 1):+.1f}%" if ref else "n/a"

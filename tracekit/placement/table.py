@@ -1,0 +1,106 @@
+"""The ``tracekit place`` table in 120 columns: one row per strategy, the pick marked, held-out numbers first.
+
+Columns (all held-out unless named otherwise; "vs eplb" is the relative change against the eplb row):
+
+- ``step ms``: estimated MoE time per forward step (the replay's ``step_time_ms``; before the replay is installed,
+  comm's all-to-all estimate ``est_alltoall_ms``), and its change against eplb.
+- ``p99 max/mean``: p99 over steps of the GPU max/mean of one step (replay), else the worst layer's whole-set
+  GPU max/mean.
+- ``x-node/tok``: normal-mode cross-node copies per token-layer (one send per remote node), and vs eplb.
+- ``fit max/mean``: the worst layer's GPU max/mean on the rows the strategy was fitted on (what
+  ``--max-imbalance`` bounds).
+- ``val``: the objective on the validation part of the train rows (what the pick ranks), vs eplb.
+- ``fit s``: wall time of the fit.
+
+``--wide`` prints :func:`tracekit.placement.evaluate.render` (every metric) instead.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+WIDTH = 120
+STEP_KEYS = ("step_time_ms", "est_alltoall_ms")
+P99_KEYS = ("imbalance_p99", "gpu_load_max_over_mean_worst")
+XNODE_KEYS = ("cross_node_copies_per_token_normal",)
+
+
+def _metric(scores: dict | None, keys: tuple[str, ...]) -> tuple[str | None, float]:
+    for k in keys:
+        if scores and k in scores and scores[k] is not None:
+            return k, float(scores[k])
+    return None, float("nan")
+
+
+def _held(row: dict) -> dict:
+    """The held-out scores of a comparison row (the replay's, merged over comm's, when both are there)."""
+    out = dict(row.get("heldout") or {})
+    for extra in ("replay", "score"):
+        if isinstance(row.get(extra), dict):
+            out.update(row[extra])
+    return out
+
+
+def _rel(x: float, ref: float) -> str:
+    if not (np.isfinite(x) and np.isfinite(ref)) or ref == 0:
+        return "-"
+    return f"{100 * (x / ref - 1):+.1f}%"
+
+
+def render_narrow(comp, pick: dict | None = None):
+    """A rich Table (fits ``WIDTH`` columns) of ``comp`` (:class:`tracekit.placement.evaluate.Comparison`)."""
+    from rich import box
+    from rich.table import Table
+
+    m = comp.meta
+    c = m["cluster"]
+    t = Table(title=(f"held-out: {c['nodes']}x{c['gpus_per_node']} GPUs, E={c['num_experts']} R={c['redundant']}, "
+                     f"split {m['split']}, {m['test_requests']} requests / {m['test_token_layers']:,} token-layers"),
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    ref = next((r for r in comp.rows if r["strategy"] == "eplb"), None)
+    ref_h = _held(ref) if ref else {}
+    step_key, _ = _metric(ref_h, STEP_KEYS)
+    p99_key, _ = _metric(ref_h, P99_KEYS)
+    values = (pick or {}).get("values", {})
+    objective = (pick or {}).get("objective", "")
+    for name, just in (("", "left"), ("strategy", "left"), ("grouping", "left"),
+                       ("step ms" if step_key == "step_time_ms" else "a2a ms", "right"), ("vs\neplb", "right"),
+                       ("p99 step\nmax/mean" if p99_key == "imbalance_p99" else "worst layer\nmax/mean", "right"),
+                       ("x-node\n/tok", "right"), ("vs\neplb", "right"), ("fitted\nmax/mean", "right"),
+                       (f"val\n{objective}", "right"), ("vs\neplb", "right"), ("fit s", "right")):
+        t.add_column(name, justify=just, no_wrap=True)
+    for r in comp.rows:
+        h = _held(r)
+        _, step = _metric(h, STEP_KEYS)
+        _, p99 = _metric(h, P99_KEYS)
+        _, xn = _metric(h, XNODE_KEYS)
+        _, fit_worst = _metric(r.get("fitted"), ("gpu_load_max_over_mean_worst",))
+        v = values.get(r["strategy"], float("nan"))
+        t.add_row(
+            "*" if pick and pick.get("pick") == r["strategy"] else "",
+            r["strategy"], r["grouping"],
+            f"{step:.3g}", _rel(step, _metric(ref_h, STEP_KEYS)[1]),
+            f"{p99:.3f}", f"{xn:.3f}", _rel(xn, _metric(ref_h, XNODE_KEYS)[1]),
+            f"{fit_worst:.3f}", f"{v:.3g}" if np.isfinite(v) else "-", _rel(v, values.get("eplb", float("nan"))),
+            f"{r['fit_seconds']:.1f}",
+        )
+    return t
+
+
+def pick_line(pick: dict[str, Any]) -> str:
+    """One line: which strategy is picked and why."""
+    return f"* pick: {pick['reason']}"
+
+
+def duplicate_lines(comp) -> list[str]:
+    """One line per strategy that puts two copies of an expert on one GPU (a copy that splits no load)."""
+    from .balance import duplicates
+
+    out = []
+    for name, p in comp.placements.items():
+        n = sum(duplicates(row, p.cluster) for row in p.slot_expert)
+        if n:
+            why = "as DeepSeek's published EPLB places them" if name == "eplb" else "nothing else fitted"
+            out.append(f"  {name}: {n} copies share a GPU with another copy of the same expert ({why})")
+    return out
