@@ -128,7 +128,9 @@ def place_cmd(
     for line in describe(clf_summary):
         con.print(line, markup=False)
     if json_out:
-        atomic_write_json(json_out, json.loads(json.dumps(comp.to_json(), default=float)))
+        from ..placement.export import _jsonable  # NaN/inf metrics -> null: the file stays strict JSON
+
+        atomic_write_json(json_out, _jsonable(json.loads(json.dumps(comp.to_json(), default=float))))
         con.print(f"wrote {json_out}")
     if out:
         chosen = strategy if strategy != "all" else val.pick

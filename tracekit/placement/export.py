@@ -30,6 +30,7 @@ the table's numbers do not carry over.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +126,18 @@ def grouping_from_dict(d: dict[str, Any]) -> GroupingRule:
 
 
 def _jsonable(x: Any) -> Any:
+    """Plain JSON values; a NaN or infinite metric (e.g. a ratio over no tokens) becomes null, since strict JSON
+    readers (ours included) refuse NaN."""
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return x.tolist()
+        return _jsonable(x.tolist()) if x.dtype.kind == "f" else x.tolist()
     if isinstance(x, np.generic):
-        return x.item()
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
     return x
 
 
