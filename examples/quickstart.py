@@ -12,15 +12,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import tracekit
 from rich.console import Console
 
+import tracekit
 from tracekit.analysis import analyze
 from tracekit.collect import CollectOptions, collect
 from tracekit.models import load_model
-from tracekit.placement.evaluate import compare, render
 from tracekit.placement.export import export
-from tracekit.placement.types import Cluster
+from tracekit.placement.select import place
+from tracekit.placement.table import WIDTH, pick_line, render_narrow
+from tracekit.placement.traces import load_traces
 from tracekit.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,13 +58,16 @@ def main(out: Path, prompts: int, new_tokens: int) -> None:
     # 3. One HTML page with every figure.
     print("\nwrote", write_report(runs, out / "report.html"))
 
-    # 4. Placement: every strategy fitted on 70% of the requests, scored on the other 30%.
-    cluster = Cluster(nodes=2, gpus_per_node=4, num_experts=256, redundant=8)
-    comparison = compare(runs, cluster, "all", grouping="domain", holdout=0.3)
-    Console(width=200).print(render(comparison))
+    # 4. Placement: every strategy validated on part of the train requests (the pick: best estimated MoE step
+    #    time under SGLang's dispatch, never worse than eplb), then scored on the held-out 30%.
+    traces = load_traces(runs)
+    comparison, validation = place(traces, {"nodes": 2, "gpus_per_node": 4, "redundant": 8}, "all",
+                                   engine="sglang", objective="step-time", grouping="domain", holdout=0.3)
+    Console(width=WIDTH).print(render_narrow(comparison, validation.to_json()))
+    print(pick_line(validation.to_json()))
 
-    # 5. Export the placement engines load: SGLang's --init-expert-location file and TRT-LLM's YAML.
-    best = comparison.placements["eplb"]
+    # 5. Export the pick as engines load it: SGLang's --init-expert-location file and TRT-LLM's YAML.
+    best = comparison.placements[validation.pick]
     for fmt, name in (("sglang", "expert_location.json"), ("trtllm", "moe_load_balancer.yaml")):
         export(best, fmt, out / name)
         print("wrote", out / name)

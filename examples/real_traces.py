@@ -16,8 +16,9 @@ from rich.console import Console
 
 from tracekit.analysis import analyze
 from tracekit.importers.jsonl import import_jsonl
-from tracekit.placement.evaluate import compare, render
-from tracekit.placement.types import Cluster
+from tracekit.placement.select import place
+from tracekit.placement.table import WIDTH, pick_line, render_narrow
+from tracekit.placement.traces import load_traces
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRACEKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -44,10 +45,12 @@ def main(out: Path) -> None:
         for note in result.notes:
             print(f"note: {note}")
 
-    # 8 experts on 2 nodes x 2 GPUs with one spare slot per GPU
-    comparison = compare(runs, Cluster(nodes=2, gpus_per_node=2, num_experts=8, redundant=4), "all",
-                         holdout=0.3, split="tokens")
-    Console(width=200).print(render(comparison))
+    # 8 experts on 2 nodes x 2 GPUs with one spare slot per GPU; fitted on each request's first half of tokens
+    comparison, validation = place(load_traces(runs), {"nodes": 2, "gpus_per_node": 2, "redundant": 4}, "all",
+                                   engine="sglang", split="tokens", max_imbalance=1.25,
+                                   hidden_size=4096, moe_intermediate_size=14336, decode_batch=16)
+    Console(width=WIDTH).print(render_narrow(comparison, validation.to_json()))
+    print(pick_line(validation.to_json()))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_real_traces_example(tmp_path, shared_data):
     r = _run([str(EXAMPLES / "real_traces.py"), str(tmp_path / "rt")], cwd=tmp_path,
              env={"TRACEKIT_SHARED_DATA": str(shared_data)})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "predict a request's domain" in r.stdout and "eplb" in r.stdout
+    assert "predict a request's domain" in r.stdout and "eplb" in r.stdout and "pick" in r.stdout.lower()
 
 
 def test_real_traces_example_skips_in_one_line_without_the_data(tmp_path):

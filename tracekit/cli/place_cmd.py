@@ -91,27 +91,12 @@ def place_cmd(
     from ..placement.traces import describe_input
 
     Console().print(describe_input(traces), markup=False)
-    from ..placement.evaluate import make_cluster, make_split, resolve_strategies
-    from ..placement.select import check_objective, default_scorer, validate
+    from ..placement.select import place
     from ..placement.table import WIDTH, duplicate_lines, pick_line, render_narrow
 
-    check_objective(objective)
-    cl = make_cluster(traces, **cluster)
-    names = resolve_strategies(strategy, cl)
-    train, _ = make_split(traces, split, holdout, seed)
-    opts = {"locality": {"engine": engine}}
-    score_opts = dict(eval_opts)
-    if "hidden_size" not in score_opts and (traces.geometry or {}).get("hidden_size"):
-        score_opts["hidden_size"] = int(traces.geometry["hidden_size"])
-    val = validate(traces, cl, names, train, objective=objective, split=split, seed=seed,
-                   max_imbalance=max_imbalance, grouping=grouping, strategy_opts=opts,
-                   scorer=default_scorer(engine, **score_opts))
-    opts["locality"]["eplb_layers"] = val.eplb_layers
-    comp = compare(traces, cl, names, grouping=grouping, holdout=holdout, split=split, seed=seed,
-                   max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping,
-                   strategy_opts=opts, engine=engine, **eval_opts)
-    comp.meta["pick"] = val.to_json()
-    comp.meta["engine"] = engine
+    comp, val = place(traces, cluster, strategy, objective=objective, engine=engine, grouping=grouping,
+                      holdout=holdout, split=split, seed=seed, max_imbalance=max_imbalance, phase=phase,
+                      baseline_grouping=baseline_grouping, **eval_opts)
     from ..placement.classifier import attach_classifiers, describe
 
     clf_summary = attach_classifiers(comp, traces, runs, classifier_data or [], seed=seed)

@@ -244,3 +244,35 @@ def choose(values: dict[str, float], balance: dict[str, float], objective: str,
 
 def _pct(x: float, ref: float) -> str:
     return f"{100 * (x / ref - 1):+.1f}%" if ref else "n/a"
+
+
+def place(traces: TraceArrays, cluster: dict, strategy: str = "all", *, objective: str = "step-time",
+          engine: str = "sglang", grouping: str = "none", holdout: float = 0.3, split: str = "request", seed: int = 0,
+          max_imbalance: float = 1.10, phase: str = "all", baseline_grouping: bool = False, **eval_opts):
+    """What ``tracekit place`` does, for notebooks: validate every strategy on a part of the train split and pick
+    one on ``objective`` (never worse than eplb), then fit on the whole train split and score every strategy on
+    the held-out requests under ``engine``'s dispatch. ``cluster``: {"nodes", "gpus_per_node", "redundant"}.
+    ``eval_opts``: the replay's options (profile, decode_batch, prefill_chunk, hidden_size, ...).
+
+    Returns ``(comparison, validation)``: ``comparison.placements[validation.pick]`` is the placement to deploy.
+    """
+    from .evaluate import compare, make_cluster, make_split, resolve_strategies
+
+    check_objective(objective)
+    cl = make_cluster(traces, **cluster)
+    names = resolve_strategies(strategy, cl)
+    train, _ = make_split(traces, split, holdout, seed)
+    opts = {"locality": {"engine": engine}}
+    score_opts = dict(eval_opts)
+    if "hidden_size" not in score_opts and (traces.geometry or {}).get("hidden_size"):
+        score_opts["hidden_size"] = int(traces.geometry["hidden_size"])
+    val = validate(traces, cl, names, train, objective=objective, split=split, seed=seed,
+                   max_imbalance=max_imbalance, grouping=grouping, strategy_opts=opts,
+                   scorer=default_scorer(engine, **score_opts))
+    opts["locality"]["eplb_layers"] = val.eplb_layers
+    comp = compare(traces, cl, names, grouping=grouping, holdout=holdout, split=split, seed=seed,
+                   max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping,
+                   strategy_opts=opts, engine=engine, **eval_opts)
+    comp.meta["pick"] = val.to_json()
+    comp.meta["engine"] = engine
+    return comp, val
