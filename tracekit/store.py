@@ -332,15 +332,17 @@ def totals(run_dir: Path, chunks: dict[str, list[ChunkInfo]] | None = None) -> d
     return out
 
 
-def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> None:
+def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> int:
     """Make ``manifest["chunks"]`` list exactly the readable chunk files on disk (resume and finalize).
 
     Records of files that are gone are dropped (their requests are simply not done); files without a record
-    (written before the record existed, or landed just before a kill) are hashed and recorded.
+    (written before the record existed, or landed just before a kill) are hashed and recorded. Returns how many
+    records were dropped.
     """
     recorded = manifest.setdefault("chunks", {})
     on_disk = {f"{kind}/{p.name}": p for kind in KINDS for p in _chunk_files(run_dir, kind)}
-    for rel in [r for r in recorded if r not in on_disk]:
+    gone = [r for r in recorded if r not in on_disk]
+    for rel in gone:
         del recorded[rel]
     for rel, p in on_disk.items():
         if rel not in recorded:
@@ -356,6 +358,7 @@ def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> None:
                 raise TracekitError(f"{p} belongs to run {owner}, not {manifest.get('run_id')}; move it out of this run")
             recorded[rel] = {"rows": info.rows, "bytes": info.bytes, "sha256": file_sha256(p)}
     manifest["chunks"] = dict(sorted(recorded.items()))
+    return len(gone)
 
 
 def finalize(run_dir: Path, status: str = "complete", **extra: Any) -> dict[str, Any]:
