@@ -119,7 +119,25 @@ def _hub_records(cfg: DatasetConfig) -> list[dict]:
     return records
 
 
+def _check_text_fields(template: str, record: dict, index: int, where: str) -> None:
+    """Every value the template inserts must be text: a list or number would be formatted as "[1, 2, 3]"."""
+    import string
+
+    fmt = string.Formatter()
+    for _, name, _, _ in fmt.parse(template):
+        if not name:
+            continue
+        try:
+            value, _ = fmt.get_field(name, (), record)
+        except (KeyError, IndexError, TypeError, AttributeError):
+            continue  # reported by format() below with the fields present
+        if not isinstance(value, str):
+            raise TracekitError(f"{where}: record {index} field {{{name}}} is {type(value).__name__}, not text; "
+                                "fix the file or choose the dataset whose template fits it")
+
+
 def render(cfg: DatasetConfig, record: dict, index: int, where: str) -> Prompt:
+    _check_text_fields(cfg.prompt_template, record, index, where)
     try:
         text = cfg.prompt_template.format(**record)
     except (KeyError, IndexError, TypeError) as exc:
@@ -128,6 +146,9 @@ def render(cfg: DatasetConfig, record: dict, index: int, where: str) -> Prompt:
             f"fields present: {', '.join(sorted(record))}"
         ) from None
     pid = record.get(cfg.id_field) if cfg.id_field else None
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, (str, int))):
+        raise TracekitError(f"{where}: record {index} id field {cfg.id_field!r} is {type(pid).__name__}; "
+                            "ids are text or integers")
     return Prompt(prompt_id=str(pid) if pid is not None else f"{cfg.name}/{index}", text=text, domain=cfg.domain)
 
 
