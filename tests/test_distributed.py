@@ -93,7 +93,7 @@ def test_ctrl_c_keeps_finished_chunks_and_rerun_completes(tmp_path):
     finished = sorted((out / "routes").glob("part-*.parquet"))
     assert 2 <= len(finished) < 40
     assert duckdb.connect().execute(f"select count(*) from '{out}/routes/*.parquet'").fetchone()[0] > 0
-    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"  # Ctrl-C marks the run (issue 10)
     subprocess.run([sys.executable, "-m", "tracekit", "collect", *args], check=True, env=_env(), capture_output=True)
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["totals"]["routes"]["requests"] == 40

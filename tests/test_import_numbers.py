@@ -212,3 +212,18 @@ def test_geometry_bounds(tmp_path, capsys, model, needle):
     out = tmp_path / "run"
     code, _, err = cli(capsys, "import", "routed-experts", str(f), "--out", str(out), "--model", model)
     assert_failed_cleanly(code, err, out, needle)
+
+
+@pytest.mark.parametrize("record,needle", [
+    ({"task_id": "a/1", "prompt": [1, 2, 3]}, "field {prompt} is list, not text"),
+    ({"task_id": "a/1", "prompt": 12}, "field {prompt} is int, not text"),
+    ({"task_id": [1, 2], "prompt": "def f():"}, "id field 'task_id' is list"),
+])
+def test_data_file_prompt_fields_must_be_text(tmp_path, record, needle):
+    from tracekit.datasets import get_dataset, load_prompts
+    from tracekit.errors import TracekitError
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(json.dumps({"task_id": "a/0", "prompt": "def g():"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(TracekitError, match=needle.replace("{", r"\{").replace("}", r"\}").replace("[", r"\[")):
+        load_prompts(get_dataset("humaneval"), data_file=f)

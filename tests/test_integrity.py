@@ -188,3 +188,39 @@ def test_unfinished_run_accepts_its_own_unrecorded_chunk(run):
     (run / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(TracekitError, match="belongs to run"):
         open_run(run)
+
+
+MANIFEST_EDITS = [
+    ("not_an_object", lambda m: [], "not a tracekit manifest"),
+    ("run_id_int", lambda m: m.update(run_id=5), "field 'run_id' must be a string"),
+    ("kind_bogus", lambda m: m.update(kind="bogus"), "field 'kind' must be routes or loads"),
+    ("geometry_text", lambda m: m.update(geometry="E=16"), "field 'geometry' must be an object"),
+    ("num_experts_text", lambda m: m["geometry"].update(num_experts="16"), "geometry.num_experts must be"),
+    ("moe_layers_text", lambda m: m["geometry"].update(moe_layers="1-3"), "geometry.moe_layers must be"),
+    ("chunks_list", lambda m: m.update(chunks=[]), "field 'chunks' must map files"),
+    ("chunk_rows_text", lambda m: m["chunks"][VICTIM].update(rows="10"), "field 'chunks' must map files"),
+    ("totals_list", lambda m: m.update(totals={"routes": []}), "field 'totals' must be"),
+    ("notes_object", lambda m: m.update(notes={"a": 1}), "field 'notes' must be a list of strings"),
+    ("schema_newer", lambda m: m.update(schema_version=99), "newer than this tracekit"),
+]
+
+
+@pytest.mark.parametrize("case,edit,needle", MANIFEST_EDITS, ids=[c[0] for c in MANIFEST_EDITS])
+def test_hand_edited_manifest_is_one_line(run, capsys, case, edit, needle):
+    m = json.loads((run / "manifest.json").read_text())
+    edited = edit(m)
+    (run / "manifest.json").write_text(json.dumps(m if edited is None else edited))
+    for argv in (["info", str(run)], ["query", str(run), "SELECT 1"]):
+        code, out, err = cli(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and needle in err and "Traceback" not in err, err
+
+
+def test_resume_refuses_to_adopt_another_runs_chunk(run, tmp_path):
+    from tracekit.store import read_manifest, reconcile_chunks
+
+    other = tmp_path / "other"
+    generate_run(other, num_experts=16, top_k=2, moe_layers=[1, 2, 3], requests=4, prompt_tokens=6, decode_tokens=3,
+                 seed=9)
+    shutil.copy(next((other / "routes").glob("part-*.parquet")), run / "routes/part-r000-c000777.parquet")
+    with pytest.raises(TracekitError, match="belongs to run"):
+        reconcile_chunks(read_manifest(run), run)

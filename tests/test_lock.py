@@ -137,7 +137,8 @@ def test_two_collects_with_different_arguments(tmp_path):
             time.sleep(0.2)
         info = _tk("info", str(out), "--json")
         if writer_pid(out) == str(first.pid):  # still writing after info returned: info saw it
-            assert json.loads(info.stdout)["status"] == f"running (pid {first.pid})"
+            m = json.loads(info.stdout)
+            assert (m["status"], m["writer_pid"]) == ("running", first.pid)
         second = _tk("collect", *COLLECT, "--limit", "3", "--out", str(out))
         if writer_pid(out) == str(first.pid):  # the first held the lock for the whole second command
             assert second.returncode == 2, second.stderr

@@ -463,8 +463,8 @@ def _resume(run_dir: Path, rank: int | None) -> dict[str, Any]:
     remove_stale_temporaries(run_dir, rank)
 
     def change(m: dict[str, Any]) -> None:
-        reconcile_chunks(m, run_dir)
-        if m.get("status") != "complete":
+        dropped = reconcile_chunks(m, run_dir)  # a deleted chunk's requests are collected again
+        if m.get("status") != "complete" or dropped:
             m["status"] = "running"
 
     return update_manifest(run_dir, change)

@@ -336,15 +336,17 @@ def totals(run_dir: Path, chunks: dict[str, list[ChunkInfo]] | None = None) -> d
     return out
 
 
-def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> None:
+def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> int:
     """Make ``manifest["chunks"]`` list exactly the readable chunk files on disk (resume and finalize).
 
     Records of files that are gone are dropped (their requests are simply not done); files without a record
-    (written before the record existed, or landed just before a kill) are hashed and recorded.
+    (written before the record existed, or landed just before a kill) are hashed and recorded. Returns how many
+    records were dropped.
     """
     recorded = manifest.setdefault("chunks", {})
     on_disk = {f"{kind}/{p.name}": p for kind in KINDS for p in _chunk_files(run_dir, kind)}
-    for rel in [r for r in recorded if r not in on_disk]:
+    gone = [r for r in recorded if r not in on_disk]
+    for rel in gone:
         del recorded[rel]
     for rel, p in on_disk.items():
         if rel not in recorded:
@@ -360,6 +362,7 @@ def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> None:
                 raise TracekitError(f"{p} belongs to run {owner}, not {manifest.get('run_id')}; move it out of this run")
             recorded[rel] = {"rows": info.rows, "bytes": info.bytes, "sha256": file_sha256(p)}
     manifest["chunks"] = dict(sorted(recorded.items()))
+    return len(gone)
 
 
 def finalize(run_dir: Path, status: str = "complete", **extra: Any) -> dict[str, Any]:
@@ -518,6 +521,54 @@ class Run:
         return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths], promote_options="permissive")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_manifest(m: Any, where: Path) -> None:
+    """Refuse a hand-edited or foreign manifest whose fields have the wrong types (one line naming the field)."""
+    fix = "restore it (or collect / import the run again)"
+    if not isinstance(m, dict):
+        raise TracekitError(f"{where}: not a tracekit manifest (expected a JSON object); {fix}")
+    check_version(m.get("schema_version"), str(where))
+
+    def bad(field_name: str, expected: str) -> TracekitError:
+        return TracekitError(f"{where}: field {field_name!r} must be {expected}; {fix}")
+
+    if not isinstance(m.get("run_id"), str):
+        raise bad("run_id", "a string")
+    if m.get("kind", "routes") not in KINDS:
+        raise bad("kind", " or ".join(KINDS))
+    for key in ("model", "dataset"):
+        if key in m and not isinstance(m[key], (dict, str)):
+            raise bad(key, "an object")
+    if "notes" in m and not (isinstance(m["notes"], list) and all(isinstance(n, str) for n in m["notes"])):
+        raise bad("notes", "a list of strings")
+    g = m.get("geometry", {})
+    if not isinstance(g, dict):
+        raise bad("geometry", "an object")
+    for key in ("num_layers", "num_experts", "top_k", "n_group", "topk_group", "n_shared_experts", "hidden_size"):
+        v = g.get(key)
+        if v is not None and (not _is_int(v) or v < 0):
+            raise TracekitError(f"{where}: geometry.{key} must be a non-negative integer or null; {fix}")
+    moe = g.get("moe_layers")
+    if moe is not None and not (isinstance(moe, list) and all(_is_int(x) and 0 <= x < 1 << 15 for x in moe)):
+        raise TracekitError(f"{where}: geometry.moe_layers must be a list of layer indices; {fix}")
+    chunks = m.get("chunks")
+    if chunks is not None:
+        ok = isinstance(chunks, dict) and all(
+            isinstance(rec, dict) and _is_int(rec.get("rows")) and _is_int(rec.get("bytes"))
+            and isinstance(rec.get(CHECKSUM), str) for rec in chunks.values())
+        if not ok:
+            raise TracekitError(f"{where}: field 'chunks' must map files to {{rows, bytes, sha256}}; {fix}")
+    tot = m.get("totals", {})
+    if not (isinstance(tot, dict) and all(
+            isinstance(t, dict) and all(_is_int(t[k]) for k in ("rows", "bytes", "requests", "prompt_tokens",
+                                                                  "generated_tokens") if k in t)
+            for t in tot.values())):
+        raise bad("totals", "an object of per-table counts")
+
+
 def open_run(path: str | os.PathLike, *, allow_partial: bool | None = None) -> Run:
     """Open a run directory; one-line errors for a missing, foreign, damaged or newer-schema directory.
 
@@ -530,9 +581,7 @@ def open_run(path: str | os.PathLike, *, allow_partial: bool | None = None) -> R
     m = read_manifest(p)
     if m is None:
         raise TracekitError(f"{p}: no manifest.json; not a tracekit run directory (collect or import one first)")
-    if not isinstance(m, dict):
-        raise TracekitError(f"{p / MANIFEST}: not a tracekit manifest (expected a JSON object)")
-    check_version(m.get("schema_version"), str(p / MANIFEST))
+    check_manifest(m, p / MANIFEST)
     integrity = verify_run(p, m)
     allow, on_skip = _ALLOW_PARTIAL.get()
     if allow_partial is not None:

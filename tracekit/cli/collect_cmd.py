@@ -151,7 +151,9 @@ def info(
     m = dict(r.manifest)
     m.pop("chunks", None)
     m["totals"] = totals(r.path, integrity.good)  # from the intact files, also for an unfinished run
-    m["status"] = _live_status(m.get("status"), writer_pid(r.path))
+    pid = writer_pid(r.path)
+    m["status"] = _live_status(m.get("status"), pid)
+    m["writer_pid"] = int(pid) if pid and pid.isdigit() else None
     m["integrity"] = {"state": integrity.state, "checked": integrity.checked,
                       "problems": [vars(p) for p in integrity.problems], "unrecorded": integrity.unrecorded}
     damaged = integrity.state == "damaged"
@@ -167,7 +169,8 @@ def info(
     model = m.get("model", {})
     t.add_row = _escaped_add_row(t)  # manifest text is user data, never rich markup
     t.add_row("run id", m.get("run_id", ""))
-    hint = ": run the same command again to resume" if m.get("status") == "interrupted" else ""
+    hint = {"interrupted": ": run the same command again to resume",
+            "running": f" (pid {m['writer_pid']})" if m.get("writer_pid") else ""}.get(m.get("status"), "")
     t.add_row("status", str(m.get("status")) + hint)
     t.add_row("source", str(m.get("source")))
     origin = model.get("hub_id") or ("built-in" if str(model.get("name", "")).startswith("tiny-") else None)
@@ -194,8 +197,6 @@ def _live_status(status, pid: str | None) -> str:
     """The manifest's status, corrected by the writer lock: ``running`` with no live writer means interrupted."""
     if status == "running" and pid is None:
         return "interrupted"
-    if status == "running":
-        return f"running (pid {pid})"
     return str(status)
 
 

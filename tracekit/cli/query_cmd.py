@@ -29,7 +29,14 @@ def partial_reads_cli(allow: bool):
     """``--allow-partial``: damaged runs are read without their damaged chunks, one warning line per chunk."""
     from ..store import partial_reads
 
-    return partial_reads(allow, on_skip=lambda line: print(f"warning: {line}", file=sys.stderr))
+    seen: set[str] = set()  # a command may open a run twice (report: resolve, then connect): warn once
+
+    def warn(line: str) -> None:
+        if line not in seen:
+            seen.add(line)
+            print(f"warning: {line}", file=sys.stderr)
+
+    return partial_reads(allow, on_skip=warn)
 
 
 def _fmt(v) -> str:
