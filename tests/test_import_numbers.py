@@ -215,9 +215,9 @@ def test_geometry_bounds(tmp_path, capsys, model, needle):
 
 
 @pytest.mark.parametrize("record,needle", [
-    ({"task_id": "a/1", "prompt": [1, 2, 3]}, "field {prompt} is list, not text"),
-    ({"task_id": "a/1", "prompt": 12}, "field {prompt} is int, not text"),
-    ({"task_id": [1, 2], "prompt": "def f():"}, "id field 'task_id' is list"),
+    ({"task_id": "a/1", "prompt": [1, 2, 3]}, "field 'prompt' of template '{prompt}' is a list, not text"),
+    ({"task_id": "a/1", "prompt": 12}, "field 'prompt' of template '{prompt}' is a int, not text"),
+    ({"task_id": [1, 2], "prompt": "def f():"}, "id field 'task_id' is a list"),
 ])
 def test_data_file_prompt_fields_must_be_text(tmp_path, record, needle):
     from tracekit.datasets import get_dataset, load_prompts

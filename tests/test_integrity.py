@@ -191,12 +191,12 @@ def test_unfinished_run_accepts_its_own_unrecorded_chunk(run):
 
 
 MANIFEST_EDITS = [
-    ("not_an_object", lambda m: [], "not a tracekit manifest"),
+    ("not_an_object", lambda m: [], "a manifest is a JSON object, not list"),
     ("run_id_int", lambda m: m.update(run_id=5), "field 'run_id' must be a string"),
     ("kind_bogus", lambda m: m.update(kind="bogus"), "field 'kind' must be routes or loads"),
     ("geometry_text", lambda m: m.update(geometry="E=16"), "field 'geometry' must be an object"),
-    ("num_experts_text", lambda m: m["geometry"].update(num_experts="16"), "geometry.num_experts must be"),
-    ("moe_layers_text", lambda m: m["geometry"].update(moe_layers="1-3"), "geometry.moe_layers must be"),
+    ("num_experts_text", lambda m: m["geometry"].update(num_experts="16"), "'geometry.num_experts' must be an integer"),
+    ("moe_layers_text", lambda m: m["geometry"].update(moe_layers="1-3"), "'geometry.moe_layers' must be a list of layer indices"),
     ("chunks_list", lambda m: m.update(chunks=[]), "field 'chunks' must map files"),
     ("chunk_rows_text", lambda m: m["chunks"][VICTIM].update(rows="10"), "field 'chunks' must map files"),
     ("totals_list", lambda m: m.update(totals={"routes": []}), "field 'totals' must be"),
