@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -113,22 +112,13 @@ def distinct(*targets: tuple[str, Path | None]) -> None:
 
 
 def atomic_write(path: Path | str, write: Callable[[str], None]) -> Path:
-    """Create ``path``'s folder if needed, call ``write(tmp_path)``, then rename the temporary over ``path``.
-    The temporary is removed on any failure (including Ctrl-C); the file gets the process umask's mode."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Create ``path``'s folder if needed, call ``write(tmp_path)``, then rename the temporary over ``path``: the
+    store's one mechanism (:func:`tracekit.store.atomic_write_path`: fsync, temporary removed on any failure
+    including Ctrl-C, the file created with the process umask)."""
+    from .store import atomic_write_path
+
+    atomic_write_path(path, lambda tmp: write(str(tmp)))
+    return Path(path)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..errors import TracekitError
+from ..store import atomic_write_path
 
 FORMATS = ("parquet", "csv")
 
@@ -35,17 +35,10 @@ class AnalysisResult:
         written = []
         for tname, table in self.tables.items():
             path = out_dir / f"{self.name}_{tname}.{fmt}"
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out_dir)
-            os.close(fd)
-            try:
-                if fmt == "parquet":
-                    pq.write_table(table, tmp, compression="zstd")
-                else:
-                    pacsv.write_csv(_csv_safe(table), tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            if fmt == "parquet":
+                atomic_write_path(path, lambda tmp, t=table: pq.write_table(t, tmp, compression="zstd"))
+            else:
+                atomic_write_path(path, lambda tmp, t=table: pacsv.write_csv(_csv_safe(t), str(tmp)))
             written.append(path)
         return written
 
