@@ -98,17 +98,32 @@ def _child(step: str, data: Path, budget: str) -> dict:
     return out
 
 
-def _run_step(step: str, data: Path, budget: str) -> dict:
-    """Run a step in a child process; add its wall time and its own peak RSS (wait4 rusage)."""
+def _run_step(step: str, data: Path, budget: str, time_limit: float | None = None) -> dict:
+    """Run a step in a child process; add its wall time and its own peak RSS (wait4 rusage). A child still
+    running after ``time_limit`` seconds is stopped and recorded as timed out, with its peak RSS until then."""
     t = time.perf_counter()
     p = subprocess.Popen([sys.executable, __file__, "--child", step, "--data", str(data), "--budget", budget],
                          stdout=subprocess.PIPE, text=True)
+    timed_out = False
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        if time_limit and time.perf_counter() - t > time_limit:
+            p.kill()
+            _, status, ru = os.wait4(p.pid, 0)
+            timed_out = True
+            break
+        time.sleep(0.5)
+    wall = time.perf_counter() - t
     out = p.stdout.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if timed_out:
+        res = {"seconds": wall, "timed_out": True, "time_limit": time_limit}
+    elif os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"step {step} on {data} failed (exit {os.waitstatus_to_exitcode(status)})")
-    res = json.loads(out.strip().splitlines()[-1])
-    res["wall_seconds"] = time.perf_counter() - t  # with interpreter start and imports
+    else:
+        res = json.loads(out.strip().splitlines()[-1])
+    res["wall_seconds"] = wall  # with interpreter start and imports
     res["peak_rss_gb"] = ru.ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
     res["loadavg"] = os.getloadavg()[0]
     return res
@@ -145,7 +160,8 @@ def assemble(root: Path, data_root: Path) -> dict:
     series = [n for n in ("short-10k", "short-30k", "short-100k") if n in runs]
     linear = {}
     for step in ANALYSES + ("load_rows",):
-        pts = [(runs[n]["rows"], runs[n]["steps"][step]["seconds"]) for n in series if step in runs[n]["steps"]]
+        pts = [(runs[n]["rows"], runs[n]["steps"][step]["seconds"]) for n in series
+               if step in runs[n]["steps"] and not runs[n]["steps"][step].get("timed_out")]
         if len(pts) >= 2:
             linear[step] = [{"rows": r, "seconds": s, "seconds_per_M_rows": s / (r / 1e6)} for r, s in pts]
     return {"cpu_count": os.cpu_count(), "python": platform.python_version(),
@@ -163,7 +179,9 @@ def print_table(summary: dict) -> None:
             if r is None:
                 continue
             note = ""
-            if step == "load":
+            if r.get("timed_out"):
+                note = f"DID NOT FINISH: stopped after {r['time_limit']:.0f} s (peak RSS until then)"
+            elif step == "load":
                 note = f"best of 3 (first {r['first_seconds']:.2f} s); from the summaries; target <= 1 s"
             elif step == "load_rows":
                 note = f"best of 3 over every row; {r['assignments']:,} assignments"
@@ -188,6 +206,8 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated runs: " + ", ".join(RUNS))
     ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated steps: " + ", ".join(STEPS))
     ap.add_argument("--budget", default="2GB", help="--memory-budget of the analyses")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="stop a step after this many seconds and record it as timed out (peak RSS until then)")
     ap.add_argument("--table", action="store_true", help="measure nothing; print and write what was measured")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
@@ -209,7 +229,7 @@ def main() -> None:
             for step in [s for s in a.steps.split(",") if s]:
                 if step not in STEPS:
                     raise SystemExit(f"unknown step {step}; choose from {', '.join(STEPS)}")
-                res = _run_step(step, data, a.budget)
+                res = _run_step(step, data, a.budget, a.time_limit)
                 (root / name).mkdir(parents=True, exist_ok=True)
                 (root / name / f"{step}.json").write_text(json.dumps(res, indent=1) + "\n")
                 print(f"  {name} {step}: {res['seconds']:.2f} s, {res['peak_rss_gb']:.2f} GB", file=sys.stderr)
