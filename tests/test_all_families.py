@@ -125,13 +125,14 @@ def _jetmoe_witness(gate, input_linear, log):
     def on_experts(m, a):
         x, grouped, sizes = state["x"], a[0], a[1]
         owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        token = (grouped[:, None, :] == x[None, :, :]).all(-1).float().argmax(-1)  # row -> token it came from
+        same = (grouped[:, None, :] == x[None, :, :]).all(-1)  # (rows, tokens): which tokens a row can be
         k = len(owner) // x.shape[0]
         ids = torch.full((x.shape[0], k), -1, dtype=torch.long)
         fill = torch.zeros(x.shape[0], dtype=torch.long)
-        for r in range(len(owner)):
-            ids[token[r], fill[token[r]]] = owner[r]
-            fill[token[r]] += 1
+        for r in range(len(owner)):  # identical tokens (pads) route identically: any of them will do
+            t = next(int(t) for t in torch.nonzero(same[r])[:, 0] if fill[t] < k and owner[r] not in ids[t])
+            ids[t, fill[t]] = owner[r]
+            fill[t] += 1
         log.append((ids.sort(-1).values, None))  # which experts, not their order: compared as sets
 
     return [gate.register_forward_pre_hook(on_block), input_linear.register_forward_pre_hook(on_experts)]
