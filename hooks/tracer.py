@@ -108,11 +108,31 @@ class RouterTracer:
             self._steps.append(self._pending)
             self._pending, self._passes = [], {}
 
+    def step_module(self) -> nn.Module:
+        """The module whose forward is one step: the innermost one holding every decoder router's layer stack.
+
+        Not the model itself: a wrapper's ``generate`` may delegate to an inner model (Qwen3-Omni's thinker), and
+        an encoder-decoder's encoder runs outside the decoder's forward (its calls join the first step).
+        """
+        paths = [r.name.split(".") for r in self.routers if getattr(r, "stack", "decoder") != "encoder"]
+        paths = paths or [r.name.split(".") for r in self.routers]
+        common = []
+        for parts in zip(*paths):
+            if len(set(parts)) > 1:
+                break
+            common.append(parts[0])
+        for i in range(len(common)):  # stop above the layer list ("layers.3" -> its owner)
+            if common[i] in ("layers", "block", "blocks", "h") and (i + 1 >= len(common) or common[i + 1].isdigit()):
+                common = common[:i]
+                break
+        return self.model.get_submodule(".".join(common)) if common else self.model
+
     def __enter__(self) -> "RouterTracer":
         for i, r in enumerate(self.routers):
             self._handles.append(r.module.register_forward_hook(partial(self._on_router, i), with_kwargs=True))
-        self._handles.append(self.model.register_forward_pre_hook(self._begin_step, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._end_step, with_kwargs=True))
+        step = self.step_module()
+        self._handles.append(step.register_forward_pre_hook(self._begin_step, with_kwargs=True))
+        self._handles.append(step.register_forward_hook(self._end_step, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -26,14 +26,14 @@ SIZES: dict[str, Any] = {
     "mamba_n_heads": 4, "mamba_num_heads": 4, "mamba_d_state": 8, "ssm_state_size": 8, "router_hidden_size": 16,
     "num_experts": 8, "n_routed_experts": 8, "num_local_experts": 8, "moe_num_experts": 8,
     "num_experts_per_tok": 2, "moe_topk": 2, "moe_top_k": 2, "moe_k": 2, "top_k_experts": 2, "num_experts_per_token": 2,
-    "n_group": 2, "topk_group": 1, "num_expert_group": 2, "zero_expert_num": 3,
+    "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "num_expert_group": 2, "zero_expert_num": 3,
     "max_position_embeddings": 512, "sliding_window": 64, "vocab_size": None,  # None: the byte tokenizer's
     "num_nextn_predict_layers": 0, "first_k_dense_replace": 1, "num_dense_layers": 1,
     "expert_capacity": 64, "router_jitter_noise": 0.0,
 }
 #: fields set even where the default is None (the config class leaves them to the checkpoint)
 FILL_NONE = ("sliding_window", "num_experts_per_tok", "n_routed_experts", "num_experts", "top_k_experts",
-             "moe_intermediate_size")
+             "moe_intermediate_size", "n_shared_experts")
 #: layer counts
 LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "encoder_layers", "decoder_layers", "num_decoder_layers")
 N_LAYERS = 3
@@ -52,9 +52,14 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "zaya": {"num_experts_per_tok": 1},  # transformers 5.24: "ZAYA currently supports num_experts_per_tok=1 only"
     "hunyuan_v1_moe": {"head_dim": 16},
     "nemotron_h": {"n_groups": 1, "mamba_head_dim": 16},
-    "glm5_next": {"index_topk": 16},
+    "glm5_next": {"text_config": {"index_topk": 16}},
+    # the config class leaves QSA unset while its default layer types build QSA indexers: set it as a checkpoint would
+    "qwen4_exp": {"text_config": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 256,
+                                  "indexer_budget": 16, "indexer_compress_ratio": 4}},
+    "inkling2": {"vision_config": {"text_hidden_size": 64}},
+    "inkling2_loop": {"vision_config": {"text_hidden_size": 64}},
     # the released Qwen3-Omni talker config carries this field; the config class has no default for it
-    "qwen3_omni_moe": {"enable_audio_output": False,
+    "qwen3_omni_moe": {"enable_audio_output": False, "thinker_config": {"vision_start_token_id": 259},
                        "talker_config": {"text_config": {"shared_expert_intermediate_size": 16}}},
     "switch_transformers": {"encoder_sparse_step": 2, "decoder_sparse_step": 2, "num_sparse_encoder_layers": 2,
                             "num_sparse_decoder_layers": 2},
@@ -141,11 +146,10 @@ def tiny_config(family: MoeFamily):
 
 def tiny_model(family: MoeFamily, seed: int = 0):
     """(model, tokenizer) of a tiny random-init model of ``family`` that can ``generate`` on text."""
-    from tracekit.models import model_class_for
+    from tracekit.models import generate_model_for
     from tracekit.tokenizer import byte_tokenizer
 
-    cfg = tiny_config(family)
-    cls = model_class_for(cfg)
+    cls, cfg = generate_model_for(tiny_config(family))
     torch.manual_seed(seed)
     model = cls._from_config(cfg, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed + 1)

@@ -37,3 +37,11 @@ def test_python_example_runs(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "expert_location.json").read_text())
     assert len(doc["physical_to_logical_map"]) == 4 and len(doc["physical_to_logical_map"][0]) == 136
     assert os.path.isdir(tmp_path / "runs" / "q" / "routes")
+
+
+def test_families_table_is_what_tracekit_prints():
+    """The README's families table is the output of `tracekit models --families` for the installed transformers."""
+    from tracekit.hooks.families import families_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert families_markdown() in readme, "README families table is stale: paste `tracekit models --families`"

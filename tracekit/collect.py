@@ -365,6 +365,9 @@ def trace_batch(
     tracer.clear()
     with torch.inference_mode():
         sequences = loaded.model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)
+    if not isinstance(sequences, torch.Tensor):  # e.g. DiffusionGemma's block diffusion: no prefill/decode to record
+        raise TracekitError(f"{type(loaded.model).__name__}.generate returned {type(sequences).__name__}, not token "
+                            f"ids: it does not generate autoregressively, so tracekit has no prefill/decode to trace")
     steps = tracer.fetch()
     # decoder-only: the prompt is the decoder's input; encoder-decoder: the decoder starts from its start token
     S = 1 if _is_encoder_decoder(loaded.model) else input_ids.shape[1]

@@ -51,6 +51,20 @@ QWEN3_30B_GEOMETRY = _geo(48, range(48), 128, 8, 2048, n_group=None, topk_group=
 LLAMA4_MAVERICK_GEOMETRY = _geo(48, range(1, 48, 2), 128, 1, 5120, n_group=None, topk_group=None, n_shared_experts=1, scoring="sigmoid")
 LLAMA4_SCOUT_GEOMETRY = _geo(48, range(48), 16, 1, 5120, n_group=None, topk_group=None, n_shared_experts=1, scoring="sigmoid")
 MIXTRAL_8X7B_GEOMETRY = _geo(32, range(32), 8, 2, 4096, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax")
+# Newer families. Each value is checked two ways: the installed transformers config class's defaults (the class
+# named in parentheses, whose docstring names the checkpoint) and a public model page found with the search tool.
+# DeepSeek V4 Flash (DeepseekV4Config; NVIDIA NeMo AutoModel's DeepSeek-V4-Flash page): 43 layers, all MoE, 256 routed
+# + 1 shared, top-6, sqrt-softplus scores x 1.5; the first 3 layers route by a token-id hash table (mlp_layer_types).
+DEEPSEEK_V4_FLASH_GEOMETRY = _geo(43, range(43), 256, 6, 4096, n_group=None, topk_group=None, n_shared_experts=1,
+                                  scoring="sqrtsoftplus", hash_layers=[0, 1, 2])
+# Qwen3.5-35B-A3B (Qwen3_5MoeTextConfig; the model card of its GPTQ quantisation): 40 layers (30 linear attention
+# + 10 full), every one MoE, 256 experts top-8, one shared expert.
+QWEN3_5_35B_GEOMETRY = _geo(40, range(40), 256, 8, 2048, n_group=None, topk_group=None, n_shared_experts=1, scoring="softmax")
+# GLM-4.5-Air (Glm4MoeConfig defaults, although its docstring names GLM-4.5; apxml.com's GLM-4.5-Air page quoting
+# its config.json): 46 layers, first dense, 128 routed + 1 shared, top-8, sigmoid + correction bias, 1 group.
+GLM4_5_AIR_GEOMETRY = _geo(46, range(1, 46), 128, 8, 4096, n_group=1, topk_group=1, n_shared_experts=1, scoring="sigmoid+bias")
+# gpt-oss-120b (GptOssConfig defaults; apxml.com / crafiq.ai gpt-oss-120b pages): 36 layers, all MoE, 128 experts top-4.
+GPT_OSS_120B_GEOMETRY = _geo(36, range(36), 128, 4, 2880, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,6 +179,10 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("llama4-maverick", "meta-llama/Llama-4-Maverick-17B-128E-Instruct", "llama4", "400B total, 17B active", LLAMA4_MAVERICK_GEOMETRY),
         ModelSpec("llama4-scout", "meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama4", "109B total, 17B active", LLAMA4_SCOUT_GEOMETRY),
         ModelSpec("mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1", "generic", "47B total, 13B active", MIXTRAL_8X7B_GEOMETRY),
+        ModelSpec("deepseek-v4-flash", "deepseek-ai/DeepSeek-V4-Flash", "generic", "284B total, 13B active; hash + learned routers", DEEPSEEK_V4_FLASH_GEOMETRY),
+        ModelSpec("qwen3.5-35b-a3b", "Qwen/Qwen3.5-35B-A3B", "generic", "35B total, 3B active; hybrid linear attention", QWEN3_5_35B_GEOMETRY),
+        ModelSpec("glm-4.5-air", "zai-org/GLM-4.5-Air", "generic", "106B total, 12B active", GLM4_5_AIR_GEOMETRY),
+        ModelSpec("gpt-oss-120b", "openai/gpt-oss-120b", "generic", "117B total, 5.1B active", GPT_OSS_120B_GEOMETRY),
         ModelSpec("tiny-deepseek-v3", None, "deepseek", "random-init, DeepSeek V3 router geometry", {}, _tiny_deepseek_v3),
         ModelSpec("tiny-qwen3-moe", None, "qwen-moe", "random-init, Qwen3-235B router geometry", {}, _tiny_qwen3_moe),
         ModelSpec("tiny-llama4", None, "llama4", "random-init, Llama 4 Maverick router geometry", {}, _tiny_llama4),
@@ -272,7 +290,7 @@ def load_model(
 
     check_weights_reachable(name, revision)
     hub_id = spec.hub_id
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "revision": revision}
     if device_map:
@@ -280,16 +298,15 @@ def load_model(
     if max_memory:
         kwargs["max_memory"] = max_memory
     try:
-        tok = AutoTokenizer.from_pretrained(hub_id, revision=revision)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(hub_id, **kwargs)
-        except ValueError:
-            # multimodal checkpoints (e.g. Llama 4) register under image-text-to-text; the routers are the same
-            from transformers import AutoModelForImageTextToText
+        from transformers import AutoConfig
 
-            model = AutoModelForImageTextToText.from_pretrained(hub_id, **kwargs)
-    except OSError as exc:
-        raise TracekitError(f"cannot load {name} ({hub_id}): {str(exc).splitlines()[0]}") from None
+        tok = AutoTokenizer.from_pretrained(hub_id, revision=revision)
+        # causal LM first (a multimodal checkpoint such as Llama 4 loads as its text model), then image-text-to-text,
+        # seq2seq (Switch, NLLB-MoE) and the family's own class where no auto class maps it (Qwen3-Omni-MoE)
+        cls, _ = generate_model_for(AutoConfig.from_pretrained(hub_id, revision=revision))
+        model = cls.from_pretrained(hub_id, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TracekitError(f"cannot load {name} ({hub_id}): {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -319,11 +336,17 @@ _GENERATE_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT
 
 
 def model_class_for(config) -> type:
-    """The transformers class that runs ``generate`` on text for ``config``.
+    """The transformers class that runs ``generate`` on text for ``config`` (see :func:`generate_model_for`)."""
+    return generate_model_for(config)[0]
 
-    Order: the auto mappings (causal LM, image-text-to-text, seq2seq, multimodal LM); then the checkpoint's own
-    ``architectures``; then the family's modeling module's ``*ForConditionalGeneration`` / ``*ForCausalLM`` class
-    (Qwen3-Omni-MoE has no auto class). A config none of these cover is one line (exit 2 through the CLI).
+
+def generate_model_for(config) -> tuple[type, Any]:
+    """(class, config) that run ``generate`` on text for ``config``, preferring what ``load_model`` loads.
+
+    Order: the causal-LM auto mapping (for a multimodal config, its text model on the text sub-config, as
+    ``AutoModelForCausalLM`` loads Llama 4); then image-text-to-text, seq2seq and multimodal-LM mappings; then
+    the checkpoint's own ``architectures``; then the family's modeling module's ``*ForConditionalGeneration`` /
+    ``*ForCausalLM`` class (Qwen3-Omni-MoE has no auto class). A config none of these cover is one line.
     """
     import importlib
 
@@ -332,28 +355,34 @@ def model_class_for(config) -> type:
     from transformers.models.auto.configuration_auto import model_type_to_module_name
 
     model_type = getattr(config, "model_type", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for mapping in _GENERATE_MAPPINGS:
         name = getattr(modeling_auto, mapping, {}).get(model_type)
         if isinstance(name, (list, tuple)):
             name = name[0]
         cls = getattr(transformers, name, None) if name else None
-        if cls is not None and getattr(cls, "config_class", type(config)) in (type(config), None):
-            return cls
+        if cls is None:
+            continue
+        wanted = getattr(cls, "config_class", None)
+        if wanted in (type(config), None):
+            return cls, config
+        if wanted is type(text):
+            return cls, text
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if cls is not None and hasattr(cls, "generate"):
-            return cls
+            return cls, config
+    module = model_type_to_module_name(model_type) if model_type else ""
     try:
-        mod = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}."
-                                      f"modeling_{model_type_to_module_name(model_type)}")
+        mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
     except Exception:
         mod = None
     if mod is not None:
         for suffix in ("ForConditionalGeneration", "ForCausalLM"):
             for name, cls in vars(mod).items():
-                if name.endswith(suffix) and isinstance(cls, type) and hasattr(cls, "can_generate") and cls.can_generate():
-                    if getattr(cls, "config_class", None) is type(config):
-                        return cls
+                if (name.endswith(suffix) and isinstance(cls, type) and getattr(cls, "config_class", None) is type(config)
+                        and hasattr(cls, "can_generate") and cls.can_generate()):
+                    return cls, config
     raise TracekitError(
         f"transformers {transformers.__version__} has no model class that generates text for model type "
         f"{model_type!r}; tracekit traces models that run generate (causal LM, image-text-to-text or seq2seq)"

@@ -223,10 +223,17 @@ def _layer_span(layers: list[int]) -> str:
 
 
 @app.command()
-def models() -> None:
+def models(families: bool = typer.Option(False, "--families", help="print the MoE families of the installed "
+                                         "transformers and their router contracts, as a markdown table")) -> None:
     """The model registry with each model's routing geometry."""
     from ..models import REGISTRY, load_model
     from ..hooks import find_routers, router_geometry
+
+    if families:
+        from ..hooks.families import families_markdown
+
+        print(families_markdown())
+        return
 
     t = Table(title="models")
     for c in ("name", "hub id / source", "layers (MoE)", "E", "k", "routing"):
@@ -242,6 +249,8 @@ def models() -> None:
             routing += f", groups {g['topk_group']} of {g['n_group']}"
         if g.get("n_shared_experts"):
             routing += f", {g['n_shared_experts']} shared"
+        if g.get("hash_layers"):
+            routing += f", hash-routed layers {_layer_span(g['hash_layers'])}"
         t.add_row(spec.name, spec.hub_id or spec.summary, f"{g.get('num_layers')} ({len(g['moe_layers'])} {_layer_span(g['moe_layers'])})",
                   str(g.get("num_experts")), str(g.get("top_k")), routing)
     out_console.print(t)
