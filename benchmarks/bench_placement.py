@@ -165,7 +165,6 @@ def table(rows: list[dict], title: str) -> Table:
     for c in ("", "strategy", "grouping", "fit s", "step ms sglang", "vs eplb", "step ms ideal",
               "p50/p99 sglang", "p50/p99 ideal", "x-node normal", "x-node LL", "fitted worst", "val " + OBJECTIVE):
         t.add_column(c)
-    nan = float("nan")
     for r in rows:
         i = r.get("ideal") or {}
         t.add_row("*" if r.get("recommended") else "", r["strategy"], r["grouping"], f"{r['fit_seconds']:.2f}",
@@ -259,7 +258,6 @@ def oracle_rows(tr, comps: dict, label: str, **kw) -> list[dict]:
                 **{k: h.get(k) for k in KEYS},
                 "ideal": ideal_scores(tr, comp, p),
                 "vs_eplb_step_time": h["step_time_ms"] / eplb_step - 1 if eplb_step else None,
-                "vs_eplb_step": h["step_time_ms"] / eplb_step - 1 if eplb_step else None,
                 "fitted_gpu_load_max_over_mean": None,
                 "vs_eplb_normal": h["cross_node_copies_per_token_normal"] / eplb - 1,
                 "vs_linear_normal": h["cross_node_copies_per_token_normal"] / lin - 1,

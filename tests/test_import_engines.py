@@ -16,23 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from tracekit.cli import main
 from tracekit.errors import TracekitError
 from tracekit.importers.geometry import parse_layers, resolve_model
 from tracekit.importers.sglang import slots_to_logical
 from tracekit.store import open_run
 
+from _cli import cli
+
 NUM_LAYERS, MOE, E, K = 4, [1, 2, 3], 16, 2
 GEO_FLAGS = ["--num-experts", str(E), "--top-k", str(K), "--moe-layers", "1-3", "--num-layers", str(NUM_LAYERS)]
 REC_K = 8  # SGLang's _DetailSinglePassGatherer._TOP_K_NUM
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
 
 
 def q(run: Path, sql: str, kind: str = "routes"):

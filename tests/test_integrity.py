@@ -9,21 +9,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tracekit.cli import main
 from tracekit.errors import TracekitError
 from tracekit.query import connect, fetch_arrow, run_sql
 from tracekit.store import open_run, partial_reads, verify_run
 from tracekit.synth import generate_run
 
+from _cli import cli
+
 VICTIM = "routes/part-r000-c000001.parquet"
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from tracekit.cli import main
 from tracekit.importers.jsonl import import_jsonl
 from tracekit.placement.traces import load_traces, split_requests, split_tokens
+
+from _cli import run_cli
 
 FILES = {  # analysis_deep_analysis_humaneval_1 duplicates the decode rows of routing_raw, so it is left out
     "decode": ["routing_data_collected_humaneval_2_routing.jsonl", "routing_data_collected_gsm8k_2_routing.jsonl"],
@@ -23,14 +24,6 @@ def mixtral_runs(shared_data, tmp_path_factory):
         import_jsonl([d / f for f in files], model="mixtral-8x7b", out=root / name)
         for name, files in FILES.items()
     ]
-
-
-def run_cli(args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_load_traces_from_real_runs(mixtral_runs):

@@ -17,7 +17,6 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tracekit.cli import main
 from tracekit.placement import baselines, export
 from tracekit.placement.classifier import fit_text_classifier
 from tracekit.placement.types import Cluster, GroupingRule, Placement
@@ -25,6 +24,8 @@ from tracekit.route.balancer import Balancer
 from tracekit.route.body import BadRequest, insert_rank, parse_object
 from tracekit.route.server import ROUTER, RouteOptions, make_app
 from tracekit.route.table import load_route_table
+
+from _cli import run_cli
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _fake_sglang import FakeSGLang, start  # noqa: E402
@@ -364,14 +365,6 @@ def test_parse_object_errors_are_one_line():
 
 
 # ------------------------------------------------------------------------------------------------ start-up
-
-
-def run_cli(args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -128,18 +128,18 @@ def render(cfg: DatasetConfig, record: dict, index: int, where: str) -> Prompt:
     if not isinstance(record, dict):
         raise TracekitError(f"{where}: record {index} is a {type(record).__name__}, not an object with named fields")
     formatter = string.Formatter()
-    for _, field, _, _ in formatter.parse(cfg.prompt_template):
-        if field is None:
+    for _, name, _, _ in formatter.parse(cfg.prompt_template):
+        if name is None:
             continue
         try:
-            value, _ = formatter.get_field(field, (), record)
+            value, _ = formatter.get_field(name, (), record)
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             raise TracekitError(
                 f"{where}: record {index} has no field for template {cfg.prompt_template!r} ({exc!s}); "
                 f"fields present: {', '.join(sorted(map(str, record)))}"
             ) from None
         if not isinstance(value, str):
-            raise TracekitError(f"{where}: record {index}: field {field!r} of template {cfg.prompt_template!r} is "
+            raise TracekitError(f"{where}: record {index}: field {name!r} of template {cfg.prompt_template!r} is "
                                 f"a {type(value).__name__}, not text; check the file or the dataset config")
     text = cfg.prompt_template.format(**record)
     pid = record.get(cfg.id_field) if cfg.id_field else None

@@ -198,6 +198,11 @@ def _chunk_files(run_dir: Path, kind: str) -> list[Path]:
     return [p for p in sorted(d.iterdir()) if _PART_RE.match(p.name)]
 
 
+def _one_printable_line(exc: BaseException, limit: int = 80) -> str:
+    """An exception's text as one short printable line (a corrupt file's bytes can end up in the message)."""
+    return "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:limit]
+
+
 def _read_chunk(p: Path) -> tuple[ChunkInfo, dict]:
     """A chunk's footer as ChunkInfo (and its key-value metadata); raises on an unreadable file."""
     m = _PART_RE.match(p.name)
@@ -355,7 +360,7 @@ def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> int:
             except TracekitError:
                 raise
             except Exception as exc:
-                text = "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:80]
+                text = _one_printable_line(exc)
                 raise TracekitError(f"{p}: not a readable Parquet chunk ({text}); remove it and re-run to resume") from None
             owner = kv.get(META_RUN_ID, b"").decode()
             if owner and owner != manifest.get("run_id"):
@@ -447,7 +452,7 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any] | None = Non
             except TracekitError:
                 raise
             except Exception as exc:
-                text = "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:80]
+                text = _one_printable_line(exc)
                 problems.append(ChunkProblem(rel, "corrupt", f"unreadable Parquet footer: {text}"))
                 continue
             if rec is not None:

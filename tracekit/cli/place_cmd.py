@@ -50,7 +50,7 @@ def place_cmd(
     from rich.console import Console
 
     from ..errors import TracekitError
-    from ..placement.evaluate import compare, render
+    from ..placement.evaluate import render
     from ..placement.export import save_placement
     from ..placement.traces import load_traces
     from ..store import atomic_write_json

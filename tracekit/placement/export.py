@@ -318,7 +318,7 @@ def vllm_config(placement: Placement) -> dict[str, Any]:
     rr_note = (
         " vLLM runs round_robin only for models with expert groups (n_group > 1), no redundant experts and EPLB off "
         "(with all-to-all kernels only on the DeepEP low-latency or NIXL EP backend); otherwise it falls back to "
-        "linear" + (f", so this placement (closest to round_robin) gets linear" if closest != best else "") + "."
+        "linear" + (", so this placement (closest to round_robin) gets linear" if closest != best else "") + "."
     )
     eplb_cfg = {**VLLM_EPLB_DEFAULTS, "num_redundant_experts": c.redundant}
     flags = [
@@ -361,7 +361,6 @@ def render(placement: Placement, fmt: str, *, out: str | Path | None = None, num
         cfg = vllm_config(placement)
         return json.dumps(cfg, indent=2) + "\n", ["vllm flags: " + " ".join(cfg["flags"]), "vllm: " + cfg["cannot_take"]]
     if fmt == "grouping":
-        rule = placement.grouping or GroupingRule()
         return json.dumps(grouping_export_dict(placement), indent=1) + "\n", grouping_notes(placement, name)
     validate(placement)
     return json.dumps(placement_to_dict(placement), separators=(",", ":")) + "\n", []

@@ -123,7 +123,6 @@ def step_layout(traces: TraceArrays, mask: np.ndarray | None, home: np.ndarray, 
     t_req = np.repeat(np.arange(R), span)
     t_step = np.full(n_slots, -1, dtype=np.int64)
     t_idx = np.zeros(n_slots, dtype=np.int64)
-    G = int(home.max()) + 1 if home.size else 1
     rank = np.asarray(home, dtype=np.int64)[t_req]
 
     # prefill: per rank, tokens in (request, position) order -> chunks
