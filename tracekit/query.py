@@ -128,6 +128,7 @@ def _runs_table(runs: Sequence[Run]) -> pa.Table:
                 "tracekit_version": m.get("tracekit_version"),
                 "created_at": m.get("created_at"),
                 "files": len(r.files.get(r.kind, [])),
+                "chunks": [str(f) for f in r.files.get(r.kind, [])],
                 "rows": tot.get("rows"),
                 "requests": tot.get("requests"),
             }
@@ -135,7 +136,8 @@ def _runs_table(runs: Sequence[Run]) -> pa.Table:
     ints = ("num_layers", "num_experts", "top_k", "n_group", "topk_group", "n_shared_experts", "hidden_size",
             "schema_version", "files", "rows", "requests")
     schema = pa.schema(
-        [(k, pa.int64()) if k in ints else (k, pa.list_(pa.int32())) if k == "moe_layers" else (k, pa.string())
+        [(k, pa.int64()) if k in ints else (k, pa.list_(pa.int32())) if k == "moe_layers"
+         else (k, pa.list_(pa.string())) if k == "chunks" else (k, pa.string())
          for k in rows[0]]
     )
     return pa.Table.from_pylist(rows, schema=schema)

@@ -222,17 +222,21 @@ def _read_chunk(p: Path) -> tuple[ChunkInfo, dict]:
     return info, kv
 
 
-def list_chunks(run_dir: Path, kind: str = "routes") -> list[ChunkInfo]:
-    """Finished chunk files of a run, read from their Parquet footers (cheap: no data pages are read)."""
+def list_chunks(run_dir: Path, kind: str = "routes", only: Iterable[str | os.PathLike] | None = None) -> list[ChunkInfo]:
+    """Finished chunk files of a run, read from their Parquet footers (cheap: no data pages are read).
+    ``only``: just these files (e.g. the intact chunks a partial read keeps)."""
     out = []
+    keep = None if only is None else {Path(f).name for f in only}
     for p in _chunk_files(run_dir, kind):
+        if keep is not None and p.name not in keep:
+            continue
         try:
             out.append(_read_chunk(p)[0])
         except TracekitError:
             raise
         except Exception as exc:  # a foreign or damaged file: say which
-            text = "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:80]
-            raise TracekitError(f"{p}: not a readable Parquet chunk ({text}); remove it and re-run to resume") from None
+            raise TracekitError(f"{p}: not a readable Parquet chunk ({_one_printable_line(exc)}); remove it and "
+                                "re-run to resume") from None
     return out
 
 

@@ -11,7 +11,8 @@ from .data import Geometry, geometry
 from .result import AnalysisResult
 
 
-TOP1_NOTE = "co-activation: not applicable to top-1 routing (one expert per token)"
+TOP1_NOTE = ("co-activation within a layer: not applicable to top-1 routing (one expert per token), so it is "
+             "undefined; inter-layer affinity is still shown")
 PAIRS_SCHEMA = pa.schema([("layer", pa.int64()), ("expert_a", pa.int64()), ("expert_b", pa.int64()),
                           ("count", pa.int64()), ("lift", pa.float64())])
 

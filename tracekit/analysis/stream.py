@@ -105,7 +105,7 @@ def plan_slices(con: duckdb.DuckDBPyConnection, index: RequestIndex, per_slice: 
     """Split every routes run into slices of at most ``per_slice`` requests held whole by their files."""
     out: list[Slice] = []
     for run in sql_file(con, "routes_runs").to_pylist():
-        chunks = [c for c in list_chunks(run["path"], "routes") if c.rows]
+        chunks = [c for c in list_chunks(run["path"], "routes", only=run["chunks"]) if c.rows]
         if not chunks:
             continue
         for files, ids in _chunk_groups(chunks, index, run["run_id"]):

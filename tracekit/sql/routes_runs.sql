@@ -1,2 +1,3 @@
--- the routes runs of the connection and their directories (analyses read them chunk by chunk)
-SELECT run_id, path FROM runs WHERE kind = 'routes' ORDER BY run_id
+-- the routes runs of the connection, their directories and the chunk files the connection reads (the intact ones
+-- under a partial read); analyses read them chunk by chunk
+SELECT run_id, path, chunks FROM runs WHERE kind = 'routes' ORDER BY run_id
