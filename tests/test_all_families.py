@@ -38,6 +38,24 @@ NEW_TOKENS = 3
 NOT_GENERATIVE = {"openai_privacy_filter": "no model class that generates", "diffusion_gemma": "does not generate autoregressively"}
 
 
+#: families this test does not yet build or trace right, each with what is wrong (measured 2026-12-01, transformers
+#: 5.24). strict xfail: the day one passes, the test says so and the entry must go.
+KNOWN_GAPS = {
+    "deepseek_ocr2": "tiny builder: the config class leaves mlp_layer_types None",
+    "lfm2_moe": "tiny builder: the config class leaves layer_types None",
+    "dots3_note": "tiny builder: heterogeneous per-layer config (AmbiguousGlobalPerLayerAttributeError)",
+    "ernie4_5_vl_moe": "tiny builder: rope sections do not fit the shrunk head dims",
+    "glm4v_moe": "tiny builder: mrope sections [8, 12, 12] do not fit the shrunk head dims",
+    "granitemoehybrid": "tiny builder: the 3-layer subset keeps no attention layer (cache needs one)",
+    "jamba": "tiny builder: the 3-layer subset keeps no attention layer (cache needs one)",
+    "kimi_linear": "tiny builder: the 3-layer subset keeps no attention layer (cache needs one)",
+    "inkling2": "tiny model indexes an embedding out of range (not investigated)",
+    "inkling2_loop": "tiny model indexes an embedding out of range (not investigated); looped-layer passes untested",
+    "muse_spark": "tiny builder: vision config lists per-layer sizes, depth shrunk to 1",
+    "qwen3_omni_moe": "rows on disk (6312) != expected (192): not investigated, may be a tracing gap",
+}
+
+
 class _KeepingTracer(collect_mod.RouterTracer):
     """The collector's own tracer, keeping a copy of every step it hands back."""
 
@@ -157,7 +175,9 @@ def _compare(family, recorded, witnessed, zero_ids):
                                        atol=1e-6, err_msg=f"{family}: weights of call {i}")
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_GAPS[f], strict=True)) if f in KNOWN_GAPS else f
+    for f in sorted(FAMILIES)])
 def test_family_recorded_equals_consumed(family, tmp_path, monkeypatch):
     fam = FAMILIES[family]
     if family in NOT_GENERATIVE:
