@@ -50,10 +50,13 @@ def _table(run: Path) -> pa.Table:
 
 
 def _leftovers(root: Path) -> list[str]:
-    keep = {"run", "run/routes", "run/manifest.json"}
+    """Anything in the run but the manifest, finished chunks and their per-chunk summaries (a temp, a lock ...)."""
+    keep = {"run", "run/routes", "run/manifest.json", "run/summaries", "run/summaries/loads", "run/summaries/requests"}
+    chunk_dirs = {"run/routes", "run/summaries/loads", "run/summaries/requests"}
     return [p.relative_to(root).as_posix() for p in sorted(root.rglob("*"))
-            if p.relative_to(root).as_posix() not in keep and not (p.parent.name == "routes" and p.name.startswith("part-")
-                                                                     and p.suffix == ".parquet")]
+            if p.relative_to(root).as_posix() not in keep
+            and not (p.parent.relative_to(root).as_posix() in chunk_dirs and p.name.startswith("part-")
+                     and p.suffix == ".parquet")]
 
 
 def _info(run: Path, *flags: str) -> dict:
@@ -99,10 +102,12 @@ def test_kill_during_final_manifest_write(tmp_path, reference):
     _resume_and_check(tmp_path, reference)
 
 
-def test_kill_during_a_chunk_write(tmp_path, reference):
-    r = _collect(tmp_path / "run", **{CRASH_ENV: "part-r000-c000001.parquet:1"})
+@pytest.mark.parametrize("nth, folder", [(1, "summaries/loads"), (2, "summaries/requests"), (3, "routes")])
+def test_kill_during_a_chunk_write(tmp_path, reference, nth, folder):
+    """A chunk's name is written three times: its load summary, its request summary, then the chunk itself."""
+    r = _collect(tmp_path / "run", **{CRASH_ENV: f"part-r000-c000001.parquet:{nth}"})
     assert r.returncode == 137
-    assert list((tmp_path / "run" / "routes").glob(".part-r000-c000001.parquet.*.tmp"))
+    assert list((tmp_path / "run" / folder).glob(".part-r000-c000001.parquet.*.tmp"))
     _resume_and_check(tmp_path, reference)
 
 

@@ -89,7 +89,7 @@ def test_ctrl_c_keeps_finished_chunks_and_rerun_completes(tmp_path):
     assert proc.returncode == 130, err
     from tracekit.cli import INTERRUPTED
 
-    assert err.strip().splitlines() == [f"error: {INTERRUPTED}"]
+    assert err.strip().splitlines() == [INTERRUPTED]
     finished = sorted((out / "routes").glob("part-*.parquet"))
     assert 2 <= len(finished) < 40
     assert duckdb.connect().execute(f"select count(*) from '{out}/routes/*.parquet'").fetchone()[0] > 0

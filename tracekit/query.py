@@ -196,6 +196,7 @@ def connect(
                 raise TracekitError(f"memory limit {memory_limit!r} (--memory-limit) is not a size; use e.g. 512MB "
                                     "or 4GB") from None
         con.execute("SET temp_directory = ?", [spill])
+        _no_progress_bar(con)
         if routes_files:
             con.register("routes_files", _read_only_dataset(routes_files))
             con.execute(sql_text("routes"))
@@ -238,6 +239,15 @@ def _create_summary_views(con: duckdb.DuckDBPyConnection, routes_runs: Sequence[
         for view, summary in (("requests", "summary_requests"), ("loads_derived", "summary_loads")):
             con.execute(sql_text(view).replace("{select}", sql_text(summary).replace("{source}", "routes")))
     con.execute(sql_text("loads_by_step"))
+
+
+def _no_progress_bar(con: duckdb.DuckDBPyConnection) -> None:
+    """Switch DuckDB's progress bar off (it would print to stderr from inside library calls). Under Jupyter without
+    ipywidgets DuckDB refuses to change this setting at all; the default is then kept."""
+    try:
+        con.execute("SET enable_progress_bar = false")
+    except duckdb.Error:
+        pass
 
 
 def _first_line(exc: BaseException) -> str:

@@ -248,8 +248,10 @@ def remove_stale_temporaries(run_dir: Path, rank: int | None = None) -> int:
     """
     n = 0
     pattern = ".part-*.tmp" if rank is None else f".part-r{rank:03d}-*.tmp"
-    for kind in KINDS:
-        d = Path(run_dir) / kind
+    from .summaries import SUMMARY_DIR, TABLES
+
+    folders = [Path(run_dir) / kind for kind in KINDS] + [Path(run_dir) / SUMMARY_DIR / t for t in TABLES]
+    for d in folders:  # chunk files and the per-chunk summaries written just before each chunk
         if d.is_dir():
             for p in d.glob(pattern):
                 p.unlink(missing_ok=True)

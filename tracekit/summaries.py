@@ -34,11 +34,11 @@ def summarize_table(table: pa.Table) -> dict[str, pa.Table]:
     """The summaries of one routes chunk held in memory: {"loads": ..., "requests": ...}."""
     import duckdb
 
-    from .query import sql_text
+    from .query import _no_progress_bar, sql_text
 
     con = duckdb.connect(":memory:", config={"threads": 1})
     try:
-        con.execute("SET enable_progress_bar = false")
+        _no_progress_bar(con)
         # only the columns the summary reads (DuckDB has no float16 for the weights)
         con.register("_tracekit_chunk", table.select([c for c in REQUEST_COLUMNS if c in table.column_names]))
         requests = con.sql(sql_text("summary_requests").replace("{source}", "_tracekit_chunk")).to_arrow_table()

@@ -61,7 +61,7 @@ def route_cmd(
     for name, v in (("--max-concurrency", max_concurrency), ("--queue-timeout", queue_timeout),
                     ("--connect-timeout", connect_timeout), ("--read-timeout", read_timeout), ("--max-body-mb", max_body_mb)):
         if not (0 < v < float("inf")):
-            raise TracekitError(f"{name} must be a positive finite number (got {v})")
+            raise TracekitError(f"{name} must be positive and finite (got {v})")
     check_dp_size(table, dp_size)
     check_model(table, model)
     info = {} if (dp_size is not None and model is not None) else _upstream_info(upstream)
