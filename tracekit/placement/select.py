@@ -266,9 +266,15 @@ def place(traces: TraceArrays, cluster: dict, strategy: str = "all", *, objectiv
     score_opts = dict(eval_opts)
     if "hidden_size" not in score_opts and (traces.geometry or {}).get("hidden_size"):
         score_opts["hidden_size"] = int(traces.geometry["hidden_size"])
-    val = validate(traces, cl, names, train, objective=objective, split=split, seed=seed,
-                   max_imbalance=max_imbalance, grouping=grouping, strategy_opts=opts,
-                   scorer=default_scorer(engine, **score_opts))
+    if isinstance(strategy, str) and strategy not in ("all", "locality"):
+        # one baseline named: nothing to pick, and no per-layer fallback to validate (only locality has one);
+        # the references (linear, eplb) are still scored beside it
+        val = Validation(pick=strategy, objective=objective, metric="-", values={},
+                         reason=f"{strategy} (named by --strategy: nothing to pick, no validation run)")
+    else:
+        val = validate(traces, cl, names, train, objective=objective, split=split, seed=seed,
+                       max_imbalance=max_imbalance, grouping=grouping, strategy_opts=opts,
+                       scorer=default_scorer(engine, **score_opts))
     opts["locality"]["eplb_layers"] = val.eplb_layers
     comp = compare(traces, cl, names, grouping=grouping, holdout=holdout, split=split, seed=seed,
                    max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping,
