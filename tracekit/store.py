@@ -203,6 +203,17 @@ def _one_printable_line(exc: BaseException, limit: int = 80) -> str:
     return "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:limit]
 
 
+def _read_readable_chunk(p: Path) -> tuple["ChunkInfo", dict]:
+    """:func:`_read_chunk`, with a foreign or damaged file turned into one line that names it."""
+    try:
+        return _read_chunk(p)
+    except TracekitError:
+        raise
+    except Exception as exc:
+        raise TracekitError(f"{p}: not a readable Parquet chunk ({_one_printable_line(exc)}); remove it and re-run "
+                            "to resume") from None
+
+
 def _read_chunk(p: Path) -> tuple[ChunkInfo, dict]:
     """A chunk's footer as ChunkInfo (and its key-value metadata); raises on an unreadable file."""
     m = _PART_RE.match(p.name)
@@ -230,13 +241,7 @@ def list_chunks(run_dir: Path, kind: str = "routes", only: Iterable[str | os.Pat
     for p in _chunk_files(run_dir, kind):
         if keep is not None and p.name not in keep:
             continue
-        try:
-            out.append(_read_chunk(p)[0])
-        except TracekitError:
-            raise
-        except Exception as exc:  # a foreign or damaged file: say which
-            raise TracekitError(f"{p}: not a readable Parquet chunk ({_one_printable_line(exc)}); remove it and "
-                                "re-run to resume") from None
+        out.append(_read_readable_chunk(p)[0])
     return out
 
 
@@ -361,13 +366,7 @@ def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> int:
         del recorded[rel]
     for rel, p in on_disk.items():
         if rel not in recorded:
-            try:
-                info, kv = _read_chunk(p)
-            except TracekitError:
-                raise
-            except Exception as exc:
-                text = _one_printable_line(exc)
-                raise TracekitError(f"{p}: not a readable Parquet chunk ({text}); remove it and re-run to resume") from None
+            info, kv = _read_readable_chunk(p)
             owner = kv.get(META_RUN_ID, b"").decode()
             if owner and owner != manifest.get("run_id"):
                 raise TracekitError(f"{p} belongs to run {owner}, not {manifest.get('run_id')}; move it out of this run")
