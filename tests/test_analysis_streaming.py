@@ -6,19 +6,21 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
 from tracekit.analysis.budget import MemoryBudget, parse_size
 from tracekit.analysis.data import geometry
 from tracekit.analysis.run import analyze
-from tracekit.analysis.stream import count_dtype, plan_slices, request_index, requests_per_batch
+from tracekit.analysis.stream import plan_slices, request_index, rows_per_slice
 from tracekit.errors import TracekitError
 from tracekit.query import connect, query
 from tracekit.summaries import SUMMARY_DIR, backfill
 from tracekit.synth import generate_run
 
-SMALL = MemoryBudget(400_000)  # 160 KB of arrays: ~110 requests of (2, 4, 32) uint16 counts per batch
+SMALL = MemoryBudget(400_000)  # 160 KB of arrays: ~500 token-layer rows (k=4) per slice
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,8 @@ def test_small_budget_reads_many_batches(run):
     con = connect(run)
     try:
         geo, index = geometry(con), request_index(con)
-        dtype = count_dtype(int(max(index.prefill_rows.max(), index.decode_rows.max())))
-        small = plan_slices(con, index, requests_per_batch(geo, SMALL, dtype.itemsize, 0.35))
-        big = plan_slices(con, index, requests_per_batch(geo, MemoryBudget.of("4GB"), dtype.itemsize, 0.35))
+        small = plan_slices(con, index, len(index), rows_per_slice(geo, SMALL, 0.35))
+        big = plan_slices(con, index, len(index), rows_per_slice(geo, MemoryBudget.of("4GB"), 0.35))
     finally:
         con.close()
     chunks = len(list((run / "routes").glob("*.parquet")))
@@ -206,3 +207,39 @@ def test_cli_memory_budget(run, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["analyze", str(run), "--memory-budget", "a lot"])
     assert exc.value.code == 2 and "memory budget 'a lot' not understood" in capsys.readouterr().err
+
+
+def test_run_level_load_summary_sums_exactly_the_chunks_read(run, tmp_path):
+    """finalize writes summaries/loads.parquet (each key once); the loads view reads it only while it sums exactly
+    the chunks read, else the per-chunk summaries answer."""
+    import shutil
+
+    from tracekit.store import partial_reads
+    from tracekit.summaries import RUN_LOADS
+
+    whole = run / SUMMARY_DIR / RUN_LOADS
+    assert whole.is_file()
+    t = pq.read_table(whole)
+    keys = ["run_id", "model", "dataset", "domain", "phase", "window", "layer", "expert"]
+    assert t.num_rows == len(set(zip(*(t[k].to_pylist() for k in keys))))  # each key once
+    per_chunk = pq.read_table(run / SUMMARY_DIR / "loads")
+    assert t.num_rows < per_chunk.num_rows and sum(t["count"].to_pylist()) == sum(per_chunk["count"].to_pylist())
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    sql = "SELECT layer, expert, sum(count) AS n FROM loads GROUP BY ALL ORDER BY ALL"
+    truth = query(run, sql).to_pylist()
+    doubled = t.set_column(t.schema.get_field_index("count"), "count", pa.compute.multiply(t["count"], 2))
+    pq.write_table(doubled.replace_schema_metadata(t.schema.metadata), copy / SUMMARY_DIR / RUN_LOADS)
+    assert [r["n"] for r in query(copy, sql).to_pylist()] == [2 * r["n"] for r in truth]  # it is what is read
+
+    gone = sorted((copy / "routes").glob("*.parquet"))[0]
+    gone.unlink()
+    with partial_reads():
+        left = query(copy, sql).to_pylist()
+    rows = pq.read_table(sorted((copy / "routes").glob("*.parquet")), columns=["layer", "experts"])
+    c = Counter()
+    for l, ex in zip(rows["layer"].to_pylist(), rows["experts"].to_pylist()):
+        for e in ex:
+            c[(l, e)] += 1
+    assert {(r["layer"], r["expert"]): r["n"] for r in left} == dict(c)  # per-chunk summaries of what is left

@@ -227,12 +227,16 @@ def connect(
 def _create_summary_views(con: duckdb.DuckDBPyConnection, routes_runs: Sequence[Run]) -> None:
     """``requests`` and ``loads_derived`` from the per-chunk summaries when every routes run has them, else derived
     from the routes rows (same columns, same numbers); ``loads_by_step`` is always derived."""
-    from .summaries import summary_files
+    from .summaries import run_loads_file, summary_files
 
     found = [summary_files(r.path, r.files.get("routes", [])) for r in routes_runs]
     if routes_runs and all(f is not None for f in found):
         con.register("request_summary_files", _read_only_dataset([p for f in found for p in f["requests"]]))
-        con.register("load_summary_files", _read_only_dataset([p for f in found for p in f["loads"]]))
+        loads = []
+        for r, f in zip(routes_runs, found):  # a run's summed file when it sums exactly the chunks read
+            whole = run_loads_file(r.path, r.files.get("routes", []))
+            loads += [whole] if whole is not None else f["loads"]
+        con.register("load_summary_files", _read_only_dataset(loads))
         con.execute(sql_text("requests_summarized"))
         con.execute(sql_text("loads_summarized"))
     else:

@@ -261,6 +261,10 @@ def remove_stale_temporaries(run_dir: Path, rank: int | None = None) -> int:
             for p in d.glob(pattern):
                 p.unlink(missing_ok=True)
                 n += 1
+    if rank is None and (Path(run_dir) / SUMMARY_DIR).is_dir():  # the run-level load summary (finalize)
+        for p in (Path(run_dir) / SUMMARY_DIR).glob(".loads.parquet.*.tmp"):
+            p.unlink(missing_ok=True)
+            n += 1
     if Path(run_dir).is_dir():
         with manifest_lock(run_dir):
             for p in Path(run_dir).glob(f".{MANIFEST}.*.tmp"):
@@ -387,7 +391,12 @@ def finalize(run_dir: Path, status: str = "complete", **extra: Any) -> dict[str,
         m["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         m.update(extra)
 
-    return update_manifest(run_dir, change)
+    manifest = update_manifest(run_dir, change)
+    if status == "complete":
+        from .summaries import compact_loads
+
+        compact_loads(run_dir, _chunk_files(Path(run_dir), "routes"))
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------------------------

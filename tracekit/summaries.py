@@ -4,6 +4,12 @@ Layout (one summary file per chunk, with the chunk's own file name)::
 
     RUN/summaries/loads/part-r000-c000000.parquet     assignments per phase, layer and expert (summary_loads.sql)
     RUN/summaries/requests/part-r000-c000000.parquet  one row per request of the chunk (summary_requests.sql)
+    RUN/summaries/loads.parquet                       the chunks' load summaries summed (written when the run is
+                                                      finalised): one row per key for the whole run
+
+The per-chunk load summaries repeat every (phase, layer, expert) key once per chunk (2.9M rows for a 24-chunk
+DeepSeek-width run), which made the load query take seconds; the run-level file holds each key once (119K rows).
+It names the chunks it sums, with their sizes, and is used only while those are exactly the chunks read.
 
 :func:`tracekit.store.write_chunk` writes them (atomically, *before* the chunk itself) for every routes chunk, so
 the collector and every importer produce them. The ``loads`` and ``requests`` views read them when every chunk of
@@ -102,6 +108,52 @@ def load_summary(table: pa.Table) -> pa.Table:
                      "expert": pa.array(e, pa.int32()), "count": pa.array(counts[cell], pa.int64())})
 
 
+RUN_LOADS = "loads.parquet"
+META_CHUNKS = b"tracekit.summary_of"
+LOAD_KEYS = ("run_id", "model", "dataset", "domain", "phase", "window", "layer", "expert")
+
+
+def chunk_identity(chunks: list[Path]) -> dict[str, int]:
+    """{chunk file name: size in bytes}: what a run-level summary was computed from."""
+    return {Path(c).name: Path(c).stat().st_size for c in chunks}
+
+
+def compact_loads(run_dir: str | Path, chunks: list[Path]) -> Path | None:
+    """Sum the load summaries of ``chunks`` (a run's routes chunk files) into RUN/summaries/loads.parquet; None
+    (nothing written) when a chunk lacks its summary."""
+    from .store import atomic_write_bytes
+
+    files = summary_files(run_dir, chunks)
+    if files is None or not chunks:
+        return None
+    table = pa.concat_tables([pq.read_table(f) for f in files["loads"]], promote_options="permissive")
+    summed = table.group_by(list(LOAD_KEYS)).aggregate([("count", "sum")]).rename_columns(
+        [*LOAD_KEYS, "count"]).sort_by([(k, "ascending") for k in LOAD_KEYS])
+    summed = summed.select([*LOAD_KEYS[:5], "window", "layer", "expert", "count"])
+    import json
+
+    summed = summed.replace_schema_metadata({META_CHUNKS: json.dumps(chunk_identity(chunks), sort_keys=True).encode()})
+    buf = io.BytesIO()
+    pq.write_table(summed, buf, compression="zstd")
+    path = Path(run_dir) / SUMMARY_DIR / RUN_LOADS
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def run_loads_file(run_dir: str | Path, chunks: list[Path]) -> Path | None:
+    """RUN/summaries/loads.parquet when it sums exactly ``chunks`` as they are now, else None."""
+    import json
+
+    path = Path(run_dir) / SUMMARY_DIR / RUN_LOADS
+    if not path.is_file():
+        return None
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return path if json.loads(meta.get(META_CHUNKS, b"null")) == chunk_identity(chunks) else None
+    except (OSError, ValueError, pa.ArrowException):
+        return None  # unreadable: the per-chunk summaries answer instead
+
+
 def write_chunk_summaries(run_dir: str | Path, table: pa.Table, chunk_name: str) -> list[Path]:
     """Compute and write the summaries of the routes chunk ``table`` that will be stored as ``chunk_name``."""
     from .store import atomic_write_bytes
@@ -138,4 +190,7 @@ def backfill(run_dir: str | Path) -> int:
             continue
         write_chunk_summaries(run_dir, pq.read_table(c.path), c.path.name)
         n += 1
+    chunks = [c.path for c in list_chunks(Path(run_dir), "routes")]
+    if run_loads_file(run_dir, chunks) is None:
+        compact_loads(run_dir, chunks)
     return n

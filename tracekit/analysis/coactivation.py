@@ -147,10 +147,10 @@ def analyze_coactivation(con: duckdb.DuckDBPyConnection, layer: int | None = Non
     geo = geo or geometry(con)
     if slices is None:
         from .budget import MemoryBudget
-        from .stream import count_dtype, plan_slices, request_index, requests_per_batch
+        from .stream import plan_slices, request_index, rows_per_slice
 
         index = request_index(con)
-        slices = plan_slices(con, index, requests_per_batch(geo, MemoryBudget.of(None), count_dtype(1 << 31).itemsize))
+        slices = plan_slices(con, index, len(index), rows_per_slice(geo, MemoryBudget.of(None)))
     res = AnalysisResult("coactivation")
     layers = geo.layers.tolist()
     if layer is not None and layer not in layers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from . import kernels
 from .result import AnalysisResult
 
 
@@ -128,14 +129,20 @@ def shuffled_partners(subjects: np.ndarray, pool: np.ndarray, seed: int = 0) -> 
     return np.where(others > 0, pool[np.minimum(draw, len(pool) - 1)], -1)
 
 
-POOL_SHARE = 0.25  # of the budget's array memory for the partners' decode counts
+POOL_SHARE = 0.25  # of the budget's array memory for the partners' decode histograms
+POOL_BYTES_PER_ENTRY = 16  # one (expert, count) of the pool, with its key while the pool is read
+#: at most this many partners' decodes are read: a uniform random sample is as good a shuffled baseline (each
+#: subject still gets one random other request), and reading the pool's rows alone costs ~1/3 of a full pass
+#: at 4% of the requests, against a second full pass when every request is a possible partner
+POOL_MAX_REQUESTS = 1024
 
 
 class CorrelationAccumulator:
     """Prefill-decode correlation from request batches. Subjects (requests with both phases) and their shuffled
-    partners are fixed from the request index before any row is read; the partners' decode counts are read
+    partners are fixed from the request index before any row is read; the partners' decode histograms are read
     first (:meth:`fill_pool`, one pass over decode rows), at most a budget-sized random pool of them; then each
-    batch yields its subjects' per-layer statistics. Memory: the pool plus one batch, whatever the run's size."""
+    batch yields its subjects' per-layer statistics (:func:`.kernels.pair_statistics`, from sparse histograms).
+    Memory: the pool plus one batch, whatever the run's size."""
 
     def __init__(self, index, labels: np.ndarray | None, by: str, layers: np.ndarray, num_experts: int, top_k: int,
                  top_n: int | None, pool_cap: int, seed: int = 0):
@@ -151,45 +158,51 @@ class CorrelationAccumulator:
         self.partners = shuffled_partners(self.subjects, pool, seed)
         self.partner_slot = np.searchsorted(pool, self.partners)
         S, L = len(self.subjects), len(layers)
-        self.stats = {k: np.full((S, L), np.nan) for k in ("pearson", "spearman", "overlap", "base_pearson",
-                                                           "base_spearman", "base_overlap")}
-        self.pool_dec = None
+        self.stats = np.full((S, L, 6), np.nan)  # pearson, spearman, overlap, then against the partner
+        self.pool_csr = None
 
-    def fill_pool(self, slices, count) -> None:
-        """Read the pool's decode counts: ``count(slice, ids)`` -> (L, 2, n, E) counts of those ids of the slice."""
-        if not (self.partners >= 0).any():
-            return
-        self.pool_dec = None
-        for sl in slices:
-            pos = np.searchsorted(self.pool, sl.index)
-            hit = (pos < len(self.pool)) & (self.pool[np.minimum(pos, len(self.pool) - 1)] == sl.index)
-            if not hit.any():
-                continue
-            c = count(sl, sl.request_ids[hit])
-            if self.pool_dec is None:
-                self.pool_dec = np.zeros((len(self.pool), len(self.layers), self.E), dtype=c.dtype)
-            self.pool_dec[pos[hit]] = np.moveaxis(c[:, 1], 1, 0)
+    @staticmethod
+    def pool_capacity(budget_bytes: int, index, num_layers: int, top_k: int) -> int:
+        """Requests whose decode histograms fit ``budget_bytes`` (at most one entry per decode choice)."""
+        per = (index.decode_rows[index.decode_rows > 0].mean() if (index.decode_rows > 0).any() else 1) * top_k
+        return min(POOL_MAX_REQUESTS, max(2, int(budget_bytes // (POOL_BYTES_PER_ENTRY * max(per, 1)))))
 
-    def add(self, batch, sub: int = 128) -> None:
+    def fill_pool(self, slices, reader) -> None:
+        """Read the pool's decode histograms (``reader``: a :class:`.scan.SliceReader`), CSR over (pool row, layer)."""
+        L = len(self.layers)
+        P = len(self.pool)
+        parts = []
+        if (self.partners >= 0).any():
+            for sl in slices:
+                pos = np.searchsorted(self.pool, sl.index)
+                hit = (pos < P) & (self.pool[np.minimum(pos, P - 1)] == sl.index)
+                if not hit.any():
+                    continue
+                h = reader.histograms(sl, only=sl.request_ids[hit], decode_only=True)
+                parts.append(kernels.gather_rows(h.ptr, h.expert, h.decode, pos[hit].astype(np.int64), L, P))
+        if parts:
+            keys, ex, cn = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        else:
+            keys, ex, cn = np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
+        self.pool_csr = kernels.csr_from_keys(keys, ex, cn, P * L)
+
+    def add(self, batch) -> None:
         pos = np.searchsorted(self.subjects, batch.index)
-        hit = (pos < len(self.subjects)) & (self.subjects[np.minimum(pos, len(self.subjects) - 1)] == batch.index)
-        sel, sp = np.flatnonzero(hit), pos[hit]
-        for s0 in range(0, len(sel), sub):
-            b, p = sel[s0:s0 + sub], sp[s0:s0 + sub]
-            st = self.stats
-            pre_i = np.moveaxis(batch.counts[:, 0, b, :], 1, 0)  # integer counts: ranks and top-n
-            dec_i = np.moveaxis(batch.counts[:, 1, b, :], 1, 0)
-            st["pearson"][p] = pearson_counts(pre_i, dec_i)
-            st["spearman"][p] = spearman_counts(pre_i, dec_i)
-            top_pre = top_mask(pre_i, self.n)
-            st["overlap"][p] = (top_pre & top_mask(dec_i, self.n)).sum(-1) / min(self.n, self.E)
-            ok = self.partners[p] >= 0
-            if ok.any() and self.pool_dec is not None:
-                q = p[ok]
-                base_i = self.pool_dec[self.partner_slot[q]]
-                st["base_pearson"][q] = pearson_counts(pre_i[ok], base_i)
-                st["base_spearman"][q] = spearman_counts(pre_i[ok], base_i)
-                st["base_overlap"][q] = (top_pre[ok] & top_mask(base_i, self.n)).sum(-1) / min(self.n, self.E)
+        S = len(self.subjects)
+        hit = (pos < S) & (self.subjects[np.minimum(pos, max(S - 1, 0))] == batch.index) if S else \
+            np.zeros(batch.n, dtype=bool)
+        if not hit.any():
+            return
+        slot_subject = np.where(hit, pos, -1).astype(np.int64)
+        partner = np.where(hit, self.partners[np.minimum(pos, max(S - 1, 0))] if S else -1, -1)
+        slot_partner = np.where(partner >= 0, self.partner_slot[np.minimum(pos, max(S - 1, 0))], -1).astype(np.int64)
+        if self.pool_csr is None:
+            slot_partner[:] = -1
+            pool = (np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
+        else:
+            pool = self.pool_csr
+        kernels.pair_statistics(batch.ptr, batch.expert, batch.prefill, batch.decode, slot_subject, slot_partner,
+                                pool[0], pool[1], pool[2], len(self.layers), self.E, self.n, self.stats)
 
     def result(self) -> AnalysisResult:
         res = AnalysisResult("correlation")
@@ -203,7 +216,8 @@ class CorrelationAccumulator:
                              "routing, a baseline needs at least 2 (baseline columns are NaN)")
         elif self.pool_total > len(self.pool):
             res.notes.append(f"shuffled baseline partners drawn from a random pool of {len(self.pool)} of the "
-                             f"{self.pool_total} requests with decode routing (memory budget)")
+                             f"{self.pool_total} requests with decode routing (at most {POOL_MAX_REQUESTS}, "
+                             "and what the memory budget holds)")
         if self.by == "phase":
             res.notes.append("--by phase: the correlation compares the two phases of each request, so it is not "
                              "split by phase; shown over all requests")
@@ -212,7 +226,8 @@ class CorrelationAccumulator:
         else:
             lab = self.labels[subjects]
             key = self.by
-        st = self.stats
+        st = {k: self.stats[:, :, i] for i, k in enumerate(
+            ("pearson", "spearman", "overlap", "base_pearson", "base_spearman", "base_overlap"))}
         S, L = st["pearson"].shape
         idx = self.index
         run_names = sorted(idx.run_range)

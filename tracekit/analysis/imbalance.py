@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from ..errors import TracekitError
 from .data import PHASES
-from .stream import group_sums
+from . import kernels
 from .result import AnalysisResult
 
 HOT_FRACTION = 0.10
@@ -85,28 +85,30 @@ class ImbalanceAccumulator:
         self.compared = np.zeros(max(self.n_windows - 1, 0), dtype=bool)
 
     def add(self, batch) -> None:
-        c = batch.counts  # (L, 2, n, E)
-        self.phase += c.sum(axis=2, dtype=np.int64).transpose(1, 0, 2)
-        per_req = c.sum(axis=1, dtype=np.int32)  # (L, n, E)
-        if self.names:
-            self.groups += group_sums(per_req, self.group_of[batch.index], len(self.names))
-        for s0 in range(0, c.shape[2], self.SUB):  # window sums a few hundred requests at a time
-            self._add_windows(batch.index[s0:s0 + self.SUB], per_req[:, s0:s0 + self.SUB])
+        """``batch``: a :class:`.scan.SparseBatch` (requests in increasing global order)."""
+        L, E = len(self.layers), self.E
+        groups = self.group_of[batch.index] if self.names else np.full(batch.n, -1, dtype=np.int64)
+        kernels.add_loads(batch.ptr, batch.expert, batch.prefill, batch.decode, groups, L, self.phase, self.groups)
+        w = batch.index // self.window
+        starts = np.flatnonzero(np.r_[True, w[1:] != w[:-1]]) if batch.n else np.zeros(0, dtype=np.int64)
+        for s0 in range(0, len(starts), self.WINDOWS_AT_ONCE):  # window sums a bounded number of windows at a time
+            first = starts[s0]
+            last = starts[s0 + self.WINDOWS_AT_ONCE] if s0 + self.WINDOWS_AT_ONCE < len(starts) else batch.n
+            run_of = np.full(batch.n, -1, dtype=np.int64)
+            run_of[first:last] = np.searchsorted(starts, np.arange(first, last), side="right") - 1 - s0
+            sums = np.zeros((min(self.WINDOWS_AT_ONCE, len(starts) - s0), L * E), dtype=np.int64)
+            kernels.add_rows_of_slots(batch.ptr, batch.expert, batch.prefill, batch.decode, run_of, L, E, False, sums)
+            for j in range(len(sums)):
+                i0 = starts[s0 + j]
+                i1 = starts[s0 + j + 1] if s0 + j + 1 < len(starts) else batch.n
+                wi = int(w[i0])
+                acc = self.open.setdefault(wi, [np.zeros((L, E), dtype=np.int64), 0])
+                acc[0] += sums[j].reshape(L, E)
+                acc[1] += int(i1 - i0)
+                if acc[1] == self.win_size[wi]:
+                    self._close(wi, self.open.pop(wi)[0])
 
-    SUB = 256
-
-    def _add_windows(self, index: np.ndarray, c: np.ndarray) -> None:
-        """``c`` (L, m, E): counts of the requests ``index`` (m,), both phases together."""
-        w = index // self.window  # non-decreasing within a batch
-        starts = np.flatnonzero(np.r_[True, w[1:] != w[:-1]])
-        sums = np.add.reduceat(c, starts, axis=1, dtype=np.int64).transpose(1, 0, 2)  # (windows, L, E)
-        seen = np.diff(np.r_[starts, len(w)])
-        for j, wi in enumerate(w[starts].tolist()):
-            acc = self.open.setdefault(wi, [np.zeros((c.shape[0], c.shape[2]), dtype=np.int64), 0])
-            acc[0] += sums[j]
-            acc[1] += int(seen[j])
-            if acc[1] == self.win_size[wi]:
-                self._close(wi, self.open.pop(wi)[0])
+    WINDOWS_AT_ONCE = 64
 
     def _close(self, w: int, load: np.ndarray) -> None:
         """Window ``w`` is complete: compare its hot set with its completed neighbours, drop what is no longer

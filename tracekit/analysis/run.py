@@ -16,7 +16,8 @@ from .data import GROUP_KEYS, Geometry, geometry
 from .domain import DomainAccumulator, classifier_sample
 from .imbalance import ImbalanceAccumulator, analyze_loads_imbalance
 from .result import AnalysisResult
-from .stream import RequestBatch, RequestIndex, count_dtype, count_slice, plan_slices, request_index, requests_per_batch
+from .scan import SliceReader
+from .stream import RequestIndex, plan_slices, request_index, rows_per_slice
 
 ANALYSES = ("imbalance", "domain", "correlation", "coactivation")
 
@@ -72,9 +73,8 @@ def _analyze(runs, names, what, by, layer, window, top_n, seed, budget) -> dict[
             return {"imbalance": _loads_imbalance(con, names, what, by, window)}
         geo = geometry(con)
         index = request_index(con)
-        dtype = count_dtype(int(max(index.prefill_rows.max(initial=0), index.decode_rows.max(initial=0))))
-        slices = plan_slices(con, index, requests_per_batch(geo, budget, dtype.itemsize, BATCH_SHARE))
-        out = analyze_requests(con, geo, index, slices, dtype, [n for n in names if n != "coactivation"],
+        slices = plan_slices(con, index, len(index), rows_per_slice(geo, budget, BATCH_SHARE))
+        out = analyze_requests(con, geo, index, slices, [n for n in names if n != "coactivation"],
                                by=by, window=window, top_n=top_n, seed=seed, budget=budget)
         if "coactivation" in names:
             out["coactivation"] = analyze_coactivation(con, layer=layer, geo=geo, slices=slices)
@@ -88,35 +88,42 @@ BATCH_SHARE = 0.35  # of the budget's array memory: one batch of per-request cou
 CLASSIFIER_SHARE = 0.25  # the classifier's sampled routing signatures
 
 
-def analyze_requests(con, geo: Geometry, index: RequestIndex, slices: list, dtype: np.dtype, names: list[str], *,
+def analyze_requests(con, geo: Geometry, index: RequestIndex, slices: list, names: list[str], *,
                      by: str, window: int | None, top_n: int | None, seed: int,
                      budget: MemoryBudget) -> dict[str, AnalysisResult]:
-    """Imbalance, domain and correlation in one pass over the request batches (plus the correlation's pass over
-    its partners' decode rows)."""
+    """Imbalance, domain and correlation in one pass over the request slices, each read as sparse per-request
+    histograms (plus the correlation's pass over its partners' decode rows)."""
     if not names:
         return {}
     R, L, E = len(index), len(geo.layers), geo.num_experts
     labels = None if by == "phase" else index.labels(by)
     accs: dict = {}
-    for name in names:
-        if name == "imbalance":
-            accs[name] = ImbalanceAccumulator(labels if labels is not None else np.zeros(R, dtype=object), by,
-                                              geo.layers, E, geo.top_k, window or max(1, R // 10))
-        elif name == "domain":
-            per = 2 if by == "phase" else 1
-            sample = classifier_sample(R, L * E, int(budget.arrays * CLASSIFIER_SHARE), per, seed)
-            accs[name] = DomainAccumulator(labels, by, geo.layers, E, sample, R, seed)
-        elif name == "correlation":
-            cap = max(2, int(budget.arrays * POOL_SHARE) // (L * E * dtype.itemsize))
-            acc = CorrelationAccumulator(index, labels, by, geo.layers, E, geo.top_k, top_n, cap, seed)
-            acc.fill_pool(slices, lambda sl, ids: count_slice(con, geo, sl, dtype, only=ids, decode_only=True))
-            accs[name] = acc
-    for sl in slices:
-        batch = RequestBatch(sl.index, count_slice(con, geo, sl, dtype))
-        for acc in accs.values():
-            acc.add(batch)
-        del batch
+    with SliceReader(geo, memory_limit=budget.duckdb_limit, threads=duckdb_threads(con)) as reader:
+        for name in names:
+            if name == "imbalance":
+                accs[name] = ImbalanceAccumulator(labels if labels is not None else np.zeros(R, dtype=object), by,
+                                                  geo.layers, E, geo.top_k, window or max(1, R // 10))
+            elif name == "domain":
+                per = 2 if by == "phase" else 1
+                sample = classifier_sample(R, L * E, int(budget.arrays * CLASSIFIER_SHARE), per, seed)
+                accs[name] = DomainAccumulator(labels, by, geo.layers, E, sample, R, seed)
+            elif name == "correlation":
+                cap = CorrelationAccumulator.pool_capacity(budget.arrays * POOL_SHARE, index, L, geo.top_k)
+                acc = CorrelationAccumulator(index, labels, by, geo.layers, E, geo.top_k, top_n, cap, seed)
+                acc.fill_pool(slices, reader)
+                accs[name] = acc
+        for batch in reader.each(slices):
+            for acc in accs.values():
+                acc.add(batch)
     return {name: acc.result() for name, acc in accs.items()}
+
+
+def duckdb_threads(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The thread count the user's connection was opened with (the analyses' reader uses the same)."""
+    try:
+        return int(con.sql("SELECT current_setting('threads')").fetchall()[0][0])
+    except (duckdb.Error, TypeError, ValueError):
+        return None
 
 
 def _loads_imbalance(con: duckdb.DuckDBPyConnection, names: list[str], what, by: str, window: int | None) -> AnalysisResult:

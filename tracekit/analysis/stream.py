@@ -1,10 +1,10 @@
-"""Per-request expert counts in batches whose size the memory budget sets, independent of the run's size.
+"""Requests in slices whose size the memory budget sets, independent of the run's size.
 
 Every chunk file holds whole requests (the store writes a request's rows into one chunk; its footer lists them),
-so a batch is a few chunk files and a range of their request ids: one streamed query
-(``tracekit/sql/request_batch_rows.sql``) counted into a dense array with numpy. Chunks that share a request (an
-importer that split one) are read together. When the requests of a chunk do not fit the budget, the chunk is
-read once per request range (row-group statistics on ``request_id`` keep that cheap).
+so a slice is a few chunk files and a range of their request ids, read by :mod:`.scan` as sparse per-request
+histograms. Chunks that share a request (an importer that split one) are read together. When the requests of a
+chunk do not fit the budget, the chunk is read once per request range (row-group statistics on ``request_id``
+keep that cheap).
 
 Global request numbers ``r`` follow :data:`RequestIndex` (ordered by run and request id); batches come in
 increasing ``r`` of their first request, so consecutive windows of requests close early.
@@ -12,20 +12,16 @@ increasing ``r`` of their first request, so consecutive windows of requests clos
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
 from ..errors import TracekitError
-from ..query import registered_files, run_sql, sql_file, sql_text, stream_batches
+from ..query import sql_file
 from ..store import list_chunks
 from .budget import MemoryBudget
 from .data import Geometry
-
-ROWS_PER_RECORD_BATCH = 1 << 15  # small batches: the cell range a bincount touches stays in cache (2.7x, measured)
-_BINCOUNT_SPAN = 1 << 23  # widest cell range counted with one bincount; wider batches are sorted instead
 
 
 @dataclass
@@ -81,28 +77,17 @@ class Slice:
     index: np.ndarray
 
 
-@dataclass
-class RequestBatch:
-    """Expert counts of the requests ``index`` (n,): ``counts`` (L, 2, n, E), layer-major (phase 0 prefill,
-    1 decode), uint16 or int32."""
-
-    index: np.ndarray
-    counts: np.ndarray
+def rows_per_slice(geo: Geometry, budget: MemoryBudget, share: float = 0.5) -> int:
+    """Token-layer rows whose arrays fit ``share`` of the budget's array memory while a slice is read and counted
+    (:mod:`.scan`): the Arrow rows, their numpy columns, the row order and the sparse histograms, about
+    48 + 16 * k bytes a row (at least 1 row)."""
+    return max(1, int(budget.arrays * share) // (48 + 16 * geo.top_k))
 
 
-def count_dtype(max_rows: int) -> np.dtype:
-    """A cell counts tokens of one request, phase and layer: at most the request's rows in that phase."""
-    return np.dtype(np.uint16) if max_rows < (1 << 16) else np.dtype(np.int32)
-
-
-def requests_per_batch(geo: Geometry, budget: MemoryBudget, itemsize: int, share: float = 0.5) -> int:
-    """Requests whose dense counts fit ``share`` of the budget's array memory (at least 1)."""
-    per_request = 2 * len(geo.layers) * geo.num_experts * itemsize
-    return max(1, int(budget.arrays * share) // per_request)
-
-
-def plan_slices(con: duckdb.DuckDBPyConnection, index: RequestIndex, per_slice: int) -> list[Slice]:
-    """Split every routes run into slices of at most ``per_slice`` requests held whole by their files."""
+def plan_slices(con: duckdb.DuckDBPyConnection, index: RequestIndex, per_slice: int,
+                max_rows: int | None = None) -> list[Slice]:
+    """Split every routes run into slices of at most ``per_slice`` requests held whole by their files, and of at
+    most ``max_rows`` token-layer rows (a single larger request gets a slice of its own)."""
     out: list[Slice] = []
     for run in sql_file(con, "routes_runs").to_pylist():
         chunks = [c for c in list_chunks(run["path"], "routes", only=run["chunks"]) if c.rows]
@@ -112,10 +97,24 @@ def plan_slices(con: duckdb.DuckDBPyConnection, index: RequestIndex, per_slice: 
             r = index.lookup(run["run_id"], ids)
             keep = r >= 0
             ids, r = ids[keep], r[keep]
-            for s in range(0, len(ids), per_slice):
-                out.append(Slice(run["run_id"], files, ids[s:s + per_slice], r[s:s + per_slice]))
+            for a, b in _split(index.prefill_rows[r] + index.decode_rows[r], per_slice, max_rows):
+                out.append(Slice(run["run_id"], files, ids[a:b], r[a:b]))
     out.sort(key=lambda s: int(s.index[0]) if len(s.index) else -1)
     return [s for s in out if len(s.index)]
+
+
+def _split(rows: np.ndarray, per_slice: int, max_rows: int | None) -> list[tuple[int, int]]:
+    """[start, end) ranges over requests with ``rows`` (n,) each: at most ``per_slice`` requests and ``max_rows``
+    rows per range, at least one request."""
+    out, a, n = [], 0, len(rows)
+    cum = np.concatenate([[0], np.cumsum(rows)])
+    while a < n:
+        b = min(n, a + per_slice)
+        if max_rows is not None:
+            b = max(a + 1, min(b, int(np.searchsorted(cum, cum[a] + max_rows, side="right")) - 1))
+        out.append((a, b))
+        a = b
+    return out
 
 
 def _chunk_groups(chunks, index: RequestIndex, run_id: str) -> list[tuple[list[str], np.ndarray]]:
@@ -147,84 +146,3 @@ def _chunk_groups(chunks, index: RequestIndex, run_id: str) -> list[tuple[list[s
     return out
 
 
-def count_slice(con: duckdb.DuckDBPyConnection, geo: Geometry, sl: Slice, dtype: np.dtype,
-                only: np.ndarray | None = None, decode_only: bool = False) -> np.ndarray:
-    """Dense (L, 2, n, E) counts of the slice's requests (or of ``only``, a sorted subset of its ids).
-
-    DuckDB computes each row's cell index (tracekit/sql/request_batch_rows.sql) and numpy counts them. The
-    array's memory order follows the files' row order (probed on their first rows), so that each record batch
-    touches a narrow range of cells and is counted with one small bincount: layer-major for the collector's
-    chunks, request-major for synthetic and imported runs; the result is a (L, 2, n, E) view either way.
-    """
-    ids = sl.request_ids if only is None else only
-    L, E, n = len(geo.layers), geo.num_experts, len(ids)
-    dense = np.zeros(L * 2 * n * E, dtype=dtype)
-    with registered_files(con, sl.files):
-        probe = sql_file(con, "row_order_probe").to_pylist()[0]
-    layer_major = bool(probe["layers"] and probe["layers"] == 1 and (probe["requests"] or 0) > 1)
-    if n:
-        con.register("_tracekit_batch", pa.table({"request_id": pa.array(ids, pa.int32()),
-                                                  "slot": pa.array(np.arange(n), pa.int64())}))
-        con.register("_tracekit_layers", pa.table({"layer": pa.array(geo.layers, pa.int16()),
-                                                   "li": pa.array(np.arange(L), pa.int64())}))
-        try:
-            params = {"lo": int(ids[0]), "hi": int(ids[-1]), "decode_only": bool(decode_only),
-                      "layer_major": layer_major, "n": n, "L": L, "E": E}
-            with registered_files(con, sl.files):
-                for b in stream_batches(run_sql(con, sql_text("request_batch_rows"), params), ROWS_PER_RECORD_BATCH):
-                    add_rows(dense, b.column(0).to_numpy(), b.column(1), E)
-        finally:
-            con.unregister("_tracekit_batch")
-            con.unregister("_tracekit_layers")
-    if layer_major:
-        return dense.reshape(L, 2, n, E)
-    return dense.reshape(n, 2, L, E).transpose(2, 1, 0, 3)
-
-
-def add_rows(dense: np.ndarray, base: np.ndarray, experts: pa.Array | pa.ChunkedArray, num_experts: int) -> None:
-    """dense[base[i] + e] += 1 for every expert e in row i's list (ids >= num_experts are dropped)."""
-    if isinstance(experts, pa.ChunkedArray):
-        experts = experts.combine_chunks()
-    if len(experts) == 0:
-        return
-    offsets = experts.offsets.to_numpy()
-    vals = experts.flatten().to_numpy(zero_copy_only=False)
-    k = int(offsets[1] - offsets[0])
-    if offsets[-1] - offsets[0] == k * len(experts) and vals.size == k * len(experts):  # fixed top-k: no repeat
-        cells = (base.astype(np.int64)[:, None] + vals.reshape(-1, k)).reshape(-1)
-        bad = vals >= num_experts
-    else:
-        cells = np.repeat(base.astype(np.int64), np.diff(offsets)) + vals
-        bad = vals >= num_experts
-    if bad.any():
-        cells = cells[~bad.reshape(-1)]
-    add_cells(dense, cells)
-
-
-def group_sums(per_request: np.ndarray, codes: np.ndarray, groups: int) -> np.ndarray:
-    """(L, n, E) per-request counts, (n,) group code of each request -> (groups, L, E) int64 sums."""
-    out = np.zeros((groups, per_request.shape[0], per_request.shape[2]), dtype=np.int64)
-    for g in np.unique(codes):
-        out[g] = per_request[:, codes == g, :].sum(axis=1, dtype=np.int64)
-    return out
-
-
-def add_cells(dense: np.ndarray, cells: np.ndarray) -> None:
-    """dense[c] += 1 for every c in ``cells`` (repeats add up), with memory bounded by the batch, not ``dense``."""
-    if cells.size == 0:
-        return
-    lo, hi = int(cells.min()), int(cells.max())
-    if hi - lo < max(_BINCOUNT_SPAN, 4 * cells.size):
-        part = dense[lo:hi + 1]
-        np.add(part, np.bincount(cells - lo, minlength=hi - lo + 1), out=part, casting="unsafe")
-    else:
-        u, c = np.unique(cells, return_counts=True)
-        dense[u] += c.astype(dense.dtype, copy=False)
-
-
-def iter_batches(con: duckdb.DuckDBPyConnection, geo: Geometry, index: RequestIndex,
-                 budget: MemoryBudget) -> Iterator[RequestBatch]:
-    """Every request's counts, batch by batch (see the module docstring)."""
-    dtype = count_dtype(int(max(index.prefill_rows.max(initial=0), index.decode_rows.max(initial=0))))
-    for sl in plan_slices(con, index, requests_per_batch(geo, budget, dtype.itemsize)):
-        yield RequestBatch(sl.index, count_slice(con, geo, sl, dtype))

@@ -1,0 +1,141 @@
+"""Read a slice of requests (see :mod:`.stream`) as per-(request, layer) sparse expert histograms.
+
+The rows come from the slice's chunk files through a private DuckDB connection that runs one fixed statement
+(``tracekit/sql/slice_rows.sql``): DuckDB's own Parquet reader decodes the expert lists ~2.5x faster than a
+pyarrow dataset scan (measured on 16.8M DeepSeek-width rows: 0.75 s against 1.9 s), and no user SQL ever runs on
+it. The histograms are built by :func:`.kernels.sparse_histograms`.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from ..errors import TracekitError
+from ..query import _first_line, _no_progress_bar, sql_text
+from . import kernels
+from .data import Geometry
+
+
+@dataclass
+class SparseBatch:
+    """Expert histograms of the requests ``index`` (n,) (global request numbers), CSR over keys slot * L + li:
+    ``ptr`` (n*L + 1,), ``expert``/``prefill``/``decode`` (T,) (see :mod:`.kernels`)."""
+
+    index: np.ndarray
+    ptr: np.ndarray
+    expert: np.ndarray
+    prefill: np.ndarray
+    decode: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.index)
+
+
+class SliceReader:
+    """Reads slices of requests from their chunk files on a private, read-only use of DuckDB."""
+
+    def __init__(self, geo: Geometry, memory_limit: str | None = None, threads: int | None = None):
+        self.geo = geo
+        self.layer_lut = np.full(int(geo.layers.max()) + 2, -1, dtype=np.int64)
+        self.layer_lut[geo.layers] = np.arange(len(geo.layers))
+        try:
+            self.con = duckdb.connect(":memory:")
+            _no_progress_bar(self.con)
+            if memory_limit:
+                self.con.execute(f"SET memory_limit = '{memory_limit}'")
+            if threads:
+                self.con.execute(f"SET threads = {int(threads)}")
+        except duckdb.Error as exc:
+            raise TracekitError(f"cannot open DuckDB: {_first_line(exc)}") from None
+        self.sql = sql_text("slice_rows")
+        self.fixed = f"experts::{'UTINYINT' if geo.num_experts <= 256 else 'USMALLINT'}[{int(geo.top_k)}]" \
+            if geo.top_k > 0 else None
+        self.buffers: dict = {}  # the histograms' arrays, reused batch after batch
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "SliceReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def rows(self, files: list[str], lo: int, hi: int, decode_only: bool = False,
+             only: np.ndarray | None = None) -> pa.Table:
+        """request_id, layer, decode, experts of the requests lo..hi (or of ``only``) in ``files``. The experts come
+        as a fixed-size list when every row holds top-k of them, else as a list."""
+        params = {"files": files, "lo": lo, "hi": hi, "decode_only": decode_only, "listed": only is not None}
+        self.con.register("_tracekit_only", pa.table({"request_id": pa.array([] if only is None else only, pa.int64())}))
+        try:
+            if self.fixed:
+                try:
+                    return self.con.sql(self.sql.replace("{experts}", self.fixed), params=params).to_arrow_table()
+                except duckdb.ConversionException:
+                    self.fixed = None  # some row holds another number of experts: read lists from now on
+            return self.con.sql(self.sql.replace("{experts}", "experts"), params=params).to_arrow_table()
+        except duckdb.Error as exc:
+            raise TracekitError(f"cannot read {files[0]}: {_first_line(exc)}") from None
+        finally:
+            self.con.unregister("_tracekit_only")
+
+    def histograms(self, sl, only: np.ndarray | None = None, decode_only: bool = False) -> SparseBatch:
+        """Histograms of the slice's requests (or of ``only``, a sorted subset of its request ids). The arrays are
+        reused by the next call: use (or copy) them before reading the next slice."""
+        return self._count(sl, *self._read(sl, only, decode_only))
+
+    def each(self, slices) -> Iterator[SparseBatch]:
+        """Histograms of every slice in turn, the next slice's rows read by DuckDB (in a second thread) while this
+        one is counted: reading and counting overlap (both release the GIL)."""
+        if not slices:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="tracekit-read") as pool:
+            ahead = pool.submit(self._read, slices[0], None, False)
+            for i, sl in enumerate(slices):
+                rows = ahead.result()
+                if i + 1 < len(slices):
+                    ahead = pool.submit(self._read, slices[i + 1], None, False)
+                yield self._count(sl, *rows)
+                del rows
+
+    def _read(self, sl, only, decode_only):
+        ids = sl.request_ids if only is None else only
+        if len(ids) == 0:
+            return ids, None
+        part = None if only is None or len(ids) == len(sl.request_ids) else ids
+        return ids, self.rows(sl.files, int(ids[0]), int(ids[-1]), decode_only, part)
+
+    def _count(self, sl, ids: np.ndarray, t: pa.Table | None) -> SparseBatch:
+        index = sl.index[np.searchsorted(sl.request_ids, ids)]
+        L, E, n = len(self.geo.layers), self.geo.num_experts, len(ids)
+        if t is None:
+            return SparseBatch(index, np.zeros(1, np.int64), *(np.zeros(0, np.int32) for _ in range(3)))
+        lo, hi = int(ids[0]), int(ids[-1])
+        lut = np.full(hi - lo + 1, -1, dtype=np.int64)
+        lut[ids - lo] = np.arange(n)
+        req = t.column("request_id").to_numpy().astype(np.int64)
+        slot = lut[req - lo]
+        layer = t.column("layer").to_numpy().astype(np.int64)
+        li = np.where(layer < len(self.layer_lut), self.layer_lut[np.minimum(layer, len(self.layer_lut) - 1)], -1)
+        decode = t.column("decode").to_numpy()
+        offsets, values = _offsets_values(t.column("experts"))
+        ptr, expert, pre, dec = kernels.sparse_histograms(slot, li, decode, offsets, values, n, L, E, self.buffers)
+        return SparseBatch(index, ptr, expert, pre, dec)
+
+
+def _offsets_values(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow list or fixed-size-list column -> (offsets (N + 1,), values) numpy arrays."""
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if pa.types.is_fixed_size_list(arr.type):
+        k = arr.type.list_size
+        values = arr.values.to_numpy(zero_copy_only=False)[arr.offset * k:(arr.offset + len(arr)) * k]
+        return np.arange(len(arr) + 1, dtype=np.int64) * k, values
+    if len(arr) == 0:
+        return np.zeros(1, dtype=np.int32), np.zeros(0, dtype=np.uint8)
+    return arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
