@@ -6,7 +6,8 @@ Measures, in one run:
 - bytes per token-layer on disk: the ``experts`` column alone, and ``experts`` + ``weights`` (float16), from the
   Parquet column-chunk sizes of a real collected run (target: ids <= 8 bytes; information floor log2(C(256,8))/8
   ~ 6 bytes);
-- writer throughput: rows/s of ``build_routes_table`` + ``write_chunk`` (zstd Parquet) on 2M+ rows (target >= 2M/s).
+- writer throughput: rows/s of ``build_routes_table`` + ``write_chunk`` (zstd Parquet, per-chunk summaries, sha256)
+  on 3M-row chunks, the best of the 2nd and 3rd chunk (the 1st pays one-time start-up, reported apart); target >= 2M/s.
 
     python benchmarks/bench_collect.py [--repeats 7] [--batch 8] [--new-tokens 32] [--out benchmarks/out/bench_collect.json]
 """
@@ -108,13 +109,17 @@ def writer_throughput(run_dir: Path, target_rows: int) -> dict:
         token_id=np.arange(n) % 261,
     )
     schema = routes_schema(256, "float16")
+    times = []
     with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        table = build_routes_table(schema=schema, run_id="bench", model="tiny-deepseek-v3", dataset="humaneval",
-                                   domain="code", prompt_id=None, experts=experts, weights=weights, **cols)
-        write_chunk(Path(d), table, chunk=0, requests=range(10))
-        dt = time.perf_counter() - t0
-    return {"rows": n, "seconds": dt, "rows_per_s": n / dt}
+        for chunk in range(3):  # the first chunk also pays one-time costs (imports, compiled-kernel loading)
+            t0 = time.perf_counter()
+            table = build_routes_table(schema=schema, run_id="bench", model="tiny-deepseek-v3", dataset="humaneval",
+                                       domain="code", prompt_id=None, experts=experts, weights=weights, **cols)
+            write_chunk(Path(d), table, chunk=chunk, requests=range(10))
+            times.append(time.perf_counter() - t0)
+    dt = min(times[1:])  # a collection writes many chunks: the steady state is what bounds it
+    return {"rows": n, "seconds": dt, "rows_per_s": n / dt, "first_chunk_seconds": times[0],
+            "chunk_seconds": times}
 
 
 def main() -> int:

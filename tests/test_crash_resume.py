@@ -50,8 +50,10 @@ def _table(run: Path) -> pa.Table:
 
 
 def _leftovers(root: Path) -> list[str]:
-    """Anything in the run but the manifest, finished chunks and their per-chunk summaries (a temp, a lock ...)."""
-    keep = {"run", "run/routes", "run/manifest.json", "run/summaries", "run/summaries/loads", "run/summaries/requests"}
+    """Anything in the run but the manifest, finished chunks, their per-chunk summaries and the run-level load summary
+    finalize writes (a temp, a lock ...)."""
+    keep = {"run", "run/routes", "run/manifest.json", "run/summaries", "run/summaries/loads", "run/summaries/requests",
+            "run/summaries/loads.parquet"}
     chunk_dirs = {"run/routes", "run/summaries/loads", "run/summaries/requests"}
     return [p.relative_to(root).as_posix() for p in sorted(root.rglob("*"))
             if p.relative_to(root).as_posix() not in keep

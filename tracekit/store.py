@@ -33,6 +33,7 @@ import os
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ import pyarrow.parquet as pq
 from .errors import TracekitError
 from .jsonlines import read_json
 from .schema import KINDS, SCHEMA_VERSION, check_version
+from .summaries import encode_chunk_summaries, write_encoded_summaries
 
 MANIFEST = "manifest.json"
 ROW_GROUP_ROWS = 1 << 18  # DuckDB parallelises over row groups; ~256K rows keeps 2 cores busy without tiny groups
@@ -152,31 +154,36 @@ def write_chunk(
         run_id = col.dictionary[0].as_py() if pa.types.is_dictionary(col.type) else col[0].as_py()
         meta[META_RUN_ID] = str(run_id).encode()
     table = table.replace_schema_metadata(meta)
-    if kind == "routes":  # small per-chunk aggregates for the loads/requests views, written before the chunk
-        from .summaries import write_chunk_summaries
-
-        write_chunk_summaries(run_dir, table, out.name)
     record: dict[str, Any] = {}
-
-    def write(tmp: Path) -> None:
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            compression_level=compression_level,
-            row_group_size=ROW_GROUP_ROWS,
-            use_dictionary=True,
-            # min/max statistics let DuckDB skip row groups by layer or request; on list columns they only cost time
-            write_statistics=[f.name for f in table.schema if not pa.types.is_list(f.type)],
-        )
-        # the bytes are still in the page cache: hashing them costs ~1 ms per MB (SHA-NI), not a second read
-        record.update(rows=table.num_rows, bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
-
-    atomic_write_path(out, write)
+    with ThreadPoolExecutor(1, thread_name_prefix="tracekit-summaries") as helper:
+        # small per-chunk aggregates for the loads/requests views (routes only): computed in a second thread while
+        # the chunk is encoded, and written before the chunk's rename, so a chunk never lands without them
+        summaries = helper.submit(encode_chunk_summaries, table) if kind == "routes" else None
+        atomic_write_path(out, lambda tmp: _write_chunk_file(tmp, table, compression_level, record, run_dir,
+                                                             out.name, summaries))
     if (Path(run_dir) / MANIFEST).exists():
         rel = f"{kind}/{out.name}"
         update_manifest(run_dir, lambda m: m.setdefault("chunks", {}).__setitem__(rel, record))
     return out
+
+
+def _write_chunk_file(tmp: Path, table: pa.Table, compression_level: int, record: dict, run_dir: Path,
+                      name: str, summaries) -> None:
+    """Encode the chunk into ``tmp``, record its rows, bytes and sha256, then write its summaries (if any)."""
+    pq.write_table(
+        table,
+        tmp,
+        compression="zstd",
+        compression_level=compression_level,
+        row_group_size=ROW_GROUP_ROWS,
+        use_dictionary=True,
+        # min/max statistics let DuckDB skip row groups by layer or request; on list columns they only cost time
+        write_statistics=[f.name for f in table.schema if not pa.types.is_list(f.type)],
+    )
+    # the bytes are still in the page cache: hashing them costs ~1 ms per MB (SHA-NI), not a second read
+    record.update(rows=table.num_rows, bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
+    if summaries is not None:
+        write_encoded_summaries(run_dir, name, summaries.result())
 
 
 @dataclass

@@ -124,12 +124,12 @@ class SliceReader:
         layer = t.column("layer").to_numpy().astype(np.int64)
         li = np.where(layer < len(self.layer_lut), self.layer_lut[np.minimum(layer, len(self.layer_lut) - 1)], -1)
         decode = t.column("decode").to_numpy()
-        offsets, values = _offsets_values(t.column("experts"))
+        offsets, values = offsets_and_values(t.column("experts"))
         ptr, expert, pre, dec = kernels.sparse_histograms(slot, li, decode, offsets, values, n, L, E, self.buffers)
         return SparseBatch(index, ptr, expert, pre, dec)
 
 
-def _offsets_values(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+def offsets_and_values(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """An Arrow list or fixed-size-list column -> (offsets (N + 1,), values) numpy arrays."""
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if pa.types.is_fixed_size_list(arr.type):
