@@ -401,6 +401,74 @@ def _pair_statistics_range(ptr, expert, pre, dec, slot_subject, slot_partner, po
 
 
 @njit(cache=_CACHE, nogil=True)
+def coactivation_counts(li, offsets, values, token, E, pair_of, next_of, pairs, trans):  # pragma: no cover - compiled
+    """Co-activation within a layer and from a layer to the next, from a batch's rows.
+
+    li (R,) layer index; offsets (R + 1,), values: each row's expert ids (ids >= E skipped); token (R,): the token
+    of each row (-1: skip). pair_of (L,): the row of ``pairs`` (P, E, E) a layer counts into (-1: none): every
+    two ids i < j (list order) of a row add pairs[p, e_i, e_j]; next_of (L,): the row of ``trans`` (S, E, E) for
+    a layer whose next MoE layer is counted (-1: none): each row at layer l and each row of the same token at
+    layer l + 1 add trans[s, a, b] for all their ids a, b.
+    """
+    R = li.shape[0]
+    T = 0
+    for i in range(R):
+        p = pair_of[li[i]] if li[i] >= 0 else -1
+        if p >= 0:
+            for u in range(offsets[i], offsets[i + 1]):
+                a = values[u]
+                if a >= E:
+                    continue
+                for v in range(u + 1, offsets[i + 1]):
+                    b = values[v]
+                    if b < E:
+                        pairs[p, a, b] += 1
+        if token[i] >= T:
+            T = token[i] + 1
+    # rows grouped by token (counting sort), then by layer within a token (a handful of rows: insertion)
+    start = np.zeros(T + 1, dtype=np.int64)
+    for i in range(R):
+        if token[i] >= 0 and li[i] >= 0:
+            start[token[i] + 1] += 1
+    for t in range(T):
+        start[t + 1] += start[t]
+    fill = start[:-1].copy()
+    order = np.empty(start[T], dtype=np.int64)
+    for i in range(R):
+        if token[i] >= 0 and li[i] >= 0:
+            order[fill[token[i]]] = i
+            fill[token[i]] += 1
+    for t in range(T):
+        lo, hi = start[t], start[t + 1]
+        for j in range(lo + 1, hi):
+            x = order[j]
+            q = j
+            while q > lo and li[order[q - 1]] > li[x]:
+                order[q] = order[q - 1]
+                q -= 1
+            order[q] = x
+        for j in range(lo, hi):
+            a = order[j]
+            s = next_of[li[a]]
+            if s < 0:
+                continue
+            q = j + 1
+            while q < hi and li[order[q]] == li[a]:
+                q += 1
+            while q < hi and li[order[q]] == li[a] + 1:
+                b = order[q]
+                for u in range(offsets[a], offsets[a + 1]):
+                    ea = values[u]
+                    if ea >= E:
+                        continue
+                    for v in range(offsets[b], offsets[b + 1]):
+                        eb = values[v]
+                        if eb < E:
+                            trans[s, ea, eb] += 1
+                q += 1
+
+
+@njit(cache=_CACHE, nogil=True)
 def gather_rows(ptr, expert, counts, slot_row, L, rows):  # pragma: no cover - compiled
     """Concatenate the histograms of chosen slots, CSR over (row, layer): slot s -> row ``slot_row[s]`` of ``rows``
     (-1: skip), entries with a zero count dropped. Returns (keys (T,) int64 = row * L + layer, expert, count) in

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import TracekitError
 from ..query import connect, sql_file
 from .budget import MemoryBudget
-from .coactivation import analyze_coactivation
+from .coactivation import CoactivationAccumulator
 from .correlation import POOL_SHARE, CorrelationAccumulator
 from .data import GROUP_KEYS, Geometry, geometry
 from .domain import DomainAccumulator, classifier_sample
@@ -74,10 +74,8 @@ def _analyze(runs, names, what, by, layer, window, top_n, seed, budget) -> dict[
         geo = geometry(con)
         index = request_index(con)
         slices = plan_slices(con, index, len(index), rows_per_slice(geo, budget, BATCH_SHARE))
-        out = analyze_requests(con, geo, index, slices, [n for n in names if n != "coactivation"],
-                               by=by, window=window, top_n=top_n, seed=seed, budget=budget)
-        if "coactivation" in names:
-            out["coactivation"] = analyze_coactivation(con, layer=layer, geo=geo, slices=slices)
+        out = analyze_requests(con, geo, index, slices, names, by=by, window=window, top_n=top_n, seed=seed,
+                               budget=budget, layer=layer)
         return {n: out[n] for n in names}
     finally:
         if own:
@@ -90,16 +88,20 @@ CLASSIFIER_SHARE = 0.25  # the classifier's sampled routing signatures
 
 def analyze_requests(con, geo: Geometry, index: RequestIndex, slices: list, names: list[str], *,
                      by: str, window: int | None, top_n: int | None, seed: int,
-                     budget: MemoryBudget) -> dict[str, AnalysisResult]:
-    """Imbalance, domain and correlation in one pass over the request slices, each read as sparse per-request
-    histograms (plus the correlation's pass over its partners' decode rows)."""
+                     budget: MemoryBudget, layer: int | None = None) -> dict[str, AnalysisResult]:
+    """Imbalance, domain, correlation and co-activation in one pass over the request slices, each read as sparse
+    per-request histograms (and its rows, for co-activation), plus the correlation's pass over its partners'
+    decode rows."""
     if not names:
         return {}
     R, L, E = len(index), len(geo.layers), geo.num_experts
     labels = None if by == "phase" else index.labels(by)
     accs: dict = {}
-    with SliceReader(geo, memory_limit=budget.duckdb_limit, threads=duckdb_threads(con)) as reader:
+    with SliceReader(geo, memory_limit=budget.duckdb_limit, threads=duckdb_threads(con),
+                     positions="coactivation" in names) as reader:
         for name in names:
+            if name == "coactivation":
+                accs[name] = CoactivationAccumulator(geo, layer)
             if name == "imbalance":
                 accs[name] = ImbalanceAccumulator(labels if labels is not None else np.zeros(R, dtype=object), by,
                                                   geo.layers, E, geo.top_k, window or max(1, R // 10))

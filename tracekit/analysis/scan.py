@@ -31,17 +31,49 @@ class SparseBatch:
     expert: np.ndarray
     prefill: np.ndarray
     decode: np.ndarray
+    rows: "RowArrays | None" = None  # the rows themselves, when the reader was asked for positions
 
     @property
     def n(self) -> int:
         return len(self.index)
 
 
+@dataclass
+class RowArrays:
+    """A batch's token-layer rows: ``li`` (R,) layer index, ``offsets`` (R + 1,) and ``values`` their expert ids,
+    ``token`` (R,) the token each row belongs to (0..T-1; -1 for a row outside the batch's requests)."""
+
+    li: np.ndarray
+    offsets: np.ndarray
+    values: np.ndarray
+    token: np.ndarray
+
+
+def token_ids(slot: np.ndarray, phase: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """(R,) dense token numbers of rows given their request slot, phase code and position (-1 where slot < 0)."""
+    ok = slot >= 0
+    if not ok.any():
+        return np.full(len(slot), -1, dtype=np.int64)
+    span = int(position[ok].max()) + 1
+    key = (slot * 3 + phase.astype(np.int64)) * span + position.astype(np.int64)
+    out = np.full(len(slot), -1, dtype=np.int64)
+    k = key[ok]
+    if int(k.max()) < 8 * len(k) + 4096:  # small key range: number the keys present by counting, not sorting
+        present = np.zeros(int(k.max()) + 1, dtype=np.int64)
+        present[k] = 1
+        out[ok] = (np.cumsum(present) - 1)[k]
+    else:
+        out[ok] = np.unique(k, return_inverse=True)[1].reshape(-1)
+    return out
+
+
 class SliceReader:
     """Reads slices of requests from their chunk files on a private, read-only use of DuckDB."""
 
-    def __init__(self, geo: Geometry, memory_limit: str | None = None, threads: int | None = None):
+    def __init__(self, geo: Geometry, memory_limit: str | None = None, threads: int | None = None,
+                 positions: bool = False):
         self.geo = geo
+        self.positions = positions  # also read each row's token position (co-activation's inter-layer pairs)
         self.layer_lut = np.full(int(geo.layers.max()) + 2, -1, dtype=np.int64)
         self.layer_lut[geo.layers] = np.arange(len(geo.layers))
         try:
@@ -76,14 +108,18 @@ class SliceReader:
         try:
             if self.fixed:
                 try:
-                    return self.con.sql(self.sql.replace("{experts}", self.fixed), params=params).to_arrow_table()
+                    return self.con.sql(self._sql(self.fixed, decode_only), params=params).to_arrow_table()
                 except duckdb.ConversionException:
                     self.fixed = None  # some row holds another number of experts: read lists from now on
-            return self.con.sql(self.sql.replace("{experts}", "experts"), params=params).to_arrow_table()
+            return self.con.sql(self._sql("experts", decode_only), params=params).to_arrow_table()
         except duckdb.Error as exc:
             raise TracekitError(f"cannot read {files[0]}: {_first_line(exc)}") from None
         finally:
             self.con.unregister("_tracekit_only")
+
+    def _sql(self, experts: str, decode_only: bool) -> str:
+        position = ", position" if self.positions and not decode_only else ""
+        return self.sql.replace("{experts}", experts).replace("{position}", position)
 
     def histograms(self, sl, only: np.ndarray | None = None, decode_only: bool = False) -> SparseBatch:
         """Histograms of the slice's requests (or of ``only``, a sorted subset of its request ids). The arrays are
@@ -123,10 +159,14 @@ class SliceReader:
         slot = lut[req - lo]
         layer = t.column("layer").to_numpy().astype(np.int64)
         li = np.where(layer < len(self.layer_lut), self.layer_lut[np.minimum(layer, len(self.layer_lut) - 1)], -1)
-        decode = t.column("decode").to_numpy()
+        phase = t.column("phase_code").to_numpy()
+        decode = (phase == 1).view(np.uint8)
         offsets, values = offsets_and_values(t.column("experts"))
         ptr, expert, pre, dec = kernels.sparse_histograms(slot, li, decode, offsets, values, n, L, E, self.buffers)
-        return SparseBatch(index, ptr, expert, pre, dec)
+        rows = None
+        if "position" in t.column_names:
+            rows = RowArrays(li, offsets, values, token_ids(slot, phase, t.column("position").to_numpy()))
+        return SparseBatch(index, ptr, expert, pre, dec, rows)
 
 
 def offsets_and_values(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
