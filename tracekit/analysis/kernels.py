@@ -401,6 +401,24 @@ def _pair_statistics_range(ptr, expert, pre, dec, slot_subject, slot_partner, po
 
 
 @njit(cache=_CACHE, nogil=True)
+def _counting_order(key, K):  # pragma: no cover - compiled
+    """Rows ordered by ``key`` (R,) in 0..K-1 (rows with key < 0 left out), stable: (start (K + 1,), order)."""
+    start = np.zeros(K + 1, dtype=np.int64)
+    for i in range(key.shape[0]):
+        if key[i] >= 0:
+            start[key[i] + 1] += 1
+    for t in range(K):
+        start[t + 1] += start[t]
+    fill = start[:-1].copy()
+    order = np.empty(start[K], dtype=np.int64)
+    for i in range(key.shape[0]):
+        if key[i] >= 0:
+            order[fill[key[i]]] = i
+            fill[key[i]] += 1
+    return start, order
+
+
+@njit(cache=_CACHE, nogil=True)
 def coactivation_counts(li, offsets, values, token, E, pair_of, next_of, pairs, trans):  # pragma: no cover - compiled
     """Co-activation within a layer and from a layer to the next, from a batch's rows.
 
@@ -408,64 +426,64 @@ def coactivation_counts(li, offsets, values, token, E, pair_of, next_of, pairs, 
     of each row (-1: skip). pair_of (L,): the row of ``pairs`` (P, E, E) a layer counts into (-1: none): every
     two ids i < j (list order) of a row add pairs[p, e_i, e_j]; next_of (L,): the row of ``trans`` (S, E, E) for
     a layer whose next MoE layer is counted (-1: none): each row at layer l and each row of the same token at
-    layer l + 1 add trans[s, a, b] for all their ids a, b.
+    layer l + 1 add trans[s, a, b] for all their ids a, b. Rows are visited layer by layer, so the (E, E) counts
+    being added to stay in cache.
     """
     R = li.shape[0]
+    L = pair_of.shape[0]
     T = 0
     for i in range(R):
-        p = pair_of[li[i]] if li[i] >= 0 else -1
-        if p >= 0:
-            for u in range(offsets[i], offsets[i + 1]):
-                a = values[u]
-                if a >= E:
-                    continue
-                for v in range(u + 1, offsets[i + 1]):
-                    b = values[v]
-                    if b < E:
-                        pairs[p, a, b] += 1
         if token[i] >= T:
             T = token[i] + 1
-    # rows grouped by token (counting sort), then by layer within a token (a handful of rows: insertion)
-    start = np.zeros(T + 1, dtype=np.int64)
-    for i in range(R):
-        if token[i] >= 0 and li[i] >= 0:
-            start[token[i] + 1] += 1
+    tok = np.where(li >= 0, token, -1)
+    t_start, t_order = _counting_order(tok, T)
+    # per row: where the rows of its token at the next layer are (t_order[nx_lo[i]:nx_hi[i]])
+    nx_lo = np.zeros(R, dtype=np.int64)
+    nx_hi = np.zeros(R, dtype=np.int64)
     for t in range(T):
-        start[t + 1] += start[t]
-    fill = start[:-1].copy()
-    order = np.empty(start[T], dtype=np.int64)
-    for i in range(R):
-        if token[i] >= 0 and li[i] >= 0:
-            order[fill[token[i]]] = i
-            fill[token[i]] += 1
-    for t in range(T):
-        lo, hi = start[t], start[t + 1]
-        for j in range(lo + 1, hi):
-            x = order[j]
+        lo, hi = t_start[t], t_start[t + 1]
+        for j in range(lo + 1, hi):  # a token's rows sorted by layer (a handful: insertion)
+            x = t_order[j]
             q = j
-            while q > lo and li[order[q - 1]] > li[x]:
-                order[q] = order[q - 1]
+            while q > lo and li[t_order[q - 1]] > li[x]:
+                t_order[q] = t_order[q - 1]
                 q -= 1
-            order[q] = x
+            t_order[q] = x
         for j in range(lo, hi):
-            a = order[j]
-            s = next_of[li[a]]
-            if s < 0:
-                continue
+            a = t_order[j]
             q = j + 1
-            while q < hi and li[order[q]] == li[a]:
+            while q < hi and li[t_order[q]] == li[a]:
                 q += 1
-            while q < hi and li[order[q]] == li[a] + 1:
-                b = order[q]
+            nx_lo[a] = q
+            while q < hi and li[t_order[q]] == li[a] + 1:
+                q += 1
+            nx_hi[a] = q
+    l_start, l_order = _counting_order(np.where(tok >= 0, li, -1), L)
+    for l in range(L):
+        p = pair_of[l]
+        s = next_of[l]
+        for j in range(l_start[l], l_start[l + 1]):
+            a = l_order[j]
+            if p >= 0:
                 for u in range(offsets[a], offsets[a + 1]):
-                    ea = values[u]
-                    if ea >= E:
+                    x = values[u]
+                    if x >= E:
                         continue
-                    for v in range(offsets[b], offsets[b + 1]):
-                        eb = values[v]
-                        if eb < E:
-                            trans[s, ea, eb] += 1
-                q += 1
+                    for v in range(u + 1, offsets[a + 1]):
+                        y = values[v]
+                        if y < E:
+                            pairs[p, x, y] += 1
+            if s >= 0:
+                for q in range(nx_lo[a], nx_hi[a]):
+                    b = t_order[q]
+                    for u in range(offsets[a], offsets[a + 1]):
+                        x = values[u]
+                        if x >= E:
+                            continue
+                        for v in range(offsets[b], offsets[b + 1]):
+                            y = values[v]
+                            if y < E:
+                                trans[s, x, y] += 1
 
 
 @njit(cache=_CACHE, nogil=True)

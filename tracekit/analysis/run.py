@@ -98,7 +98,7 @@ def analyze_requests(con, geo: Geometry, index: RequestIndex, slices: list, name
     labels = None if by == "phase" else index.labels(by)
     accs: dict = {}
     with SliceReader(geo, memory_limit=budget.duckdb_limit, threads=duckdb_threads(con),
-                     positions="coactivation" in names) as reader:
+                     positions="coactivation" in names, histograms=names != ["coactivation"]) as reader:
         for name in names:
             if name == "coactivation":
                 accs[name] = CoactivationAccumulator(geo, layer)

@@ -71,8 +71,9 @@ class SliceReader:
     """Reads slices of requests from their chunk files on a private, read-only use of DuckDB."""
 
     def __init__(self, geo: Geometry, memory_limit: str | None = None, threads: int | None = None,
-                 positions: bool = False):
+                 positions: bool = False, histograms: bool = True):
         self.geo = geo
+        self.want_histograms = histograms  # False: only the rows (co-activation alone)
         self.positions = positions  # also read each row's token position (co-activation's inter-layer pairs)
         self.layer_lut = np.full(int(geo.layers.max()) + 2, -1, dtype=np.int64)
         self.layer_lut[geo.layers] = np.arange(len(geo.layers))
@@ -162,7 +163,10 @@ class SliceReader:
         phase = t.column("phase_code").to_numpy()
         decode = (phase == 1).view(np.uint8)
         offsets, values = offsets_and_values(t.column("experts"))
-        ptr, expert, pre, dec = kernels.sparse_histograms(slot, li, decode, offsets, values, n, L, E, self.buffers)
+        if self.want_histograms:
+            ptr, expert, pre, dec = kernels.sparse_histograms(slot, li, decode, offsets, values, n, L, E, self.buffers)
+        else:
+            ptr, (expert, pre, dec) = np.zeros(n * L + 1, np.int64), (np.zeros(0, np.int32) for _ in range(3))
         rows = None
         if "position" in t.column_names:
             rows = RowArrays(li, offsets, values, token_ids(slot, phase, t.column("position").to_numpy()))
