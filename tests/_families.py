@@ -4,9 +4,9 @@ Sizes are shrunk generically (width, heads, layers, experts) through the config'
 lists (``layer_types``, ``mlp_layer_types``, ...) keep one layer of every kind they list, so a family with several
 kinds of MoE layer (DeepSeek V4's hash and learned routers) keeps both, and a hybrid keeps a full-attention layer next
 to its MoE layers (Kimi Linear). Lists the config class leaves None are filled as released checkpoints set them, and a
-heterogeneous config's ``per_layer_config`` travels with the kept layers, shrunk like the globals. ``OVERRIDES`` holds the few config fields a
-family needs beyond that; a family without an entry is built from the generic rules alone, so a new family is tried
-as it comes.
+heterogeneous config's ``per_layer_config`` travels with the kept layers, shrunk like the globals. ``OVERRIDES`` holds
+the few config fields a family needs beyond that; a family without an entry is built from the generic rules alone, so
+a new family is tried as it comes.
 """
 from __future__ import annotations
 
