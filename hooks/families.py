@@ -2,9 +2,9 @@
 
 A *family* is one modeling module of ``transformers.models`` (``modeling_<name>.py``) that defines a routed-experts
 module (a class whose name ends in ``Experts``, shared experts excluded: ``Shared`` past the family's own class
-prefix) or a known sparse mixture block without one (Doge's ``CDMoE``). Its model type is the config's own ``model_type`` for that module. Nothing here is a hard-coded
-list of families: a family added by a later transformers release shows up here by name, and the tests then require
-an adapter for it.
+prefix) or a known sparse mixture block without one (Doge's ``CDMoE``). Its model type is the config's own
+``model_type`` for that module. Nothing here is a hard-coded list of families: a family added by a later transformers
+release shows up here by name, and the tests then require an adapter for it.
 """
 from __future__ import annotations
 

@@ -118,7 +118,8 @@ def _shrink_like_global(layer: dict[str, Any], default, kwargs: dict[str, Any]) 
     out = {}
     for k, v in layer.items():
         g = getattr(default, k, None)
-        if isinstance(v, int) and not isinstance(v, bool) and isinstance(kwargs.get(k), int) and isinstance(g, int) and g:
+        sized = isinstance(v, int) and not isinstance(v, bool) and isinstance(g, int) and g
+        if sized and isinstance(kwargs.get(k), int):
             v = max(1, round(v * kwargs[k] / g))
         out[k] = v
     return out
@@ -177,7 +178,8 @@ def tiny_kwargs(cfg_cls, vocab: int, overrides: dict[str, Any] | None = None, vi
         if idx is None:  # per-layer lists: keep one layer of every kind of every list, in order
             kinds = dict(lists)
             if overrides_by_layer and real == "num_hidden_layers":  # heterogeneous: other overrides, other kind
-                kinds["per_layer_config"] = [repr(sorted(overrides_by_layer.get(i, {}).items())) for i in range(n_default)]
+                kinds["per_layer_config"] = [repr(sorted(overrides_by_layer.get(i, {}).items()))
+                                             for i in range(n_default)]
             idx = _layer_subset(kinds, n_default, N_LAYERS) if n_default > N_LAYERS else list(range(n_default))
         kwargs[real] = len(idx)
         for k, v in lists.items():
