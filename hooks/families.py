@@ -1,10 +1,10 @@
 """Which model types of the installed transformers are Mixture-of-Experts families, read from transformers itself.
 
 A *family* is one modeling module of ``transformers.models`` (``modeling_<name>.py``) that defines a routed-experts
-module (a class whose name ends in ``Experts``, shared experts excluded) or a known sparse mixture block without one
-(Doge's ``CDMoE``). Its model type is the config's own ``model_type`` for that module. Nothing here is a hard-coded
-list of families: a family added by a later transformers release shows up here by name, and the tests then require
-an adapter for it.
+module (a class whose name ends in ``Experts``, shared experts excluded: ``Shared`` past the family's own class
+prefix) or a known sparse mixture block without one (Doge's ``CDMoE``). Its model type is the config's own
+``model_type`` for that module. Nothing here is a hard-coded list of families: a family added by a later transformers
+release shows up here by name, and the tests then require an adapter for it.
 """
 from __future__ import annotations
 
@@ -39,6 +39,21 @@ def _own_module_classes(mod) -> dict[str, type]:
             if inspect.isclass(c) and issubclass(c, nn.Module) and c.__module__ == mod.__name__}
 
 
+def _class_prefix(classes: dict[str, type]) -> str:
+    """The prefix every class of a modeling module carries (``GraniteMoeShared`` for granitemoeshared), read from
+    its ``*PreTrainedModel`` class; empty when it has none."""
+    bases = [n[: -len("PreTrainedModel")] for n in classes if n.endswith("PreTrainedModel")]
+    return min(bases, key=len) if bases else ""
+
+
+def _routed_experts_class(name: str, prefix: str) -> bool:
+    """A routed-experts module class: its name ends in ``Experts`` and, past the family's own prefix, does not say
+    ``Shared`` (Inkling's ``InklingSharedExperts`` always runs; GraniteMoeShared's ``GraniteMoeSharedExperts`` is
+    routed, the family is just called that)."""
+    own = name[len(prefix):] if prefix and name.startswith(prefix) else name
+    return name.endswith("Experts") and "Shared" not in own
+
+
 @lru_cache(maxsize=1)
 def installed_moe_families() -> tuple[MoeFamily, ...]:
     """Every MoE family of the installed transformers, one per modeling module, sorted by model type."""
@@ -53,7 +68,7 @@ def installed_moe_families() -> tuple[MoeFamily, ...]:
         if mod is None:
             continue
         classes = _own_module_classes(mod)
-        experts = tuple(n for n in classes if n.endswith("Experts") and "Shared" not in n)
+        experts = tuple(n for n in classes if _routed_experts_class(n, _class_prefix(classes)))
         blocks = tuple(n for n in classes if n.endswith(_MIXTURE_BLOCKS))
         if not experts and not blocks:
             continue

@@ -2,9 +2,11 @@
 
 Sizes are shrunk generically (width, heads, layers, experts) through the config's own attribute names; per-layer
 lists (``layer_types``, ``mlp_layer_types``, ...) keep one layer of every kind they list, so a family with several
-kinds of MoE layer (DeepSeek V4's hash and learned routers) keeps both. ``OVERRIDES`` holds the few config fields a
-family needs beyond that; a family without an entry is built from the generic rules alone, so a new family is tried
-as it comes.
+kinds of MoE layer (DeepSeek V4's hash and learned routers) keeps both, and a hybrid keeps a full-attention layer next
+to its MoE layers (Kimi Linear). Lists the config class leaves None are filled as released checkpoints set them, and a
+heterogeneous config's ``per_layer_config`` travels with the kept layers, shrunk like the globals. ``OVERRIDES`` holds
+the few config fields a family needs beyond that; a family without an entry is built from the generic rules alone, so
+a new family is tried as it comes.
 """
 from __future__ import annotations
 
@@ -61,6 +63,14 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # the released Qwen3-Omni talker config carries this field; the config class has no default for it
     "qwen3_omni_moe": {"enable_audio_output": False, "thinker_config": {"vision_start_token_id": 259},
                        "talker_config": {"text_config": {"shared_expert_intermediate_size": 16}}},
+    # LFM2-8B-A1B's layer_types (the config class leaves it None): short-conv layers with full attention between
+    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"]},
+    # Jamba-v0.1 (attention every 8th layer from layer 4, MoE every 2nd from 1) in three layers: an attention layer
+    # without MoE and a Mamba layer with MoE, as there; the config class derives its layer types from these periods
+    "jamba": {"attn_layer_period": 3, "attn_layer_offset": 2},
+    # the vision/audio adapters' widths must equal the towers' and the text model's (shrunk) widths
+    "dots3_note": {"vision_config": {"adapter_in_dim": 32, "adapter_out_dim": 64},
+                   "audio_config": {"adapter_input_size": 32, "adapter_out_dim": 64}},
     "switch_transformers": {"encoder_sparse_step": 2, "decoder_sparse_step": 2, "num_sparse_encoder_layers": 2,
                             "num_sparse_decoder_layers": 2},
 }
@@ -70,12 +80,20 @@ def _resolve(cfg_cls, name: str) -> str:
     return getattr(cfg_cls, "attribute_map", {}).get(name, name)
 
 
-def _layer_subset(values: list, n: int) -> list[int]:
-    """Indices of ``n`` layers that keep one layer of every kind listed in ``values``."""
-    keep = []
-    for v in dict.fromkeys(map(str, values)):
-        keep.append([str(x) for x in values].index(v))
-    for i in range(len(values)):
+def _layer_subset(lists: dict[str, list], n_layers: int, n: int) -> list[int]:
+    """Indices of at least ``n`` of ``n_layers`` layers that keep one layer of every kind of *every* per-layer list.
+
+    A hybrid stack lists attention kinds and MLP kinds separately (Kimi Linear: ``layer_types`` and
+    ``mlp_layer_types``): the subset keeps the first layer of each kind of each list, so a MoE layer and a full
+    attention layer (the cache needs one) both survive.
+    """
+    keep: list[int] = []
+    for values in lists.values():
+        as_str = [str(x) for x in values]
+        for v in dict.fromkeys(as_str):
+            if as_str.index(v) not in keep:
+                keep.append(as_str.index(v))
+    for i in range(n_layers):
         if len(keep) >= n:
             break
         if i not in keep:
@@ -83,9 +101,52 @@ def _layer_subset(values: list, n: int) -> list[int]:
     return sorted(keep)
 
 
+def _per_layer_overrides(default) -> dict[int, dict[str, Any]]:
+    """A heterogeneous config's per-layer overrides (transformers' ``per_layer_config``), by layer index.
+
+    Reading the default's global values is what shrinking needs, so the default instance is opened for that.
+    """
+    if not getattr(default, "is_heterogeneous", False):
+        return {}
+    default.allow_global_per_layer_attribute_access = True
+    return {int(i): dict(v) for i, v in (default.to_dict().get("per_layer_config") or {}).items()}
+
+
+def _shrink_like_global(layer: dict[str, Any], default, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """One layer's overrides, each size scaled by the factor its global field was shrunk by (Dots3's sliding layers
+    keep half the heads of its full layers: so does the tiny model)."""
+    out = {}
+    for k, v in layer.items():
+        g = getattr(default, k, None)
+        sized = isinstance(v, int) and not isinstance(v, bool) and isinstance(g, int) and g
+        if sized and isinstance(kwargs.get(k), int):
+            v = max(1, round(v * kwargs[k] / g))
+        out[k] = v
+    return out
+
+
+#: a released checkpoint's ``mlp_layer_types`` where the config class leaves it None: dense first layers, then MoE
+FIRST_DENSE_LAYERS = 1
+
+
+def _fill_layer_types(default, kwargs: dict[str, Any], n: int) -> None:
+    """Per-layer lists the config class leaves to the checkpoint, filled as released checkpoints set them.
+
+    ``mlp_layer_types`` None (DeepSeek-OCR-2): ``FIRST_DENSE_LAYERS`` dense layers, the rest sparse. A hybrid
+    ``layer_types`` of linear layers only (Granite 4.0-H's default): its last layer becomes full attention, as in
+    every released hybrid checkpoint; transformers 5.24 cannot ``generate`` with a cache of linear layers only.
+    """
+    if "mlp_layer_types" in vars(default) and default.mlp_layer_types is None and "mlp_layer_types" not in kwargs:
+        kwargs["mlp_layer_types"] = ["dense"] * FIRST_DENSE_LAYERS + ["sparse"] * (n - FIRST_DENSE_LAYERS)
+    types = kwargs.get("layer_types")
+    if isinstance(types, list) and types and set(types) == {"linear_attention"}:
+        kwargs["layer_types"] = types[:-1] + ["full_attention"]
+
+
 def tiny_kwargs(cfg_cls, vocab: int, overrides: dict[str, Any] | None = None, vision: bool = False) -> dict[str, Any]:
     """Constructor kwargs for a tiny instance of ``cfg_cls`` (recursing into its sub-configs)."""
     default = cfg_cls()
+    overrides_by_layer = _per_layer_overrides(default)
     kwargs: dict[str, Any] = {}
     sizes = VISION_SIZES if vision else SIZES
     for name, value in sizes.items():
@@ -100,23 +161,36 @@ def tiny_kwargs(cfg_cls, vocab: int, overrides: dict[str, Any] | None = None, vi
         kwargs[real] = vocab if value is None else value
     if not vision and hasattr(default, "kv_lora_rank") and "num_key_value_heads" in kwargs:
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)  # MLA: one kv head per query head
+    for key in LAYER_KEYS + (("depth",) if vision else ()):
+        real = _resolve(cfg_cls, key)
+        n_default = getattr(default, real, None) if hasattr(default, real) else None
+        if not isinstance(n_default, int) or isinstance(n_default, bool):
+            continue
+        if vision:  # the vision tower never runs on text: its first layers, as many as VISION_SIZES keeps
+            if real not in kwargs or kwargs[real] >= n_default:
+                continue
+            idx = list(range(kwargs[real]))
+        elif real in kwargs:
+            continue
+        else:
+            idx = None
+        lists = {k: v for k, v in vars(default).items() if isinstance(v, list) and len(v) == n_default}
+        if idx is None:  # per-layer lists: keep one layer of every kind of every list, in order
+            kinds = dict(lists)
+            if overrides_by_layer and real == "num_hidden_layers":  # heterogeneous: other overrides, other kind
+                kinds["per_layer_config"] = [repr(sorted(overrides_by_layer.get(i, {}).items()))
+                                             for i in range(n_default)]
+            idx = _layer_subset(kinds, n_default, N_LAYERS) if n_default > N_LAYERS else list(range(n_default))
+        kwargs[real] = len(idx)
+        for k, v in lists.items():
+            kwargs[k] = [v[i] for i in idx]
+        if overrides_by_layer and real == "num_hidden_layers":  # as a saved checkpoint's config carries it
+            kwargs["per_layer_config"] = {
+                new: _shrink_like_global(overrides_by_layer[old], default, kwargs)
+                for new, old in enumerate(idx) if old in overrides_by_layer}
+        if not vision:
+            _fill_layer_types(default, kwargs, len(idx))
     if not vision:
-        for key in LAYER_KEYS:
-            real = _resolve(cfg_cls, key)
-            if hasattr(default, real) and isinstance(getattr(default, real), int) and real not in kwargs:
-                n_default = getattr(default, real)
-                # per-layer lists: keep one layer of every kind, in order
-                lists = {k: v for k, v in vars(default).items()
-                         if isinstance(v, list) and len(v) == n_default and n_default > N_LAYERS}
-                idx = None
-                for k, v in lists.items():
-                    sub = _layer_subset(v, N_LAYERS)
-                    if idx is None or len(sub) > len(idx):
-                        idx = sub
-                idx = idx or list(range(min(N_LAYERS, n_default)))
-                kwargs[real] = len(idx)
-                for k, v in lists.items():
-                    kwargs[k] = [v[i] for i in idx]
         for tok in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             if hasattr(default, tok):
                 kwargs[tok] = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258,

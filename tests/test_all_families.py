@@ -41,14 +41,8 @@ NOT_GENERATIVE = {"openai_privacy_filter": "no model class that generates", "dif
 #: families this test does not yet build or trace right, each with what is wrong (measured 2026-12-01, transformers
 #: 5.24). strict xfail: the day one passes, the test says so and the entry must go.
 KNOWN_GAPS = {
-    "deepseek_ocr2": "tiny builder: the config class leaves mlp_layer_types None",
-    "lfm2_moe": "tiny builder: the config class leaves layer_types None",
-    "dots3_note": "tiny builder: heterogeneous per-layer config (AmbiguousGlobalPerLayerAttributeError)",
     "ernie4_5_vl_moe": "tiny builder: rope sections do not fit the shrunk head dims",
     "glm4v_moe": "tiny builder: mrope sections [8, 12, 12] do not fit the shrunk head dims",
-    "granitemoehybrid": "tiny builder: the 3-layer subset keeps no attention layer (cache needs one)",
-    "jamba": "tiny builder: the 3-layer subset keeps no attention layer (cache needs one)",
-    "kimi_linear": "tiny builder: the 3-layer subset keeps no attention layer (cache needs one)",
     "inkling2": "tiny model indexes an embedding out of range (not investigated)",
     "inkling2_loop": "tiny model indexes an embedding out of range (not investigated); looped-layer passes untested",
     "muse_spark": "tiny builder: vision config lists per-layer sizes, depth shrunk to 1",
@@ -79,15 +73,19 @@ def _one_hot_first(mask, e):
     return torch.where(kept, mask.argmax(-1), torch.full_like(mask.argmax(-1), e)), kept
 
 
-def _witness(model, log):
-    """Pre-hooks on every routed-experts module (by class) logging (ids, weights) as the experts receive them."""
+def _witness(model, log, routed=()):
+    """Pre-hooks on every routed-experts module (by class) logging (ids, weights) as the experts receive them.
+
+    ``routed``: the family's experts classes as discovery names them; a ``*SharedExperts`` class is skipped (a shared
+    expert runs on every token) unless it is one of them (GraniteMoeShared's routed experts carry the family name).
+    """
     handles = []
     for name, mod in model.named_modules():
         cls = type(mod).__name__
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         if cls == "DogeCDMoE":
             handles.append(mod.down_embed.register_forward_pre_hook(lambda m, a: log.append((a[0].reshape(-1, a[0].shape[-1]), None))))
-        if not cls.endswith("Experts") or cls.endswith("SharedExperts"):
+        if not cls.endswith("Experts") or cls.endswith("SharedExperts") and cls not in routed:
             continue
         if cls == "Llama4TextExperts":
             handles += _llama4_witness(parent, mod, log)
@@ -187,7 +185,7 @@ def test_family_recorded_equals_consumed(family, tmp_path, monkeypatch):
     monkeypatch.setattr(collect_mod, "RouterTracer", _KeepingTracer)
     _KeepingTracer.kept = []
     witnessed: list = []
-    handles = _witness(model, witnessed)
+    handles = _witness(model, witnessed, fam.experts_classes)
     try:
         res = collect(CollectOptions(model=family, dataset="humaneval", out=tmp_path / "run", max_new_tokens=NEW_TOKENS,
                                      batch_size=2, weights="float32", ignore_eos=True, chat_template=False),
