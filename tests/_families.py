@@ -61,6 +61,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # the released Qwen3-Omni talker config carries this field; the config class has no default for it
     "qwen3_omni_moe": {"enable_audio_output": False, "thinker_config": {"vision_start_token_id": 259},
                        "talker_config": {"text_config": {"shared_expert_intermediate_size": 16}}},
+    # canvases of two tokens: three new tokens take two canvases, so the encoder's pass over a canvas is traced too
+    "diffusion_gemma": {"canvas_length": 2},
     "switch_transformers": {"encoder_sparse_step": 2, "decoder_sparse_step": 2, "num_sparse_encoder_layers": 2,
                             "num_sparse_decoder_layers": 2},
 }
