@@ -71,6 +71,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # the vision/audio adapters' widths must equal the towers' and the text model's (shrunk) widths
     "dots3_note": {"vision_config": {"adapter_in_dim": 32, "adapter_out_dim": 64},
                    "audio_config": {"adapter_input_size": 32, "adapter_out_dim": 64}},
+    # canvases of two tokens: three new tokens take two canvases, so the encoder's pass over a canvas is traced too
+    "diffusion_gemma": {"canvas_length": 2},
     "switch_transformers": {"encoder_sparse_step": 2, "decoder_sparse_step": 2, "num_sparse_encoder_layers": 2,
                             "num_sparse_decoder_layers": 2},
 }

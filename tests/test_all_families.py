@@ -22,6 +22,7 @@ import torch
 import tracekit.collect as collect_mod
 from tests._families import tiny_model
 from tracekit.collect import CollectOptions, collect
+from tracekit.collect_diffusion import is_block_diffusion
 from tracekit.datasets import Prompt
 from tracekit.hooks import find_routers
 from tracekit.hooks.families import installed_moe_families
@@ -33,9 +34,8 @@ FAMILIES = {f.model_type: f for f in installed_moe_families()}
 PROMPTS = [Prompt("p0", "def add(a, b):\n    return", "code"), Prompt("p1", "Natalia sold clips to 48 friends.", "math")]
 NEW_TOKENS = 3
 
-#: families tracekit refuses, in one line: transformers has no generation head for the first, and the second's
-#: ``generate`` is block diffusion (it returns no token sequence; there is no prefill/decode to record)
-NOT_GENERATIVE = {"openai_privacy_filter": "no model class that generates", "diffusion_gemma": "does not generate autoregressively"}
+#: families tracekit refuses, in one line: transformers has no generation head for them (a token classifier)
+NOT_GENERATIVE = {"openai_privacy_filter": "no model class that generates"}
 
 
 #: families this test does not yet build or trace right, each with what is wrong (measured 2026-12-01, transformers
@@ -51,13 +51,15 @@ KNOWN_GAPS = {
 
 
 class _KeepingTracer(collect_mod.RouterTracer):
-    """The collector's own tracer, keeping a copy of every step it hands back."""
+    """The collector's own tracer, keeping a copy of every step it hands back (``fetched``: steps per fetch)."""
 
     kept: list = []
+    fetched: list = []
 
     def fetch(self):
         steps = super().fetch()
         _KeepingTracer.kept.extend(steps)
+        _KeepingTracer.fetched.append(len(steps))
         return steps
 
 
@@ -183,7 +185,7 @@ def test_family_recorded_equals_consumed(family, tmp_path, monkeypatch):
     model, tok = tiny_model(fam)
     lm = LoadedModel(family, model, tok, ModelSpec(family, None, "auto", "tiny test model"))
     monkeypatch.setattr(collect_mod, "RouterTracer", _KeepingTracer)
-    _KeepingTracer.kept = []
+    _KeepingTracer.kept, _KeepingTracer.fetched = [], []
     witnessed: list = []
     handles = _witness(model, witnessed, fam.experts_classes)
     try:
@@ -201,6 +203,8 @@ def test_family_recorded_equals_consumed(family, tmp_path, monkeypatch):
     table = pq.read_table(sorted((tmp_path / "run" / "routes").glob("*.parquet")))
     n_prompt = sum(len(tok(p.text)["input_ids"]) for p in PROMPTS)
     routers = find_routers(model)
+    if is_block_diffusion(model):
+        return _check_diffusion_rows(model, routers, table, n_prompt, res)
     enc_calls = sum(1 for c in _KeepingTracer.kept[-(NEW_TOKENS + 1)].calls if routers[c.router].stack == "encoder")
     dec_calls = len(_KeepingTracer.kept[-1].calls)
     per_prompt = 1 if model.config.is_encoder_decoder else None
@@ -210,6 +214,28 @@ def test_family_recorded_equals_consumed(family, tmp_path, monkeypatch):
     flat = table.column("experts").combine_chunks().flatten().to_numpy()
     assert flat.max() < geo["num_experts"]
     assert set(geo["zero_computation_experts"]) <= set(range(geo["num_experts"]))
+
+
+def _check_diffusion_rows(model, routers, table, n_prompt, res):
+    """Block diffusion (tracekit/collect_diffusion.py): the encoder's rows cover the prompt and every canvas but the
+    last; every decoder forward (a denoising iteration) covers the whole canvas, ``pass`` = its iteration."""
+    C = model.config.canvas_length
+    n_canvas = -(-NEW_TOKENS // C)
+    forwards = _KeepingTracer.fetched[-1]  # decoder forwards of the collection's one batch (after the preflight's)
+    enc = sum(1 for r in routers if r.stack == "encoder")
+    dec = len(routers) - enc
+    B = len(PROMPTS)
+    assert res.complete and n_canvas > 1  # the test covers the encoder pass over a canvas
+    assert table.num_rows == enc * (n_prompt + B * C * (n_canvas - 1)) + dec * B * C * forwards
+    t = table.to_pandas()
+    d = t[t.phase == "decode"]
+    assert d.token_id.isna().all() and d.step.min() == 1 and d.step.max() == forwards
+    # every (request, position, layer) of a canvas is routed once per denoising iteration: passes 0..n-1
+    per = d.groupby(["request_id", "position", "layer"])["pass"].agg(["min", "max", "count"])
+    assert (per["min"] == 0).all() and (per["count"] == per["max"] + 1).all()
+    assert per["count"].sum() == dec * B * C * forwards
+    e = t[t.phase == "encoder"]
+    assert e.token_id.notna().all() and e.groupby(["request_id", "position", "layer"]).size().max() == 1
 
 
 def _refused_in_one_line(fam, tmp_path, reason):

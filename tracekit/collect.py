@@ -351,6 +351,18 @@ def trace_batch(
     device = next(loaded.model.parameters()).device
     input_ids = enc["input_ids"].to(device)
     mask = enc["attention_mask"].to(device)
+    from .collect_diffusion import diffusion_rows, generate_kwargs, is_block_diffusion
+
+    if is_block_diffusion(loaded.model):  # DiffusionGemma: canvases of denoising forwards, not one token a step
+        tracer.clear()
+        with torch.inference_mode():
+            out = loaded.model.generate(input_ids=input_ids, attention_mask=mask,
+                                        **generate_kwargs(opts, tok.pad_token_id))
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        return diffusion_rows(tracer.fetch(), sites if sites is not None else call_sites(tracer.routers),
+                              enc["input_ids"].numpy(), enc["attention_mask"].numpy(), sequences.cpu().numpy(),
+                              loaded.model.config.canvas_length, set() if opts.ignore_eos else _eos_ids(loaded),
+                              request_ids)
     gen_kwargs: dict[str, Any] = {
         "max_new_tokens": opts.max_new_tokens + 1,
         "do_sample": opts.do_sample,
@@ -365,9 +377,9 @@ def trace_batch(
     tracer.clear()
     with torch.inference_mode():
         sequences = loaded.model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)
-    if not isinstance(sequences, torch.Tensor):  # e.g. DiffusionGemma's block diffusion: no prefill/decode to record
+    if not isinstance(sequences, torch.Tensor):  # a generate tracekit does not know how to read
         raise TracekitError(f"{type(loaded.model).__name__}.generate returned {type(sequences).__name__}, not token "
-                            f"ids: it does not generate autoregressively, so tracekit has no prefill/decode to trace")
+                            f"ids; tracekit cannot tie its router calls to tokens")
     steps = tracer.fetch()
     # decoder-only: the prompt is the decoder's input; encoder-decoder: the decoder starts from its start token
     S = 1 if _is_encoder_decoder(loaded.model) else input_ids.shape[1]

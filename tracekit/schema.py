@@ -22,7 +22,8 @@ token_id       int32, nullable              the token routed at this position (n
 experts        list<uint8|uint16|uint32>    expert ids in the router's order (narrowest type for E)
 weights        list<float16|float32>, null  gate weights as the experts consumed them, same order
 pass           int16 (v2)                   which call of this layer's router in the forward (0 = first;
-                                            looped layers call one router several times per forward)
+                                            looped layers call one router several times per forward;
+                                            block diffusion: the denoising iteration of the canvas)
 router         dictionary<string>, null(v2) which gate of a layer with several (Ernie 4.5 VL ``text_moe``
                                             / ``vision_moe``); null when the layer has one gate
 =============  ===========================  ==========================================================

@@ -75,6 +75,11 @@ def place_cmd(
     get_profile(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=rdma_gbps)  # one-line error early
     if hidden_size is not None:
         eval_opts["hidden_size"] = hidden_size
+    from ..placement.traces import describe_zero
+
+    zero_line = describe_zero(traces)
+    if zero_line:
+        Console().print(zero_line, markup=False, soft_wrap=True)  # one line, whatever the terminal's width
     if len(traces) == 0:  # loads-only: fit, no scoring
         from ..placement import strategies as strat
         from ..placement.evaluate import make_cluster

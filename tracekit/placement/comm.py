@@ -31,6 +31,10 @@ Model (pure functions over numpy arrays; every quantity below is computed exactl
    gigabytes per second, from the hardware profile (:mod:`tracekit.placement.hardware`) unless overridden.
    The per-step estimate that the placement table leads with is :mod:`tracekit.placement.replay`'s.
 
+Zero-computation choices (the sentinel id E of :class:`~tracekit.placement.types.TraceArrays`) are computed in
+place: they go to no replica, send nothing, add no GPU load and read no weights; their token-layers still count
+as token-layers (a row whose experts are all zero-computation crosses the layer with no copy).
+
 Everything is vectorised over token-layers in row chunks (no Python loop per row); chunks run on a few threads
 (numpy releases the GIL in its kernels) with one accumulator each, merged at the end. Distinct destinations per row
 come from per-row GPU bitmasks when the cluster has at most 64 GPUs, else from sorting each row's k GPUs; both
@@ -45,7 +49,7 @@ import numpy as np
 
 from ..errors import TracekitError
 from .stats import decode_step, row_chunks
-from .types import Cluster, GroupingRule, Placement, TraceArrays
+from .types import Cluster, GroupingRule, Placement, TraceArrays, real_choices
 
 DEFAULTS = {
     "hidden_size": 7168,  # DeepSeek V3
@@ -217,16 +221,20 @@ def evaluate(
                 continue
             h = home[traces.request[sl][sel]].astype(np.int32)
             ex = traces.experts[sl][sel].astype(np.int32)
+            real = real_choices(traces, ex)  # None: no zero-computation choice in these traces
             if static:
-                dg = gpu_table[((lp * G + h) * E)[:, None] + ex]  # (n, k) destination GPU of every (token, expert)
+                look = ex if real is None else np.where(real, ex, 0)
+                dg = gpu_table[((lp * G + h) * E)[:, None] + look]  # (n, k) destination GPU of every (token, expert)
             else:
                 st = layout.step[sl][sel].astype(np.int64)
                 slots = choose_replicas(se, lp, h, ex, engine=engine, gpus_per_node=gpn, num_gpus=G, num_experts=E,
                                         batch=st * G + h, index_in_batch=layout.index[sl][sel], replicas=reps)
                 dg = gpu_of_slot[slots].astype(np.int16)
-            chunk_fn(acc_, lp, h, dg, G, gpn, nodes)
+            if real is not None:  # computed in place: "sent" to the home GPU, i.e. no copy anywhere; no load
+                dg = np.where(real, dg, h[:, None]).astype(np.int16, copy=False)
+            chunk_fn(acc_, lp, h, dg, G, gpn, nodes, real)
             if steps_ is not None:
-                steps_.add(layout.step[sl][sel], lp, h, dg, traces.phase[sl][sel] == 1)
+                steps_.add(layout.step[sl][sel], lp, h, dg, traces.phase[sl][sel] == 1, real)
         return acc_, steps_
 
     # numpy releases the GIL in its kernels: chunks (and the micro-batch statistics) run on EVAL_THREADS threads
@@ -318,12 +326,19 @@ class _Counts:
             setattr(self, name, getattr(self, name) + val)
 
 
-def _pair_counts(acc: _Counts, lp, h, hn, dg, dn, G: int, nodes: int) -> None:
-    """Per (token, expert) pair: GPU load, low-latency copies and intra-node pairs (shared by both paths)."""
+def _pair_counts(acc: _Counts, lp, h, hn, dg, dn, G: int, nodes: int, real=None) -> None:
+    """Per (token, expert) pair: GPU load, low-latency copies and intra-node pairs (shared by both paths).
+
+    ``real`` (n, k) bool or None: False for zero-computation choices, whose ``dg`` is the home GPU (no copy is
+    counted for them by construction); they add no GPU load either."""
     n, k = dg.shape
     acc.rows += n
     acc.rows_layer += np.bincount(lp, minlength=acc.rows_layer.size)
-    acc.gpu_load += np.bincount((lp[:, None] * G + dg).ravel(), minlength=acc.gpu_load.size)
+    size = acc.gpu_load.size
+    key = lp[:, None] * G + dg
+    if real is not None:
+        key = np.where(real, key, size)  # a dump bin past the end
+    acc.gpu_load += np.bincount(key.ravel(), minlength=size + 1)[:size]
     remote = dn != hn[:, None]
     local = ~remote & (dg != h[:, None])
     per_row_ll = remote.sum(1)
@@ -334,11 +349,11 @@ def _pair_counts(acc: _Counts, lp, h, hn, dg, dn, G: int, nodes: int) -> None:
     acc.nvl_in_ll += np.bincount((dg + G * local).ravel(), minlength=2 * G)[G:]
 
 
-def _chunk_bits(acc: _Counts, lp, h, dg, G: int, gpn: int, nodes: int) -> None:
+def _chunk_bits(acc: _Counts, lp, h, dg, G: int, gpn: int, nodes: int, real=None) -> None:
     """One chunk with per-row GPU bitmasks (G <= 64): distinct GPUs / nodes without sorting."""
     hn = h // gpn
     dn = dg // gpn
-    _pair_counts(acc, lp, h, hn, dg, dn, G, nodes)
+    _pair_counts(acc, lp, h, hn, dg, dn, G, nodes, real)
     bit = np.left_shift(np.uint64(1), np.arange(G, dtype=np.uint64))
     gbits = bit[dg[:, 0]]
     for j in range(1, dg.shape[1]):
@@ -365,12 +380,16 @@ def _chunk_bits(acc: _Counts, lp, h, dg, G: int, gpn: int, nodes: int) -> None:
     acc.nvl_in_norm += nvl[:G]
 
 
-def _chunk_sorted(acc: _Counts, lp, h, dg, G: int, gpn: int, nodes: int) -> None:
+def _chunk_sorted(acc: _Counts, lp, h, dg, G: int, gpn: int, nodes: int, real=None) -> None:
     """One chunk, any cluster size: sort each row's GPUs and count first occurrences."""
-    dg = np.sort(dg, axis=1)
+    if real is None:
+        dg = np.sort(dg, axis=1)
+    else:  # the mask follows its entries through the sort
+        order = np.argsort(dg, axis=1, kind="stable")
+        dg, real = np.take_along_axis(dg, order, 1), np.take_along_axis(real, order, 1)
     hn = h // gpn
     dn = dg // gpn
-    _pair_counts(acc, lp, h, hn, dg, dn, G, nodes)
+    _pair_counts(acc, lp, h, hn, dg, dn, G, nodes, real)
     new_gpu = np.ones_like(dg, dtype=bool)
     new_gpu[:, 1:] = dg[:, 1:] != dg[:, :-1]
     new_node = np.ones_like(dg, dtype=bool)
@@ -429,9 +448,11 @@ def microbatch_stats(
     mb_of, r = mb_of[keep], r[keep]
     lp = traces.layer_pos[sel][keep].astype(np.int64)
     ex = traces.experts[sel][keep].astype(np.int64)
-    slot = table.reshape(-1)[((lp * G + home[r]) * E)[:, None] + ex]
+    real = real_choices(traces, ex)
+    slot = table.reshape(-1)[((lp * G + home[r]) * E)[:, None] + (ex if real is None else np.where(real, ex, 0))]
     touched = np.zeros(n_keep * M * S, dtype=bool)
-    touched[((mb_of * M + lp) * S)[:, None] + slot] = True
+    flags = ((mb_of * M + lp) * S)[:, None] + slot
+    touched[flags if real is None else flags[real]] = True  # a zero-computation choice reads no weights
     touched = touched.reshape(n_keep, M, S)
     # logical experts touched = distinct experts among touched slots
     se = np.asarray(placement.slot_expert)

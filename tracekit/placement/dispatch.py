@@ -195,7 +195,7 @@ def choose_replicas(placement_slots: np.ndarray, layer_pos: np.ndarray, src_gpu:
                     *, engine: str, gpus_per_node: int, num_gpus: int, num_experts: int | None = None,
                     batch: np.ndarray | None = None, index_in_batch: np.ndarray | None = None,
                     table: np.ndarray | None = None, replicas: tuple[np.ndarray, np.ndarray] | None = None,
-                    seed: int = SGLANG_SEED) -> np.ndarray:
+                    seed: int = SGLANG_SEED, _skip: np.ndarray | None = None) -> np.ndarray:
     """(n, k) int32 physical slot of each (token, expert) of n token-layers, as ``engine`` picks it.
 
     ``layer_pos`` (n,) MoE-layer position, ``src_gpu`` (n,) the token's GPU (its DP rank), ``experts`` (n, k).
@@ -203,6 +203,10 @@ def choose_replicas(placement_slots: np.ndarray, layer_pos: np.ndarray, src_gpu:
     and ``index_in_batch`` (n,) the token's index in that batch (0-based; the same for a token at every layer).
     ``table`` (M, G, E) reuses a static engine's :func:`dispatch_table`; ``replicas`` reuses
     :func:`replica_lists`.
+
+    An id >= E is a zero-computation choice (computed in place, see
+    :class:`~tracekit.placement.types.TraceArrays`): its slot is -1, and it takes no part in TRT-LLM's per-expert
+    arbitration (it keeps its item position in the flattened (token, k) array, as a masked id does there).
     """
     check_engine(engine)
     se = np.asarray(placement_slots, dtype=np.int64)
@@ -210,6 +214,12 @@ def choose_replicas(placement_slots: np.ndarray, layer_pos: np.ndarray, src_gpu:
     lp = np.asarray(layer_pos, dtype=np.int64)
     h = np.asarray(src_gpu, dtype=np.int64)
     ex = np.asarray(experts, dtype=np.int64)
+    zero = ex >= E
+    if zero.any():
+        out = choose_replicas(se, lp, h, np.where(zero, 0, ex), engine=engine, gpus_per_node=gpus_per_node,
+                              num_gpus=num_gpus, num_experts=E, batch=batch, index_in_batch=index_in_batch,
+                              table=table, replicas=replicas, seed=seed, _skip=zero)
+        return np.where(zero, -1, out).astype(out.dtype, copy=False)
     if engine in STATIC_ENGINES:
         if table is None:
             table = dispatch_table(se, engine=engine, gpus_per_node=gpus_per_node, num_gpus=num_gpus, num_experts=E,
@@ -234,7 +244,7 @@ def choose_replicas(placement_slots: np.ndarray, layer_pos: np.ndarray, src_gpu:
     p = t[:, None] * k + np.arange(k)[None, :]  # flattened item index in the batch
     block = p // TRTLLM_BLOCK_ITEMS
     key = np.zeros((n, k), dtype=np.int64)
-    rep = cnt > 1
+    rep = cnt > 1 if _skip is None else (cnt > 1) & ~_skip
     if rep.any():
         # n = earlier items with the same expert in the same (batch, layer, block): rank within a stable sort
         rows, cols = np.nonzero(rep)

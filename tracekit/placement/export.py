@@ -106,8 +106,9 @@ def grouping_to_dict(rule: GroupingRule) -> dict[str, Any]:
         "how_to_apply": {
             "none": "round-robin requests over nodes",
             "domain": "send a request of domain d round-robin to the nodes domain_nodes[d] (all nodes if d is absent)",
-            "signature": "histogram the request's prefill experts per feature layer (absolute layer ids), normalise "
-            "each layer to sum 1, concatenate; send it to centroid_node of the nearest centroid (Euclidean)",
+            "signature": "histogram the request's prefill experts per feature layer (absolute layer ids; "
+            "zero-computation experts are not counted), normalise each layer to sum 1, concatenate; send it to "
+            "centroid_node of the nearest centroid (Euclidean)",
         }[rule.kind],
     }
 

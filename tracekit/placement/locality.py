@@ -37,6 +37,9 @@ max/mean above the bound on synthetic DeepSeek-V3-geometry traces; a fifth kept 
 copies). With grouping ``none`` the home node carries no signal, so the
 optimiser plans for the expectation (uniform home loads, random homes on the sample).
 
+Zero-computation choices (the sentinel id E of :class:`~tracekit.placement.types.TraceArrays`) are in no
+hyperedge and in no load: they are computed in place and never placed.
+
 Modules: this one drives the steps (copies, spread, per-layer driver); step 2 is :mod:`.partition`, step 3
 :mod:`.replicas`, steps 4-5 and the load model :mod:`.packing`.
 """

@@ -89,6 +89,8 @@ def pack(experts: np.ndarray, loads: np.ndarray, bins: int, per_bin: int, sweeps
         hi = int(np.argmax(bl))
         mine = np.flatnonzero(bin_of == hi)
         other = np.flatnonzero(bin_of != hi)
+        if other.size == 0:  # one bin (one GPU per node): nothing to swap with
+            break
         d = loads[mine][:, None] - loads[other][None, :]  # moving load d from hi to the other bin
         new_hi = bl[hi] - d
         new_other = bl[bin_of[other]][None, :] + d

@@ -16,22 +16,27 @@ from .types import Cluster
 class Layer:
     """Mutable state of one layer's partition: token hyperedges, node counts, loads.
 
-    X (T, k) experts of each sampled token-layer, h (T,) home node, wt (T,) weight (tokens represented).
-    cnt (T, N): copies-in-use of token t's experts on node n. ``node_of`` (E,) the node each expert's
-    primary lives on.
+    X (T, k) experts of each sampled token-layer (ids >= E: zero-computation choices, in no hyperedge),
+    h (T,) home node, wt (T,) weight (tokens represented). ``pair_token``, ``pair_expert`` (P,): the sample's
+    (token, real expert) pairs. cnt (T, N): copies-in-use of token t's experts on node n. ``node_of`` (E,) the
+    node each expert's primary lives on.
     """
 
     def __init__(self, X: np.ndarray, h: np.ndarray, W: np.ndarray, cluster: Cluster, copies: np.ndarray):
         self.N, self.E = cluster.nodes, cluster.num_experts
         self.X, self.h = X, h
         T, k = X.shape
+        real = X.ravel() < self.E
+        self.pair_token, self.pair_expert = np.repeat(np.arange(T), k)[real], X.ravel()[real]
         total = W.sum()
-        self.wt = np.full(T, total / k / T if T else 0.0)  # each token-layer stands for this many
+        P = self.pair_expert.size
+        # each token-layer stands for this many: total / (real pairs per token) / T (total / k / T without zeros)
+        self.wt = np.full(T, total / (P / T) / T if P else 0.0)
         self.W = W  # (N, E) load by home node
         self.w = W.sum(axis=0)  # (E,)
         self.copies = copies  # (E,) copies of each expert on its primary node
         self.inc = sp.csr_matrix(
-            (np.ones(T * k), X.ravel(), np.arange(0, T * k + 1, k)), shape=(T, self.E)
+            (np.ones(P), (self.pair_token, self.pair_expert)), shape=(T, self.E)
         ).T.tocsr()  # (E, T): tokens of each expert
         self.not_home = np.ones((T, self.N), dtype=bool)
         self.not_home[np.arange(T), h] = False

@@ -40,6 +40,9 @@ state of serving; the prefill steps' when the rows hold no decode), and ``decode
   dispatch moves ``bytes_per_elem`` per value (1 = FP8), combine 2 (BF16). No overlap is assumed. Step time is the
   sum over MoE layers (attention and dense layers excluded: placement does not change them).
 
+A zero-computation choice (the sentinel id E of :class:`~tracekit.placement.types.TraceArrays`) is computed on
+the token's own GPU: no traffic, no load, no expert compute; its token still takes its place in the step.
+
 **score_placement** (the interface the placement table uses)::
 
     score_placement(placement, traces, mask=None, *, engine='sglang', profile='h200', decode_batch=128,
@@ -178,23 +181,29 @@ class StepCounts:
         for k in ("load", "rdma_out", "rdma_in", "nvl_out", "nvl_in"):
             getattr(self, k).__iadd__(getattr(other, k))
 
-    def add(self, step: np.ndarray, lp: np.ndarray, h: np.ndarray, dg: np.ndarray, decode: np.ndarray) -> None:
+    def add(self, step: np.ndarray, lp: np.ndarray, h: np.ndarray, dg: np.ndarray, decode: np.ndarray,
+            real: np.ndarray | None = None) -> None:
         """One chunk: ``step``, ``lp``, ``h`` (n,) step, layer position, home GPU; ``dg`` (n, k) destination GPU;
         ``decode`` (n,) bool (low-latency mode) else normal mode. Masked entries go to a dump bin (index
-        ``size``) instead of being compacted out: one pass per count."""
+        ``size``) instead of being compacted out: one pass per count. ``real`` (n, k) bool or None: False for a
+        zero-computation choice, whose ``dg`` is the home GPU (so it sends nothing) and which adds no load."""
         G, gpn = self.G, self.gpn
         size = self.load.size
         it = np.int32 if size < 2**31 - 1 else np.int64
         base = (step.astype(it) * it(self.M) + lp.astype(it)) * it(G)  # (n,) first bin of the row's (step, layer)
         d = dg.astype(it)
         key = base[:, None] + d  # (n, k) bin of each destination
-        self.load += np.bincount(key.ravel(), minlength=size)
         hh = h.astype(it)
         own = base + hh
         decode = np.asarray(decode, dtype=bool)
 
         def put(arr, keys, keep):
             arr += np.bincount(np.where(keep, keys, size).ravel(), minlength=size + 1)[:size]
+
+        if real is None:
+            self.load += np.bincount(key.ravel(), minlength=size)
+        else:
+            put(self.load, key, real)
 
         if decode.any():  # low-latency: one send per (token, expert) pair
             remote = (d // gpn) != (hh // gpn)[:, None]

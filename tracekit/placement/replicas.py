@@ -16,11 +16,9 @@ def locality_replicas(L: Layer, present: np.ndarray, spn: int, cap: float) -> No
     """
     N, E = L.N, L.E
     free = spn - present.sum(axis=0)  # (N,) free slots per node
-    if free.sum() == 0 or len(L.X) == 0 or N == 1:
+    if free.sum() == 0 or L.pair_expert.size == 0 or N == 1:
         return
-    T, k = L.X.shape
-    tok = np.repeat(np.arange(T), k)
-    ex = L.X.ravel()
+    tok, ex = L.pair_token, L.pair_expert  # (token, real expert) pairs: zero-computation choices send nothing
     ht, wt = L.h[tok], L.wt[tok]
     while free.sum() > 0:
         a = np.maximum(L.node_of[ex], 0)

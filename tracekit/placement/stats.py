@@ -3,7 +3,8 @@
 All functions are pure, take a :class:`~tracekit.placement.types.TraceArrays` and an optional row mask (N,) bool,
 and return numpy arrays. Shapes use M MoE-layer positions, E experts, k experts per token-layer, R_n requests.
 Large traces (tens of millions of token-layers) are processed in row chunks so that no (N * k) int64 temporary
-is ever built whole.
+is ever built whole. A zero-computation choice (the sentinel id E, see :class:`TraceArrays`) counts nowhere: the
+counts run over E + 1 columns and the sentinel's column is dropped.
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ def _masked(arr: np.ndarray, mask: np.ndarray | None, sl: slice) -> np.ndarray:
     return a if mask is None else a[mask[sl]]
 
 
+def _width(traces: TraceArrays) -> int:
+    """Columns of a per-expert count: E, or E + 1 when the sentinel id E (zero-computation choices) occurs."""
+    return traces.num_experts + (1 if traces.zero_choices else 0)
+
+
 def expert_load(traces: TraceArrays, mask: np.ndarray | None = None) -> np.ndarray:
     """(M, E) int64: (token, expert) assignments per layer position and expert.
 
@@ -44,12 +50,13 @@ def expert_load(traces: TraceArrays, mask: np.ndarray | None = None) -> np.ndarr
     """
     mask = _rows(traces, mask)
     M, E = traces.num_layers, traces.num_experts
-    out = np.zeros(M * E, dtype=np.int64)
+    W = _width(traces)
+    out = np.zeros(M * W, dtype=np.int64)
     for sl in row_chunks(len(traces)):
         lp = _masked(traces.layer_pos, mask, sl).astype(np.int64)
         ex = _masked(traces.experts, mask, sl).astype(np.int64)
-        out += np.bincount((lp[:, None] * E + ex).ravel(), minlength=M * E)
-    out = out.reshape(M, E)
+        out += np.bincount((lp[:, None] * W + ex).ravel(), minlength=M * W)
+    out = np.ascontiguousarray(out.reshape(M, W)[:, :E])
     if mask is None and traces.loads is not None:
         out = out + traces.loads
     return out
@@ -67,9 +74,10 @@ def coactivation(traces: TraceArrays, layer_pos: int, mask: np.ndarray | None = 
     n, k = ex.shape
     if n == 0:
         return np.zeros((E, E), dtype=np.int64)
-    x = sp.csr_matrix((np.ones(n * k, dtype=np.int64), ex.ravel(), np.arange(0, n * k + 1, k)), shape=(n, E))
+    W = _width(traces)
+    x = sp.csr_matrix((np.ones(n * k, dtype=np.int64), ex.ravel(), np.arange(0, n * k + 1, k)), shape=(n, W))
     c = (x.T @ x).toarray()
-    return c
+    return np.ascontiguousarray(c[:E, :E])
 
 
 def request_histograms(
@@ -99,10 +107,15 @@ def request_histograms(
         if mask is not None:
             keep &= mask[sl]
         r = traces.request[sl][keep].astype(np.int64)
-        col = lut[traces.layer_pos[sl][keep]][:, None] * E + traces.experts[sl][keep].astype(np.int64)
+        ex = traces.experts[sl][keep].astype(np.int64)
+        col = lut[traces.layer_pos[sl][keep]][:, None] * E + ex
         k = col.shape[1]
+        rows, col = np.repeat(r, k), col.ravel()
+        if traces.zero_choices:  # zero-computation choices are no expert of the histogram
+            real = ex.ravel() < E
+            rows, col = rows[real], col[real]
         m = sp.csr_matrix(
-            (np.ones(col.size, dtype=np.float32), (np.repeat(r, k), col.ravel())), shape=(R, Mp * E)
+            (np.ones(col.size, dtype=np.float32), (rows, col)), shape=(R, Mp * E)
         )
         acc = m if acc is None else acc + m
     if acc is None:
@@ -123,16 +136,17 @@ def load_by_group(
     """
     mask = _rows(traces, mask)
     M, E = traces.num_layers, traces.num_experts
+    W = _width(traces)
     grp = np.asarray(group_of_request, dtype=np.int64)
-    out = np.zeros(M * num_groups * E, dtype=np.int64)
+    out = np.zeros(M * num_groups * W, dtype=np.int64)
     for sl in row_chunks(len(traces)):
         g = grp[_masked(traces.request, mask, sl)]
         ok = g >= 0
         lp = _masked(traces.layer_pos, mask, sl).astype(np.int64)[ok]
         ex = _masked(traces.experts, mask, sl).astype(np.int64)[ok]
-        idx = ((lp * num_groups + g[ok])[:, None]) * E + ex
+        idx = ((lp * num_groups + g[ok])[:, None]) * W + ex
         out += np.bincount(idx.ravel(), minlength=out.size)
-    return out.reshape(M, num_groups, E)
+    return np.ascontiguousarray(out.reshape(M, num_groups, W)[:, :, :E])
 
 
 def decode_step(traces: TraceArrays) -> np.ndarray:

@@ -119,6 +119,9 @@ def fit(name: str, fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, 
     nhl = (fit_traces.geometry or {}).get("num_layers")
     if nhl:
         p.meta.setdefault("num_hidden_layers", int(nhl))  # export (SGLang) writes one row per hidden layer
+    zero = (fit_traces.geometry or {}).get("zero_computation_experts")
+    if zero:  # the model's ids the placement leaves out on purpose (computed in place, never placed)
+        p.meta.setdefault("zero_computation_experts", [int(x) for x in zero])
     check_placement(p)
     return p
 

@@ -7,6 +7,10 @@ turns the ``experts`` list column into an (N, k) array by flattening the Arrow l
 Several runs load into one ``TraceArrays``: requests are renumbered 0..R_n-1 (run by run, in request-id order)
 and ``request_key`` keeps "run_id:request_id". All runs must share the expert count and top-k.
 
+Zero-computation experts (the manifest geometry's ``zero_computation_experts``, always the top ids) are not
+placed: ``TraceArrays.num_experts`` counts the real experts, every zero-computation choice becomes the sentinel id
+``num_experts`` (see :class:`~tracekit.placement.types.TraceArrays`), and their counts in a loads run are dropped.
+
 Runs of kind ``loads`` (engines that dump only aggregated counts) carry no token rows: they fill
 ``TraceArrays.loads`` (M, E), enough for the load-only strategies (linear, round-robin, eplb) but not for
 locality, grouping or the communication model.
@@ -80,6 +84,7 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
     con = _connect()
 
     num_experts = None
+    zero_ids: list[int] | None = None
     layers: set[int] = set()
     geometry: dict = {}
     for run in runs:
@@ -91,6 +96,11 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
                     f"{run.path}: {e} experts but an earlier run has {num_experts}; place runs of one model at a time"
                 )
             num_experts = int(e)
+        zero = _zero_experts(run, g)
+        if zero_ids is not None and zero != zero_ids:
+            raise TracekitError(f"{run.path}: zero-computation experts {zero} but an earlier run has {zero_ids}; "
+                                "place runs of one model at a time")
+        zero_ids = zero
         if g.get("moe_layers"):
             layers.update(int(x) for x in g["moe_layers"])
         geometry = geometry or dict(g)
@@ -125,12 +135,17 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
         num_experts = max_expert + 1
     if max_expert >= num_experts:
         raise TracekitError(f"expert id {max_expert} out of range for {num_experts} experts; check the manifest geometry")
+    # zero-computation experts are the top ids (checked in _zero_experts): they all become the sentinel id
+    # `real` (= TraceArrays.num_experts), so ids stay fixed-shape and a consumer masks with one comparison
+    real = num_experts - len(zero_ids or [])
     layer_arr = np.array(sorted(layers), dtype=np.int64)
     if layer_arr.size == 0:
         raise TracekitError("the runs hold no MoE layers; nothing to place")
     lut_layer = np.full(int(layer_arr.max()) + 1, -1, dtype=np.int32)
     lut_layer[layer_arr] = np.arange(len(layer_arr), dtype=np.int32)
-    e_dtype = np.uint8 if num_experts <= 256 else (np.uint16 if num_experts <= 65536 else np.uint32)
+    top = real + 1 if zero_ids else real  # ids 0..top-1, the sentinel included
+    e_dtype = np.uint8 if top <= 256 else (np.uint16 if top <= 65536 else np.uint32)
+    zero_choices = 0
 
     cols = {k: [] for k in ("request", "layer_pos", "experts", "phase", "token")}
     domains: list[np.ndarray] = []
@@ -150,6 +165,10 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
             raise TracekitError(f"{run.path}: layers {bad[:5]} are not in the manifest's moe_layers; fix the geometry")
         ex = tab.column("experts").combine_chunks()
         flat = pc.list_flatten(ex).to_numpy(zero_copy_only=False)
+        if zero_ids:
+            is_zero = flat >= real
+            zero_choices += int(np.count_nonzero(is_zero))
+            flat = np.where(is_zero, real, flat)
         cols["experts"].append(flat.astype(e_dtype, copy=False).reshape(-1, top_k))
         cols["request"].append(lut_req[tab.column("request_id").to_numpy()].astype(np.int32))
         cols["layer_pos"].append(lut_layer[layer].astype(np.int16))
@@ -162,11 +181,14 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
 
     loads = None
     if loads_parts:
-        loads = np.zeros((len(layer_arr), num_experts), dtype=np.int64)
+        loads = np.zeros((len(layer_arr), real), dtype=np.int64)
         for run, files in loads_parts:
             t = con.sql(_SQL_LOADS.format(where=_phase_where(phase, "loads")), params={"files": files}).to_arrow_table()
             lp = lut_layer[t.column("layer").to_numpy()]
-            np.add.at(loads, (lp, t.column("expert").to_numpy()), t.column("count").to_numpy())
+            expert, count = t.column("expert").to_numpy(), t.column("count").to_numpy()
+            keep = expert < real  # counts of zero-computation experts are not placed
+            zero_choices += int(count[~keep].sum())
+            np.add.at(loads, (lp[keep], expert[keep]), count[keep])
     con.close()
 
     def cat(name, dtype, shape=(0,)):
@@ -174,7 +196,7 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
 
     return TraceArrays(
         layers=layer_arr,
-        num_experts=int(num_experts),
+        num_experts=int(real),
         request=cat("request", np.int32),
         layer_pos=cat("layer_pos", np.int16),
         experts=cat("experts", e_dtype, (0, top_k or 0)),
@@ -184,7 +206,32 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
         loads=loads,
         geometry=geometry,
         request_key=np.concatenate(keys) if keys else np.zeros(0, dtype=object),
+        zero_choices=zero_choices,
     )
+
+
+def _zero_experts(run, geometry: dict) -> list[int]:
+    """The run's zero-computation expert ids (manifest geometry), checked to be the top ids: placement renumbers
+    nothing, so the real experts must be 0..E-1 and the zero-computation ones E..E+Z-1 (every family so far)."""
+    zero = sorted(int(x) for x in geometry.get("zero_computation_experts") or [])
+    if not zero:
+        return []
+    total = geometry.get("num_experts")
+    if total is None or zero != list(range(int(total) - len(zero), int(total))):
+        raise TracekitError(
+            f"{run.path}: zero-computation experts {zero[:5]} are not the top ids of {total} experts; placement "
+            "needs the real experts numbered first (fix the manifest geometry)")
+    return zero
+
+
+def describe_zero(traces: TraceArrays) -> str | None:
+    """One line for ``place`` when the runs hold zero-computation choices (None otherwise)."""
+    if not traces.zero_choices:
+        return None
+    ids = (traces.geometry or {}).get("zero_computation_experts") or []
+    which = f"ids {ids[0]}..{ids[-1]}" if len(ids) > 1 else f"id {ids[0]}" if ids else "ids"
+    return (f"ignored {traces.zero_choices:,} zero-computation expert choices ({which}, computed in place): "
+            f"placing the {traces.num_experts} real experts; they send no traffic and load no GPU")
 
 
 def describe_input(traces: TraceArrays) -> str:
@@ -201,18 +248,20 @@ def describe_input(traces: TraceArrays) -> str:
 def subset(traces: TraceArrays, mask: np.ndarray) -> TraceArrays:
     """The rows selected by ``mask`` (N,) bool; requests keep their indices (R_n unchanged), loads are dropped."""
     mask = np.asarray(mask, dtype=bool)
+    experts = traces.experts[mask]
     return TraceArrays(
         layers=traces.layers,
         num_experts=traces.num_experts,
         request=traces.request[mask],
         layer_pos=traces.layer_pos[mask],
-        experts=traces.experts[mask],
+        experts=experts,
         phase=traces.phase[mask],
         token=traces.token[mask],
         request_domain=traces.request_domain,
         loads=None,
         geometry=traces.geometry,
         request_key=traces.request_key,
+        zero_choices=int(np.count_nonzero(experts == traces.num_experts)) if traces.zero_choices else 0,
     )
 
 

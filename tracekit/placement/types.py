@@ -96,6 +96,13 @@ class TraceArrays:
     ``experts`` (N, k) logical ids, ``phase`` (N,) 0 prefill / 1 decode, ``token`` (N,) a per-request token
     counter (position) so that (request, token) identifies one token across layers.
     Per request (R_n requests, indexed by ``request``): ``request_domain`` (R_n,) strings.
+
+    Zero-computation experts (the manifest's ``zero_computation_experts``: LongCat-Flash's identity experts, Zaya's
+    skip expert, Switch / NLLB-MoE's capacity drop) are not placed: ``num_experts`` counts the real experts only,
+    and a choice of a zero-computation expert is stored in ``experts`` as the id ``num_experts`` (one sentinel,
+    so the array keeps its fixed (N, k) shape). Such a choice is computed in place: it sends nothing, loads no
+    GPU and touches no slot. ``zero_choices`` counts them (0: the sentinel never occurs and consumers skip the
+    masking); :func:`real_choices` gives the mask.
     """
 
     layers: np.ndarray  # (M,) absolute layer index of each MoE-layer position
@@ -113,6 +120,7 @@ class TraceArrays:
     loads: np.ndarray | None = None
     geometry: dict[str, Any] = field(default_factory=dict)
     request_key: np.ndarray | None = None
+    zero_choices: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -130,3 +138,11 @@ class TraceArrays:
 
     def __len__(self) -> int:
         return int(self.request.shape[0])
+
+
+def real_choices(traces: TraceArrays, experts: np.ndarray) -> np.ndarray | None:
+    """(n, k) bool: which entries of ``experts`` (rows of ``traces.experts``) choose a real expert; None when the
+    traces hold no zero-computation choice (every entry is real, nothing to mask)."""
+    if not traces.zero_choices:
+        return None
+    return np.asarray(experts) < traces.num_experts
