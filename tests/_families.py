@@ -58,9 +58,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                                   "indexer_budget": 16, "indexer_compress_ratio": 4}},
     "inkling2": {"vision_config": {"text_hidden_size": 64}},
     "inkling2_loop": {"vision_config": {"text_hidden_size": 64}},
-    # the released Qwen3-Omni talker config carries this field; the config class has no default for it
-    "qwen3_omni_moe": {"enable_audio_output": False, "thinker_config": {"vision_start_token_id": 259},
-                       "talker_config": {"text_config": {"shared_expert_intermediate_size": 16}}},
+    # built as released, with its talker (an MoE stack of its own, which text generation must not run); the
+    # released talker config carries spatial_merge_size and the shared expert's width, the config class leaves them
+    "qwen3_omni_moe": {"thinker_config": {"vision_start_token_id": 259},
+                       "talker_config": {"spatial_merge_size": 2,
+                                         "text_config": {"shared_expert_intermediate_size": 16}}},
     "switch_transformers": {"encoder_sparse_step": 2, "decoder_sparse_step": 2, "num_sparse_encoder_layers": 2,
                             "num_sparse_decoder_layers": 2},
 }
