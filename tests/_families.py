@@ -30,6 +30,7 @@ SIZES: dict[str, Any] = {
     "num_experts_per_tok": 2, "moe_topk": 2, "moe_top_k": 2, "moe_k": 2, "top_k_experts": 2, "num_experts_per_token": 2,
     "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "num_expert_group": 2, "zero_expert_num": 3,
     "max_position_embeddings": 512, "sliding_window": 64, "vocab_size": None,  # None: the byte tokenizer's
+    "unpadded_vocab_size": None,  # Inkling 2: the lm head's width, the generated ids
     "num_nextn_predict_layers": 0, "first_k_dense_replace": 1, "num_dense_layers": 1,
     "expert_capacity": 64, "router_jitter_noise": 0.0,
 }
@@ -41,7 +42,7 @@ LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "encoder_layers", "
 N_LAYERS = 3
 #: sub-configs that are not the language model: shrunk hard, never run on text prompts
 VISION_SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "depth": 1, "num_attention_heads": 2,
-                "num_heads": 2, "embed_dim": 32, "out_hidden_size": 32, "projection_dim": 32}
+                "num_heads": 2, "embed_dim": 32, "out_hidden_size": 64, "projection_dim": 32}  # out: the text width
 
 #: the few fields a family needs beyond the generic rules (keyed by model type)
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -58,11 +59,23 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # the config class leaves QSA unset while its default layer types build QSA indexers: set it as a checkpoint would
     "qwen4_exp": {"text_config": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 256,
                                   "indexer_budget": 16, "indexer_compress_ratio": 4}},
+    # multimodal RoPE: the sections (as released configs give them) scaled to the shrunk head dim 16 (64 / 4 heads):
+    # Ernie 4.5 VL [22, 22, 20] over 128 / 2 -> [3, 3, 2] over 8; GLM-4.5V [8, 12, 12] over 128 * 0.5 / 2 -> [1, 2, 1]
+    "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
+                                                            "mrope_section": [3, 3, 2]}}},
+    "glm4v_moe": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                      "partial_rotary_factor": 0.5, "mrope_section": [1, 2, 1]}}},
     "inkling2": {"vision_config": {"text_hidden_size": 64}},
-    "inkling2_loop": {"vision_config": {"text_hidden_size": 64}},
-    # the released Qwen3-Omni talker config carries this field; the config class has no default for it
-    "qwen3_omni_moe": {"enable_audio_output": False, "thinker_config": {"vision_start_token_id": 259},
-                       "talker_config": {"text_config": {"shared_expert_intermediate_size": 16}}},
+    # layer 1 of 3 looped, 3 passes: the tracer must keep every pass (the default loop, layers 6..17, lies beyond
+    # a 3-layer model, so nothing would loop); one layer per attention-residual block so the loop bounds divide it
+    "inkling2_loop": {"vision_config": {"text_hidden_size": 64},
+                      "text_config": {"n_layers_per_attn_res_block": 1, "loop_layer_index_start": 1,
+                                      "loop_layer_index_end": 2, "loop_num_passes": 3, "loop_gate_rank": 16}},
+    # built as released, with its talker (an MoE stack of its own, which text generation must not run); the
+    # released talker config carries spatial_merge_size and the shared expert's width, the config class leaves them
+    "qwen3_omni_moe": {"thinker_config": {"vision_start_token_id": 259},
+                       "talker_config": {"spatial_merge_size": 2,
+                                         "text_config": {"shared_expert_intermediate_size": 16}}},
     # LFM2-8B-A1B's layer_types (the config class leaves it None): short-conv layers with full attention between
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"]},
     # Jamba-v0.1 (attention every 8th layer from layer 4, MoE every 2nd from 1) in three layers: an attention layer
@@ -197,6 +210,14 @@ def tiny_kwargs(cfg_cls, vocab: int, overrides: dict[str, Any] | None = None, vi
             if hasattr(default, tok):
                 kwargs[tok] = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258,
                                "decoder_start_token_id": 256}[tok]
+    if vision:  # per-layer lists of an encoder shrunk to one layer (Muse Spark's audio stages, vision layer types)
+        for key in ("num_hidden_layers", "depth", "num_layers"):
+            real, n = _resolve(cfg_cls, key), kwargs.get(_resolve(cfg_cls, key))
+            n_default = getattr(default, real, None)
+            if isinstance(n, int) and isinstance(n_default, int) and n < n_default:
+                for k, v in vars(default).items():
+                    if isinstance(v, (list, tuple)) and len(v) == n_default and k not in kwargs:
+                        kwargs[k] = type(v)(v[:n])
     for key, sub_cls in (getattr(cfg_cls, "sub_configs", None) or {}).items():
         if getattr(default, key, None) is None:
             continue
@@ -205,7 +226,8 @@ def tiny_kwargs(cfg_cls, vocab: int, overrides: dict[str, Any] | None = None, vi
         sub = tiny_kwargs(sub_cls, vocab, (overrides or {}).get(key), vision=is_vision)
         if sub:
             kwargs[key] = sub
-    kwargs.update({k: v for k, v in (overrides or {}).items() if not isinstance(v, dict)})
+    subs = getattr(cfg_cls, "sub_configs", None) or {}  # a dict override of a sub-config was applied above
+    kwargs.update({k: v for k, v in (overrides or {}).items() if not (isinstance(v, dict) and k in subs)})
     if hasattr(default, "initializer_range") and kwargs:
         kwargs["initializer_range"] = 0.15
     return {k: v for k, v in kwargs.items() if v is not None or k == "sliding_window"}

@@ -14,6 +14,8 @@ Run just these: ``pytest -m families`` (about a second per family on 2 cores).
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -25,8 +27,9 @@ from tracekit.collect import CollectOptions, collect
 from tracekit.collect_diffusion import is_block_diffusion
 from tracekit.datasets import Prompt
 from tracekit.hooks import find_routers
+from tracekit.hooks.base import layer_index
 from tracekit.hooks.families import installed_moe_families
-from tracekit.models import LoadedModel, ModelSpec
+from tracekit.models import LoadedModel, ModelSpec, text_model
 
 pytestmark = pytest.mark.families
 
@@ -41,12 +44,17 @@ NOT_GENERATIVE = {"openai_privacy_filter": "no model class that generates"}
 #: families this test does not yet build or trace right, each with what is wrong (measured 2026-12-01, transformers
 #: 5.24). strict xfail: the day one passes, the test says so and the entry must go.
 KNOWN_GAPS = {
-    "ernie4_5_vl_moe": "tiny builder: rope sections do not fit the shrunk head dims",
-    "glm4v_moe": "tiny builder: mrope sections [8, 12, 12] do not fit the shrunk head dims",
-    "inkling2": "tiny model indexes an embedding out of range (not investigated)",
-    "inkling2_loop": "tiny model indexes an embedding out of range (not investigated); looped-layer passes untested",
-    "muse_spark": "tiny builder: vision config lists per-layer sizes, depth shrunk to 1",
-    "qwen3_omni_moe": "rows on disk (6312) != expected (192): not investigated, may be a tracing gap",
+}
+
+
+#: (layer, pass, gate) of every decode call site, written down from the tiny configs (tests/_families.py), where the
+#: family's point is more than one call per layer or a gate among several: Inkling 2 Loop runs layer 1 three times per
+#: forward; Ernie 4.5 VL's text-only prompts go through the text gate of each MoE layer (1 and 2), never the vision
+#: gate; Qwen3-Omni records its thinker's three layers, nothing of its talker
+DECODE_SITES = {
+    "inkling2_loop": {(0, 0, None), (1, 0, None), (1, 1, None), (1, 2, None), (2, 0, None)},
+    "ernie4_5_vl_moe": {(1, 0, "mlp.text_moe.gate"), (2, 0, "mlp.text_moe.gate")},
+    "qwen3_omni_moe": {(0, 0, None), (1, 0, None), (2, 0, None)},
 }
 
 
@@ -75,29 +83,42 @@ def _one_hot_first(mask, e):
     return torch.where(kept, mask.argmax(-1), torch.full_like(mask.argmax(-1), e)), kept
 
 
+class _Named(list):
+    """The witness log: each (ids, weights) entry is appended with the name of the experts module that logged it."""
+
+    def __init__(self, log, name):
+        super().__init__()
+        self.log, self.name = log, name
+
+    def append(self, entry):
+        self.log.append((*entry, self.name))
+
+
 def _witness(model, log, routed=()):
-    """Pre-hooks on every routed-experts module (by class) logging (ids, weights) as the experts receive them.
+    """Pre-hooks on every routed-experts module (by class) logging (ids, weights, module name) as the experts
+    receive them.
 
     ``routed``: the family's experts classes as discovery names them; a ``*SharedExperts`` class is skipped (a shared
     expert runs on every token) unless it is one of them (GraniteMoeShared's routed experts carry the family name).
     """
-    handles = []
+    handles, outer = [], log
     for name, mod in model.named_modules():
         cls = type(mod).__name__
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        log = _Named(outer, name)
         if cls == "DogeCDMoE":
-            handles.append(mod.down_embed.register_forward_pre_hook(lambda m, a: log.append((a[0].reshape(-1, a[0].shape[-1]), None))))
+            handles.append(mod.down_embed.register_forward_pre_hook(lambda m, a, log=log: log.append((a[0].reshape(-1, a[0].shape[-1]), None))))
         if not cls.endswith("Experts") or cls.endswith("SharedExperts") and cls not in routed:
             continue
         if cls == "Llama4TextExperts":
             handles += _llama4_witness(parent, mod, log)
         elif cls == "SwitchTransformersExperts":
-            def hook(m, a, kw):
+            def hook(m, a, kw, log=log):
                 ids, kept = _one_hot_first(a[1], m.num_experts)
                 log.append((ids[:, None], a[2].reshape(-1, 1) * kept[:, None]))
             handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
         elif cls == "NllbMoeExperts":
-            def hook(m, a, kw):
+            def hook(m, a, kw, log=log):
                 e = m.num_experts
                 id1, k1 = _one_hot_first(a[1], e)
                 second = a[2].reshape(-1, e).masked_fill(a[1].reshape(-1, e).bool(), 0)
@@ -111,7 +132,8 @@ def _witness(model, log, routed=()):
                 gate = getattr(parent, "router", None)
                 handles += _jetmoe_witness(gate, mod, log)
         else:
-            handles.append(mod.register_forward_pre_hook(lambda m, a, kw: log.append(_standard(a, kw)), with_kwargs=True))
+            handles.append(mod.register_forward_pre_hook(lambda m, a, kw, log=log: log.append(_standard(a, kw)),
+                                                         with_kwargs=True))
     return handles
 
 
@@ -160,7 +182,7 @@ def _jetmoe_witness(gate, input_linear, log):
 def _compare(family, recorded, witnessed, zero_ids):
     assert len(recorded) == len(witnessed), (
         f"{family}: {len(recorded)} router calls recorded, {len(witnessed)} experts calls witnessed")
-    for i, (call, (ids, w)) in enumerate(zip(recorded, witnessed)):
+    for i, (call, (ids, w, _)) in enumerate(zip(recorded, witnessed)):
         ids = ids.detach().cpu().numpy().reshape(call.ids.shape)
         rec = call.ids.astype(np.int64)
         if family == "zaya":  # the skip expert reaches the experts as id 0 with weight 0
@@ -202,7 +224,7 @@ def test_family_recorded_equals_consumed(family, tmp_path, monkeypatch):
     # the run on disk: one row per real token, MoE layer and router call; ids inside the geometry
     table = pq.read_table(sorted((tmp_path / "run" / "routes").glob("*.parquet")))
     n_prompt = sum(len(tok(p.text)["input_ids"]) for p in PROMPTS)
-    routers = find_routers(model)
+    routers = find_routers(text_model(model))  # the routers collect traced (Qwen3-Omni: the thinker's)
     if is_block_diffusion(model):
         return _check_diffusion_rows(model, routers, table, n_prompt, res)
     enc_calls = sum(1 for c in _KeepingTracer.kept[-(NEW_TOKENS + 1)].calls if routers[c.router].stack == "encoder")
@@ -214,6 +236,56 @@ def test_family_recorded_equals_consumed(family, tmp_path, monkeypatch):
     flat = table.column("experts").combine_chunks().flatten().to_numpy()
     assert flat.max() < geo["num_experts"]
     assert set(geo["zero_computation_experts"]) <= set(range(geo["num_experts"]))
+    _check_attribution(family, recorded, witnessed, routers)
+    lens = sorted(len(tok(p.text)["input_ids"]) for p in PROMPTS)  # the collector batches by length, left-padded
+    real = np.concatenate([np.arange(max(lens)) >= max(lens) - n for n in lens])
+    sites = _check_rows_per_call(family, table, _KeepingTracer.kept[-(NEW_TOKENS + 1):], routers, real)
+    if family in DECODE_SITES:
+        assert {k[2:] for k in sites if k[0] == "decode"} == DECODE_SITES[family], sorted(map(str, sites))
+
+
+def _in_layer(name):
+    """``mlp.text_moe.experts`` for ``model.language_model.layers.3.mlp.text_moe.experts``."""
+    return re.search(r"(?:^|\.)(?:layers|block|blocks|h)\.\d+\.(.+)$", name).group(1)
+
+
+def _check_attribution(family, recorded, witnessed, routers):
+    """Each recorded call belongs to the experts that consumed it: same layer and, in a layer with several gates
+    (Ernie 4.5 VL's text and vision gates), the gate beside those experts (``mlp.text_moe.gate`` for
+    ``mlp.text_moe.experts``)."""
+    for i, (call, (_, _, name)) in enumerate(zip(recorded, witnessed)):
+        found = routers[call.router]
+        assert found.layer == layer_index(name), f"{family}: call {i} recorded at layer {found.layer}, ran in {name}"
+        if found.gate is not None:
+            assert found.gate.rsplit(".", 1)[0] == _in_layer(name).rsplit(".", 1)[0], (
+                f"{family}: call {i} recorded under gate {found.gate}, consumed by {name}")
+
+
+def _check_rows_per_call(family, table, steps, routers, real):
+    """The run on disk, per call site (phase, layer, pass, gate): one row per real token the call routed, holding
+    exactly the ids and weights recorded for it (so, with :func:`_compare`, what the experts consumed).
+
+    ``steps``: the collected batch's steps (prefill, then one per decode step); ``real``: (B*S,) which flattened
+    prompt positions are real tokens (the rest are padding, which the run drops).
+    """
+    cols = {c: table.column(c).to_pylist() for c in ("phase", "step", "layer", "pass", "router", "experts", "weights")}
+    rows: dict = {}
+    for i in range(table.num_rows):
+        key = (cols["phase"][i], cols["step"][i], cols["layer"][i], cols["pass"][i], cols["router"][i])
+        rows.setdefault(key, []).append((tuple(cols["experts"][i]), tuple(cols["weights"][i] or ())))
+    expected: dict = {}
+    for s, step in enumerate(steps):
+        for c in step.calls:
+            r = routers[c.router]
+            phase = "decode" if s else ("encoder" if r.stack == "encoder" else "prefill")
+            ids, w = c.ids, c.weights if c.weights is not None else np.zeros((len(c.ids), 0))
+            keep = real if phase != "decode" and len(ids) == len(real) else np.ones(len(ids), bool)
+            got = [(tuple(int(e) for e in a), tuple(float(x) for x in b)) for a, b in zip(ids[keep], w[keep])]
+            expected.setdefault((phase, s or None, r.layer, c.pass_, r.gate), []).extend(got)
+    assert set(rows) == set(expected), f"{family}: call sites on disk {sorted(map(str, rows))} != {sorted(map(str, expected))}"
+    for key, want in expected.items():
+        assert sorted(rows[key]) == sorted(want), f"{family}: rows of {key} on disk differ from the recorded call"
+    return set(rows)
 
 
 def _check_diffusion_rows(model, routers, table, n_prompt, res):

@@ -30,7 +30,7 @@ import threading
 import time
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +41,7 @@ import torch
 from .datasets import Prompt, get_dataset, load_prompts
 from .errors import TracekitError
 from .hooks import RouterTracer, find_routers, router_geometry
-from .models import LoadedModel, check_weights_reachable, load_model, parse_max_memory
+from .models import LoadedModel, check_weights_reachable, load_model, parse_max_memory, text_model
 from .schema import build_routes_table, routes_schema
 from .runlock import writer_lock
 from .store import (MANIFEST, atomic_write_json, base_manifest, finalize, list_chunks, manifest_lock, only_leftovers,
@@ -560,6 +560,7 @@ def _collect_locked(opts, run_dir, rank, world, *, loaded, prompts, on_progress,
             opts.model, device_map=device_map, dtype=opts.dtype, max_memory=parse_max_memory(opts.max_memory),
             revision=opts.revision, layers=opts.layers, seed=0,
         )
+    loaded = replace(loaded, model=text_model(loaded.model))  # Qwen3-Omni: its thinker writes the text
     routers = find_routers(loaded.model)
     geometry = router_geometry(loaded.model, routers)
     sites = call_sites(routers, geometry.get("gates"))

@@ -387,3 +387,18 @@ def generate_model_for(config) -> tuple[type, Any]:
         f"transformers {transformers.__version__} has no model class that generates text for model type "
         f"{model_type!r}; tracekit traces models that run generate (causal LM, image-text-to-text or seq2seq)"
     )
+
+
+def text_model(model):
+    """The module whose ``generate`` produces the text tokens of ``model``: the model itself, or the thinker of a
+    thinker/talker model (Qwen3-Omni-MoE).
+
+    Qwen3-Omni's wrapper ``generate`` hands its own ``thinker_max_new_tokens`` (1024) to the thinker, whatever
+    ``max_new_tokens`` says, and with a talker (released checkpoints) goes on to generate speech: its talker, an MoE
+    stack of its own, runs over audio codec frames after the text is finished, not over the text tokens. Text
+    generation runs the thinker alone, so tracekit drives and traces the thinker; the talker's routers never run.
+    """
+    thinker = getattr(model, "thinker", None)
+    if isinstance(thinker, torch.nn.Module) and callable(getattr(thinker, "generate", None)):
+        return thinker
+    return model
