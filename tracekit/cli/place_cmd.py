@@ -11,6 +11,10 @@ from ..outputs import check_file, distinct
 from . import app
 from ._params import MAX_EXPERTS, MAX_LAYERS, MAX_SEED, check_runs, force_option, positive_float
 
+#: default --max-rows: ~16M token-layer rows are ~300 MB of placement arrays (k=8) and fit the fit, the validation
+#: folds and the replay in a few GB; a larger run is placed from a random sample of whole requests (stated)
+MAX_ROWS = 16_000_000
+
 
 @app.command("place")
 def place_cmd(
@@ -23,6 +27,7 @@ def place_cmd(
     holdout: float = typer.Option(0.3, "--holdout", callback=positive_float("--holdout", 0.99), help="Share of requests held out (split request), in (0, 0.99]."),
     split: Literal["request", "tokens"] = typer.Option("request", "--split", help="request (hold out whole requests) or tokens (fit on each request's first half)."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
+    max_rows: int = typer.Option(MAX_ROWS, "--max-rows", min=1, max=1 << 40, help="Read at most this many token-layer rows: beyond it, a seeded random sample of whole requests (said in the output)."),
     max_imbalance: float = typer.Option(1.10, "--max-imbalance", min=1.0, max=1e6, help="GPU load bound (max/mean) for locality."),
     hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 20, help="Hidden size for bytes (default: geometry, else 7168)."),
     bytes_per_elem: float = typer.Option(1.0, "--bytes-per-elem", callback=positive_float("--bytes-per-elem", 16.0), help="1 = FP8 dispatch, 2 = BF16."),
@@ -63,7 +68,7 @@ def place_cmd(
     from .query_cmd import partial_reads_cli
 
     with partial_reads_cli(allow_partial):
-        traces = load_traces(runs)
+        traces = load_traces(runs, max_rows=max_rows, seed=seed)
     cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
     eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens, "profile": profile,
                  "decode_batch": decode_batch, "prefill_chunk": prefill_chunk, "moe_intermediate_size": moe_intermediate_size,

@@ -27,6 +27,7 @@ import os
 from typing import Iterable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import TracekitError
@@ -70,13 +71,19 @@ def _files(run, kind: str) -> list[str]:
     return files
 
 
-def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceArrays:
+def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all", max_rows: int | None = None,
+                seed: int = 0) -> TraceArrays:
     """Load one or more run directories into columnar arrays.
 
     ``phase``: ``all`` (default), ``decode`` or ``prefill`` filters rows at read time. Signature grouping wants the
     prefill even when scoring decode, so prefer ``all`` and mask later (``traces.phase == 1``).
+    ``max_rows``: when the runs hold more token-layer rows, read a seeded uniform random sample of whole requests
+    (over all runs) that fits, and say so in ``TraceArrays.sample``: memory is bounded by ``max_rows``, not by the
+    runs' size. Rows are read file by file into preallocated arrays (no whole-run Arrow table).
     Returns TraceArrays with N token-layer rows; ``loads`` (M, E) is set when any run is of kind ``loads``.
     """
+    if max_rows is not None and max_rows < 1:
+        raise TracekitError(f"--max-rows {max_rows}: give at least 1 row")
     runs = [open_run(p) for p in runs]
     if not runs:
         raise TracekitError("no run directories given")
@@ -147,37 +154,62 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
     e_dtype = np.uint8 if top <= 256 else (np.uint16 if top <= 65536 else np.uint32)
     zero_choices = 0
 
-    cols = {k: [] for k in ("request", "layer_pos", "experts", "phase", "token")}
+    # requests of every run (and their rows), then the sample of whole requests that fits max_rows
+    reqs = []
+    for run, files in parts:
+        req = con.sql(_SQL_REQUESTS.format(where=where), params={"files": files}).to_arrow_table()
+        reqs.append(req)
+    rows_of = [r.column("rows").to_numpy().astype(np.int64) for r in reqs]
+    total_rows = int(sum(r.sum() for r in rows_of))
+    keep = [np.ones(len(r), dtype=bool) for r in rows_of]
+    sample = None
+    if max_rows is not None and total_rows > max_rows:
+        keep, sample = _sample_requests(rows_of, max_rows, seed)
+        sample.update(of_rows=total_rows, max_rows=int(max_rows), seed=int(seed))
+    n_rows = int(sum(r[k].sum() for r, k in zip(rows_of, keep)))
+    request = np.empty(n_rows, dtype=np.int32)
+    layer_pos = np.empty(n_rows, dtype=np.int16)
+    experts = np.empty((n_rows, top_k or 0), dtype=e_dtype)
+    phase_col = np.empty(n_rows, dtype=np.int8)
+    token = np.empty(n_rows, dtype=np.int32)
     domains: list[np.ndarray] = []
     keys: list[np.ndarray] = []
     offset = 0
-    for run, files in parts:
-        req = con.sql(_SQL_REQUESTS.format(where=where), params={"files": files}).to_arrow_table()
-        rid = req.column("request_id").to_numpy().astype(np.int64)
+    at = 0
+    for (run, files), req, kept in zip(parts, reqs, keep):
+        rid = req.column("request_id").to_numpy().astype(np.int64)[kept]
         if rid.size == 0:
             continue
         lut_req = np.full(int(rid.max()) + 1, -1, dtype=np.int64)
         lut_req[rid] = np.arange(rid.size) + offset
-        tab = con.sql(_SQL_ROUTES.format(where=where), params={"files": files}).to_arrow_table()
-        layer = tab.column("layer").to_numpy()
-        if layer.max() >= len(lut_layer) or (lut_layer[layer] < 0).any():
-            bad = sorted(set(np.unique(layer).tolist()) - set(layer_arr.tolist()))
-            raise TracekitError(f"{run.path}: layers {bad[:5]} are not in the manifest's moe_layers; fix the geometry")
-        ex = tab.column("experts").combine_chunks()
-        flat = pc.list_flatten(ex).to_numpy(zero_copy_only=False)
-        if zero_ids:
-            is_zero = flat >= real
-            zero_choices += int(np.count_nonzero(is_zero))
-            flat = np.where(is_zero, real, flat)
-        cols["experts"].append(flat.astype(e_dtype, copy=False).reshape(-1, top_k))
-        cols["request"].append(lut_req[tab.column("request_id").to_numpy()].astype(np.int32))
-        cols["layer_pos"].append(lut_layer[layer].astype(np.int16))
-        cols["phase"].append(tab.column("phase").to_numpy().astype(np.int8))
-        cols["token"].append(tab.column("position").to_numpy().astype(np.int32))
-        domains.append(np.array(req.column("domain").to_pylist(), dtype=object))
+        con.register("_tracekit_keep", pa.table({"request_id": pa.array(rid, pa.int64())}))
+        sql = _SQL_ROUTES.format(and_where=where.replace("WHERE", "AND"))
+        reader = con.sql(sql, params={"files": files, "sampled": sample is not None}).to_arrow_reader(1 << 20)
+        for tab in reader:
+            n = tab.num_rows
+            if at + n > n_rows:
+                raise TracekitError(f"{run.path}: the routes changed while they were read; run place again")
+            layer = tab.column("layer").to_numpy()
+            if layer.max() >= len(lut_layer) or (lut_layer[layer] < 0).any():
+                bad = sorted(set(np.unique(layer).tolist()) - set(layer_arr.tolist()))
+                raise TracekitError(f"{run.path}: layers {bad[:5]} are not in the manifest's moe_layers; fix the geometry")
+            flat = pc.list_flatten(tab.column("experts")).to_numpy(zero_copy_only=False)
+            if zero_ids:
+                is_zero = flat >= real
+                zero_choices += int(np.count_nonzero(is_zero))
+                flat = np.where(is_zero, real, flat)
+            experts[at:at + n] = flat.reshape(-1, top_k)
+            request[at:at + n] = lut_req[tab.column("request_id").to_numpy()]
+            layer_pos[at:at + n] = lut_layer[layer]
+            phase_col[at:at + n] = tab.column("phase").to_numpy()
+            token[at:at + n] = tab.column("position").to_numpy()
+            at += n
+        con.unregister("_tracekit_keep")
+        domains.append(np.array(req.column("domain").to_pylist(), dtype=object)[kept])
         keys.append(np.array([f"{run.run_id}:{r}" for r in rid], dtype=object))
         offset += rid.size
-        del tab, ex, flat
+    if at != n_rows:
+        raise TracekitError(f"the routes changed while they were read ({at:,} rows, {n_rows:,} counted); run place again")
 
     loads = None
     if loads_parts:
@@ -191,23 +223,36 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all") -> TraceA
             np.add.at(loads, (lp[keep], expert[keep]), count[keep])
     con.close()
 
-    def cat(name, dtype, shape=(0,)):
-        return np.concatenate(cols[name]) if cols[name] else np.zeros(shape, dtype=dtype)
-
     return TraceArrays(
         layers=layer_arr,
         num_experts=int(real),
-        request=cat("request", np.int32),
-        layer_pos=cat("layer_pos", np.int16),
-        experts=cat("experts", e_dtype, (0, top_k or 0)),
-        phase=cat("phase", np.int8),
-        token=cat("token", np.int32),
+        request=request,
+        layer_pos=layer_pos,
+        experts=experts,
+        phase=phase_col,
+        token=token,
         request_domain=np.concatenate(domains) if domains else np.zeros(0, dtype=object),
         loads=loads,
         geometry=geometry,
         request_key=np.concatenate(keys) if keys else np.zeros(0, dtype=object),
         zero_choices=zero_choices,
+        sample=sample,
     )
+
+
+def _sample_requests(rows_of: list[np.ndarray], max_rows: int, seed: int) -> tuple[list[np.ndarray], dict]:
+    """A uniform random sample of whole requests over all runs (``rows_of``: each run's rows per request) holding
+    at most ``max_rows`` rows: requests in a seeded random order, each taken while it fits (at least one). Returns
+    the kept masks per run and {"requests", "of_requests", "rows"}."""
+    sizes = np.concatenate(rows_of) if rows_of else np.zeros(0, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    fits = np.cumsum(sizes[order]) <= max_rows
+    fits[0] = True
+    chosen = np.zeros(len(sizes), dtype=bool)
+    chosen[order[fits]] = True
+    bounds = np.cumsum([0] + [len(r) for r in rows_of])
+    keep = [chosen[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return keep, {"requests": int(chosen.sum()), "of_requests": int(len(sizes)), "rows": int(sizes[chosen].sum())}
 
 
 def _zero_experts(run, geometry: dict) -> list[int]:
@@ -240,9 +285,13 @@ def describe_input(traces: TraceArrays) -> str:
 
     arrays = (traces.request, traces.layer_pos, traces.experts, traces.phase, traces.token)
     nbytes = sum(a.nbytes for a in arrays)
-    return (f"input: {len(traces):,} token-layer rows of {len(traces.request_key):,} requests read into memory "
-            f"({nbytes / 1e6:,.0f} MB; loads count every row); locality partitions a sample of {SAMPLE_TOKENS:,} "
-            "token-layers per layer (tracekit/placement/locality.py); scoring replays every held-out row")
+    s = traces.sample
+    read = (f"a random sample of {s['requests']:,} of {s['of_requests']:,} requests ({s['rows']:,} of "
+            f"{s['of_rows']:,} token-layer rows; --max-rows {s['max_rows']:,}, seed {s['seed']})" if s else
+            f"{len(traces):,} token-layer rows of {len(traces.request_key):,} requests")
+    return (f"input: {read} read into memory ({nbytes / 1e6:,.0f} MB; loads count every row read); locality "
+            f"partitions a sample of {SAMPLE_TOKENS:,} token-layers per layer (tracekit/placement/locality.py); "
+            "scoring replays every held-out row")
 
 
 def subset(traces: TraceArrays, mask: np.ndarray) -> TraceArrays:

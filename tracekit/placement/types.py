@@ -121,6 +121,9 @@ class TraceArrays:
     geometry: dict[str, Any] = field(default_factory=dict)
     request_key: np.ndarray | None = None
     zero_choices: int = 0
+    # ``sample``: set when load_traces read a seeded random sample of whole requests (``max_rows``):
+    # {"requests", "of_requests", "rows", "of_rows", "max_rows", "seed"}
+    sample: dict | None = None
 
     @property
     def num_layers(self) -> int:
