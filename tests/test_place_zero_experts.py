@@ -253,3 +253,23 @@ def test_longcat_collect_then_place(tmp_path, capsys):
     p = load_placement(tmp_path / "p.json")
     for engine in ("sglang", "ideal"):
         _check_sums(tr, p, engine)
+
+
+def test_encoder_rows_are_not_placed(tmp_path):
+    """An encoder-decoder's encoder rows carry its own layer numbers (the same as the decoder's) but route to other
+    experts: placement reads the decoder's rows only and says how many encoder rows it left out."""
+    from tracekit.placement.traces import describe_input, load_traces
+
+    tr, _ = planted_traces(num_experts=E, top_k=2, layers=3, clusters=2, requests=10, prefill=4, decode=6, seed=4)
+    geo = geometry(E, 2, [])
+    plain = load_traces([write_run(tmp_path / "plain", tr, tr.experts.astype(np.int64), geo, 4)])
+    pre = tr.phase == 0
+    enc = TraceArrays(layers=tr.layers, num_experts=E, request=np.r_[tr.request, tr.request[pre]],
+                      layer_pos=np.r_[tr.layer_pos, tr.layer_pos[pre]],
+                      experts=np.r_[tr.experts, (tr.experts[pre] + 3) % E], phase=np.r_[tr.phase, np.full(pre.sum(), 2)],
+                      token=np.r_[tr.token, tr.token[pre]], request_domain=tr.request_domain)
+    both = load_traces([write_run(tmp_path / "enc", enc, enc.experts.astype(np.int64), geo, 4)])
+    assert both.encoder_rows == int(pre.sum()) > 0 and plain.encoder_rows == 0
+    for name in ("request", "layer_pos", "experts", "phase", "token"):
+        assert np.array_equal(getattr(both, name), getattr(plain, name)), name
+    assert f"{int(pre.sum()):,} encoder rows not placed" in describe_input(both)

@@ -44,13 +44,16 @@ _SQL_LAYERS = sql_text("placement_layers")
 _SQL_TOPK = sql_text("placement_topk")
 _SQL_LOADS = sql_text("placement_loads")
 _SQL_MAX_EXPERT = sql_text("placement_max_expert")
+_SQL_ENCODER_ROWS = sql_text("placement_encoder_rows")
 
 
 def _phase_where(phase: str, kind: str) -> str:
+    """The rows placement reads: prefill and decode (an encoder-decoder's encoder rows carry the same layer numbers
+    as its decoder's layers but route to other experts, so they are left out: placement covers the decoder)."""
     if phase not in PHASE_FILTERS:
         raise TracekitError(f"unknown phase {phase!r}; use one of {', '.join(PHASE_FILTERS)}")
     if phase == "all":
-        return ""
+        return "WHERE phase <> 'encoder'" if kind == "routes" else ""
     return f"WHERE phase = '{phase}'"  # validated literal, not user text
 
 
@@ -156,9 +159,11 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all", max_rows:
 
     # requests of every run (and their rows), then the sample of whole requests that fits max_rows
     reqs = []
+    encoder_rows = 0
     for run, files in parts:
         req = con.sql(_SQL_REQUESTS.format(where=where), params={"files": files}).to_arrow_table()
         reqs.append(req)
+        encoder_rows += int(con.sql(_SQL_ENCODER_ROWS, params={"files": files}).fetchall()[0][0] or 0)
     rows_of = [r.column("rows").to_numpy().astype(np.int64) for r in reqs]
     total_rows = int(sum(r.sum() for r in rows_of))
     keep = [np.ones(len(r), dtype=bool) for r in rows_of]
@@ -237,6 +242,7 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all", max_rows:
         request_key=np.concatenate(keys) if keys else np.zeros(0, dtype=object),
         zero_choices=zero_choices,
         sample=sample,
+        encoder_rows=encoder_rows,
     )
 
 
@@ -289,7 +295,9 @@ def describe_input(traces: TraceArrays) -> str:
     read = (f"a random sample of {s['requests']:,} of {s['of_requests']:,} requests ({s['rows']:,} of "
             f"{s['of_rows']:,} token-layer rows; --max-rows {s['max_rows']:,}, seed {s['seed']})" if s else
             f"{len(traces):,} token-layer rows of {len(traces.request_key):,} requests")
-    return (f"input: {read} read into memory ({nbytes / 1e6:,.0f} MB; loads count every row read); locality "
+    enc = (f"; {traces.encoder_rows:,} encoder rows not placed (an encoder-decoder's encoder routes to experts of "
+           "its own: placement covers the decoder's MoE layers)" if traces.encoder_rows else "")
+    return (f"input: {read} read into memory ({nbytes / 1e6:,.0f} MB; loads count every row read){enc}; locality "
             f"partitions a sample of {SAMPLE_TOKENS:,} token-layers per layer (tracekit/placement/locality.py); "
             "scoring replays every held-out row")
 

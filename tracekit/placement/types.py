@@ -124,6 +124,8 @@ class TraceArrays:
     # ``sample``: set when load_traces read a seeded random sample of whole requests (``max_rows``):
     # {"requests", "of_requests", "rows", "of_rows", "max_rows", "seed"}
     sample: dict | None = None
+    # ``encoder_rows``: encoder-phase rows load_traces left out (their layer numbers are the encoder's own)
+    encoder_rows: int = 0
 
     @property
     def num_layers(self) -> int:
