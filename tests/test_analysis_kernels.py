@@ -75,7 +75,12 @@ def test_sparse_histograms_count_every_choice():
     dec = rng.integers(0, 2, R).astype(np.uint8)
     values = np.concatenate([rng.choice(E + 2, k, replace=False) for _ in range(R)]).astype(np.uint8)  # E, E+1 dropped
     offsets = np.arange(R + 1, dtype=np.int32) * k
-    ptr, ex, pre, de = kernels.sparse_histograms(slot, li, dec, offsets, values, n, L, E)
+    req = np.where(slot >= 0, 100 + slot, 100 + n + 3).astype(np.int32)  # a request id outside the batch: skipped
+    req_slot = np.full(n + 2, -1, dtype=np.int32)
+    req_slot[:n] = np.arange(n)
+    layer = (li + 5).astype(np.int16)
+    layer_li = np.r_[np.full(5, -1), np.arange(L)].astype(np.int32)
+    ptr, ex, pre, de = kernels.sparse_histograms(req, 100, req_slot, layer, layer_li, dec, offsets, values, n, L, E)
     want = np.zeros((n, L, 2, E), dtype=np.int64)
     for i in range(R):
         if slot[i] >= 0:

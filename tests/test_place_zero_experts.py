@@ -273,3 +273,12 @@ def test_encoder_rows_are_not_placed(tmp_path):
     for name in ("request", "layer_pos", "experts", "phase", "token"):
         assert np.array_equal(getattr(both, name), getattr(plain, name)), name
     assert f"{int(pre.sum()):,} encoder rows not placed" in describe_input(both)
+    # the analyses leave them out the same way, and say so
+    from tracekit.analysis.run import analyze
+
+    a = analyze(tmp_path / "plain", what="imbalance,correlation,coactivation")
+    b = analyze(tmp_path / "enc", what="imbalance,correlation,coactivation")
+    for name, table in (("imbalance", "layers"), ("coactivation", "pairs"), ("coactivation", "affinity")):
+        assert a[name].tables[table].to_pylist() == b[name].tables[table].to_pylist(), (name, table)
+    assert all(any(f"{int(pre.sum()):,} encoder rows left out" in n for n in r.notes) for r in b.values())
+    assert not any("encoder" in n for r in a.values() for n in r.notes)

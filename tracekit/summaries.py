@@ -75,7 +75,7 @@ def load_summary(table: pa.Table) -> pa.Table:
         rest_key, combo[:, i] = np.divmod(rest_key, max(len(keys[i][1]), 1))
     layers, li = _dense_unique(table["layer"].to_numpy().astype(np.int64))
     from .analysis.kernels import count_choices
-    from .analysis.scan import offsets_and_values
+    from .analysis.scan import offsets_and_values  # noqa: I001 (numba loads only when a chunk is summarised)
 
     experts = table["experts"] if n else pa.chunked_array([pa.array([], pa.list_(pa.int32()))])
     offsets, vals = offsets_and_values(experts)

@@ -23,17 +23,19 @@ def _blocks(K: int) -> int:
     return max(1, min(K, 8 * numba.get_num_threads()))
 
 
-def sparse_histograms(slot, li, decode, offsets, values, n: int, L: int, E: int, buffers: dict | None = None):
-    """See :func:`_sparse_histograms` (the compiled loop); returns ptr, expert, prefill, decode (views of
+def sparse_histograms(req, lo, req_slot, layer, layer_li, decode, offsets, values, n: int, L: int, E: int,
+                      buffers: dict | None = None):
+    """See :func:`_sparse_histograms` (the compiled loops); returns ptr, expert, prefill, decode (views of
     ``buffers``' arrays when given: valid until the next call with the same buffers, which saves the page faults
     of fresh arrays on every batch)."""
     need = int(offsets[-1] - offsets[0]) if len(offsets) else 0
     buffers = {} if buffers is None else buffers
     if buffers.get("size", -1) < need:
-        buffers.update(size=need, e=np.empty(need, np.int32), a=np.empty(need, np.int32), b=np.empty(need, np.int32))
-    ptr = _sparse_histograms(slot, li, decode, offsets, values, n, L, E, buffers["e"], buffers["a"], buffers["b"])
+        buffers.update(size=need, **{k: np.empty(need, np.int32) for k in ("e", "a", "b", "e2", "a2", "b2")})
+    ptr = _sparse_histograms(req, lo, req_slot, layer, layer_li, decode, offsets, values, n, L, E, buffers["e"],
+                             buffers["a"], buffers["b"], buffers["e2"], buffers["a2"], buffers["b2"], _blocks(n * L))
     T = int(ptr[-1])
-    return ptr, buffers["e"][:T], buffers["a"][:T], buffers["b"][:T]
+    return ptr, buffers["e2"][:T], buffers["a2"][:T], buffers["b2"][:T]
 
 
 def pair_statistics(ptr, expert, pre, dec, slot_subject, slot_partner, pool_ptr, pool_expert, pool_count,
@@ -43,60 +45,90 @@ def pair_statistics(ptr, expert, pre, dec, slot_subject, slot_partner, pool_ptr,
                      L, E, n_top, out, _blocks(len(ptr) - 1))
 
 
-@njit(cache=_CACHE, nogil=True)
-def _sparse_histograms(slot, li, decode, offsets, values, n, L, E, expert, pre, dec):  # pragma: no cover - compiled
+@njit(cache=_CACHE, nogil=True, parallel=True)
+def _sparse_histograms(req, lo, req_slot, layer, layer_li, decode, offsets, values, n, L, E, room_e, room_a,
+                       room_b, expert, pre, dec, blocks):  # pragma: no cover - compiled
     """Per-(request, layer) expert histograms of a batch of rows.
 
-    slot (R,) int: request slot 0..n-1 of each row (-1: skip the row); li (R,) int: layer index 0..L-1 (-1: skip);
-    decode (R,) bool-like: decode row (else prefill); offsets (R + 1,) and values (V,): each row's expert ids
-    ``values[offsets[i]:offsets[i + 1]]`` (ids >= E are dropped). Writes expert, prefill, decode counts (each at
-    least V long) and returns ptr (n*L + 1,) int64 into them. The rows are ordered by key with a counting sort.
+    req (R,): request id of each row, its slot ``req_slot[req - lo]`` (0..n-1; -1 or out of range: skip the row);
+    layer (R,): layer number, its index ``layer_li[layer]`` (0..L-1; -1 or out of range: skip); decode (R,)
+    bool-like: decode row (else prefill); offsets (R + 1,) and values (V,): each row's expert ids
+    ``values[offsets[i]:offsets[i + 1]]`` (ids >= E are dropped). The rows are ordered by key with a counting sort,
+    ``blocks`` ranges of keys are counted in parallel, each key into the room its choices could need in
+    room_e/room_a/room_b (each at least V long), then compacted into expert/pre/dec (as long). Returns ptr
+    (n*L + 1,) int64 into them.
     """
     K = n * L
+    R = req.shape[0]
+    key_of = np.empty(R, dtype=np.int64)
     start = np.zeros(K + 1, dtype=np.int64)
-    R = slot.shape[0]
+    room = np.zeros(K + 1, dtype=np.int64)
+    span = req_slot.shape[0]
+    nl = layer_li.shape[0]
     for i in range(R):
-        if slot[i] >= 0 and li[i] >= 0:
-            start[slot[i] * L + li[i] + 1] += 1
+        r = req[i] - lo
+        y = layer[i]
+        s = req_slot[r] if 0 <= r < span else -1
+        l = layer_li[y] if 0 <= y < nl else -1
+        if s >= 0 and l >= 0:
+            key = s * L + l
+            key_of[i] = key
+            start[key + 1] += 1
+            room[key + 1] += offsets[i + 1] - offsets[i]
+        else:
+            key_of[i] = -1
     for k in range(K):
         start[k + 1] += start[k]
+        room[k + 1] += room[k]
     fill = start[:-1].copy()
     order = np.empty(start[K], dtype=np.int64)
     for i in range(R):
-        if slot[i] >= 0 and li[i] >= 0:
-            key = slot[i] * L + li[i]
+        key = key_of[i]
+        if key >= 0:
             order[fill[key]] = i
             fill[key] += 1
+    used = np.zeros(K, dtype=np.int64)
+    for bi in prange(blocks):
+        ca = np.zeros(E, dtype=np.int32)
+        cb = np.zeros(E, dtype=np.int32)
+        touched = np.empty(E, dtype=np.int32)
+        for key in range(bi * K // blocks, (bi + 1) * K // blocks):
+            nt = 0
+            for j in range(start[key], start[key + 1]):
+                i = order[j]
+                d = decode[i] != 0
+                for v in range(offsets[i], offsets[i + 1]):
+                    e = values[v]
+                    if e >= E:
+                        continue
+                    if ca[e] == 0 and cb[e] == 0:
+                        touched[nt] = e
+                        nt += 1
+                    if d:
+                        cb[e] += 1
+                    else:
+                        ca[e] += 1
+            t = room[key]
+            for q in range(nt):
+                e = touched[q]
+                room_e[t] = e
+                room_a[t] = ca[e]
+                room_b[t] = cb[e]
+                ca[e] = 0
+                cb[e] = 0
+                t += 1
+            used[key] = nt
     ptr = np.zeros(K + 1, dtype=np.int64)
-    ca = np.zeros(E, dtype=np.int32)
-    cb = np.zeros(E, dtype=np.int32)
-    touched = np.empty(E, dtype=np.int32)
-    t = 0
-    for key in range(K):
-        nt = 0
-        for j in range(start[key], start[key + 1]):
-            i = order[j]
-            d = decode[i] != 0
-            for v in range(offsets[i], offsets[i + 1]):
-                e = values[v]
-                if e >= E:
-                    continue
-                if ca[e] == 0 and cb[e] == 0:
-                    touched[nt] = e
-                    nt += 1
-                if d:
-                    cb[e] += 1
-                else:
-                    ca[e] += 1
-        for q in range(nt):
-            e = touched[q]
-            expert[t] = e
-            pre[t] = ca[e]
-            dec[t] = cb[e]
-            ca[e] = 0
-            cb[e] = 0
-            t += 1
-        ptr[key + 1] = t
+    for k in range(K):
+        ptr[k + 1] = ptr[k] + used[k]
+    for bi in prange(blocks):
+        for key in range(bi * K // blocks, (bi + 1) * K // blocks):
+            src = room[key]
+            dst = ptr[key]
+            for q in range(used[key]):
+                expert[dst + q] = room_e[src + q]
+                pre[dst + q] = room_a[src + q]
+                dec[dst + q] = room_b[src + q]
     return ptr
 
 

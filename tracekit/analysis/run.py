@@ -117,7 +117,14 @@ def analyze_requests(con, geo: Geometry, index: RequestIndex, slices: list, name
         for batch in reader.each(slices):
             for acc in accs.values():
                 acc.add(batch)
-    return {name: acc.result() for name, acc in accs.items()}
+    out = {name: acc.result() for name, acc in accs.items()}
+    encoder = int(index.table["rows"].to_numpy().sum() - index.prefill_rows.sum() - index.decode_rows.sum()) \
+        if "rows" in index.table.column_names else 0
+    for res in out.values():
+        if encoder > 0:
+            res.notes.append(f"{encoder:,} encoder rows left out (an encoder-decoder's encoder layers carry their "
+                             "own layer numbers and experts; the analyses cover the decoder)")
+    return out
 
 
 def duckdb_threads(con: duckdb.DuckDBPyConnection) -> int | None:

@@ -1,9 +1,8 @@
 """Read a slice of requests (see :mod:`.stream`) as per-(request, layer) sparse expert histograms.
 
 The rows come from the slice's chunk files through a private DuckDB connection that runs one fixed statement
-(``tracekit/sql/slice_rows.sql``): DuckDB's own Parquet reader decodes the expert lists ~2.5x faster than a
-pyarrow dataset scan (measured on 16.8M DeepSeek-width rows: 0.75 s against 1.9 s), and no user SQL ever runs on
-it. The histograms are built by :func:`.kernels.sparse_histograms`.
+(``tracekit/sql/slice_rows.sql``): DuckDB's own Parquet reader decodes the expert lists ~2x faster than a pyarrow
+dataset scan (16.8M DeepSeek-width rows: 0.68 s against 1.35 s, quiet machine), and no user SQL ever runs on it. The histograms are built by :func:`.kernels.sparse_histograms`.
 """
 from __future__ import annotations
 
@@ -50,12 +49,13 @@ class RowArrays:
 
 
 def token_ids(slot: np.ndarray, phase: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """(R,) dense token numbers of rows given their request slot, phase code and position (-1 where slot < 0)."""
+    """(R,) dense token numbers of rows given their request slot, phase (0 prefill, 1 decode) and position (-1 where
+    slot < 0)."""
     ok = slot >= 0
     if not ok.any():
         return np.full(len(slot), -1, dtype=np.int64)
     span = int(position[ok].max()) + 1
-    key = (slot * 3 + phase.astype(np.int64)) * span + position.astype(np.int64)
+    key = (slot * 2 + phase.astype(np.int64)) * span + position.astype(np.int64)
     out = np.full(len(slot), -1, dtype=np.int64)
     k = key[ok]
     if int(k.max()) < 8 * len(k) + 4096:  # small key range: number the keys present by counting, not sorting
@@ -75,7 +75,7 @@ class SliceReader:
         self.geo = geo
         self.want_histograms = histograms  # False: only the rows (co-activation alone)
         self.positions = positions  # also read each row's token position (co-activation's inter-layer pairs)
-        self.layer_lut = np.full(int(geo.layers.max()) + 2, -1, dtype=np.int64)
+        self.layer_lut = np.full(int(geo.layers.max()) + 2, -1, dtype=np.int32)
         self.layer_lut[geo.layers] = np.arange(len(geo.layers))
         try:
             self.con = duckdb.connect(":memory:")
@@ -87,8 +87,6 @@ class SliceReader:
         except duckdb.Error as exc:
             raise TracekitError(f"cannot open DuckDB: {_first_line(exc)}") from None
         self.sql = sql_text("slice_rows")
-        self.fixed = f"experts::{'UTINYINT' if geo.num_experts <= 256 else 'USMALLINT'}[{int(geo.top_k)}]" \
-            if geo.top_k > 0 else None
         self.buffers: dict = {}  # the histograms' arrays, reused batch after batch
 
     def close(self) -> None:
@@ -102,25 +100,16 @@ class SliceReader:
 
     def rows(self, files: list[str], lo: int, hi: int, decode_only: bool = False,
              only: np.ndarray | None = None) -> pa.Table:
-        """request_id, layer, decode, experts of the requests lo..hi (or of ``only``) in ``files``. The experts come
-        as a fixed-size list when every row holds top-k of them, else as a list."""
+        """request_id, layer, decode, experts (and position) of the requests lo..hi (or of ``only``) in ``files``."""
         params = {"files": files, "lo": lo, "hi": hi, "decode_only": decode_only, "listed": only is not None}
         self.con.register("_tracekit_only", pa.table({"request_id": pa.array([] if only is None else only, pa.int64())}))
+        position = ", position" if self.positions and not decode_only else ""
         try:
-            if self.fixed:
-                try:
-                    return self.con.sql(self._sql(self.fixed, decode_only), params=params).to_arrow_table()
-                except duckdb.ConversionException:
-                    self.fixed = None  # some row holds another number of experts: read lists from now on
-            return self.con.sql(self._sql("experts", decode_only), params=params).to_arrow_table()
+            return self.con.sql(self.sql.replace("{position}", position), params=params).to_arrow_table()
         except duckdb.Error as exc:
             raise TracekitError(f"cannot read {files[0]}: {_first_line(exc)}") from None
         finally:
             self.con.unregister("_tracekit_only")
-
-    def _sql(self, experts: str, decode_only: bool) -> str:
-        position = ", position" if self.positions and not decode_only else ""
-        return self.sql.replace("{experts}", experts).replace("{position}", position)
 
     def histograms(self, sl, only: np.ndarray | None = None, decode_only: bool = False) -> SparseBatch:
         """Histograms of the slice's requests (or of ``only``, a sorted subset of its request ids). The arrays are
@@ -154,22 +143,22 @@ class SliceReader:
         if t is None:
             return SparseBatch(index, np.zeros(1, np.int64), *(np.zeros(0, np.int32) for _ in range(3)))
         lo, hi = int(ids[0]), int(ids[-1])
-        lut = np.full(hi - lo + 1, -1, dtype=np.int64)
+        lut = np.full(hi - lo + 1, -1, dtype=np.int32)
         lut[ids - lo] = np.arange(n)
-        req = t.column("request_id").to_numpy().astype(np.int64)
-        slot = lut[req - lo]
-        layer = t.column("layer").to_numpy().astype(np.int64)
-        li = np.where(layer < len(self.layer_lut), self.layer_lut[np.minimum(layer, len(self.layer_lut) - 1)], -1)
-        phase = t.column("phase_code").to_numpy()
-        decode = (phase == 1).view(np.uint8)
+        req = t.column("request_id").to_numpy()
+        layer = t.column("layer").to_numpy()
+        decode = t.column("decode").to_numpy()
         offsets, values = offsets_and_values(t.column("experts"))
         if self.want_histograms:
-            ptr, expert, pre, dec = kernels.sparse_histograms(slot, li, decode, offsets, values, n, L, E, self.buffers)
+            ptr, expert, pre, dec = kernels.sparse_histograms(req, lo, lut, layer, self.layer_lut, decode, offsets,
+                                                              values, n, L, E, self.buffers)
         else:
             ptr, (expert, pre, dec) = np.zeros(n * L + 1, np.int64), (np.zeros(0, np.int32) for _ in range(3))
         rows = None
         if "position" in t.column_names:
-            rows = RowArrays(li, offsets, values, token_ids(slot, phase, t.column("position").to_numpy()))
+            slot = np.where((req >= lo) & (req <= hi), lut[np.clip(req - lo, 0, hi - lo)], -1).astype(np.int64)
+            li = self.layer_lut[np.minimum(layer.astype(np.int64), len(self.layer_lut) - 1)]
+            rows = RowArrays(li, offsets, values, token_ids(slot, decode, t.column("position").to_numpy()))
         return SparseBatch(index, ptr, expert, pre, dec, rows)
 
 
