@@ -50,21 +50,21 @@ def test_pair_statistics_equal_numpy(E, n):
     # partner of subject i: the decode of case (i + 1) % S, through the pool
     pool_rows = [(np.zeros(E, np.int64), b) for _, b in cases]
     pptr, pex, _, pcn = _csr(pool_rows)
-    out = np.full((S, 1, 6), np.nan)
+    out = np.full((6, S, 1), np.nan)
     kernels.pair_statistics(ptr, ex, pr, de, np.arange(S, dtype=np.int64), (np.arange(S, dtype=np.int64) + 1) % S,
                             pptr, pex, pcn, 1, E, n, out)
     for i, (a, b) in enumerate(cases):
         for o, partner in ((0, b), (3, cases[(i + 1) % S][1])):
             const = a.min() == a.max() or partner.min() == partner.max()
             if const:
-                assert np.isnan(out[i, 0, o]) and np.isnan(out[i, 0, o + 1])
+                assert np.isnan(out[o, i, 0]) and np.isnan(out[o + 1, i, 0])
             else:
-                assert out[i, 0, o] == pytest.approx(pearsonr(a, partner)[0], abs=1e-12)
-                assert out[i, 0, o + 1] == pytest.approx(spearmanr(a, partner)[0], abs=1e-12)
+                assert out[o, i, 0] == pytest.approx(pearsonr(a, partner)[0], abs=1e-12)
+                assert out[o + 1, i, 0] == pytest.approx(spearmanr(a, partner)[0], abs=1e-12)
             want = (top_mask(a, n) & top_mask(partner, n)).sum() / min(n, E)
             stable = lambda v: set(np.argsort(-v, kind="stable")[:n].tolist())  # noqa: E731
             assert want == len(stable(a) & stable(partner)) / min(n, E)
-            assert out[i, 0, o + 2] == want
+            assert out[o + 2, i, 0] == want
 
 
 def test_sparse_histograms_count_every_choice():

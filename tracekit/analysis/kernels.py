@@ -40,7 +40,7 @@ def sparse_histograms(req, lo, req_slot, layer, layer_li, decode, offsets, value
 
 def pair_statistics(ptr, expert, pre, dec, slot_subject, slot_partner, pool_ptr, pool_expert, pool_count,
                     L: int, E: int, n_top: int, out) -> None:
-    """See :func:`_pair_statistics` (the compiled loop); fills ``out`` (S, L, 6)."""
+    """See :func:`_pair_statistics` (the compiled loop); fills ``out`` (6, S, L)."""
     _pair_statistics(ptr, expert, pre, dec, slot_subject, slot_partner, pool_ptr, pool_expert, pool_count,
                      L, E, n_top, out, _blocks(len(ptr) - 1))
 
@@ -190,7 +190,7 @@ def _pair_statistics(ptr, expert, pre, dec, slot_subject, slot_partner, pool_ptr
     ptr/expert/pre/dec: the batch's histograms (see the module docstring); slot_subject (n,): the subject row
     of each slot in ``out`` (-1: not a subject); slot_partner (n,): the partner's row in the pool (-1: none);
     pool_ptr (P*L + 1,), pool_expert, pool_count: the pool's decode histograms, CSR over (pool row, layer).
-    out (S, L, 6) float64, filled for every subject and layer: pearson, spearman, top-n overlap, then the same
+    out (6, S, L) float64, filled for every subject and layer: pearson, spearman, top-n overlap, then the same
     three against the partner's decode (left as is where there is no partner). Ranges of keys run in parallel.
     """
     K = ptr.shape[0] - 1
@@ -368,9 +368,9 @@ def _pair_statistics_range(ptr, expert, pre, dec, slot_subject, slot_partner, po
                     both += fa[e]
                     got += 1
                 e += 1
-        out[r, l, 0] = _pearson(E, sab, sa, saa, sb, sbb)
-        out[r, l, 1] = _spearman(E, rab, raa, rbb)
-        out[r, l, 2] = both / n
+        out[0, r, l] = _pearson(E, sab, sa, saa, sb, sbb)
+        out[1, r, l] = _spearman(E, rab, raa, rbb)
+        out[2, r, l] = both / n
 
         p = slot_partner[s]
         if p >= 0:  # the prefill against the partner's decode
@@ -410,9 +410,9 @@ def _pair_statistics_range(ptr, expert, pre, dec, slot_subject, slot_partner, po
                         both += fa[e]
                         got += 1
                     e += 1
-            out[r, l, 3] = _pearson(E, sap, sa, saa, sp, spp)
-            out[r, l, 4] = _spearman(E, rap, raa, rpp)
-            out[r, l, 5] = both / n
+            out[3, r, l] = _pearson(E, sap, sa, saa, sp, spp)
+            out[4, r, l] = _spearman(E, rap, raa, rpp)
+            out[5, r, l] = both / n
             for q in range(plo, phi):
                 xp[pool_expert[q]] = 0
             for v in range(top_p + 1):

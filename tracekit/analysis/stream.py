@@ -79,9 +79,10 @@ class Slice:
 
 def rows_per_slice(geo: Geometry, budget: MemoryBudget, share: float = 0.5) -> int:
     """Token-layer rows whose arrays fit ``share`` of the budget's array memory while a slice is read and counted
-    (:mod:`.scan`): the Arrow rows, their numpy columns, the row order and the sparse histograms, about
-    48 + 16 * k bytes a row (at least 1 row)."""
-    return max(1, int(budget.arrays * share) // (48 + 16 * geo.top_k))
+    (:mod:`.scan`): the Arrow rows of this slice and of the next (read ahead), the row order and keys, and the
+    sparse histograms (one int32 id and two counts per choice, twice: counted, then compacted), about 64 + 28 * k
+    bytes a row (at least 1 row)."""
+    return max(1, int(budget.arrays * share) // (64 + 28 * geo.top_k))
 
 
 def plan_slices(con: duckdb.DuckDBPyConnection, index: RequestIndex, per_slice: int,
