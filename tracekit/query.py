@@ -154,7 +154,7 @@ def _read_only_dataset(files: Sequence[Path]) -> pads.Dataset:
     try:
         schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
     except (OSError, pa.ArrowException) as exc:
-        raise TracekitError(f"cannot read the runs' Parquet footers: {_first_line(exc)}") from None
+        raise TracekitError(f"cannot read the runs' Parquet footers: {first_line(exc)}") from None
 
     def widen(t: pa.DataType) -> pa.DataType:
         if pa.types.is_float16(t):
@@ -188,7 +188,7 @@ def connect(
         con = duckdb.connect(":memory:")
     except duckdb.Error as exc:
         shutil.rmtree(spill, ignore_errors=True)
-        raise TracekitError(f"cannot open DuckDB: {_first_line(exc)}") from None
+        raise TracekitError(f"cannot open DuckDB: {first_line(exc)}") from None
     weakref.finalize(con, shutil.rmtree, spill, True)
     try:
         if threads:
@@ -200,7 +200,7 @@ def connect(
                 raise TracekitError(f"memory limit {memory_limit!r} (--memory-limit) is not a size; use e.g. 512MB "
                                     "or 4GB") from None
         con.execute("SET temp_directory = ?", [spill])
-        _no_progress_bar(con)
+        no_progress_bar(con)
         if routes_files:
             con.register("routes_files", _read_only_dataset(routes_files))
             con.execute(sql_text("routes"))
@@ -224,7 +224,7 @@ def connect(
         raise
     except duckdb.Error as exc:
         con.close()
-        raise TracekitError(f"cannot open the runs: {_first_line(exc)}") from None
+        raise TracekitError(f"cannot open the runs: {first_line(exc)}") from None
     return con
 
 
@@ -249,7 +249,7 @@ def _create_summary_views(con: duckdb.DuckDBPyConnection, routes_runs: Sequence[
     con.execute(sql_text("loads_by_step"))
 
 
-def _no_progress_bar(con: duckdb.DuckDBPyConnection) -> None:
+def no_progress_bar(con: duckdb.DuckDBPyConnection) -> None:
     """Switch DuckDB's progress bar off (it would print to stderr from inside library calls). Under Jupyter without
     ipywidgets DuckDB refuses to change this setting at all; the default is then kept."""
     try:
@@ -258,7 +258,7 @@ def _no_progress_bar(con: duckdb.DuckDBPyConnection) -> None:
         pass
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -268,7 +268,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
-        raise TracekitError(f"invalid SQL: {_first_line(exc)}") from None
+        raise TracekitError(f"invalid SQL: {first_line(exc)}") from None
     if not statements:
         raise TracekitError("empty SQL: give a SELECT statement over routes, choices, requests, runs or loads")
     for st in statements:
@@ -289,7 +289,7 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None
     try:
         rel = con.sql(sql, params=params)
     except duckdb.Error as exc:
-        raise TracekitError(f"query failed: {_first_line(exc)}") from None
+        raise TracekitError(f"query failed: {first_line(exc)}") from None
     if rel is None:
         raise TracekitError("the SQL returned no result; end it with a SELECT")
     return rel
@@ -310,7 +310,7 @@ def fetch_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
     try:
         return rel.to_arrow_table()
     except duckdb.Error as exc:
-        raise TracekitError(f"query failed: {_first_line(exc)}") from None
+        raise TracekitError(f"query failed: {first_line(exc)}") from None
 
 
 @contextmanager
@@ -345,7 +345,7 @@ def fetch_numpy(rel: duckdb.DuckDBPyRelation) -> dict:
     try:
         return rel.fetchnumpy()
     except duckdb.Error as exc:
-        raise TracekitError(f"query failed: {_first_line(exc)}") from None
+        raise TracekitError(f"query failed: {first_line(exc)}") from None
 
 
 def stream_batches(rel: duckdb.DuckDBPyRelation, rows_per_batch: int = 1 << 20) -> pa.RecordBatchReader:
@@ -353,7 +353,7 @@ def stream_batches(rel: duckdb.DuckDBPyRelation, rows_per_batch: int = 1 << 20) 
     try:
         return rel.to_arrow_reader(rows_per_batch)
     except duckdb.Error as exc:
-        raise TracekitError(f"query failed: {_first_line(exc)}") from None
+        raise TracekitError(f"query failed: {first_line(exc)}") from None
 
 
 def sql_file(con: duckdb.DuckDBPyConnection, name: str, params: dict | None = None) -> pa.Table:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import TracekitError
-from ..query import _first_line, _no_progress_bar, sql_text
+from ..query import first_line, no_progress_bar, sql_text
 from . import kernels
 from .data import Geometry
 
@@ -79,13 +79,13 @@ class SliceReader:
         self.layer_lut[geo.layers] = np.arange(len(geo.layers))
         try:
             self.con = duckdb.connect(":memory:")
-            _no_progress_bar(self.con)
+            no_progress_bar(self.con)
             if memory_limit:
                 self.con.execute(f"SET memory_limit = '{memory_limit}'")
             if threads:
                 self.con.execute(f"SET threads = {int(threads)}")
         except duckdb.Error as exc:
-            raise TracekitError(f"cannot open DuckDB: {_first_line(exc)}") from None
+            raise TracekitError(f"cannot open DuckDB: {first_line(exc)}") from None
         self.sql = sql_text("slice_rows")
         self.buffers: dict = {}  # the histograms' arrays, reused batch after batch
 
@@ -107,7 +107,7 @@ class SliceReader:
         try:
             return self.con.sql(self.sql.replace("{position}", position), params=params).to_arrow_table()
         except duckdb.Error as exc:
-            raise TracekitError(f"cannot read {files[0]}: {_first_line(exc)}") from None
+            raise TracekitError(f"cannot read {files[0]}: {first_line(exc)}") from None
         finally:
             self.con.unregister("_tracekit_only")
 
