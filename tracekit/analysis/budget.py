@@ -33,7 +33,7 @@ def parse_size(text: str | int) -> int:
             raise TracekitError(f"memory budget {text!r} not understood; give a size like 2GB, 512MB or 1.5GiB")
         n = int(float(m.group(1)) * _UNITS[unit])
     if n < MIN_BYTES:
-        raise TracekitError(f"memory budget {text!r} is below the minimum of 64MB; give a larger --memory-budget")
+        raise TracekitError(f"memory budget {text!r} is below the minimum of 64MiB (67.1MB); give a larger --memory-budget")
     return n
 
 
