@@ -137,6 +137,20 @@ POOL_BYTES_PER_ENTRY = 16  # one (expert, count) of the pool, with its key while
 POOL_MAX_REQUESTS = 1024
 
 
+def group_means(v: np.ndarray, group: np.ndarray, groups: int) -> tuple[float, np.ndarray]:
+    """Mean of the finite entries of v (S, L), over everything and per group of rows (``group`` (S,) codes):
+    (overall, (groups,)), NaN where there is none."""
+    ok = np.isfinite(v)
+    sums = np.where(ok, v, 0.0).sum(axis=1)
+    counts = ok.sum(axis=1)
+    gs = np.bincount(group, weights=sums, minlength=groups)
+    gc = np.bincount(group, weights=counts, minlength=groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_group = np.where(gc > 0, gs / np.maximum(gc, 1), np.nan)
+    total = counts.sum()
+    return (float(sums.sum() / total) if total else float("nan")), per_group
+
+
 class CorrelationAccumulator:
     """Prefill-decode correlation from request batches. Subjects (requests with both phases) and their shuffled
     partners are fixed from the request index before any row is read; the partners' decode histograms are read
@@ -253,18 +267,13 @@ class CorrelationAccumulator:
             f"baseline_top{n}_overlap": st["base_overlap"].reshape(-1),
         })
 
-        def mean(v: np.ndarray) -> float:
-            return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-
-        summ = {k: [] for k in ("group", "requests", "pearson", "baseline_pearson", "spearman", "baseline_spearman",
-                                f"top{n}_overlap", f"baseline_top{n}_overlap")}
-        for g in ["all"] + ([] if self.by == "phase" else groups):
-            m = np.ones(S, dtype=bool) if g == "all" else lab == g
-            summ["group"].append(g)
-            summ["requests"].append(int(m.sum()))
-            for name, col in (("pearson", "pearson"), ("spearman", "spearman"), ("overlap", f"top{n}_overlap")):
-                summ[col].append(mean(st[name][m]))
-                summ[f"baseline_{col}"].append(mean(st[f"base_{name}"][m]))
+        split = self.by != "phase"  # --by phase: one row over all requests
+        summ = {"group": ["all"] + (groups if split else []),
+                "requests": [S] + (np.bincount(gcode, minlength=len(groups)).tolist() if split else [])}
+        for name, col in (("pearson", "pearson"), ("spearman", "spearman"), ("overlap", f"top{n}_overlap")):
+            for stat, out in ((name, col), (f"base_{name}", f"baseline_{col}")):
+                overall, per_group = group_means(st[stat], gcode, len(groups))
+                summ[out] = [overall] + (per_group.tolist() if split else [])
         res.summaries[f"prefill-decode correlation, mean over requests and layers (by {key})"] = pa.table(summ)
         res.arrays.update(real_spearman=st["spearman"], base_spearman=st["base_spearman"],
                           real_pearson=st["pearson"], base_pearson=st["base_pearson"], groups=lab)
