@@ -137,6 +137,40 @@ POOL_BYTES_PER_ENTRY = 16  # one (expert, count) of the pool, with its key while
 POOL_MAX_REQUESTS = 1024
 
 
+def pool_reads(slices, pool: np.ndarray, decode_rows: np.ndarray, max_rows: int | None):
+    """Yield (slice, request ids, pool rows) to read the ``pool`` (sorted global request numbers) with: the pool's
+    requests of consecutive slices of one run merged into one slice while their decode rows (``decode_rows`` (R,))
+    stay within ``max_rows``; ids sorted, each with its row in the pool."""
+    from .stream import Slice
+
+    P = len(pool)
+    group: list = []
+    rows = 0
+
+    def merged():
+        files = list(dict.fromkeys(f for sl, _, _ in group for f in sl.files))
+        req = np.concatenate([sl.request_ids for sl, _, _ in group])
+        index = np.concatenate([sl.index for sl, _, _ in group])
+        ids = np.concatenate([i for _, i, _ in group])
+        at = np.concatenate([p for _, _, p in group])
+        o, q = np.argsort(req, kind="stable"), np.argsort(ids, kind="stable")
+        return Slice(group[0][0].run_id, files, req[o], index[o]), ids[q], at[q]
+
+    for sl in slices:
+        pos = np.searchsorted(pool, sl.index)
+        hit = (pos < P) & (pool[np.minimum(pos, max(P - 1, 0))] == sl.index) if P else np.zeros(len(sl.index), bool)
+        if not hit.any():
+            continue
+        more = int(decode_rows[sl.index[hit]].sum())
+        if group and (group[0][0].run_id != sl.run_id or (max_rows is not None and rows + more > max_rows)):
+            yield merged()
+            group, rows = [], 0
+        group.append((sl, sl.request_ids[hit], pos[hit].astype(np.int64)))
+        rows += more
+    if group:
+        yield merged()
+
+
 def group_means(v: np.ndarray, group: np.ndarray, groups: int) -> tuple[float, np.ndarray]:
     """Mean of the finite entries of v (S, L), over everything and per group of rows (``group`` (S,) codes):
     (overall, (groups,)), NaN where there is none."""
@@ -183,19 +217,17 @@ class CorrelationAccumulator:
         per = (index.decode_rows[index.decode_rows > 0].mean() if (index.decode_rows > 0).any() else 1) * top_k
         return min(POOL_MAX_REQUESTS, max(2, int(budget_bytes // (POOL_BYTES_PER_ENTRY * max(per, 1)))))
 
-    def fill_pool(self, slices, reader) -> None:
-        """Read the pool's decode histograms (``reader``: a :class:`.scan.SliceReader`), CSR over (pool row, layer)."""
+    def fill_pool(self, slices, reader, max_rows: int | None = None) -> None:
+        """Read the pool's decode histograms (``reader``: a :class:`.scan.SliceReader`), CSR over (pool row, layer).
+        The pool's requests of consecutive slices of a run are read together, up to ``max_rows`` decode rows a
+        query (a pool of ~1% of the requests would otherwise cost one query per slice)."""
         L = len(self.layers)
         P = len(self.pool)
         parts = []
         if (self.partners >= 0).any():
-            for sl in slices:
-                pos = np.searchsorted(self.pool, sl.index)
-                hit = (pos < P) & (self.pool[np.minimum(pos, P - 1)] == sl.index)
-                if not hit.any():
-                    continue
-                h = reader.histograms(sl, only=sl.request_ids[hit], decode_only=True)
-                parts.append(kernels.gather_rows(h.ptr, h.expert, h.decode, pos[hit].astype(np.int64), L, P))
+            for sl, ids, rows in pool_reads(slices, self.pool, self.index.decode_rows, max_rows):
+                h = reader.histograms(sl, only=ids, decode_only=True)
+                parts.append(kernels.gather_rows(h.ptr, h.expert, h.decode, rows, L, P))
         if parts:
             keys, ex, cn = (np.concatenate([p[i] for p in parts]) for i in range(3))
         else:

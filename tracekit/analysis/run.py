@@ -112,7 +112,7 @@ def analyze_requests(con, geo: Geometry, index: RequestIndex, slices: list, name
             elif name == "correlation":
                 cap = CorrelationAccumulator.pool_capacity(budget.arrays * POOL_SHARE, index, L, geo.top_k)
                 acc = CorrelationAccumulator(index, labels, by, geo.layers, E, geo.top_k, top_n, cap, seed)
-                acc.fill_pool(slices, reader)
+                acc.fill_pool(slices, reader, rows_per_slice(geo, budget, BATCH_SHARE))
                 accs[name] = acc
         for batch in reader.each(slices):
             for acc in accs.values():
