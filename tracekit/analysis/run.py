@@ -82,7 +82,7 @@ def _analyze(runs, names, what, by, layer, window, top_n, seed, budget) -> dict[
             con.close()
 
 
-BATCH_SHARE = 0.35  # of the budget's array memory: one batch of per-request counts
+BATCH_SHARE = 0.55  # of the budget's array memory: one slice being read and counted (and the next, read ahead)
 CLASSIFIER_SHARE = 0.25  # the classifier's sampled routing signatures
 
 
