@@ -140,7 +140,7 @@ def run_loads_file(run_dir: str | Path, chunks: list[Path]) -> Path | None:
         return None  # unreadable: the per-chunk summaries answer instead
 
 
-def _group_ids(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def group_ids(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct keys (G,), group of each row (N,)) for non-negative int64 keys: by counting when their range is
     small, else by sorting."""
     if key.size == 0:
@@ -172,7 +172,7 @@ def request_summary(table: pa.Table) -> pa.Table:
     run_codes, run_values = _codes(table["run_id"])
     req = table["request_id"].to_numpy().astype(np.int64)
     span = int(req.max()) + 1 if n else 1
-    keys, g = _group_ids(run_codes * span + req)
+    keys, g = group_ids(run_codes * span + req)
     G = len(keys)
     first = np.full(G, n, dtype=np.int64)
     np.minimum.at(first, g, np.arange(n, dtype=np.int64))

@@ -1,13 +1,12 @@
 """Co-activation: experts chosen together by one token in a layer, and from one layer to the next."""
 from __future__ import annotations
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
 from ..errors import TracekitError
-from .data import Geometry, geometry
 from . import kernels
+from .data import Geometry
 from .result import AnalysisResult
 
 
@@ -70,28 +69,6 @@ class CoactivationAccumulator:
         pairs = self.pairs + self.pairs.transpose(0, 2, 1)
         return coactivation_result(self.geo, self.layer, {int(l): pairs[i] for i, l in enumerate(self.want)}
                                    if len(pairs) else None, self.trans)
-
-
-def analyze_coactivation(con: duckdb.DuckDBPyConnection, layer: int | None = None, geo: Geometry | None = None,
-                         slices=None, budget=None) -> AnalysisResult:
-    """Pair counts for every MoE layer (or only ``layer``) and inter-layer affinity from each (or that) layer
-    to the next MoE layer, in one streamed pass over the requests (``slices``: default planned here with the
-    memory budget). Top-1 routing has no pairs: co-activation within a layer is undefined and said so; the
-    inter-layer affinity is still computed."""
-    from .budget import MemoryBudget
-    from .scan import SliceReader
-    from .stream import plan_slices, request_index, rows_per_slice
-
-    geo = geo or geometry(con)
-    budget = MemoryBudget.of(budget)
-    acc = CoactivationAccumulator(geo, layer)
-    if slices is None:
-        index = request_index(con)
-        slices = plan_slices(con, index, len(index), rows_per_slice(geo, budget))
-    with SliceReader(geo, memory_limit=budget.duckdb_limit, positions=True) as reader:
-        for batch in reader.each(slices):
-            acc.add(batch)
-    return acc.result()
 
 
 def coactivation_result(geo: Geometry, layer: int | None, pairs: dict[int, np.ndarray] | None,

@@ -235,15 +235,15 @@ class CorrelationAccumulator:
         self.pool_csr = kernels.csr_from_keys(keys, ex, cn, P * L)
 
     def add(self, batch) -> None:
-        pos = np.searchsorted(self.subjects, batch.index)
         S = len(self.subjects)
-        hit = (pos < S) & (self.subjects[np.minimum(pos, max(S - 1, 0))] == batch.index) if S else \
-            np.zeros(batch.n, dtype=bool)
+        if S == 0:
+            return
+        at = np.minimum(np.searchsorted(self.subjects, batch.index), S - 1)  # each slot's place among the subjects
+        hit = self.subjects[at] == batch.index
         if not hit.any():
             return
-        slot_subject = np.where(hit, pos, -1).astype(np.int64)
-        partner = np.where(hit, self.partners[np.minimum(pos, max(S - 1, 0))] if S else -1, -1)
-        slot_partner = np.where(partner >= 0, self.partner_slot[np.minimum(pos, max(S - 1, 0))], -1).astype(np.int64)
+        slot_subject = np.where(hit, at, -1).astype(np.int64)
+        slot_partner = np.where(hit & (self.partners[at] >= 0), self.partner_slot[at], -1).astype(np.int64)
         if self.pool_csr is None:
             slot_partner[:] = -1
             pool = (np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))

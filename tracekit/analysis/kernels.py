@@ -61,7 +61,6 @@ def _sparse_histograms(req, lo, req_slot, layer, layer_li, decode, offsets, valu
     K = n * L
     R = req.shape[0]
     key_of = np.empty(R, dtype=np.int64)
-    start = np.zeros(K + 1, dtype=np.int64)
     room = np.zeros(K + 1, dtype=np.int64)
     span = req_slot.shape[0]
     nl = layer_li.shape[0]
@@ -73,20 +72,12 @@ def _sparse_histograms(req, lo, req_slot, layer, layer_li, decode, offsets, valu
         if s >= 0 and l >= 0:
             key = s * L + l
             key_of[i] = key
-            start[key + 1] += 1
             room[key + 1] += offsets[i + 1] - offsets[i]
         else:
             key_of[i] = -1
     for k in range(K):
-        start[k + 1] += start[k]
         room[k + 1] += room[k]
-    fill = start[:-1].copy()
-    order = np.empty(start[K], dtype=np.int64)
-    for i in range(R):
-        key = key_of[i]
-        if key >= 0:
-            order[fill[key]] = i
-            fill[key] += 1
+    start, order = _counting_order(key_of, K)
     used = np.zeros(K, dtype=np.int64)
     for bi in prange(blocks):
         ca = np.zeros(E, dtype=np.int32)
@@ -248,6 +239,24 @@ def _keep_lowest(tie, nt, need, e):  # pragma: no cover - compiled
 
 
 @njit(cache=_CACHE, nogil=True)
+def _rest_of_top_marked(flag, tie, nt, t, need, dense, E):  # pragma: no cover - compiled
+    """How many of a top-n set's members at its threshold t are flagged: the ``nt`` kept ties ``tie`` when t > 0,
+    else the ``need`` lowest ids whose count (``dense``) is 0. The members above t are counted by the caller."""
+    both = 0
+    for q in range(nt):
+        both += flag[tie[q]]
+    if t == 0:
+        got = 0
+        e = 0
+        while got < need and e < E:
+            if dense[e] == 0:
+                both += flag[e]
+                got += 1
+            e += 1
+    return both
+
+
+@njit(cache=_CACHE, nogil=True)
 def _profile(ids, cnt, lo, hi, dense, hist, E):  # pragma: no cover - compiled
     """One pass over the positive entries ids/cnt[lo:hi] (zeros skipped) of a count vector: dense[e] = count,
     hist[v] += 1; returns (sum, sum of squares, positive entries, largest value)."""
@@ -358,16 +367,7 @@ def _pair_statistics_range(ptr, expert, pre, dec, slot_subject, slot_partner, po
                 both += fa[e]
             elif y == tb and tb > 0:
                 ntb = _keep_lowest(tie_b, ntb, need_b, e)
-        for q in range(ntb):
-            both += fa[tie_b[q]]
-        if tb == 0:
-            got = 0
-            e = 0
-            while got < need_b and e < E:
-                if xb[e] == 0:
-                    both += fa[e]
-                    got += 1
-                e += 1
+        both += _rest_of_top_marked(fa, tie_b, ntb, tb, need_b, xb, E)
         out[0, r, l] = _pearson(E, sab, sa, saa, sb, sbb)
         out[1, r, l] = _spearman(E, rab, raa, rbb)
         out[2, r, l] = both / n
@@ -400,16 +400,7 @@ def _pair_statistics_range(ptr, expert, pre, dec, slot_subject, slot_partner, po
                 elif c == tp and tp > 0:
                     ntp = _keep_lowest(tie_b, ntp, need_p, e)
             rap += ra[0] * rp[0] * (E - (nza + nzp - common))
-            for q in range(ntp):
-                both += fa[tie_b[q]]
-            if tp == 0:
-                got = 0
-                e = 0
-                while got < need_p and e < E:
-                    if xp[e] == 0:
-                        both += fa[e]
-                        got += 1
-                    e += 1
+            both += _rest_of_top_marked(fa, tie_b, ntp, tp, need_p, xp, E)
             out[3, r, l] = _pearson(E, sap, sa, saa, sp, spp)
             out[4, r, l] = _spearman(E, rap, raa, rpp)
             out[5, r, l] = both / n
@@ -551,17 +542,5 @@ def gather_rows(ptr, expert, counts, slot_row, L, rows):  # pragma: no cover - c
 @njit(cache=_CACHE, nogil=True)
 def csr_from_keys(keys, expert, count, K):  # pragma: no cover - compiled
     """Entries keyed 0..K-1 -> CSR: ptr (K + 1,), expert, count ordered by key (stable)."""
-    ptr = np.zeros(K + 1, dtype=np.int64)
-    for j in range(keys.shape[0]):
-        ptr[keys[j] + 1] += 1
-    for k in range(K):
-        ptr[k + 1] += ptr[k]
-    fill = ptr[:-1].copy()
-    ex = np.empty(keys.shape[0], dtype=np.int32)
-    cn = np.empty(keys.shape[0], dtype=np.int32)
-    for j in range(keys.shape[0]):
-        q = fill[keys[j]]
-        ex[q] = expert[j]
-        cn[q] = count[j]
-        fill[keys[j]] += 1
-    return ptr, ex, cn
+    ptr, order = _counting_order(keys, K)
+    return ptr, expert[order], count[order]

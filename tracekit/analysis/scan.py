@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from ..errors import TracekitError
 from ..query import first_line, no_progress_bar, sql_text
+from ..summaries import group_ids
 from . import kernels
 from .data import Geometry
 
@@ -57,13 +58,7 @@ def token_ids(slot: np.ndarray, phase: np.ndarray, position: np.ndarray) -> np.n
     span = int(position[ok].max()) + 1
     key = (slot * 2 + phase.astype(np.int64)) * span + position.astype(np.int64)
     out = np.full(len(slot), -1, dtype=np.int64)
-    k = key[ok]
-    if int(k.max()) < 8 * len(k) + 4096:  # small key range: number the keys present by counting, not sorting
-        present = np.zeros(int(k.max()) + 1, dtype=np.int64)
-        present[k] = 1
-        out[ok] = (np.cumsum(present) - 1)[k]
-    else:
-        out[ok] = np.unique(k, return_inverse=True)[1].reshape(-1)
+    out[ok] = group_ids(key[ok])[1]
     return out
 
 
