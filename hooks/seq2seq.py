@@ -24,7 +24,18 @@ def _top1(mask: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Ten
     return torch.where(kept, ids, torch.full_like(ids, num_experts)), kept
 
 
-class SwitchAdapter(RouterAdapter):
+class _DroppedSlotAdapter(RouterAdapter):
+    """A capacity-limited router: a slot that reaches no expert is recorded as id E, one more id than the router's
+    experts, listed as a zero-computation expert."""
+
+    def num_experts(self, module) -> int:
+        return int(module.num_experts) + 1
+
+    def zero_computation_experts(self, module, config) -> list[int]:
+        return [int(module.num_experts)]
+
+
+class SwitchAdapter(_DroppedSlotAdapter):
     family = "switch"
     router_classes = ("SwitchTransformersTop1Router",)
     models = "Switch Transformers"
@@ -40,14 +51,8 @@ class SwitchAdapter(RouterAdapter):
     def top_k(self, module) -> int:
         return 1
 
-    def num_experts(self, module) -> int:
-        return int(module.num_experts) + 1
 
-    def zero_computation_experts(self, module, config) -> list[int]:
-        return [int(module.num_experts)]
-
-
-class NllbMoeAdapter(RouterAdapter):
+class NllbMoeAdapter(_DroppedSlotAdapter):
     family = "nllb-moe"
     router_classes = ("NllbMoeTop2Router",)
     models = "NLLB-MoE"
@@ -68,9 +73,3 @@ class NllbMoeAdapter(RouterAdapter):
 
     def top_k(self, module) -> int:
         return 2
-
-    def num_experts(self, module) -> int:
-        return int(module.num_experts) + 1
-
-    def zero_computation_experts(self, module, config) -> list[int]:
-        return [int(module.num_experts)]
