@@ -50,6 +50,18 @@ def _codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
     return col.indices.to_numpy(zero_copy_only=False).astype(np.int64), col.dictionary.cast(pa.string())
 
 
+def offsets_and_values(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow list or fixed-size-list column -> (offsets (N + 1,), values) numpy arrays."""
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if pa.types.is_fixed_size_list(arr.type):
+        k = arr.type.list_size
+        values = arr.values.to_numpy(zero_copy_only=False)[arr.offset * k:(arr.offset + len(arr)) * k]
+        return np.arange(len(arr) + 1, dtype=np.int64) * k, values
+    if len(arr) == 0:
+        return np.zeros(1, dtype=np.int32), np.zeros(0, dtype=np.uint8)
+    return arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
+
+
 def _dense_unique(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """np.unique(x, return_inverse=True) for small non-negative integers, by counting instead of sorting."""
     if x.size == 0:
@@ -75,7 +87,6 @@ def load_summary(table: pa.Table) -> pa.Table:
         rest_key, combo[:, i] = np.divmod(rest_key, max(len(keys[i][1]), 1))
     layers, li = _dense_unique(table["layer"].to_numpy().astype(np.int64))
     from .analysis.kernels import count_choices
-    from .analysis.scan import offsets_and_values  # noqa: I001 (numba loads only when a chunk is summarised)
 
     experts = table["experts"] if n else pa.chunked_array([pa.array([], pa.list_(pa.int32()))])
     offsets, vals = offsets_and_values(experts)

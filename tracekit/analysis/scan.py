@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from ..errors import TracekitError
 from ..query import first_line, no_progress_bar, sql_text
-from ..summaries import group_ids
+from ..summaries import group_ids, offsets_and_values
 from . import kernels
 from .data import Geometry
 
@@ -155,15 +155,3 @@ class SliceReader:
             li = self.layer_lut[np.minimum(layer.astype(np.int64), len(self.layer_lut) - 1)]
             rows = RowArrays(li, offsets, values, token_ids(slot, decode, t.column("position").to_numpy()))
         return SparseBatch(index, ptr, expert, pre, dec, rows)
-
-
-def offsets_and_values(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """An Arrow list or fixed-size-list column -> (offsets (N + 1,), values) numpy arrays."""
-    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if pa.types.is_fixed_size_list(arr.type):
-        k = arr.type.list_size
-        values = arr.values.to_numpy(zero_copy_only=False)[arr.offset * k:(arr.offset + len(arr)) * k]
-        return np.arange(len(arr) + 1, dtype=np.int64) * k, values
-    if len(arr) == 0:
-        return np.zeros(1, dtype=np.int32), np.zeros(0, dtype=np.uint8)
-    return arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
