@@ -20,6 +20,7 @@ from .generic import GenericTopKAdapter
 from .inkling import InklingAdapter
 from .jetmoe import JetMoeAdapter
 from .llama4 import Llama4Adapter
+from .longcat import LongcatAdapter
 from .qwen import QwenMoeAdapter
 from .seq2seq import NllbMoeAdapter, SwitchAdapter
 from .tracer import RoutedStep, RouterCall, RouterTracer
@@ -29,7 +30,7 @@ from .zaya import ZayaAdapter
 #: next to an experts module (see :func:`find_routers`)
 ADAPTERS: list[RouterAdapter] = [
     DeepseekAdapter(), QwenMoeAdapter(), Llama4Adapter(), DbrxAdapter(), JetMoeAdapter(), InklingAdapter(),
-    ZayaAdapter(), SwitchAdapter(), NllbMoeAdapter(), DogeAdapter(), GenericTopKAdapter(),
+    ZayaAdapter(), SwitchAdapter(), NllbMoeAdapter(), DogeAdapter(), LongcatAdapter(), GenericTopKAdapter(),
 ]
 GENERIC = ADAPTERS[-1]
 

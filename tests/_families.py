@@ -23,7 +23,7 @@ SIZES: dict[str, Any] = {
     "moe_shared_expert_intermediate_size": 16, "shared_intermediate_size": 16,
     "num_attention_heads": 4, "num_key_value_heads": 2, "num_heads": 4,
     "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
-    "q_lora_rank": 16, "kv_lora_rank": 16, "o_lora_rank": 16, "index_n_heads": 2, "index_topk": 8,
+    "q_lora_rank": 16, "kv_lora_rank": 16, "o_lora_rank": 16, "index_n_heads": 2, "index_num_heads": 2, "index_topk": 8,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_num_heads": 4,
     "mamba_n_heads": 4, "mamba_num_heads": 4, "mamba_d_state": 8, "ssm_state_size": 8, "router_hidden_size": 16,
     "num_experts": 8, "n_routed_experts": 8, "num_local_experts": 8, "moe_num_experts": 8,
@@ -116,6 +116,24 @@ def _layer_subset(lists: dict[str, list], n_layers: int, n: int) -> list[int]:
     return sorted(keep)
 
 
+def _is_layer_refs(name: str, value: Any, n_layers: int) -> bool:
+    """A list of layer numbers (``kv_source_layers``: per layer, the layer whose K/V it reads; ``index_layers``,
+    ``mlp_only_layers``: which layers are of a kind): named ``*_layers``, integers below the layer count."""
+    return (name.endswith("_layers") and isinstance(value, list) and bool(value)
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n_layers for x in value))
+
+
+def _close_over_sources(idx: list[int], per_layer_refs: dict[str, list[int]]) -> list[int]:
+    """``idx`` plus every layer a kept layer refers to (Kolibri's K/V-sharing layers read an earlier layer's
+    cache: that layer is kept too), so the renumbered references stay inside the tiny model."""
+    keep = set(idx)
+    while True:
+        more = {v[i] for v in per_layer_refs.values() for i in keep} - keep
+        if not more:
+            return sorted(keep)
+        keep |= more
+
+
 def _per_layer_overrides(default) -> dict[int, dict[str, Any]]:
     """A heterogeneous config's per-layer overrides (transformers' ``per_layer_config``), by layer index.
 
@@ -190,15 +208,21 @@ def tiny_kwargs(cfg_cls, vocab: int, overrides: dict[str, Any] | None = None, vi
         else:
             idx = None
         lists = {k: v for k, v in vars(default).items() if isinstance(v, list) and len(v) == n_default}
+        refs = {k: v for k, v in vars(default).items() if _is_layer_refs(k, v, n_default)}
         if idx is None:  # per-layer lists: keep one layer of every kind of every list, in order
-            kinds = dict(lists)
+            kinds = {k: v for k, v in lists.items() if k not in refs}
             if overrides_by_layer and real == "num_hidden_layers":  # heterogeneous: other overrides, other kind
                 kinds["per_layer_config"] = [repr(sorted(overrides_by_layer.get(i, {}).items()))
                                              for i in range(n_default)]
             idx = _layer_subset(kinds, n_default, N_LAYERS) if n_default > N_LAYERS else list(range(n_default))
+            idx = _close_over_sources(idx, {k: v for k, v in refs.items() if k in lists})
         kwargs[real] = len(idx)
         for k, v in lists.items():
             kwargs[k] = [v[i] for i in idx]
+        for k, v in refs.items():  # layer numbers inside lists: renumbered to the kept layers
+            new_index = {old: new for new, old in enumerate(idx)}
+            kwargs[k] = ([new_index[v[i]] for i in idx] if k in lists
+                         else [new_index[x] for x in v if x in new_index])
         if overrides_by_layer and real == "num_hidden_layers":  # as a saved checkpoint's config carries it
             kwargs["per_layer_config"] = {
                 new: _shrink_like_global(overrides_by_layer[old], default, kwargs)
