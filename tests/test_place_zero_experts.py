@@ -236,14 +236,26 @@ def test_longcat_collect_then_place(tmp_path, capsys):
                                  batch_size=2, weights="float32", ignore_eos=True, chat_template=False),
                   loaded=lm, prompts=prompts)
     geo = res.manifest["geometry"]
-    assert geo["zero_computation_experts"] == ZERO and geo["num_experts"] == 11
     tr = load_traces([tmp_path / "run"])
-    assert tr.num_experts == E and tr.zero_choices > 0  # a random router picks identity experts too
+    from tracekit.hooks.longcat import LongcatAdapter
+
+    router = next(m for m in model.modules() if type(m).__name__ == "LongcatFlashTopkRouter")
+    if LongcatAdapter._remapping(router):  # transformers >= 5.25: identity choices reach the experts as dummy ids
+        assert geo["zero_computation_experts"] == [] and geo["num_experts"] == E
+        assert tr.num_experts == E and tr.zero_choices == 0
+        import pyarrow.parquet as pq
+
+        w = pq.read_table(sorted((tmp_path / "run" / "routes").glob("*.parquet"))).column("weights")
+        assert (w.combine_chunks().flatten().to_numpy() == 0).any()  # a random router picks identity experts too
+    else:
+        assert geo["zero_computation_experts"] == ZERO and geo["num_experts"] == 11
+        assert tr.num_experts == E and tr.zero_choices > 0  # a random router picks identity experts too
 
     code, out, err = cli(capsys, "place", str(tmp_path / "run"), "--nodes", "2", "--gpus-per-node", "1",
                          "--redundant", "2", "--split", "tokens", "--max-imbalance", "4", "-o", str(tmp_path / "p.json"))
     assert code == 0, err
-    assert f"ignored {tr.zero_choices:,} zero-computation expert choices (ids 8..10" in out
+    if tr.zero_choices:
+        assert f"ignored {tr.zero_choices:,} zero-computation expert choices (ids 8..10" in out
     placed = json.loads((tmp_path / "p.json").read_text())
     assert all(sorted(set(row)) == list(range(E)) for row in placed["slot_expert"])
     code, _, err = cli(capsys, "export", str(tmp_path / "p.json"), "--format", "sglang")

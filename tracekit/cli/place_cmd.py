@@ -28,7 +28,7 @@ def place_cmd(
     split: Literal["request", "tokens"] = typer.Option("request", "--split", help="request (hold out whole requests) or tokens (fit on each request's first half)."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     max_rows: int = typer.Option(MAX_ROWS, "--max-rows", min=1, max=1 << 40, help="Read at most this many token-layer rows: beyond it, a seeded random sample of whole requests (said in the output)."),
-    max_imbalance: float = typer.Option(1.10, "--max-imbalance", min=1.0, max=1e6, help="GPU load bound (max/mean) for locality."),
+    max_imbalance: Optional[float] = typer.Option(None, "--max-imbalance", min=1.0, max=1e6, help="Absolute GPU load bound (max/mean per layer, fit rows, the engine's tables) for locality. Default: each layer within 5% of eplb's on the same rows, so the pick is never less balanced than eplb by more."),
     hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 20, help="Hidden size for bytes (default: geometry, else 7168)."),
     bytes_per_elem: float = typer.Option(1.0, "--bytes-per-elem", callback=positive_float("--bytes-per-elem", 16.0), help="1 = FP8 dispatch, 2 = BF16."),
     microbatch_tokens: int = typer.Option(256, "--microbatch-tokens", min=1, max=1 << 24, help="Decode tokens per micro-batch."),
@@ -109,13 +109,16 @@ def place_cmd(
                       baseline_grouping=baseline_grouping, **eval_opts)
     from ..placement.classifier import attach_classifiers, describe
 
-    clf_summary = attach_classifiers(comp, traces, runs, classifier_data or [], seed=seed)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):  # as in place(): the same bytes whatever OMP_NUM_THREADS
+        clf_summary = attach_classifiers(comp, traces, runs, classifier_data or [], seed=seed)
     if wide:
         Console(width=max(220, Console().width)).print(render(comp))
     else:
         Console(width=WIDTH).print(render_narrow(comp, val.to_json()))
     con = Console(width=WIDTH)
-    con.print(pick_line(val.to_json()), markup=False)
+    con.print(pick_line(val.to_json(), comp), markup=False)
     for name, err in val.errors.items():
         con.print(f"  {name} left out of the pick: {err}", markup=False)
     for line in duplicate_lines(comp):
@@ -123,9 +126,9 @@ def place_cmd(
     for line in describe(clf_summary):
         con.print(line, markup=False)
     if json_out:
-        from ..placement.export import _jsonable  # NaN/inf metrics -> null: the file stays strict JSON
+        from ..placement.export import _jsonable, without_timings  # NaN/inf -> null: the file stays strict JSON
 
-        atomic_write_json(json_out, _jsonable(json.loads(json.dumps(comp.to_json(), default=float))))
+        atomic_write_json(json_out, without_timings(_jsonable(json.loads(json.dumps(comp.to_json(), default=float)))))
         con.print(f"wrote {json_out}")
     if out:
         chosen = strategy if strategy != "all" else val.pick

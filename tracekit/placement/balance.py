@@ -303,11 +303,24 @@ def engine_ratios(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, engi
     return out, t
 
 
-def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bound: float, *, layers,
+def layout_ratios(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, engine: str, *, layers,
+                  num_hidden_layers: int | None = None) -> np.ndarray:
+    """(M,) GPU max/mean per layer of slot_expert (M, S) on the fit load A (M, G, E) under ``engine``: a static
+    engine's own table (:func:`engine_ratios`), else the per-token rule's even split (:class:`LayerLoads`)."""
+    res = engine_ratios(slot_expert, A, cluster, engine, layers=layers, num_hidden_layers=num_hidden_layers)
+    if res is not None:
+        return res[0]
+    return np.array([LayerLoads(row, A[m], cluster, engine).ratio() for m, row in enumerate(slot_expert)])
+
+
+def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bound, *, layers,
                    fallback: np.ndarray | None = None, rule: str = "ideal", strategy: str = "locality",
                    num_hidden_layers: int | None = None, rounds: int = 4,
                    strict: bool = True) -> tuple[np.ndarray, dict]:
     """Every layer of slot_expert (M, S) brought within ``bound`` on the fit load A (M, G, E).
+
+    ``bound``: one GPU max/mean for every layer, or (M,) one per layer (the relative default: each layer within a
+    margin of EPLB's own ratio on the same rows, see :func:`tracekit.placement.locality.place_locality`).
 
     A layer that cannot reach the bound tries ``fallback`` (M, S) (EPLB's layout) the same way and takes it when
     that one does better. A static engine's own table is computed for the whole placement (SGLang's seeded picks
@@ -321,6 +334,7 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
 
     out = np.array(slot_expert, dtype=np.int64, copy=True)
     M = out.shape[0]
+    bounds = np.broadcast_to(np.asarray(bound, dtype=np.float64), (M,))
     score = lambda se: engine_ratios(se, A, cluster, rule, layers=layers, num_hidden_layers=num_hidden_layers)  # noqa: E731
     fell_back, paid = [], 0
     first = score(out)
@@ -328,11 +342,11 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
     model = np.ones(M)
     for m in range(M):
         tm = tab[m] if tab is not None else None
-        row, info = hold_layer(out[m], A[m], cluster, bound, rule=rule, table=tm)
+        row, info = hold_layer(out[m], A[m], cluster, bounds[m], rule=rule, table=tm)
         if not info["met"]:  # a wider search before giving up
-            row, info = hold_layer(row, A[m], cluster, bound, rule=rule, top=96, table=tm)
+            row, info = hold_layer(row, A[m], cluster, bounds[m], rule=rule, top=96, table=tm)
         if not info["met"] and fallback is not None:
-            row2, info2 = hold_layer(fallback[m], A[m], cluster, bound, rule=rule, top=96)
+            row2, info2 = hold_layer(fallback[m], A[m], cluster, bounds[m], rule=rule, top=96)
             if info2["ratio"] < info["ratio"]:
                 row, info = row2, info2
                 fell_back.append(int(layers[m]))
@@ -343,11 +357,11 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
         real, tab = res
         best, best_real = out.copy(), real.copy()
         for _ in range(rounds):
-            bad = np.flatnonzero(real > bound + 1e-9)
+            bad = np.flatnonzero(real > bounds + 1e-9)
             if bad.size == 0:
                 break
             for m in bad:
-                out[m], info = hold_layer(out[m], A[m], cluster, bound, rule=rule, top=96, table=tab[m])
+                out[m], info = hold_layer(out[m], A[m], cluster, bounds[m], rule=rule, top=96, table=tab[m])
                 paid += info["paid_moves"]
             real, tab = score(out)
             better = real < best_real
@@ -359,17 +373,19 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
         ratios = real
     else:
         ratios = model
-    worst = int(np.argmax(ratios)) if M else 0
-    if strict and M and ratios[worst] > bound + 1e-9:
-        need = np.ceil(ratios[worst] * 100) / 100
+    over = ratios - bounds
+    worst = int(np.argmax(over)) if M else 0
+    if strict and M and over[worst] > 1e-9:
+        need = np.ceil(ratios.max() * 100) / 100
         raise TracekitError(
-            f"{strategy} cannot hold --max-imbalance {bound:.2f} on its fit data under {rule}'s dispatch: layer "
-            f"{int(layers[worst])} stays at GPU max/mean {ratios[worst]:.3f} ({100 * (ratios[worst] / bound - 1):+.1f}% "
-            f"over), eplb's layout included; use --max-imbalance {need:.2f} or more --redundant slots"
+            f"{strategy} cannot hold --max-imbalance {bounds[worst]:.2f} on its fit data under {rule}'s dispatch: "
+            f"layer {int(layers[worst])} stays at GPU max/mean {ratios[worst]:.3f} "
+            f"({100 * (ratios[worst] / bounds[worst] - 1):+.1f}% over), eplb's layout included; use "
+            f"--max-imbalance {need:.2f} or more --redundant slots"
         )
     dups = sum(duplicates(r, cluster) for r in out)
     return out, {"fit_gpu_max_over_mean_per_layer": [round(float(r), 4) for r in ratios],
                  "fit_gpu_max_over_mean_worst": float(ratios.max()) if M else 1.0,
-                 "met": bool(not M or ratios[worst] <= bound + 1e-9),
+                 "met": bool(not M or over[worst] <= 1e-9),
                  "eplb_layers_for_balance": fell_back, "duplicates_on_one_gpu": int(dups), "paid_moves": paid,
                  "dispatch": rule}

@@ -100,11 +100,12 @@ def compare(
     split: str = "request",
     token_frac: float = 0.5,
     seed: int = 0,
-    max_imbalance: float = 1.10,
+    max_imbalance: float | None = None,
     score_phase: str = "all",
     baseline_grouping: bool = False,
     strategy_opts: dict[str, dict] | None = None,
     engine: str = "sglang",
+    prefitted: dict[str, Placement] | None = None,
     **eval_opts,
 ) -> Comparison:
     """Fit every strategy on the train split and score it on the held-out split (and on the fitted rows).
@@ -113,7 +114,7 @@ def compare(
     ``score_phase``: all | decode | prefill rows to score. ``engine``: sglang | vllm | trtllm | ideal, whose
     dispatch scores the placements. ``eval_opts`` go to :func:`comm.evaluate` (hidden_size, bytes_per_elem,
     moe_intermediate_size, microbatch_tokens, profile, decode_batch, prefill_chunk, tflops, nvlink_gbps,
-    internode_gbps).
+    internode_gbps). ``prefitted``: placements already fitted on this train split (by name), used as they are.
     """
     from .dispatch import check_engine
 
@@ -144,7 +145,7 @@ def compare(
     placements: dict[str, Placement] = {}
     rows: list[dict[str, Any]] = []
     for name in names:
-        p = strat.fit(
+        p = (prefitted or {}).get(name) or strat.fit(
             name, fit_traces, cluster, seed=seed, max_imbalance=max_imbalance, grouping=grouping,
             attach_grouping=baseline_grouping or name not in BASELINES, **opts.get(name, {}),
         )

@@ -142,6 +142,20 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+#: wall-clock fields (fit and scoring times): printed, never written, so that a file is a pure function of
+#: (runs, flags, seed) and re-running ``place`` writes the same bytes
+TIMING_KEYS = frozenset({"fit_seconds", "eval_seconds", "seconds"})
+
+
+def without_timings(obj: Any) -> Any:
+    """``obj`` (JSON-ready dicts and lists) without the :data:`TIMING_KEYS` fields, at any depth."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
 def placement_to_dict(placement: Placement) -> dict[str, Any]:
     c = placement.cluster
     return {
@@ -154,7 +168,7 @@ def placement_to_dict(placement: Placement) -> dict[str, Any]:
         "layers": [int(x) for x in placement.layers],
         "slot_expert": np.asarray(placement.slot_expert).astype(int).tolist(),
         "grouping": grouping_to_dict(placement.grouping or GroupingRule()),
-        "meta": _jsonable(placement.meta),
+        "meta": without_timings(_jsonable(placement.meta)),
     }
 
 

@@ -50,7 +50,7 @@ import time
 import numpy as np
 
 from ..errors import TracekitError
-from .balance import fit_load_by_gpu, hold_placement
+from .balance import fit_load_by_gpu, hold_placement, layout_ratios
 from .comm import route_requests
 from .eplb import eplb as _eplb
 from .grouping import fit_grouping
@@ -60,6 +60,10 @@ from .replicas import locality_replicas
 from .stats import expert_load, load_by_group
 from .types import Cluster, GroupingRule, Placement, TraceArrays
 
+#: the relative default bound: each layer's GPU max/mean on the fit rows within this share of EPLB's layout's
+BALANCE_MARGIN = 0.05
+#: the node balance the partition plans against under the relative bound (an absolute bound plans against itself)
+PLAN_BOUND = 1.10
 SAMPLE_TOKENS = 12_000  # token-layers per layer the partitioner optimises over (loads always use every row)
 
 
@@ -68,9 +72,10 @@ def place_locality(
     cluster: Cluster,
     *,
     seed: int = 0,
-    max_imbalance: float = 1.10,
+    max_imbalance: float | None = None,
     grouping: str | GroupingRule = "none",
     node_slack: float | None = None,
+    balance_margin: float = BALANCE_MARGIN,
     item_cap: float = 0.8,
     sample_tokens: int = SAMPLE_TOKENS,
     refine_rounds: int = 8,
@@ -81,9 +86,11 @@ def place_locality(
 ) -> Placement:
     """Locality-aware placement of every MoE layer (see module docstring). Returns a :class:`Placement`.
 
-    ``grouping``: ``none`` | ``domain`` | ``signature`` (fitted here with :func:`fit_grouping`) or a fitted
-    :class:`GroupingRule`. ``node_slack``: planned node load bound above the mean (default
-    ``(max_imbalance - 1) / 5``). ``item_cap``: largest single copy as a fraction of the mean GPU load.
+    ``max_imbalance``: the GPU max/mean every layer must hold on the fit rows under ``engine``'s dispatch; None
+    (the default) holds each layer within ``balance_margin`` of EPLB's own layout on the same rows and engine, a
+    bound that EPLB's layout itself meets (so it never refuses). ``grouping``: ``none`` | ``domain`` |
+    ``signature`` (fitted here with :func:`fit_grouping`) or a fitted :class:`GroupingRule`. ``node_slack``:
+    planned node load bound above the mean (default ``(max_imbalance - 1) / 5``; relative: ``PLAN_BOUND``'s). ``item_cap``: largest single copy as a fraction of the mean GPU load.
     ``engine``: whose replica choice the bound is held under (:mod:`tracekit.placement.balance`).
     ``eplb_layers``: absolute layer indices that take EPLB's layout as they are (chosen on validation by
     :func:`tracekit.placement.select.validate`); the bound is held on them too. ``strict_bound=False`` (the
@@ -94,16 +101,17 @@ def place_locality(
         raise TracekitError(
             f"cluster has {cluster.num_experts} experts but the traces have {fit_traces.num_experts}"
         )
-    if max_imbalance < 1.0:
+    if max_imbalance is not None and max_imbalance < 1.0:
         raise TracekitError(f"--max-imbalance must be >= 1.0 (max/mean), got {max_imbalance}")
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     N, E, M = cluster.nodes, cluster.num_experts, fit_traces.num_layers
-    slack = (max_imbalance - 1.0) / 5.0 if node_slack is None else float(node_slack)
+    plan = PLAN_BOUND if max_imbalance is None else max_imbalance
+    slack = (plan - 1.0) / 5.0 if node_slack is None else float(node_slack)
     if isinstance(grouping, GroupingRule):
         rule = grouping
     else:
-        rule = fit_grouping(fit_traces, cluster, grouping, seed=seed, max_imbalance=max_imbalance)
+        rule = fit_grouping(fit_traces, cluster, grouping, seed=seed, max_imbalance=plan)
     has_rows = len(fit_traces) > 0
     if has_rows:
         home_req = route_requests(rule, fit_traces, cluster) // cluster.gpus_per_node  # the router, on the fit split
@@ -149,11 +157,21 @@ def place_locality(
     # hold the bound on the fit rows under the engine's replica choice (see tracekit.placement.balance)
     t_hold = time.perf_counter()
     A = fit_load_by_gpu(fit_traces, rule, cluster)
-    slot_expert, held = hold_placement(slot_expert, A, cluster, max_imbalance, layers=fit_traces.layers,
+    n_hidden = (fit_traces.geometry or {}).get("num_layers")
+    if max_imbalance is None:  # relative: each layer within the margin of EPLB's layout, same rows, same engine
+        bound = (1.0 + balance_margin) * layout_ratios(eplb_rows, A, cluster, engine, layers=fit_traces.layers,
+                                                       num_hidden_layers=n_hidden)
+        strict_bound = False  # EPLB's layout meets it: the hold keeps the best it reaches, never refuses
+    else:
+        bound = max_imbalance
+    slot_expert, held = hold_placement(slot_expert, A, cluster, bound, layers=fit_traces.layers,
                                        fallback=eplb_rows, rule=engine, strict=strict_bound,
-                                       num_hidden_layers=(fit_traces.geometry or {}).get("num_layers"))
+                                       num_hidden_layers=n_hidden)
     meta = {
         "max_imbalance": max_imbalance,
+        "bound": ("relative: each layer's GPU max/mean within "
+                  f"{100 * balance_margin:g}% of eplb's on the fit rows" if max_imbalance is None
+                  else f"absolute: GPU max/mean <= {max_imbalance:g} on the fit rows"),
         "node_slack": slack,
         "item_cap": item_cap,
         "sample_tokens": sample_tokens,

@@ -27,7 +27,7 @@ def fill_and_pack(W: np.ndarray, present: np.ndarray, cluster: Cluster, target: 
     """
     N, g, spg = cluster.nodes, cluster.gpus_per_node, cluster.slots_per_gpu
     spn = g * spg
-    present = present.copy()
+    present = fit_slot_budget(W, present.copy(), spn)
     part = node_parts(W, present)
     for n in range(N):
         while present[:, n].sum() < spn:
@@ -63,6 +63,30 @@ def fill_and_pack(W: np.ndarray, present: np.ndarray, cluster: Cluster, target: 
         present[drop, n] -= 1
         present[heavy, n] += 1
     return best[1], best[2]
+
+
+def fit_slot_budget(W: np.ndarray, present: np.ndarray, spn: int) -> np.ndarray:
+    """``present`` (E, N) copies per node brought within ``spn`` slots per node (in place, returned).
+
+    The earlier steps keep the budget when they can; on a cramped geometry (few slots per node, experts spread
+    over every node) a node can end up over it. Its lightest redundant copy (the expert has another copy
+    somewhere) is dropped first; with none, its lightest expert moves to the node with the most free slots."""
+    while True:
+        over = np.flatnonzero(present.sum(axis=0) > spn)
+        if over.size == 0:
+            return present
+        n = int(over[0])
+        part = node_parts(W, present)[:, n] / np.maximum(present[:, n], 1)
+        here = present[:, n] > 0
+        redundant = here & (present.sum(axis=1) >= 2)
+        if redundant.any():
+            present[int(np.argmin(np.where(redundant, part, np.inf))), n] -= 1
+            continue
+        e = int(np.argmin(np.where(here, part, np.inf)))
+        free = spn - present.sum(axis=0)
+        free[n] = -1
+        present[e, n] -= 1
+        present[e, int(np.argmax(free))] += 1
 
 
 def pack(experts: np.ndarray, loads: np.ndarray, bins: int, per_bin: int, sweeps: int = 200) -> list[np.ndarray]:

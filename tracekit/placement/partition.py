@@ -48,17 +48,25 @@ class Layer:
     def tokens(self, e: int) -> np.ndarray:
         return self.inc.indices[self.inc.indptr[e]: self.inc.indptr[e + 1]]
 
+    # Every sampled token weighs the same (``w0``), so each cost is ``w0`` x an exact integer count: no float dot
+    # product whose rounding depends on how BLAS splits it over threads (the placement is a pure function of its
+    # inputs, whatever OMP_NUM_THREADS or the machine's load; near-ties between moves cannot flip).
+
+    @property
+    def w0(self) -> float:
+        return float(self.wt[0]) if self.wt.size else 0.0
+
     def cost(self) -> float:
         """Sum over sampled tokens of remote nodes touched, weighted (normal-mode cross-node copies)."""
-        return float(((self.cnt > 0) & self.not_home).sum(axis=1) @ self.wt)
+        return self.w0 * int(np.count_nonzero((self.cnt > 0) & self.not_home))
 
     def add_cost(self, e: int, b: int) -> float:
         t = self.tokens(e)
-        return float(self.wt[t] @ ((self.cnt[t, b] == 0) & self.not_home[t, b]))
+        return self.w0 * int(np.count_nonzero((self.cnt[t, b] == 0) & self.not_home[t, b]))
 
     def remove_gain(self, e: int, a: int) -> float:
         t = self.tokens(e)
-        return float(self.wt[t] @ ((self.cnt[t, a] == 1) & self.not_home[t, a]))
+        return self.w0 * int(np.count_nonzero((self.cnt[t, a] == 1) & self.not_home[t, a]))
 
     def place(self, e: int, b: int) -> None:
         self.node_of[e] = b
@@ -79,10 +87,9 @@ class Layer:
 
     def gain_matrix(self) -> np.ndarray:
         """(E, N) exact gain (cost decrease) of moving each expert alone to each node; 0 on its own node."""
-        A0 = ((self.cnt == 0) & self.not_home) * self.wt[:, None]
-        A1 = ((self.cnt == 1) & self.not_home) * self.wt[:, None]
-        add = np.asarray(self.inc @ A0)
-        rem_all = np.asarray(self.inc @ A1)
+        # integer counts (exact in float64, whatever the summation order), scaled once
+        add = self.w0 * np.asarray(self.inc @ ((self.cnt == 0) & self.not_home).astype(np.float64))
+        rem_all = self.w0 * np.asarray(self.inc @ ((self.cnt == 1) & self.not_home).astype(np.float64))
         placed = self.node_of >= 0  # experts on every node (node_of -1) never move
         rem = np.where(placed, rem_all[np.arange(self.E), self.node_of], 0.0)
         g = rem[:, None] - add
@@ -128,6 +135,8 @@ def repair(L: Layer, spn: int, cap: float, max_steps: int = 400) -> None:
             return
         G = L.gain_matrix()
         mine = np.flatnonzero(L.node_of == a)
+        if mine.size == 0:  # the busiest node holds only experts spread over every node: nothing to move
+            return
         # plain moves: (len(mine), N); landing under cap is preferred, else at least below the current max
         land = L.nload[None, :] + L.w[mine][:, None]
         ok = (L.nslots[None, :] + L.copies[mine][:, None] <= spn) & (land < L.nload[a])
@@ -137,6 +146,11 @@ def repair(L: Layer, spn: int, cap: float, max_steps: int = 400) -> None:
         best = (score[i, b], int(mine[i]), int(b), -1)
         # swaps with a lighter expert f of another node b
         others = np.flatnonzero((L.node_of != a) & (L.node_of >= 0))
+        if others.size == 0:  # every placed expert sits on the busiest node: plain moves only
+            if not np.isfinite(best[0]):
+                return
+            L.move(best[1], best[2])
+            continue
         dw = L.w[mine][:, None] - L.w[others][None, :]
         bn = L.node_of[others]
         land = L.nload[bn][None, :] + dw

@@ -43,7 +43,7 @@ METRIC_KEYS = {
     "balance": ("imbalance_p99", "gpu_load_max_over_mean_worst"),
 }
 REFERENCE = "eplb"
-FEW_STEPS = 8  # fewer full replay steps than this in a validation fold: the pick's line says it is noisy
+FEW_STEPS = 10  # fewer full replay steps than this (a validation fold, the held-out split): flagged as noisy
 Scorer = Callable[..., dict]
 
 
@@ -145,7 +145,7 @@ class Validation:
 
 
 def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.ndarray, *,
-             objective: str = "step-time", split: str = "request", seed: int = 0, max_imbalance: float = 1.10,
+             objective: str = "step-time", split: str = "request", seed: int = 0, max_imbalance: float | None = None,
              grouping: str = "none", scorer: Scorer | None = None, strategy_opts: dict[str, dict] | None = None,
              balance_margin: float = 0.05) -> Validation:
     """Fit ``names`` on the fit part of each fold of ``train``, score them on its validation part, pick (see the
@@ -246,16 +246,90 @@ def _pct(x: float, ref: float) -> str:
     return f"{100 * (x / ref - 1):+.1f}%" if ref else "n/a"
 
 
+#: the GPU max/mean levels an absolute ``--max-imbalance`` b is fitted at: locality is fitted (validation and final
+#: fit) at the largest level <= b, then the next lower one, ..., until one whose fit rows read <= b under the
+#: engine's tables. A level's placement depends on the level alone, never on b, so acceptance is monotone in b (the
+#: levels tried for a larger b include every level a smaller one tried) and the bound a refusal suggests (the lowest
+#: ratio reached, rounded up) is accepted: its own walk reaches that level at the latest.
+LEVELS = (1.0, 1.05, 1.10, 1.15, 1.20, 1.25, 1.30, 1.40, 1.50, 1.60, 1.75, 2.0, 2.25, 2.5, 3.0, 4.0, 5.0, 7.5,
+          10.0, 20.0, 50.0, 100.0, 1e3, 1e4, 1e6)
+
+
+def bound_levels(bound: float) -> list[float]:
+    """The levels an absolute bound walks, largest first (see :data:`LEVELS`)."""
+    return [lv for lv in LEVELS if lv <= bound + 1e-12][::-1]
+
+
+@dataclass
+class Bounded:
+    """Locality under an absolute bound: the validation and final fit of the accepted level, or why none held."""
+
+    validation: Validation
+    placement: Placement | None
+    level: float | None
+    tried: list[tuple[float, float]]  # (level, worst-layer GPU max/mean on the fit rows)
+    refusal: str | None = None
+
+
+def hold_absolute(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.ndarray, bound: float, *,
+                  engine: str, grouping: str, seed: int, validate_opts: dict) -> Bounded:
+    """Walk :func:`bound_levels` (see :data:`LEVELS`): per level, :func:`validate` every strategy with locality at
+    that level, fit locality on the whole train split at that level (with the layers validation gave to EPLB's
+    layout) and accept it when its worst layer's GPU max/mean on the train rows, under ``engine``'s tables, is
+    <= ``bound``. None accepted: ``refusal`` names the lowest ratio reached, rounded up to 0.01 (accepted, by
+    construction, when asked for)."""
+    fit_traces = subset(traces, train)
+    tried: list[tuple[float, float]] = []
+    first: Validation | None = None
+    for level in bound_levels(bound):
+        val = validate(traces, cluster, names, train, max_imbalance=level, grouping=grouping, seed=seed,
+                       strategy_opts={"locality": {"engine": engine}}, **validate_opts)
+        first = first or val
+        if "locality" in val.errors:
+            continue
+        p = strat.fit("locality", fit_traces, cluster, seed=seed, max_imbalance=level, grouping=grouping,
+                      engine=engine, eplb_layers=val.eplb_layers, strict_bound=False)
+        ratio = float(p.meta["balance"]["fit_gpu_max_over_mean_worst"])
+        tried.append((level, ratio))
+        if ratio <= bound + 1e-9:
+            p.meta["bound_level"] = level
+            return Bounded(val, p, level, tried)
+    best = min(r for _, r in tried) if tried else float("nan")
+    need = np.ceil(best * 100 - 1e-6) / 100
+    refusal = (f"locality cannot hold --max-imbalance {bound:g} on its fit rows under {engine}'s dispatch (lowest "
+               f"worst-layer GPU max/mean reached: {best:.3f}, eplb's layout included); use --max-imbalance "
+               f"{need:.2f}, more --redundant slots, or no --max-imbalance (within 5% of eplb)")
+    return Bounded(first, None, None, tried, refusal)
+
+
 def place(traces: TraceArrays, cluster: dict, strategy: str = "all", *, objective: str = "step-time",
           engine: str = "sglang", grouping: str = "none", holdout: float = 0.3, split: str = "request", seed: int = 0,
-          max_imbalance: float = 1.10, phase: str = "all", baseline_grouping: bool = False, **eval_opts):
+          max_imbalance: float | None = None, phase: str = "all", baseline_grouping: bool = False, **eval_opts):
     """What ``tracekit place`` does, for notebooks: validate every strategy on a part of the train split and pick
     one on ``objective`` (never worse than eplb), then fit on the whole train split and score every strategy on
     the held-out requests under ``engine``'s dispatch. ``cluster``: {"nodes", "gpus_per_node", "redundant"}.
-    ``eval_opts``: the replay's options (profile, decode_batch, prefill_chunk, hidden_size, ...).
+    ``max_imbalance``: None (default) holds locality within 5% of EPLB's GPU balance, layer by layer, on the same
+    rows and engine; a number is an absolute bound (:func:`hold_absolute`): with ``strategy="all"`` a locality that
+    cannot hold it leaves the pick (eplb or another strategy is picked, ``validation.errors`` says why), with
+    ``strategy="locality"`` it is refused in one line. ``eval_opts``: the replay's options (profile, decode_batch,
+    prefill_chunk, hidden_size, ...).
 
     Returns ``(comparison, validation)``: ``comparison.placements[validation.pick]`` is the placement to deploy.
+    The result is a pure function of (traces, arguments, seed): BLAS runs in one thread here (a multi-threaded
+    BLAS splits a float sum differently with OMP_NUM_THREADS, and a near-tie could then flip), and no decision
+    reads the clock.
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _place(traces, cluster, strategy, objective=objective, engine=engine, grouping=grouping,
+                      holdout=holdout, split=split, seed=seed, max_imbalance=max_imbalance, phase=phase,
+                      baseline_grouping=baseline_grouping, **eval_opts)
+
+
+def _place(traces: TraceArrays, cluster: dict, strategy: str, *, objective: str, engine: str, grouping: str,
+           holdout: float, split: str, seed: int, max_imbalance: float | None, phase: str, baseline_grouping: bool,
+           **eval_opts):
     from .evaluate import compare, make_cluster, make_split, resolve_strategies
 
     check_objective(objective)
@@ -266,19 +340,42 @@ def place(traces: TraceArrays, cluster: dict, strategy: str = "all", *, objectiv
     score_opts = dict(eval_opts)
     if "hidden_size" not in score_opts and (traces.geometry or {}).get("hidden_size"):
         score_opts["hidden_size"] = int(traces.geometry["hidden_size"])
+    validate_opts = {"objective": objective, "split": split, "scorer": default_scorer(engine, **score_opts)}
+    fitted: dict[str, Placement] = {}
     if isinstance(strategy, str) and strategy not in ("all", "locality"):
         # one baseline named: nothing to pick, and no per-layer fallback to validate (only locality has one);
         # the references (linear, eplb) are still scored beside it
         val = Validation(pick=strategy, objective=objective, metric="-", values={},
                          reason=f"{strategy} (named by --strategy: nothing to pick, no validation run)")
+    elif max_imbalance is None or "locality" not in names:
+        val = validate(traces, cl, names, train, max_imbalance=max_imbalance, grouping=grouping, seed=seed,
+                       strategy_opts=opts, **validate_opts)
     else:
-        val = validate(traces, cl, names, train, objective=objective, split=split, seed=seed,
-                       max_imbalance=max_imbalance, grouping=grouping, strategy_opts=opts,
-                       scorer=default_scorer(engine, **score_opts))
+        held = hold_absolute(traces, cl, names, train, max_imbalance, engine=engine, grouping=grouping, seed=seed,
+                             validate_opts=validate_opts)
+        val = held.validation
+        if held.placement is None:
+            if strategy == "locality":
+                raise TracekitError(held.refusal)
+            names = [n for n in names if n != "locality"]
+            val = _without(val, "locality", held.refusal)
+        else:
+            fitted["locality"] = held.placement
+            if held.level != bound_levels(max_imbalance)[0]:
+                val.reason += f"; locality fitted at GPU max/mean {held.level:g} to hold {max_imbalance:g}"
     opts["locality"]["eplb_layers"] = val.eplb_layers
     comp = compare(traces, cl, names, grouping=grouping, holdout=holdout, split=split, seed=seed,
                    max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping,
-                   strategy_opts=opts, engine=engine, **eval_opts)
+                   strategy_opts=opts, engine=engine, prefitted=fitted, **eval_opts)
     comp.meta["pick"] = val.to_json()
     comp.meta["engine"] = engine
     return comp, val
+
+
+def _without(val: Validation, name: str, why: str) -> Validation:
+    """``val`` with ``name`` out of the candidates (``errors[name]`` = why) and the pick made again."""
+    values = {k: v for k, v in val.values.items() if k != name}
+    balance = {k: v for k, v in val.balance.items() if k != name}
+    pick, reason = choose(values, balance, val.objective) if values else (val.pick, val.reason)
+    return Validation(pick, val.objective, val.metric, values, reason, balance, [],
+                      {**val.errors, name: why})

@@ -1,14 +1,14 @@
 """The strategy registry: name -> function that fits a placement on training traces.
 
-Every strategy has the signature ``fn(fit_traces: TraceArrays, cluster: Cluster, *, seed=0, max_imbalance=1.10,
+Every strategy has the signature ``fn(fit_traces: TraceArrays, cluster: Cluster, *, seed=0, max_imbalance=None,
 **opts) -> Placement`` and must return slot_expert (M, S) covering every expert in every layer. Load-only
 strategies (linear, round-robin, eplb) also accept loads-kind runs (``fit_traces.loads``).
 
-``locality`` lives in :mod:`tracekit.placement.locality` (``place_locality``) and is registered when that module
-imports; the registry never fails because it is absent. Options a strategy does not use are ignored, so one
+``locality`` lives in :mod:`tracekit.placement.locality` (``place_locality``) and is registered on first use (a
+lazy import: that module imports this package's scoring, which imports the registry). Options a strategy does not use are ignored, so one
 ``**opts`` dict (e.g. ``grouping="domain"``) can be passed to all of them. ``max_imbalance`` binds locality only
-(it holds it on its fit rows under ``engine``'s dispatch or raises one line); the baselines are what the engines
-or DeepSeek publish, unbounded. ``round-robin`` refuses redundant slots (no engine runs it with them).
+(None: within a margin of EPLB's layout on the same rows; a number: held on its fit rows under ``engine``'s
+dispatch or one line); the baselines are what the engines or DeepSeek publish, unbounded. ``round-robin`` refuses redundant slots (no engine runs it with them).
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from .stats import expert_load
 from .types import Cluster, GroupingRule, Placement, TraceArrays
 
 Strategy = Callable[..., Placement]
+#: node load tolerance the grouping rules balance against when no absolute --max-imbalance is given
+GROUPING_BOUND = 1.10
 
 
 def _check_fit(fit_traces: TraceArrays, cluster: Cluster) -> None:
@@ -32,13 +34,13 @@ def _check_fit(fit_traces: TraceArrays, cluster: Cluster) -> None:
         raise TracekitError(f"traces have {fit_traces.num_experts} experts but the cluster was given {cluster.num_experts}")
 
 
-def place_linear(fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, max_imbalance: float = 1.10, **opts) -> Placement:
+def place_linear(fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, max_imbalance: float | None = None, **opts) -> Placement:
     """Contiguous blocks (engine default); see :mod:`tracekit.placement.baselines`."""
     _check_fit(fit_traces, cluster)
     return Placement(cluster, np.asarray(fit_traces.layers), baselines.linear(cluster, fit_traces.num_layers), "linear")
 
 
-def place_round_robin(fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, max_imbalance: float = 1.10, **opts) -> Placement:
+def place_round_robin(fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, max_imbalance: float | None = None, **opts) -> Placement:
     """Strided layout (vLLM round_robin); see :mod:`tracekit.placement.baselines`."""
     _check_fit(fit_traces, cluster)
     return Placement(cluster, np.asarray(fit_traces.layers), baselines.round_robin(cluster, fit_traces.num_layers), "round-robin")
@@ -49,7 +51,7 @@ def place_eplb(
     cluster: Cluster,
     *,
     seed: int = 0,
-    max_imbalance: float = 1.10,
+    max_imbalance: float | None = None,
     num_groups: int | None = None,
     **opts,
 ) -> Placement:
@@ -77,10 +79,7 @@ def _load_optional() -> None:
     for name, (mod, fn) in _OPTIONAL.items():
         if name in STRATEGIES:
             continue
-        try:
-            STRATEGIES[name] = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError):
-            pass
+        STRATEGIES[name] = getattr(importlib.import_module(mod), fn)  # an import error is a bug: let it show
 
 
 def available() -> list[str]:
@@ -96,7 +95,7 @@ def get(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
-def fit(name: str, fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, max_imbalance: float = 1.10,
+def fit(name: str, fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, max_imbalance: float | None = None,
         grouping: str = "none", attach_grouping: bool = True, **opts) -> Placement:
     """Run one strategy; records ``meta['fit_seconds']`` and checks the result covers every expert.
 
@@ -111,7 +110,8 @@ def fit(name: str, fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, 
     t0 = time.perf_counter()
     p = fn(fit_traces, cluster, seed=seed, max_imbalance=max_imbalance, grouping=grouping, **opts)
     if grouping != "none" and attach_grouping and (p.grouping is None or p.grouping.kind == "none"):
-        p.grouping = fit_grouping_rule(fit_traces, cluster, grouping, seed=seed, max_imbalance=max_imbalance)
+        p.grouping = fit_grouping_rule(fit_traces, cluster, grouping, seed=seed,
+                                       max_imbalance=max_imbalance or GROUPING_BOUND)
     if p.grouping is None:
         p.grouping = GroupingRule()
     p.meta["fit_seconds"] = time.perf_counter() - t0

@@ -88,9 +88,35 @@ def render_narrow(comp, pick: dict | None = None):
     return t
 
 
-def pick_line(pick: dict[str, Any]) -> str:
-    """One line: which strategy is picked and why."""
-    return f"* pick: {pick['reason']}"
+def heldout_steps(h: dict) -> tuple[int, str]:
+    """(full replay steps behind the held-out percentiles, their phase) of one held-out score dict."""
+    return int(h.get("full_steps") or 0), str(h.get("step_phase", "decode"))
+
+
+def pick_line(pick: dict[str, Any], comp=None) -> str:
+    """One line: which strategy is picked and why (validation), and what it gives held out against eplb, with the
+    number of replay steps the held-out percentiles rest on (fewer than ``FEW_STEPS``: flagged as noisy)."""
+    from .select import FEW_STEPS
+
+    line = f"* pick: {pick['reason']}"
+    if comp is None:
+        return line
+    try:
+        row, ref = comp.row(pick["pick"]), comp.row("eplb")
+    except KeyError:
+        return line
+    h, e = _held(row), _held(ref)
+    key, step = _metric(h, STEP_KEYS)
+    _, xn = _metric(h, XNODE_KEYS)
+    _, p99 = _metric(h, P99_KEYS)
+    _, p99_ref = _metric(e, P99_KEYS)
+    n, phase = heldout_steps(h)
+    parts = [f"step {_rel(step, _metric(e, STEP_KEYS)[1])}", f"x-node {_rel(xn, _metric(e, XNODE_KEYS)[1])}",
+             f"p99 max/mean {p99:.3f} vs {p99_ref:.3f}"]
+    if pick["pick"] == "eplb":
+        parts = [f"p99 max/mean {p99:.3f}"]
+    noisy = f" (noisy: fewer than {FEW_STEPS})" if n < FEW_STEPS else ""
+    return line + f"; held out vs eplb: {', '.join(parts)}, from {n} full {phase} step{'s' * (n != 1)}{noisy}"
 
 
 def duplicate_lines(comp) -> list[str]:

@@ -185,13 +185,16 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all", max_rows:
         rid = req.column("request_id").to_numpy().astype(np.int64)[kept]
         if rid.size == 0:
             continue
-        lut_req = np.full(int(rid.max()) + 1, -1, dtype=np.int64)
-        lut_req[rid] = np.arange(rid.size) + offset
-        con.register("_tracekit_keep", pa.table({"request_id": pa.array(rid, pa.int64())}))
-        sql = _SQL_ROUTES.format(and_where=where.replace("WHERE", "AND"))
-        reader = con.sql(sql, params={"files": files, "sampled": sample is not None}).to_arrow_reader(1 << 20)
+        every = req.column("request_id").to_numpy().astype(np.int64)
+        lut_req = np.full(int(every.max()) + 1, -1, dtype=np.int64)
+        lut_req[rid] = np.arange(rid.size) + offset  # -1: a request the sample leaves out
+        reader = con.sql(_SQL_ROUTES.format(where=where), params={"files": files}).to_arrow_reader(1 << 20)
         for tab in reader:
+            if sample is not None:  # keep the sampled requests' rows (in file order, whatever the threads do)
+                tab = tab.filter(pa.array(lut_req[tab.column("request_id").to_numpy()] >= 0))
             n = tab.num_rows
+            if n == 0:
+                continue
             if at + n > n_rows:
                 raise TracekitError(f"{run.path}: the routes changed while they were read; run place again")
             layer = tab.column("layer").to_numpy()
@@ -209,7 +212,6 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all", max_rows:
             phase_col[at:at + n] = tab.column("phase").to_numpy()
             token[at:at + n] = tab.column("position").to_numpy()
             at += n
-        con.unregister("_tracekit_keep")
         domains.append(np.array(req.column("domain").to_pylist(), dtype=object)[kept])
         keys.append(np.array([f"{run.run_id}:{r}" for r in rid], dtype=object))
         offset += rid.size

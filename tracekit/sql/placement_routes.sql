@@ -1,5 +1,7 @@
--- placement input: one row per token-layer of one run's routes files ($files), phase as 0 prefill / 1 decode; only
--- the requests of _tracekit_keep (registered by the caller) when $sampled
+-- placement input: one row per token-layer of one run's routes files ($files), phase as 0 prefill / 1 decode, in
+-- file order. No join or IN filter here: DuckDB keeps a plain scan's row order (preserve_insertion_order), while a
+-- mark/semi join hands rows back in thread-scheduling order, and placement must read the same arrays every time
+-- (a sample of requests is kept by the caller, batch by batch)
 SELECT request_id, (phase = 'decode')::TINYINT AS phase, position, layer, experts
 FROM read_parquet($files)
-WHERE (NOT $sampled OR request_id IN (SELECT request_id FROM _tracekit_keep)) {and_where}
+{where}
