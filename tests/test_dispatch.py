@@ -56,18 +56,94 @@ def test_sglang_seed_and_dense_layers_change_the_random_picks():
     assert not np.array_equal(alone, got)
     assert not np.array_equal(alone, D.dispatch_table(rows, engine="sglang", gpus_per_node=4, num_gpus=G,
                                                       num_experts=E, seed=7))
-    # every pick is a replica of the right expert, and the ranks left to chance (1 node: none on their own GPU)
-    # spread over the replicas fairly: no replica gets two more of them than another
-    spg = (E + R) // G
+    # every pick is a replica of the right expert
     for m in range(2):
         assert (rows[m][got[m]] == np.arange(E)[None, :]).all()
+
+
+def test_sglang_server_ranks_draw_their_own_streams():
+    # 1 node x 4 GPUs, E=4, R=4, 2 slots per GPU; every expert has two copies on two GPUs, so at each expert the
+    # two other ranks are left to chance: expert 0 (slots 0, 2 on GPUs 0, 1) -> ranks 2, 3; expert 1 (1, 4) ->
+    # ranks 1, 3; expert 2 (3, 6) -> ranks 0, 2; expert 3 (5, 7) -> ranks 0, 1. Each fair draw of 2 from 2 is a
+    # shuffle of the pair; random.Random(42)'s first three shuffles of a pair swap, swap, keep. The server builds
+    # each rank's table with a fresh Random(42) that advances only where that rank is left over:
+    row = np.array([[0, 1, 0, 2, 1, 3, 2, 3]])
+    tab = D.sglang_rank_tables(row, num_experts=4, num_gpus=4, gpus_per_node=4)[0].T  # (E, G)
+    # rank 0: expert 2 is its 1st draw -> [6, 3], it is first -> 6; expert 3 its 2nd -> [7, 5] -> 7
+    # rank 1: expert 1 1st -> [4, 1] -> 4; expert 3 2nd, second of the ranks -> 5
+    # rank 2: expert 0 1st -> [2, 0] -> 2; expert 2 2nd, second -> 3; rank 3: expert 0 -> 0, expert 1 -> 1
+    assert tab.tolist() == [[0, 2, 2, 0], [1, 4, 4, 1], [6, 3, 3, 6], [7, 5, 5, 7]]
+    # one stream for all ranks (the bare function) would draw expert 2 third (keep: [3, 6]) -> rank 0 gets 3
+
+
+def test_sglang_server_narrowing_keeps_ranks_on_their_node():
+    # 2 nodes x 2 GPUs, E=4, R=4, 2 slots per GPU: GPU0 = slots 0, 1 | GPU1 2, 3 | GPU2 4, 5 | GPU3 6, 7
+    row = np.array([[1, 1, 0, 2, 3, 2, 0, 3]])
+    tab = D.sglang_rank_tables(row, num_experts=4, num_gpus=4, gpus_per_node=2)[0].T  # (E, G)
+    # expert 0 at slots 2 (GPU1) and 6 (GPU3), one per node: own GPU, else the copy on the rank's node; no draw
+    assert tab[0].tolist() == [2, 2, 6, 6]
+    assert tab[2].tolist() == [3, 3, 5, 5]  # expert 2 at 3 (GPU1) and 5 (GPU2): the same
+    # expert 1 at slots 0, 1 (both GPU0): rank 0 takes slot 0; node 0 holds every copy, so rank 1 is left to the
+    # fair pick (on its node all the same); ranks 2, 3 have none on node 1. All three draw for the first time
+    # (nothing before expert 1 left them over): the same list [0, 1] + sample, shuffled -> both copies used
+    assert tab[1, 0] == 0 and sorted(set(tab[1, 1:].tolist())) == [0, 1]
+    # expert 3 at slots 4 (GPU2) and 7 (GPU3): ranks 2, 3 own GPU; ranks 0, 1 (none on node 0) are left over. For
+    # rank 0 it is the first draw (a pair: Random(42)'s first shuffle swaps [4, 7] -> it takes 7); rank 1 drew
+    # at expert 1 already, so its stream is elsewhere (it took 4 here)
+    assert tab[3, 2:].tolist() == [4, 7]
+    assert tab[3, 0] == 7 and tab[3, 1] in (4, 7)
+
+
+@pytest.mark.parametrize("nodes,gpn,E,R", [(2, 2, 8, 4), (4, 2, 16, 8), (2, 4, 16, 16), (3, 2, 6, 6), (1, 8, 8, 8)])
+def test_sglang_server_tables_properties_on_random_maps(nodes, gpn, E, R):
+    rng = np.random.default_rng(nodes * 100 + gpn * 10 + R)
+    G, S = nodes * gpn, E + R
+    spg = S // G
+    rows = np.stack([rng.permutation(np.concatenate([np.arange(E), rng.choice(E, R)])) for _ in range(4)])
+    tab = D.sglang_rank_tables(rows, num_experts=E, num_gpus=G, gpus_per_node=gpn)
+    for m in range(rows.shape[0]):
         for e in range(E):
             cand = np.flatnonzero(rows[m] == e)
-            if cand.size < 2:
-                continue
-            chance = [g for g in range(G) if not (cand // spg == g).any()]
-            use = np.array([(got[m, chance, e] == c).sum() for c in cand])
-            assert use.max() - use.min() <= 1
+            for g in range(G):
+                pick = tab[m, g, e]
+                assert rows[m, pick] == e
+                mine = cand[cand // spg == g]
+                on_node = cand[cand // spg // gpn == g // gpn]
+                if mine.size:  # a copy on the rank's GPU: the first of them
+                    assert pick == mine[0]
+                elif 0 < on_node.size < cand.size:  # some copies on its node: the first of them
+                    assert pick == on_node[0]
+                elif on_node.size:  # every copy on its node: a fair pick, on the node all the same
+                    assert pick // spg // gpn == g // gpn
+    # a rank's random picks come from its own stream: dropping the other ranks' left-over draws (the bare
+    # function's one shared stream) changes some picks on these maps, so the two models are told apart here too
+    assert not np.array_equal(tab, _one_stream(rows, E, G, gpn))
+
+
+def _one_stream(rows, E, G, gpn):
+    """SGLang's bare ``compute_logical_to_rank_dispatch_physical_map``: one Random(42) for all ranks."""
+    import random
+
+    near, slots, count = D.sglang_nearest(rows, num_experts=E, num_gpus=G, gpus_per_node=gpn)
+    out, rng = near.copy(), random.Random(42)
+    for m, e in zip(*np.nonzero((near < 0).any(1))):
+        cand = slots[m, e, : count[m, e]].tolist()
+        rest = np.flatnonzero(near[m, :, e] < 0)
+        q, r = divmod(rest.size, len(cand))
+        ch = cand * q + rng.sample(cand, k=r)
+        rng.shuffle(ch)
+        out[m, rest, e] = ch
+    return out
+
+
+def test_sglang_a2a_backends():
+    rows = np.array([[0, 1, 0, 1]])
+    kw = dict(engine="sglang", gpus_per_node=1, num_gpus=2, num_experts=2)
+    assert np.array_equal(D.dispatch_table(rows, **kw), D.dispatch_table(rows, a2a_backend="mooncake", **kw))
+    with pytest.raises(TracekitError, match="moe-a2a-backend none refuses"):
+        D.dispatch_table(rows, a2a_backend="none", **kw)
+    with pytest.raises(TracekitError, match="unknown --a2a-backend"):
+        D.check_a2a_backend("nccl")
 
 
 def test_vllm_knuth_hash_of_the_token_index():
@@ -129,3 +205,50 @@ def test_static_engines_through_choose_replicas_and_errors():
                           gpus_per_node=2, num_gpus=2)
     with pytest.raises(TracekitError, match="unknown engine"):
         D.check_engine("tgi")
+
+
+def test_evaluate_and_score_placement_use_the_server_tables():
+    from tests._placement_synth import planted_traces
+    from tracekit.placement import comm
+    from tracekit.placement import strategies as strat
+    from tracekit.placement.replay import score_placement
+    from tracekit.placement.types import Cluster
+
+    traces, _ = planted_traces(num_experts=16, top_k=2, layers=3, requests=30, seed=4)
+    cl = Cluster(2, 2, 16, 8)
+    p = strat.fit("eplb", traces, cl)
+    se = np.asarray(p.slot_expert)
+    # the MoE layers as the export places them among the hidden layers (dense rows SGLang's trivial map)
+    hidden = int(np.max(traces.layers)) + 1
+    full = np.tile(np.arange(cl.num_slots) % 16, (hidden, 1))
+    full[np.asarray(p.layers)] = se
+    server = D.sglang_rank_tables(full, num_experts=16, num_gpus=4, gpus_per_node=2)[np.asarray(p.layers)]
+    table = comm.dispatch_table(p, "sglang")
+    assert np.array_equal(table, server)
+    # the GPU load per layer that evaluate reports is the one the server tables give, token by token
+    home = comm.home_gpus(traces, p)
+    h = home[traces.request]
+    dest = cl.gpu_of_slot()[server[traces.layer_pos[:, None], h[:, None], traces.experts]]  # (N, k)
+    want = []
+    for m in range(se.shape[0]):
+        load = np.bincount(dest[traces.layer_pos == m].ravel(), minlength=4)
+        want.append(load.max() / load.mean())
+    got = comm.evaluate(p, traces, engine="sglang", replay=False, home=home)
+    assert np.allclose(got["gpu_load_max_over_mean_per_layer"], want)
+    assert not np.array_equal(server, _one_stream(full, 16, 4, 2)[np.asarray(p.layers)])
+    scored = score_placement(p, traces, engine="sglang", home=home)
+    assert np.allclose(scored["gpu_load_max_over_mean_per_layer"], want)
+    assert scored["cross_node_bytes_per_step"] == score_placement(p, traces, engine="sglang", home=home,
+                                                                  a2a_backend="nixl")["cross_node_bytes_per_step"]
+    with pytest.raises(TracekitError, match="none"):
+        score_placement(p, traces, engine="sglang", a2a_backend="none")
+
+
+def test_sglang_launch_flags_name_the_a2a_backend_scored_under():
+    from tracekit.placement.export import sglang_flags
+    from tracekit.placement.types import Cluster, Placement
+
+    p = Placement(Cluster(1, 2, 2, 2), np.array([0]), np.array([[0, 1, 0, 1]]), "eplb")
+    assert "--moe-a2a-backend deepep" in sglang_flags(p, "map.json")
+    p.meta["a2a_backend"] = "mooncake"
+    assert "--moe-a2a-backend mooncake" in sglang_flags(p, "map.json")

@@ -110,6 +110,13 @@ def test_default_bound_answers_on_real_traces(mixtral_runs, capsys):
             assert "* pick:" in out and "held out vs eplb" in out and "full " in out
 
 
+def test_a2a_backend_none_is_one_line(mixtral_runs, capsys):
+    rc = run_cli(["place", *mixtral_runs, "--nodes", 2, "--gpus-per-node", 2, "--redundant", 4,
+                  "--a2a-backend", "none"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--moe-a2a-backend none refuses --ep-dispatch-algorithm static" in err and "\n" not in err
+
+
 def test_wide_table_and_objectives(mixtral_runs, tmp_path, capsys):
     for objective in ("traffic", "balance"):
         js = tmp_path / f"{objective}.json"

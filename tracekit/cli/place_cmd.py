@@ -35,6 +35,7 @@ def place_cmd(
     phase: Literal["all", "decode", "prefill"] = typer.Option("all", "--phase", help="Rows to score."),
     baseline_grouping: bool = typer.Option(False, "--baseline-grouping", help="Score baselines under the fitted grouping too."),
     engine: Literal["sglang", "vllm", "trtllm", "ideal"] = typer.Option("sglang", "--engine", help="Whose replica choice scores the placements: sglang, vllm, trtllm or ideal (upper bound)."),
+    a2a_backend: str = typer.Option("deepep", "--a2a-backend", help="SGLang's --moe-a2a-backend (--engine sglang): deepep and every other a2a backend build the same per-rank tables; none is refused (no per-token dispatch)."),
     profile: Literal["h100", "h200", "b200"] = typer.Option("h200", "--profile", help="Hardware profile for the step time: h100, h200 or b200."),
     decode_batch: int = typer.Option(128, "--decode-batch", min=1, max=1 << 20, help="Decode tokens per DP rank per step (replay)."),
     prefill_chunk: int = typer.Option(4096, "--prefill-chunk", min=1, max=1 << 24, help="Prefill tokens per DP rank per step (replay)."),
@@ -73,10 +74,12 @@ def place_cmd(
     eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens, "profile": profile,
                  "decode_batch": decode_batch, "prefill_chunk": prefill_chunk, "moe_intermediate_size": moe_intermediate_size,
                  "tflops": tflops, "nvlink_gbps": nvlink_gbps, "internode_gbps": rdma_gbps}
-    from ..placement.dispatch import check_engine
+    from ..placement.dispatch import check_a2a_backend, check_engine
     from ..placement.hardware import get_profile
 
     check_engine(engine)
+    if engine == "sglang":
+        eval_opts["a2a_backend"] = check_a2a_backend(a2a_backend)
     get_profile(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=rdma_gbps)  # one-line error early
     if hidden_size is not None:
         eval_opts["hidden_size"] = hidden_size
@@ -136,6 +139,8 @@ def place_cmd(
         p.meta["heldout"] = {k: v for k, v in comp.row(chosen)["heldout"].items() if not isinstance(v, list)}
         p.meta["pick"] = val.to_json()
         p.meta["engine"] = engine
+        if engine == "sglang":
+            p.meta["a2a_backend"] = a2a_backend
         save_placement(p, out)
         con.print(f"saved {chosen} placement to {out}" + (" (the pick)" if chosen == val.pick else
                                                           f" (--strategy; the pick was {val.pick})"))

@@ -79,11 +79,12 @@ def check_placement(placement: Placement) -> None:
 
 
 def dispatch_table(placement: Placement, engine: str = "ideal", seed: int = 42,
-                   num_hidden_layers: int | None = None) -> np.ndarray:
+                   num_hidden_layers: int | None = None, a2a_backend: str = "deepep") -> np.ndarray:
     """(M, G, E) int32: the slot a token homed on GPU g uses for logical expert e at layer position m, under a
     static engine's dispatch (:mod:`tracekit.placement.dispatch`: ``ideal`` the nearest-replica upper bound,
     ``sglang`` SGLang's own table, placed among the model's hidden layers as the SGLang export writes them:
-    ``num_hidden_layers``, else the placement's ``meta['num_hidden_layers']``, else last MoE layer + 1)."""
+    ``num_hidden_layers``, else the placement's ``meta['num_hidden_layers']``, else last MoE layer + 1; the table
+    SGLang's server builds on each EP rank under ``--moe-a2a-backend a2a_backend``)."""
     from .dispatch import dispatch_table as _table
 
     check_placement(placement)
@@ -91,7 +92,7 @@ def dispatch_table(placement: Placement, engine: str = "ideal", seed: int = 42,
     n_hidden = num_hidden_layers or (placement.meta.get("num_hidden_layers") if placement.meta else None)
     return _table(np.asarray(placement.slot_expert), engine=engine, gpus_per_node=c.gpus_per_node,
                   num_gpus=c.num_gpus, num_experts=c.num_experts, seed=seed,
-                  layers=np.asarray(placement.layers), num_hidden_layers=n_hidden)
+                  layers=np.asarray(placement.layers), num_hidden_layers=n_hidden, a2a_backend=a2a_backend)
 
 
 def home_gpus(traces: TraceArrays, placement: Placement, cluster: Cluster | None = None,
@@ -160,6 +161,7 @@ def evaluate(
     seed: int = 42,
     home: np.ndarray | None = None,
     force_sort: bool = False,
+    a2a_backend: str = "deepep",
 ) -> dict:
     """Score ``placement`` on the token-layers of ``traces`` selected by ``mask`` (N,) bool (default all).
 
@@ -170,7 +172,8 @@ def evaluate(
     DeepSeek V3's) and add its per-step keys; per-token engines (vllm, trtllm) always lay out the steps, since
     their choice depends on a token's place in its rank's batch. ``home`` (R_n,) overrides :func:`home_gpus`.
     ``force_sort`` uses the general per-row sort path even when the cluster has <= 64 GPUs (where per-row GPU
-    bitmasks are faster); both give identical numbers. Returns a flat dict of floats (JSON-ready) plus
+    bitmasks are faster); both give identical numbers. ``a2a_backend``: SGLang's ``--moe-a2a-backend`` for
+    ``engine="sglang"`` (:func:`tracekit.placement.dispatch.check_a2a_backend`). Returns a flat dict of floats (JSON-ready) plus
     ``gpu_load_max_over_mean_per_layer`` (list, one per loaded layer). See the module docstring for definitions;
     the weight-read columns use the ``ideal`` table for per-token engines.
     """
@@ -195,7 +198,8 @@ def evaluate(
             raise ValueError(f"mask must be (N,) with N={len(traces)}")
     static = engine in STATIC_ENGINES
     n_hidden = placement.meta.get("num_hidden_layers") or (traces.geometry or {}).get("num_layers")
-    table = dispatch_table(placement, engine if static else "ideal", seed=seed, num_hidden_layers=n_hidden)
+    table = dispatch_table(placement, engine if static else "ideal", seed=seed, num_hidden_layers=n_hidden,
+                           a2a_backend=a2a_backend)
     M, G, E = table.shape
     gpn, nodes = c.gpus_per_node, c.nodes
     gpu_of_slot = c.gpu_of_slot()

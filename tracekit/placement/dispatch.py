@@ -2,30 +2,52 @@
 
 A placement puts E logical experts into S = E + R physical slots per MoE layer (slot p on GPU
 ``p // (S / G)``, GPU g on node ``g // gpus_per_node``). When an expert has several replicas, the engine picks one
-per token; each engine has its own rule, reproduced here from its source (same rules, same tie-breaks, same seed). The SGLang model was checked entry for
-entry against SGLang 0.5.23's own functions on random maps (1-4 nodes, R = 0..32, 5 hidden layers each):
+per token; each engine has its own rule, reproduced here from its source (same rules, same tie-breaks, same seed).
 
-- ``sglang`` (SGLang 0.5.23, ``--ep-dispatch-algorithm static``; ``compute_logical_to_rank_dispatch_physical_map``
-  and ``_find_nearest_expert`` in ``python/sglang/srt/eplb/expert_location.py``): a static table per (layer,
-  source EP rank, logical expert). Candidates are the expert's slots in ascending slot order. One candidate -> it;
-  else the first candidate on the rank's own GPU; else, only when it *narrows* the set (some but not all
-  candidates on the rank's node), the first candidate on the rank's node; else the rank is left for a fair random
-  pick: per (layer, expert), in that loop order over *every hidden layer of the model* (dense layers included:
-  SGLang keeps a trivial ``arange(S) % E`` row for them and draws for them too), the remaining ranks get
-  ``_fair_choices(candidates, k)`` from one ``random.Random(42)``: ``candidates * (k // n) +
-  sample(candidates, k % n)``, then shuffled, handed out to the remaining ranks in rank order.
-- ``vllm`` (vLLM 0.33, ``_eplb_map_and_record_i32_kernel`` behind ``eplb_map_to_physical_and_record`` in
-  ``vllm/model_executor/layers/fused_moe/router/base_router.py``; replica lists from ``compute_logical_maps`` in
-  ``vllm/distributed/eplb/eplb_state.py``): per token, replica index ``((t * 2654435769) mod 2**32) mod count``
-  into the expert's slots in ascending slot order, ``t`` the token's index in the rank's forward batch (the router
-  runs on each DP rank's own tokens before the all-to-all).
+- ``sglang`` (SGLang 0.5.23 server, ``--init-expert-location`` = the map ``tracekit export --format sglang``
+  writes, ``--ep-dispatch-algorithm static``, ``python/sglang/srt/eplb/expert_location.py``): every EP rank's
+  ModelRunner calls ``compute_initial_expert_location_metadata(model_config, moe_ep_rank)`` ->
+  ``init_by_mapping`` and builds *its own* table. Candidates are an expert's slots in ascending slot order.
+  ``_find_nearest_expert`` pins the rank: one candidate -> it; else the first candidate on the rank's GPU; else,
+  only when it *narrows* the set (some but not all candidates on the rank's node), the first on its node. With an
+  a2a backend, ``_compute_logical_to_all_physical_map`` first cuts each list the rank has a pinned copy for down
+  to that copy, so ``compute_logical_to_rank_dispatch_physical_map`` (``random.Random(42)``, loop over every
+  *hidden layer* -- dense layers too, whose rows are SGLang's trivial ``arange(S) % E`` -- then every expert)
+  draws only where *this* rank is left over: there the ranks left over on the full list get
+  ``_fair_choices(candidates, k)`` = ``candidates * (k // n) + sample(candidates, k % n)``, shuffled, in rank
+  order, and this rank keeps its own entry. Each rank's stream therefore advances at different (layer, expert)s,
+  and the ranks' picks together are no longer one fair split. Consequence: a rank with a copy on its node never
+  dispatches off-node. :func:`sglang_rank_tables` builds all G tables at once; checked entry for entry against
+  SGLang 0.5.23's own code (``benchmarks/check_sglang_tables.py``: 0 of 366,336 entries differ over random, eplb
+  and locality maps, nodes 1-4 x 2-8 GPUs, R = 0..32, dense layers between MoE layers).
+  *a2a backends* (``--moe-a2a-backend``, argument ``a2a_backend``): every backend other than ``none`` (deepep,
+  deepep_v2, mooncake, nixl, mori, flashinfer, megamoe, pplx, ascend_*) takes the same path (the code tests only
+  ``!= "none"``), so they give the same tables. With ``none`` SGLang refuses ``static`` (and ``lp``) dispatch
+  at start-up, defaults to ``dynamic`` with a rank-invariant pick (token row mod replica count over the full
+  list) and runs every token on every EP rank, summing partial outputs: no token is dispatched to one replica, so
+  tracekit's per-token traffic model does not apply and ``a2a_backend="none"`` is refused (one line).
+  *Not modelled*: ``--ep-dispatch-algorithm dynamic``/``fake`` with an a2a backend (a ``torch.randint`` pick
+  per token among the rank's narrowed list: pinned ranks as here, others uniform over all copies), ``lp`` (a
+  CUDA LP solver), elastic EP scale-up (``_prefer_same_node_experts()`` False: the ``prefer_same_node``
+  argument, not exposed), ``--init-expert-location`` with ``logical_count`` and SGLang's own ``--enable-eplb``
+  rebalancing (``init_by_eplb``: no narrowing, the bare function's one shared stream, rank = global rank % EP).
+- ``vllm`` (vLLM 0.34.0, ``eplb_map_and_record`` in ``vllm/model_executor/layers/fused_moe/eplb_triton.py``
+  called from ``base_router.py``; replica lists from ``vllm/distributed/eplb/eplb_state.py``, ascending slot
+  order by a stable sort): per token, replica index ``((t * 2654435769) mod 2**32) mod count``, ``t`` the token's
+  row in the router's ``topk_ids`` (``offs // top_k``). Modelled: the router runs on each DP rank's own batch
+  (EP with an all-to-all modular kernel: DeepEP, pplx, NIXL...). Not modelled: the naive dispatch path
+  (``do_naive_dispatch_combine``: DP > 1 with a quant method without an internal modular kernel), where the
+  router runs after an all-gather and ``t`` counts over every DP rank's tokens; and vLLM's online EPLB moving
+  replicas (released vLLM cannot load a static map at all, see :mod:`tracekit.placement.export`).
 - ``trtllm`` (TensorRT-LLM, ``moeComputeRouteKernel`` in ``cpp/tensorrt_llm/kernels/moeLoadBalance/
-  moeLoadBalanceKernels.cu``; replica lists from ``prepareGpuPlacementInfo`` in ``moeLoadBalancer.cpp``): the
-  rank's (token, k) items flattened token-major are cut into blocks of 1024 (256 threads x 4 items); an item whose
-  expert has more than one replica gets key ``block + n + ep_rank`` (``n`` = earlier items of the same expert in
-  the same block; ``ep_rank`` added because attention DP sets ``offset_by_ep_rank``), replica ``key mod count`` in
-  ascending slot order. Experts with one replica go straight to it. (Read from TensorRT-LLM's repository source;
-  not checked line by line against the 1.2.1 wheel.)
+  moeLoadBalanceKernels.cu``, launched by ``moeComputeRouteDevice`` whenever there are redundant slots; replica
+  lists from ``prepareGpuPlacementInfo`` in ``moeLoadBalancer.cpp``, rank-major = ascending global slot): the
+  rank's (token, k) items flattened token-major are cut into blocks of 1024 (256 threads x 4 items); an item
+  whose expert has more than one replica gets key ``block + n + ep_rank`` (``n`` = earlier items of the same
+  expert in the same block, counted in flattened order by warp 0; ``ep_rank`` added because attention DP sets
+  ``offset_by_ep_rank``), replica ``key mod count``. Experts with one replica go straight to it. Not modelled:
+  TP attention (no ``offset_by_ep_rank``, every rank routing the same tokens) and online rebalancing
+  (``layer_updates_per_iter`` > 0). (Read from the repository's source, not run.)
 - ``ideal``: the upper bound tracekit used before (not an engine): a replica on the source GPU, else on its node,
   else any; among several, the one with the fewest source GPUs mapped so far (ties: lowest slot).
 
@@ -40,6 +62,9 @@ import numpy as np
 
 ENGINES = ("sglang", "vllm", "trtllm", "ideal")
 STATIC_ENGINES = ("sglang", "ideal")
+# SGLang 0.5.23's --moe-a2a-backend choices; every one but "none" builds the same per-rank tables
+SGLANG_A2A_BACKENDS = ("deepep", "deepep_v2", "mooncake", "nixl", "mori", "flashinfer", "flashinfer_megamoe",
+                       "megamoe", "pplx", "ascend_fuseep", "ascend_tp", "none")
 SGLANG_SEED = 42  # compute_logical_to_rank_dispatch_physical_map(seed=42)
 VLLM_HASH = 2654435769  # floor(2**32 / golden ratio), vLLM's Knuth multiplier
 TRTLLM_BLOCK_ITEMS = 1024  # kThreadCount 256 x kEltPerThread 4 items per CUDA block
@@ -74,58 +99,95 @@ def replica_lists(slot_expert: np.ndarray, num_experts: int) -> tuple[np.ndarray
     return slots, count
 
 
-def sglang_rank_tables(slot_expert_all: np.ndarray, *, num_experts: int, num_gpus: int, gpus_per_node: int,
-                       seed: int = SGLANG_SEED, prefer_same_node: bool = True) -> np.ndarray:
-    """SGLang's static dispatch map for every hidden layer: (L, G, E) int32 physical slot.
+def check_a2a_backend(a2a_backend: str) -> str:
+    """``a2a_backend`` if tracekit models SGLang's dispatch under it, else one line (TracekitError)."""
+    from ..errors import TracekitError
 
-    ``slot_expert_all`` (L, S) is the ``physical_to_logical_map`` SGLang loads, one row per *hidden* layer (dense
-    rows included: they consume random draws in SGLang's loop, so they must be here for the same seeded picks).
-    ``prefer_same_node`` is SGLang's ``_prefer_same_node_experts()`` (True unless elastic EP scales the world).
+    if a2a_backend == "none":
+        raise TracekitError(
+            "SGLang 0.5.23 with --moe-a2a-backend none refuses --ep-dispatch-algorithm static and runs every token "
+            "on every EP rank (summing partial outputs), so no token is dispatched to one replica; use an a2a "
+            "backend (deepep, as the export's launch flags say)")
+    if a2a_backend not in SGLANG_A2A_BACKENDS:
+        raise TracekitError(f"unknown --a2a-backend {a2a_backend!r}; use one of "
+                            f"{', '.join(b for b in SGLANG_A2A_BACKENDS if b != 'none')}")
+    return a2a_backend
+
+
+def sglang_nearest(slot_expert_all: np.ndarray, *, num_experts: int, num_gpus: int, gpus_per_node: int,
+                   prefer_same_node: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SGLang's ``_find_nearest_expert`` for every (layer, rank, expert).
+
+    ``slot_expert_all`` (L, S) -> ``near`` (L, G, E) int32 the slot the rank is pinned to, -1 where it is left to
+    the fair random pick (only experts with several replicas), plus :func:`replica_lists` ``slots``, ``count``.
     """
     se = np.asarray(slot_expert_all, dtype=np.int64)
     L, S = se.shape
-    spg = S // num_gpus
-    spn = spg * gpus_per_node
-    rng = random.Random(seed)
-    out = np.full((L, num_gpus, num_experts), -1, dtype=np.int32)
-    slots, count = replica_lists(se, num_experts)
-    ranks = np.arange(num_gpus)
-    for layer in range(L):
-        for e in range(num_experts):
-            cand = slots[layer, e, : count[layer, e]].tolist()
-            if len(cand) == 1:
-                out[layer, :, e] = cand[0]
-                continue
-            cand_arr = np.asarray(cand)
-            gpu = cand_arr // spg
-            node = cand_arr // spn
-            # first candidate on the rank's GPU (argmax of a bool row = first True)
-            on_gpu = gpu[None, :] == ranks[:, None]  # (G, n)
-            pick = np.where(on_gpu.any(1), cand_arr[on_gpu.argmax(1)], -1)
-            if prefer_same_node:
-                on_node = node[None, :] == (ranks // gpus_per_node)[:, None]
-                n_node = on_node.sum(1)
-                narrows = (pick < 0) & (n_node > 0) & (n_node < len(cand))
-                pick = np.where(narrows, cand_arr[on_node.argmax(1)], pick)
-            remaining = np.flatnonzero(pick < 0)
-            if remaining.size:
-                q, rem = divmod(int(remaining.size), len(cand))
-                choices = cand * q + rng.sample(cand, k=rem)
-                rng.shuffle(choices)
-                pick[remaining] = choices
-            out[layer, :, e] = pick
+    G, E = num_gpus, num_experts
+    spg = S // G
+    slots, count = replica_lists(se, E)
+    rmax = slots.shape[2]
+    valid = np.arange(rmax)[None, None, :] < count[:, :, None]  # (L, E, r)
+    cand_gpu = np.where(valid, slots // spg, -1)
+    ranks = np.arange(G)
+    near = np.full((L, G, E), -1, dtype=np.int32)
+    first = slots[:, :, 0]  # (L, E)
+    near[:] = np.where(count == 1, first, -1)[:, None, :]
+    on_gpu = cand_gpu[:, None, :, :] == ranks[None, :, None, None]  # (L, G, E, r)
+    has = on_gpu.any(3)
+    pick = np.take_along_axis(slots[:, None, :, :], on_gpu.argmax(3)[..., None], axis=3)[..., 0]
+    multi = (count > 1)[:, None, :]
+    near = np.where(multi & has, pick, near)
+    if prefer_same_node:
+        on_node = np.where(valid[:, None], (cand_gpu // gpus_per_node)[:, None, :, :]
+                           == (ranks // gpus_per_node)[None, :, None, None], False)
+        n_node = on_node.sum(3)
+        narrows = multi & ~has & (n_node > 0) & (n_node < count[:, None, :])
+        pick = np.take_along_axis(slots[:, None, :, :], on_node.argmax(3)[..., None], axis=3)[..., 0]
+        near = np.where(narrows, pick, near)
+    return near.astype(np.int32), slots, count
+
+
+def sglang_rank_tables(slot_expert_all: np.ndarray, *, num_experts: int, num_gpus: int, gpus_per_node: int,
+                       seed: int = SGLANG_SEED, prefer_same_node: bool = True) -> np.ndarray:
+    """The static dispatch map SGLang 0.5.23's server builds on every EP rank: (L, G, E) int32 physical slot.
+
+    ``slot_expert_all`` (L, S) is the ``physical_to_logical_map`` SGLang loads, one row per *hidden* layer (dense
+    rows included: they take random draws too). Row ``[:, g]`` is what rank g's server computes for itself (see
+    the module docstring): pinned to :func:`sglang_nearest` where that finds a replica; elsewhere the fair random
+    pick of the ranks left over, drawn from rank g's own ``random.Random(seed)``, which advances only at the
+    (layer, expert)s where rank g itself is left over. ``prefer_same_node`` is SGLang's
+    ``_prefer_same_node_experts()`` (True unless elastic EP scales the world).
+    """
+    near, slots, count = sglang_nearest(slot_expert_all, num_experts=num_experts, num_gpus=num_gpus,
+                                        gpus_per_node=gpus_per_node, prefer_same_node=prefer_same_node)
+    out = near.copy()
+    L, G, E = near.shape
+    rngs = [random.Random(seed) for _ in range(G)]
+    left = near < 0  # (L, G, E)
+    for layer, e in zip(*np.nonzero(left.any(1))):  # (layer, expert) in SGLang's loop order
+        cand = slots[layer, e, : count[layer, e]].tolist()
+        remaining = np.flatnonzero(left[layer, :, e])
+        q, rem = divmod(int(remaining.size), len(cand))
+        for pos, g in enumerate(remaining.tolist()):
+            rng = rngs[g]
+            choices = cand * q + rng.sample(cand, k=rem)
+            rng.shuffle(choices)
+            out[layer, g, e] = choices[pos]
     return out
 
 
 def sglang_table(slot_expert: np.ndarray, *, num_experts: int, num_gpus: int, gpus_per_node: int,
                  layers: np.ndarray | None = None, num_hidden_layers: int | None = None,
-                 seed: int = SGLANG_SEED) -> np.ndarray:
+                 seed: int = SGLANG_SEED, a2a_backend: str = "deepep") -> np.ndarray:
     """(M, G, E) SGLang static dispatch for the M MoE layers of ``slot_expert`` (M, S).
 
     ``layers`` (M,) absolute layer ids and ``num_hidden_layers`` place them among the model's hidden layers the
     way ``tracekit export --format sglang`` writes the map (other rows: SGLang's trivial ``arange(S) % E``);
-    without them the M rows are taken as the whole model.
+    without them the M rows are taken as the whole model. ``a2a_backend``: SGLang's ``--moe-a2a-backend``
+    (:func:`check_a2a_backend`).
     """
+    check_a2a_backend(a2a_backend)
     se = np.asarray(slot_expert, dtype=np.int64)
     M, S = se.shape
     if layers is None:
@@ -173,19 +235,19 @@ def ideal_table(slot_expert: np.ndarray, *, num_experts: int, num_gpus: int, gpu
 
 def dispatch_table(placement_slots: np.ndarray, *, engine: str, gpus_per_node: int, num_gpus: int,
                    num_experts: int | None = None, seed: int = SGLANG_SEED, layers: np.ndarray | None = None,
-                   num_hidden_layers: int | None = None) -> np.ndarray:
+                   num_hidden_layers: int | None = None, a2a_backend: str = "deepep") -> np.ndarray:
     """(M, G, E) int32: the slot a token on GPU g uses for logical expert e at MoE layer m, for a static engine.
 
     ``placement_slots`` (M, S) logical expert per physical slot. ``engine``: ``sglang`` or ``ideal`` (``vllm``
     and ``trtllm`` decide per token: use :func:`choose_replicas`). ``num_experts`` defaults to max id + 1.
-    ``layers``/``num_hidden_layers``: see :func:`sglang_table`; ``seed`` SGLang's (42).
+    ``layers``/``num_hidden_layers``, ``a2a_backend``: see :func:`sglang_table`; ``seed`` SGLang's (42).
     """
     check_engine(engine)
     se = np.asarray(placement_slots, dtype=np.int64)
     E = int(num_experts) if num_experts is not None else int(se.max()) + 1
     if engine == "sglang":
         return sglang_table(se, num_experts=E, num_gpus=num_gpus, gpus_per_node=gpus_per_node, layers=layers,
-                            num_hidden_layers=num_hidden_layers, seed=seed)
+                            num_hidden_layers=num_hidden_layers, seed=seed, a2a_backend=a2a_backend)
     if engine == "ideal":
         return ideal_table(se, num_experts=E, num_gpus=num_gpus, gpus_per_node=gpus_per_node)
     raise ValueError(f"{engine} picks a replica per token, not from a static table; use choose_replicas")

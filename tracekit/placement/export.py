@@ -10,7 +10,9 @@ Every format shares the slot convention: physical slot p sits on EP rank (GPU) `
   every row is a valid mapping of width E + R. SGLang 0.5.23's ``static`` dispatch (``_find_nearest_expert``) takes
   a replica on the token's own GPU, else the *first* replica on its node when some but not all replicas are there,
   else a seeded fair random one; ``tracekit place --engine sglang`` scores placements under exactly that table
-  (:mod:`tracekit.placement.dispatch`), which is why dense rows matter there too: they take random draws.
+  (:mod:`tracekit.placement.dispatch`), which is why dense rows matter there too: they take random draws. The
+  flags name the a2a backend it was scored under (``meta['a2a_backend']``, default deepep): SGLang builds those
+  per-rank tables only with an a2a backend (with ``none`` it refuses static dispatch).
 - ``trtllm``: MoE load balancer YAML: ``num_slots``, ``layer_updates_per_iter: 0`` (static),
   ``initial_global_assignments`` keyed by absolute MoE layer index, each a list of ``num_slots`` expert ids;
   rank r holds slots [r * num_slots / ep, (r + 1) * num_slots / ep).
@@ -298,7 +300,7 @@ def sglang_flags(placement: Placement, path: str | Path) -> list[str]:
         f"--nnodes {c.nodes}",
         "--enable-dp-attention",
         f"--dp-size {c.num_gpus}",
-        "--moe-a2a-backend deepep",
+        f"--moe-a2a-backend {placement.meta.get('a2a_backend', 'deepep')}",
         "--ep-dispatch-algorithm static",
     ]
 
