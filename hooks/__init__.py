@@ -124,8 +124,8 @@ def model_sizes(model: nn.Module, config: Any) -> dict[str, Any]:
     """``hidden_size``, ``moe_intermediate_size`` (one routed expert's FFN width) and ``expert_dtype`` (a
     :data:`tracekit.schema.EXPERT_DTYPE_BYTES` name) of a live model; None where the config does not say.
 
-    The dtype is the checkpoint's quantisation (FP8, MXFP4, NVFP4, 4/8-bit integer), else the config's dtype,
-    else the dtype the loaded model runs in."""
+    The dtype is the config's ``expert_dtype`` (DeepSeek V4), else the checkpoint's quantisation (FP8, MXFP4,
+    NVFP4, 4/8-bit integer), else the config's dtype, else the dtype the loaded model runs in."""
     from ..schema import expert_dtype_name
 
     hidden = _width(getattr(config, "hidden_size", None)) or _width(getattr(config, "d_model", None))
@@ -137,9 +137,11 @@ def model_sizes(model: nn.Module, config: Any) -> dict[str, Any]:
     ffn = getattr(config, "ffn_config", None)  # DBRX keeps the expert width in a sub-config
     if width is None and ffn is not None:
         width = _width(getattr(ffn, "ffn_hidden_size", None) if not isinstance(ffn, dict) else ffn.get("ffn_hidden_size"))
-    dtype = None
-    quant = getattr(config, "quantization_config", None)
-    if quant is not None:
+    dtype = {"fp4": "mxfp4", "fp8": "float8_e4m3fn"}.get(str(getattr(config, "expert_dtype", None)).lower())
+    quant = getattr(config, "quantization_config", None)  # DeepSeek V4 names its experts' format (fp4 = MXFP4)
+    if dtype is not None:
+        pass
+    elif quant is not None:
         q = quant if isinstance(quant, dict) else getattr(quant, "to_dict", lambda: vars(quant))()
         method = str(q.get("quant_method", "")).lower()
         dtype = _QUANT_DTYPES.get(method)
