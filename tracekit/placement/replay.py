@@ -179,6 +179,22 @@ def step_layout(traces: TraceArrays, mask: np.ndarray | None, home: np.ndarray, 
     return StepLayout(step, index, phase, tokens, full)
 
 
+def expert_roofline(pairs: np.ndarray, slots: np.ndarray, profile: HardwareProfile, *, hidden_size: int,
+                    moe_intermediate_size: int, weight_bytes: float, in_bytes: float,
+                    out_bytes: float = COMBINE_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """The two sides of one GPU's expert roofline, in seconds: ``(compute, hbm)`` for ``pairs`` (token, expert)
+    pairs landing on ``slots`` distinct experts (arrays of one shape, e.g. (T, M, G)); the expert time is their
+    max. compute = pairs x 6 * hidden * moe_intermediate FLOPs (gate, up, down: 3 GEMMs, 2 FLOPs per MAC) at the
+    profile's dense rate; hbm = every slot's 3 matrices read once at ``weight_bytes`` per weight, plus each pair's
+    activation read (``in_bytes`` per value) and written (``out_bytes``), at the profile's HBM bandwidth."""
+    flops = 6.0 * hidden_size * moe_intermediate_size
+    compute = np.asarray(pairs, dtype=np.float64) * (flops / (profile.tflops * 1e12))
+    expert_bytes = 3.0 * hidden_size * moe_intermediate_size * weight_bytes
+    hbm = (np.asarray(slots, dtype=np.float64) * expert_bytes + np.asarray(pairs, dtype=np.float64)
+           * (hidden_size * (in_bytes + out_bytes))) / (profile.hbm_gbps * 1e9)
+    return compute, hbm
+
+
 class StepCounts:
     """Per (step, MoE layer, GPU) accumulators: load, RDMA sends/receives, NVLink sends/receives; per (step, MoE
     layer, slot) whether the slot received a pair (``touched``: bool flags, or uint64 words of bits when
@@ -298,11 +314,9 @@ class StepCounts:
         shape = (T, M, G)
         load = self.load.reshape(shape)
         slots = self.slots_read()
-        flops = 6.0 * hidden_size * moe_intermediate_size  # gate, up, down: 3 GEMMs x 2 FLOPs per MAC
-        gpu_compute = load * (flops / (profile.tflops * 1e12))  # (T, M, G) seconds
-        expert_bytes = 3.0 * hidden_size * moe_intermediate_size * weight_bytes  # one slot's weights, read once
-        act_bytes = hidden_size * (bytes_per_elem + COMBINE_BYTES)  # a pair's activation in (as dispatched) and out
-        gpu_hbm = (slots * expert_bytes + load * act_bytes) / (profile.hbm_gbps * 1e9)  # (T, M, G) seconds
+        gpu_compute, gpu_hbm = expert_roofline(load, slots, profile, hidden_size=hidden_size,
+                                               moe_intermediate_size=moe_intermediate_size, weight_bytes=weight_bytes,
+                                               in_bytes=bytes_per_elem)  # (T, M, G) seconds each
         compute = gpu_compute.max(2)  # (T, M)
         hbm = gpu_hbm.max(2)
         expert = np.maximum(gpu_compute, gpu_hbm).max(2)  # roofline per GPU, then the slowest GPU
