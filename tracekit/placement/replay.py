@@ -234,12 +234,13 @@ class StepCounts:
         """Flag ``slots`` (n, k) global slot ids at their row's (step, layer) ``base`` (n,) = (step * M + layer)
         * G; entries where ``keep`` (n, k) is False read no weights."""
         spg = self.spg
-        s = slots.astype(np.int64, copy=False)
-        b = base.astype(np.int64)[:, None]
+        it = np.int32 if self.touched.size < 2**31 - 1 and not self.packed else np.int64
+        s = slots.astype(it, copy=False)
+        b = base.astype(it, copy=False)[:, None]
         if keep is not None:
             s, b = s[keep], np.broadcast_to(b, keep.shape)[keep]
         if not self.packed:  # slot = GPU * spg + local, so (step, layer, GPU, local) = base * spg + slot
-            self.touched[(b * spg + s).ravel()] = True
+            self.touched[(b * it(spg) + s).ravel()] = True
             return
         g, loc = np.divmod(s, spg)
         word = (b + g) * self.words + loc // 64
