@@ -167,10 +167,10 @@ def evaluate(
     ``engine``: whose replica choice sends each (token, expert) to a slot (:mod:`tracekit.placement.dispatch`:
     sglang, vllm, trtllm, ideal). ``replay``: also replay the rows as deployment steps
     (:mod:`tracekit.placement.replay`: ``decode_batch``, ``prefill_chunk``, the hardware ``profile`` with
-    ``tflops``/``hbm_gbps``/``nvlink_gbps``/``internode_gbps`` overrides) and add its per-step keys. The model's
-    sizes (``hidden_size``, ``moe_intermediate_size``, ``expert_dtype``) come from the arguments, else the traces'
-    geometry, else :mod:`tracekit.placement.sizes`' defaults (DeepSeek V3's widths, BF16); per-token engines (vllm, trtllm) always lay out the steps, since
-    their choice depends on a token's place in its rank's batch. ``home`` (R_n,) overrides :func:`home_gpus`.
+    ``tflops``/``hbm_gbps``/``nvlink_gbps``/``internode_gbps`` overrides) and add its per-step keys; per-token
+    engines (vllm, trtllm) always lay out the steps, since their choice depends on a token's place in its rank's
+    batch. The model's sizes (``hidden_size``, ``moe_intermediate_size``, ``expert_dtype``) come from the
+    arguments, else the traces' geometry, else :mod:`tracekit.placement.sizes`' defaults (DeepSeek V3, BF16). ``home`` (R_n,) overrides :func:`home_gpus`.
     ``force_sort`` uses the general per-row sort path even when the cluster has <= 64 GPUs (where per-row GPU
     bitmasks are faster); both give identical numbers. Returns a flat dict of floats (JSON-ready) plus
     ``gpu_load_max_over_mean_per_layer`` (list, one per loaded layer). See the module docstring for definitions;
