@@ -124,6 +124,11 @@ def test_run_directory_schema_and_manifest(tmp_path, prompt_data):
     assert m["schema_version"] == SCHEMA_VERSION and m["status"] == "complete"
     assert m["geometry"]["num_experts"] == 256 and m["geometry"]["top_k"] == 8
     assert m["geometry"]["moe_layers"] == [1, 2, 3] and m["geometry"]["n_group"] == 8
+    # the routed experts' width (moe_intermediate_size), not the dense layers' intermediate_size
+    cfg = load_model("tiny-deepseek-v3").model.config
+    assert cfg.moe_intermediate_size != cfg.intermediate_size
+    assert (m["geometry"]["hidden_size"], m["geometry"]["moe_intermediate_size"]) == (cfg.hidden_size,
+                                                                                       cfg.moe_intermediate_size)
     assert m["dataset"]["domain"] == "code" and m["args"]["limit"] == 4
     files = sorted((out / "routes").glob("*.parquet"))
     assert len(files) == 2 and not list((out / "routes").glob(".*tmp"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import TracekitError
+from .schema import geometry_size_problem
 
 _FIX = "restore the file, or collect/import the run again"
 # Geometry limits for values read from files or typed on the command line. Real models have < 200 layers and
@@ -59,11 +60,14 @@ def check_manifest(m: Any, where: str) -> None:
     if moe is not None and not (isinstance(moe, list) and all(_is_int(x) and 0 <= x < _MAX_LAYER for x in moe)):
         raise bad("geometry.moe_layers", f"a list of layer indices in 0..{_MAX_LAYER - 1}")
     for key, lo, hi in (("num_layers", 1, _MAX_LAYER), ("num_experts", 1, _MAX_EXPERTS), ("top_k", 1, _MAX_EXPERTS),
-                        ("hidden_size", 1, 1 << 24), ("n_group", 0, _MAX_EXPERTS), ("topk_group", 0, _MAX_EXPERTS),
+                        ("n_group", 0, _MAX_EXPERTS), ("topk_group", 0, _MAX_EXPERTS),
                         ("n_shared_experts", 0, _MAX_EXPERTS)):
         v = g.get(key)
         if v is not None and not (_is_int(v) and lo <= v <= hi):
             raise bad(f"geometry.{key}", f"an integer in {lo}..{hi}")
+    sizes = geometry_size_problem(g)
+    if sizes:
+        raise bad(*sizes)
     for key in ("family", "model_type", "router_class", "scoring"):
         if g.get(key) is not None and not isinstance(g[key], str):
             raise bad(f"geometry.{key}", "a string")

@@ -45,26 +45,41 @@ def _geo(num_layers, moe_layers, num_experts, top_k, hidden_size, **extra) -> di
     }
 
 
-DEEPSEEK_V3_GEOMETRY = _geo(61, range(3, 61), 256, 8, 7168, n_group=8, topk_group=4, n_shared_experts=1, scoring="sigmoid+bias")
-QWEN3_235B_GEOMETRY = _geo(94, range(94), 128, 8, 4096, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax")
-QWEN3_30B_GEOMETRY = _geo(48, range(48), 128, 8, 2048, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax")
-LLAMA4_MAVERICK_GEOMETRY = _geo(48, range(1, 48, 2), 128, 1, 5120, n_group=None, topk_group=None, n_shared_experts=1, scoring="sigmoid")
-LLAMA4_SCOUT_GEOMETRY = _geo(48, range(48), 16, 1, 5120, n_group=None, topk_group=None, n_shared_experts=1, scoring="sigmoid")
-MIXTRAL_8X7B_GEOMETRY = _geo(32, range(32), 8, 2, 4096, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax")
+# Expert sizes (moe_intermediate_size: one routed expert's FFN width; expert_dtype: how the released checkpoint stores
+# the routed experts' weights): the installed transformers config classes' defaults where they name the checkpoint
+# (DeepSeek V3 2048, V4 Flash 2048, Qwen3-30B 768, Qwen3.5 512, GLM-4.5-Air 1408, gpt-oss 2880, Mixtral 14336, Llama 4
+# 8192), Qwen3-235B-A22B's config.json 1536; DeepSeek V3/R1 ship FP8 (e4m3, 128x128 blocks) weights, gpt-oss and
+# DeepSeek V4 Flash MXFP4 experts (vLLM's DeepseekV4FP8Config docstring: expert_dtype "fp4" for V4-Flash), the rest BF16.
+DEEPSEEK_V3_GEOMETRY = _geo(61, range(3, 61), 256, 8, 7168, n_group=8, topk_group=4, n_shared_experts=1, scoring="sigmoid+bias",
+                            moe_intermediate_size=2048, expert_dtype="float8_e4m3fn")
+QWEN3_235B_GEOMETRY = _geo(94, range(94), 128, 8, 4096, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax",
+                           moe_intermediate_size=1536, expert_dtype="bfloat16")
+QWEN3_30B_GEOMETRY = _geo(48, range(48), 128, 8, 2048, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax",
+                          moe_intermediate_size=768, expert_dtype="bfloat16")
+LLAMA4_MAVERICK_GEOMETRY = _geo(48, range(1, 48, 2), 128, 1, 5120, n_group=None, topk_group=None, n_shared_experts=1, scoring="sigmoid",
+                                moe_intermediate_size=8192, expert_dtype="bfloat16")
+LLAMA4_SCOUT_GEOMETRY = _geo(48, range(48), 16, 1, 5120, n_group=None, topk_group=None, n_shared_experts=1, scoring="sigmoid",
+                             moe_intermediate_size=8192, expert_dtype="bfloat16")
+MIXTRAL_8X7B_GEOMETRY = _geo(32, range(32), 8, 2, 4096, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax",
+                             moe_intermediate_size=14336, expert_dtype="bfloat16")
 # Newer families. Each value is checked two ways: the installed transformers config class's defaults (the class
 # named in parentheses, whose docstring names the checkpoint) and a public model page found with the search tool.
 # DeepSeek V4 Flash (DeepseekV4Config; NVIDIA NeMo AutoModel's DeepSeek-V4-Flash page): 43 layers, all MoE, 256 routed
 # + 1 shared, top-6, sqrt-softplus scores x 1.5; the first 3 layers route by a token-id hash table (mlp_layer_types).
 DEEPSEEK_V4_FLASH_GEOMETRY = _geo(43, range(43), 256, 6, 4096, n_group=None, topk_group=None, n_shared_experts=1,
-                                  scoring="sqrtsoftplus", hash_layers=[0, 1, 2])
+                                  scoring="sqrtsoftplus", hash_layers=[0, 1, 2],
+                                  moe_intermediate_size=2048, expert_dtype="mxfp4")
 # Qwen3.5-35B-A3B (Qwen3_5MoeTextConfig; the model card of its GPTQ quantisation): 40 layers (30 linear attention
 # + 10 full), every one MoE, 256 experts top-8, one shared expert.
-QWEN3_5_35B_GEOMETRY = _geo(40, range(40), 256, 8, 2048, n_group=None, topk_group=None, n_shared_experts=1, scoring="softmax")
+QWEN3_5_35B_GEOMETRY = _geo(40, range(40), 256, 8, 2048, n_group=None, topk_group=None, n_shared_experts=1, scoring="softmax",
+                            moe_intermediate_size=512, expert_dtype="bfloat16")
 # GLM-4.5-Air (Glm4MoeConfig defaults, although its docstring names GLM-4.5; apxml.com's GLM-4.5-Air page quoting
 # its config.json): 46 layers, first dense, 128 routed + 1 shared, top-8, sigmoid + correction bias, 1 group.
-GLM4_5_AIR_GEOMETRY = _geo(46, range(1, 46), 128, 8, 4096, n_group=1, topk_group=1, n_shared_experts=1, scoring="sigmoid+bias")
+GLM4_5_AIR_GEOMETRY = _geo(46, range(1, 46), 128, 8, 4096, n_group=1, topk_group=1, n_shared_experts=1, scoring="sigmoid+bias",
+                           moe_intermediate_size=1408, expert_dtype="bfloat16")
 # gpt-oss-120b (GptOssConfig defaults; apxml.com / crafiq.ai gpt-oss-120b pages): 36 layers, all MoE, 128 experts top-4.
-GPT_OSS_120B_GEOMETRY = _geo(36, range(36), 128, 4, 2880, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax")
+GPT_OSS_120B_GEOMETRY = _geo(36, range(36), 128, 4, 2880, n_group=None, topk_group=None, n_shared_experts=0, scoring="softmax",
+                             moe_intermediate_size=2880, expert_dtype="mxfp4")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -59,6 +59,47 @@ PHASES = ("prefill", "decode", "encoder")
 _DICT = pa.dictionary(pa.int32(), pa.string())
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# model sizes in a run's geometry (manifest.json); every writer fills them when it knows them, else null:
+#   hidden_size            the model's hidden width (bytes per dispatched token, expert GEMM shape)
+#   moe_intermediate_size  one routed expert's FFN width (its three matrices are hidden x this)
+#   expert_dtype           the dtype the routed experts' weights are stored in (a key of EXPERT_DTYPE_BYTES)
+# ---------------------------------------------------------------------------------------------------------------
+GEOMETRY_SIZE_FIELDS = ("hidden_size", "moe_intermediate_size")
+MAX_MODEL_WIDTH = 1 << 24
+#: bytes per weight of each expert dtype: block-scaled formats count their scales (MXFP4: 4 bits + one 8-bit scale
+#: per 32 weights; NVFP4: 4 bits + one FP8 scale per 16)
+EXPERT_DTYPE_BYTES = {
+    "float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8_e4m3fn": 1.0, "float8_e5m2": 1.0, "int8": 1.0,
+    "mxfp4": 4.25 / 8, "nvfp4": 4.5 / 8, "int4": 0.5,
+}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+                  "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn", "e4m3": "float8_e4m3fn", "float8_e4m3": "float8_e4m3fn",
+                  "e5m2": "float8_e5m2", "fp4": "nvfp4", "w4a16": "int4", "w8a8": "int8"}
+
+
+def expert_dtype_name(value: object) -> str | None:
+    """The canonical :data:`EXPERT_DTYPE_BYTES` key for a dtype spelled as torch, a config or a user writes it
+    (``torch.bfloat16``, ``bf16``, ``fp8``, ``mxfp4``...); None when it names none of them."""
+    if value is None:
+        return None
+    name = str(value).strip().lower().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    return name if name in EXPERT_DTYPE_BYTES else None
+
+
+def geometry_size_problem(g: dict) -> tuple[str, str] | None:
+    """``(field, what it must be)`` for the first bad model-size field of a geometry, else None (null is fine).
+    ``expert_dtype`` must be a string; a name this tracekit does not know is read as unknown (defaulted)."""
+    for key in GEOMETRY_SIZE_FIELDS:
+        v = g.get(key)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_MODEL_WIDTH):
+            return f"geometry.{key}", f"an integer in 1..{MAX_MODEL_WIDTH}"
+    if g.get("expert_dtype") is not None and not isinstance(g["expert_dtype"], str):
+        return "geometry.expert_dtype", f"a dtype name ({', '.join(EXPERT_DTYPE_BYTES)})"
+    return None
+
+
 def expert_type(num_experts: int) -> pa.DataType:
     """Narrowest unsigned integer type that holds ids 0..num_experts-1."""
     if num_experts <= 256:

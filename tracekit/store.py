@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from .errors import TracekitError
 from .jsonlines import read_json
-from .schema import KINDS, SCHEMA_VERSION, check_version
+from .schema import KINDS, SCHEMA_VERSION, check_version, geometry_size_problem
 from .summaries import encode_chunk_summaries, write_encoded_summaries
 
 MANIFEST = "manifest.json"
@@ -573,10 +573,13 @@ def check_manifest(m: Any, where: Path) -> None:
     g = m.get("geometry", {})
     if not isinstance(g, dict):
         raise bad("geometry", "an object")
-    for key in ("num_layers", "num_experts", "top_k", "n_group", "topk_group", "n_shared_experts", "hidden_size"):
+    for key in ("num_layers", "num_experts", "top_k", "n_group", "topk_group", "n_shared_experts"):
         v = g.get(key)
         if v is not None and (not _is_int(v) or v < 0):
             raise TracekitError(f"{where}: geometry.{key} must be a non-negative integer or null; {fix}")
+    sizes = geometry_size_problem(g)
+    if sizes:
+        raise TracekitError(f"{where}: {sizes[0]} must be {sizes[1]} or null; {fix}")
     moe = g.get("moe_layers")
     if moe is not None and not (isinstance(moe, list) and all(_is_int(x) and 0 <= x < 1 << 15 for x in moe)):
         raise TracekitError(f"{where}: geometry.moe_layers must be a list of layer indices; {fix}")

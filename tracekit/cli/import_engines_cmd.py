@@ -16,13 +16,13 @@ _MODEL_HELP = ("Registry name (see `tracekit models`) or a geometry like experts
 
 def _run(fmt: str, sources: List[Path], out: Path, model: Optional[str], num_experts: Optional[int],
          top_k: Optional[int], moe_layers: Optional[str], num_layers: Optional[int], dataset: Optional[str],
-         domain: str, slot_map: Optional[Path] = None) -> None:
+         domain: str, slot_map: Optional[Path] = None, sizes: Optional[dict] = None) -> None:
     from rich.console import Console
 
     from ..importers.engines import import_engine_run
 
     m = import_engine_run(fmt, sources, out, model=model, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
-                          num_layers=num_layers, dataset=dataset, domain=domain, slot_map=slot_map)
+                          num_layers=num_layers, dataset=dataset, domain=domain, slot_map=slot_map, **(sizes or {}))
     kind = m.get("kind", "routes")
     t = m.get("totals", {}).get(kind, {})
     con = Console(markup=False, highlight=False)  # paths and notes are text, not rich markup
@@ -49,8 +49,12 @@ def _register(fmt: str, help_text: str, source_help: str, with_slot_map: bool = 
         slot_map: Optional[Path] = typer.Option(
             None, "--slot-map", hidden=not with_slot_map, help="The server's --init-expert-location JSON, to map physical slots (redundant "
             "experts) back to logical experts."),
+        hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 24, help="The model's hidden size (default: the registry's)."),
+        moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", min=1, max=1 << 24, help="One routed expert's FFN width (default: the registry's)."),
+        expert_dtype: Optional[str] = typer.Option(None, "--expert-dtype", help="Dtype of the expert weights: bfloat16, float8_e4m3fn, mxfp4, ... (default: the registry's)."),
     ) -> None:
-        _run(fmt, sources, out, model, num_experts, top_k, moe_layers, num_layers, dataset, domain, slot_map)
+        sizes = {"hidden_size": hidden_size, "moe_intermediate_size": moe_intermediate_size, "expert_dtype": expert_dtype}
+        _run(fmt, sources, out, model, num_experts, top_k, moe_layers, num_layers, dataset, domain, slot_map, sizes)
 
     # --slot-map shows only where it applies; elsewhere it stays accepted so the importer can say why it is refused
     command.__doc__ = help_text

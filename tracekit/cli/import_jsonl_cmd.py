@@ -28,7 +28,10 @@ def import_jsonl_cmd(
     num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, max=MAX_LAYERS, help="Layers of the model (default: max layer + 1)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name for every record (overrides the field)."),
     domain: Optional[Domain] = typer.Option(None, "--domain", help="Domain for every record (default: from the dataset name)."),
-    weight_dtype: Literal["float16", "float32"] = typer.Option("float32", "--weight-dtype", help="float16 or float32."),
+    weight_dtype: Literal["float16", "float32"] = typer.Option("float32", "--weight-dtype", help="How the gate weights are stored: float16 or float32."),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 24, help="The model's hidden size (default: the registry's, else unrecorded)."),
+    moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", min=1, max=1 << 24, help="One routed expert's FFN width (default: the registry's)."),
+    expert_dtype: Optional[str] = typer.Option(None, "--expert-dtype", help="Dtype of the expert weights: bfloat16, float8_e4m3fn, mxfp4, ... (default: the registry's)."),
 ) -> None:
     """Import per-token routing records (JSON Lines) into a tracekit run directory."""
     from rich.console import Console
@@ -38,7 +41,8 @@ def import_jsonl_cmd(
 
     run = open_run(
         import_jsonl(files, model=model, out=out, field_map=field_map, phase=phase, num_experts=num_experts,
-                     top_k=top_k, num_layers=num_layers, dataset=dataset, domain=domain, weight_dtype=weight_dtype)
+                     top_k=top_k, num_layers=num_layers, dataset=dataset, domain=domain, weight_dtype=weight_dtype,
+                     hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size, expert_dtype=expert_dtype)
     )
     t = run.manifest["totals"]["routes"]
     Console(markup=False, highlight=False).print(

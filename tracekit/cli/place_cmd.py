@@ -29,7 +29,7 @@ def place_cmd(
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     max_rows: int = typer.Option(MAX_ROWS, "--max-rows", min=1, max=1 << 40, help="Read at most this many token-layer rows: beyond it, a seeded random sample of whole requests (said in the output)."),
     max_imbalance: Optional[float] = typer.Option(None, "--max-imbalance", min=1.0, max=1e6, help="Absolute GPU load bound (max/mean per layer, fit rows, the engine's tables) for locality. Default: each layer within 5% of eplb's on the same rows, so the pick is never less balanced than eplb by more."),
-    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 20, help="Hidden size for bytes (default: geometry, else 7168)."),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 20, help="Model hidden size (default: the runs' geometry, else 7168, said in an 'assumed' line)."),
     bytes_per_elem: float = typer.Option(1.0, "--bytes-per-elem", callback=positive_float("--bytes-per-elem", 16.0), help="1 = FP8 dispatch, 2 = BF16."),
     microbatch_tokens: int = typer.Option(256, "--microbatch-tokens", min=1, max=1 << 24, help="Decode tokens per micro-batch."),
     phase: Literal["all", "decode", "prefill"] = typer.Option("all", "--phase", help="Rows to score."),
@@ -37,10 +37,13 @@ def place_cmd(
     engine: Literal["sglang", "vllm", "trtllm", "ideal"] = typer.Option("sglang", "--engine", help="Whose replica choice scores the placements: sglang, vllm, trtllm or ideal (upper bound)."),
     a2a_backend: str = typer.Option("deepep", "--a2a-backend", help="SGLang's --moe-a2a-backend (--engine sglang): deepep and every other a2a backend build the same per-rank tables; none is refused (no per-token dispatch)."),
     profile: Literal["h100", "h200", "b200"] = typer.Option("h200", "--profile", help="Hardware profile for the step time: h100, h200 or b200."),
+    gpu_spec: Optional[Path] = typer.Option(None, "--gpu-spec", help='Another GPU as JSON {"name", "tflops", "hbm_gbps", "nvlink_gbps", "rdma_gbps"} (replaces --profile).'),
     decode_batch: int = typer.Option(128, "--decode-batch", min=1, max=1 << 20, help="Decode tokens per DP rank per step (replay)."),
     prefill_chunk: int = typer.Option(4096, "--prefill-chunk", min=1, max=1 << 24, help="Prefill tokens per DP rank per step (replay)."),
-    moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", min=1, max=1 << 20, help="Expert FFN width for compute time (default: geometry, else 2048)."),
+    moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", min=1, max=1 << 20, help="Expert FFN width (default: the runs' geometry, else 2048, said in an 'assumed' line)."),
+    expert_dtype: Optional[str] = typer.Option(None, "--expert-dtype", help="Dtype of the expert weights (bfloat16, float8_e4m3fn, mxfp4, ...; default: the runs' geometry, else bfloat16)."),
     tflops: Optional[float] = typer.Option(None, "--tflops", callback=positive_float("--tflops", 1e6), help="Override the profile's dense BF16 TFLOP/s per GPU."),
+    hbm_gbps: Optional[float] = typer.Option(None, "--hbm-gbps", callback=positive_float("--hbm-gbps", 1e6), help="Override the profile's HBM GB/s per GPU."),
     nvlink_gbps: Optional[float] = typer.Option(None, "--nvlink-gbps", callback=positive_float("--nvlink-gbps", 1e6), help="Override the profile's NVLink GB/s per GPU (one way)."),
     rdma_gbps: Optional[float] = typer.Option(None, "--rdma-gbps", callback=positive_float("--rdma-gbps", 1e6), help="Override the profile's RDMA GB/s per GPU (one way)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole comparison as JSON."),
@@ -73,14 +76,23 @@ def place_cmd(
     cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
     eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens, "profile": profile,
                  "decode_batch": decode_batch, "prefill_chunk": prefill_chunk, "moe_intermediate_size": moe_intermediate_size,
-                 "tflops": tflops, "nvlink_gbps": nvlink_gbps, "internode_gbps": rdma_gbps}
+                 "expert_dtype": expert_dtype, "tflops": tflops, "hbm_gbps": hbm_gbps, "nvlink_gbps": nvlink_gbps,
+                 "internode_gbps": rdma_gbps}
     from ..placement.dispatch import check_a2a_backend, check_engine
-    from ..placement.hardware import get_profile
+    from ..placement.hardware import get_profile, load_gpu_spec
+    from ..placement.sizes import assumed_line, model_sizes
 
     check_engine(engine)
     if engine == "sglang":
         eval_opts["a2a_backend"] = check_a2a_backend(a2a_backend)
-    get_profile(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=rdma_gbps)  # one-line error early
+    if gpu_spec is not None:  # the file's GPU, every rate given (so the name needs no built-in profile)
+        spec = load_gpu_spec(gpu_spec)
+        eval_opts.update(profile=spec.name, tflops=tflops or spec.tflops, hbm_gbps=hbm_gbps or spec.hbm_gbps,
+                         nvlink_gbps=nvlink_gbps or spec.nvlink_gbps, internode_gbps=rdma_gbps or spec.rdma_gbps)
+    get_profile(eval_opts["profile"], tflops=eval_opts["tflops"], hbm_gbps=eval_opts["hbm_gbps"],
+                nvlink_gbps=eval_opts["nvlink_gbps"], rdma_gbps=eval_opts["internode_gbps"])  # one-line error early
+    sizes = model_sizes(traces.geometry, hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size,
+                        expert_dtype=expert_dtype)  # one-line error for a bad --expert-dtype, before any work
     if hidden_size is not None:
         eval_opts["hidden_size"] = hidden_size
     from ..placement.traces import describe_zero
@@ -104,6 +116,9 @@ def place_cmd(
     from ..placement.traces import describe_input
 
     Console().print(describe_input(traces), markup=False)
+    assumed = assumed_line(sizes, traces.geometry)
+    if assumed:
+        Console().print(assumed, markup=False, soft_wrap=True)  # one line, whatever the terminal's width
     from ..placement.select import place
     from ..placement.table import WIDTH, duplicate_lines, pick_line, render_narrow
 

@@ -46,6 +46,9 @@ def import_engine_run(
     domain: str = "unknown",
     args: dict[str, Any] | None = None,
     slot_map: str | os.PathLike | None = None,
+    hidden_size: int | None = None,
+    moe_intermediate_size: int | None = None,
+    expert_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Import engine recordings into a new run directory ``out``; returns its manifest.
 
@@ -67,11 +70,13 @@ def import_engine_run(
             raise TracekitError(f"--slot-map {slot_map}: no such file")
         options["slot_map"] = Path(slot_map)
     name, geometry = resolve_model(model, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
-                                   num_layers=num_layers)
+                                   num_layers=num_layers, hidden_size=hidden_size,
+                                   moe_intermediate_size=moe_intermediate_size, expert_dtype=expert_dtype)
     ds = {"name": dataset or fmt, "domain": domain, "sources": [str(Path(s)) for s in sources]}
     call_args = {"format": fmt, "sources": [str(s) for s in sources], "model": model, "num_experts": num_experts,
                  "top_k": top_k, "moe_layers": moe_layers, "num_layers": num_layers, "dataset": dataset,
-                 "domain": domain, "slot_map": str(slot_map) if slot_map else None, **(args or {})}
+                 "domain": domain, "slot_map": str(slot_map) if slot_map else None, "hidden_size": hidden_size,
+                 "moe_intermediate_size": moe_intermediate_size, "expert_dtype": expert_dtype, **(args or {})}
     with StagedRun(out, kind=kind, source=f"import:{fmt}", model_name=name, geometry=geometry, dataset=ds,
                    args=call_args) as staged:
         fn([Path(s) for s in sources], staged, domain=domain, **options)

@@ -7,6 +7,10 @@ that turns the user's input into ``(model_name, geometry)``:
 - a registry name (``deepseek-v3``, ``qwen3-235b-a22b`` ...) -> the registry's published geometry;
 - a geometry string ``experts=256,top_k=8,moe_layers=3-60,num_layers=61[,name=my-model]``;
 - explicit keyword overrides (the CLI's ``--num-experts --top-k --moe-layers --num-layers``), which win over both.
+
+The model's sizes (``hidden_size``, ``moe_intermediate_size``, ``expert_dtype``: what the placement's step time
+needs) come the same way: the registry's, the geometry string's (``hidden=4096,intermediate=14336,dtype=bf16``) or
+the flags ``--hidden-size --moe-intermediate-size --expert-dtype`` (:func:`size_overrides`); null when none says.
 """
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ from typing import Any
 from ..errors import TracekitError
 
 GEOMETRY_KEYS = ("family", "num_layers", "moe_layers", "num_experts", "top_k", "n_group", "topk_group",
-                 "n_shared_experts", "scoring", "hidden_size")
+                 "n_shared_experts", "scoring", "hidden_size", "moe_intermediate_size", "expert_dtype")
 _ALIASES = {"experts": "num_experts", "e": "num_experts", "num_experts": "num_experts", "k": "top_k", "top_k": "top_k",
             "topk": "top_k", "moe_layers": "moe_layers", "layers": "num_layers", "num_layers": "num_layers",
-            "name": "name"}
+            "name": "name", "hidden": "hidden_size", "hidden_size": "hidden_size", "intermediate": "moe_intermediate_size",
+            "moe_intermediate_size": "moe_intermediate_size", "dtype": "expert_dtype", "expert_dtype": "expert_dtype"}
 
 
 _LAYER_LIMIT = (1 << 15) - 1  # the layer column is int16 (tracekit.schema)
@@ -76,6 +81,30 @@ def _parse_geometry_string(text: str) -> dict[str, Any]:
     return out
 
 
+def size_overrides(hidden_size: Any = None, moe_intermediate_size: Any = None, expert_dtype: Any = None) -> dict[str, Any]:
+    """The given model sizes, validated (one-line error naming the flag), as geometry fields; None ones left out."""
+    from ..schema import EXPERT_DTYPE_BYTES, MAX_MODEL_WIDTH, expert_dtype_name
+
+    out: dict[str, Any] = {}
+    for key, flag, value in (("hidden_size", "--hidden-size", hidden_size),
+                             ("moe_intermediate_size", "--moe-intermediate-size", moe_intermediate_size)):
+        if value is None:
+            continue
+        try:
+            width = int(str(value).strip())
+        except ValueError:
+            width = 0
+        if not 1 <= width <= MAX_MODEL_WIDTH:
+            raise TracekitError(f"{flag} must be an integer in 1..{MAX_MODEL_WIDTH}, got {value!r}")
+        out[key] = width
+    if expert_dtype is not None:
+        name = expert_dtype_name(expert_dtype)
+        if name is None:
+            raise TracekitError(f"--expert-dtype {expert_dtype!r} unknown; use one of {', '.join(EXPERT_DTYPE_BYTES)}")
+        out["expert_dtype"] = name
+    return out
+
+
 def registry_geometry(name: str) -> dict[str, Any] | None:
     """Published geometry of a registry model, or None when the name is not in the registry."""
     try:
@@ -105,6 +134,9 @@ def resolve_model(
     top_k: int | None = None,
     moe_layers: str | list[int] | None = None,
     num_layers: int | None = None,
+    hidden_size: int | None = None,
+    moe_intermediate_size: int | None = None,
+    expert_dtype: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Resolve ``--model`` and the geometry flags to ``(model_name, geometry)``; one-line error if incomplete.
 
@@ -123,6 +155,8 @@ def resolve_model(
             geo.update({k: v for k, v in reg.items() if k in geo})
     overrides = {"num_experts": num_experts, "top_k": top_k, "moe_layers": moe_layers, "num_layers": num_layers}
     geo.update({k: v for k, v in overrides.items() if v is not None})
+    geo.update(size_overrides(geo.get("hidden_size"), geo.get("moe_intermediate_size"), geo.get("expert_dtype")))
+    geo.update(size_overrides(hidden_size, moe_intermediate_size, expert_dtype))
     missing = [k for k in ("num_experts", "top_k", "moe_layers") if geo.get(k) in (None, [], "")]
     if missing:
         flags = " ".join(f"--{k.replace('_', '-')}" for k in missing)

@@ -49,7 +49,7 @@ import numpy as np
 from ..errors import TracekitError
 from ..jsonlines import iter_json_objects
 from ..schema import build_routes_table
-from .geometry import registry_geometry
+from .geometry import registry_geometry, size_overrides
 from .numbers import (LAYER_MAX, MAX_EXPERTS, POSITION_MAX, TOKEN_ID_MAX, check_int, check_label, check_num_experts,
                       check_weights)
 from .staging import StagedRun, holds_out_lock, refuse_nonempty_out
@@ -283,8 +283,15 @@ def import_jsonl(
     domain: str | None = None,
     weight_dtype: str = "float32",
     run_id: str | None = None,
+    hidden_size: int | None = None,
+    moe_intermediate_size: int | None = None,
+    expert_dtype: str | None = None,
 ) -> Path:
     """Turn JSONL routing records into the run directory ``out`` (which must not hold a run yet).
+
+    ``weight_dtype`` is how the records' gate weights are stored; the model's sizes (``hidden_size``,
+    ``moe_intermediate_size``, ``expert_dtype`` of its expert weights) go into the geometry, over the registry's
+    (records carry none of them).
 
     Returns the run directory. Raises TracekitError (one line, naming file:line for a bad record) and then
     leaves nothing behind.
@@ -303,6 +310,7 @@ def import_jsonl(
         check_num_experts(check_int(num_experts, "--num-experts", "import", 1), "--num-experts")
     if num_layers is not None:
         check_int(num_layers, "--num-layers", "import", 1, LAYER_MAX + 1)
+    sizes = size_overrides(hidden_size, moe_intermediate_size, expert_dtype)
     reqs = _read_files(files, fm, dataset, weight_dtype, num_experts)
 
     max_id = max(max(max(e) for e in r.experts) for r in reqs)
@@ -329,6 +337,9 @@ def import_jsonl(
         "n_shared_experts": None,
         "scoring": None,
         "hidden_size": None,
+        "moe_intermediate_size": None,
+        "expert_dtype": None,
+        **sizes,
     }
     registry = registry_geometry(model) or {}
     if registry and (registry.get("num_experts"), registry.get("top_k")) != (num_experts, k):
@@ -352,7 +363,8 @@ def import_jsonl(
         "prompts": len(reqs),
     }
     args = {"files": [str(f) for f in files], "field_map": fm, "phase": phase, "num_experts": num_experts,
-            "top_k": top_k, "num_layers": num_layers, "weight_dtype": weight_dtype, "argv": sys.argv[1:]}
+            "top_k": top_k, "num_layers": num_layers, "weight_dtype": weight_dtype, "hidden_size": hidden_size,
+            "moe_intermediate_size": moe_intermediate_size, "expert_dtype": expert_dtype, "argv": sys.argv[1:]}
     with StagedRun(out, kind="routes", source="import:jsonl", model_name=model, geometry=geometry, dataset=dataset,
                    args=args, weight_dtype=weight_dtype, run_id=run_id) as staged:
         hows = sorted({p.how for p in phased})

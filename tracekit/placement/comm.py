@@ -52,7 +52,6 @@ from .stats import decode_step, row_chunks
 from .types import Cluster, GroupingRule, Placement, TraceArrays, real_choices
 
 DEFAULTS = {
-    "hidden_size": 7168,  # DeepSeek V3
     "bytes_per_elem": 1,  # FP8 dispatch
     "microbatch_tokens": 256,
 }
@@ -151,13 +150,15 @@ def evaluate(
     decode_batch: int | None = None,
     prefill_chunk: int | None = None,
     replay: bool = True,
-    hidden_size: int = DEFAULTS["hidden_size"],
+    hidden_size: int | None = None,
     bytes_per_elem: float = DEFAULTS["bytes_per_elem"],
     moe_intermediate_size: int | None = None,
+    expert_dtype: str | None = None,
     microbatch_tokens: int = DEFAULTS["microbatch_tokens"],
     nvlink_gbps: float | None = None,
     internode_gbps: float | None = None,
     tflops: float | None = None,
+    hbm_gbps: float | None = None,
     seed: int = 42,
     home: np.ndarray | None = None,
     force_sort: bool = False,
@@ -168,9 +169,10 @@ def evaluate(
     ``engine``: whose replica choice sends each (token, expert) to a slot (:mod:`tracekit.placement.dispatch`:
     sglang, vllm, trtllm, ideal). ``replay``: also replay the rows as deployment steps
     (:mod:`tracekit.placement.replay`: ``decode_batch``, ``prefill_chunk``, the hardware ``profile`` with
-    ``tflops``/``nvlink_gbps``/``internode_gbps`` overrides, ``moe_intermediate_size`` from the geometry, else
-    DeepSeek V3's) and add its per-step keys; per-token engines (vllm, trtllm) always lay out the steps, since
-    their choice depends on a token's place in its rank's batch. ``home`` (R_n,) overrides :func:`home_gpus`.
+    ``tflops``/``hbm_gbps``/``nvlink_gbps``/``internode_gbps`` overrides) and add its per-step keys; per-token
+    engines (vllm, trtllm) always lay out the steps, since their choice depends on a token's place in its rank's
+    batch. The model's sizes (``hidden_size``, ``moe_intermediate_size``, ``expert_dtype``) come from the
+    arguments, else the traces' geometry, else :mod:`tracekit.placement.sizes`' defaults (DeepSeek V3, BF16). ``home`` (R_n,) overrides :func:`home_gpus`.
     ``force_sort`` uses the general per-row sort path even when the cluster has <= 64 GPUs (where per-row GPU
     bitmasks are faster); both give identical numbers. ``a2a_backend``: SGLang's ``--moe-a2a-backend`` for
     ``engine="sglang"`` (:func:`tracekit.placement.dispatch.check_a2a_backend`). Returns a flat dict of floats (JSON-ready) plus
@@ -181,7 +183,13 @@ def evaluate(
     from .dispatch import STATIC_ENGINES, check_engine, choose_replicas, replica_lists
 
     check_engine(engine)
-    prof = rp.profile_for(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=internode_gbps)
+    from .sizes import model_sizes
+
+    prof = rp.profile_for(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=internode_gbps,
+                          hbm_gbps=hbm_gbps)
+    sizes = model_sizes(traces.geometry, hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size,
+                        expert_dtype=expert_dtype)
+    hidden_size = sizes.hidden_size
     nvlink_gbps, internode_gbps = prof.nvlink_gbps, prof.rdma_gbps
     decode_batch = rp.DEFAULT_DECODE_BATCH if decode_batch is None else int(decode_batch)
     prefill_chunk = rp.DEFAULT_PREFILL_CHUNK if prefill_chunk is None else int(prefill_chunk)
@@ -211,13 +219,15 @@ def evaluate(
     reps = None if static else replica_lists(np.asarray(placement.slot_expert), E)
     se = np.asarray(placement.slot_expert)
 
-    gpu_table = gpu_of_slot[table].astype(np.int16).reshape(-1)  # (M*G*E,) destination GPU per (m, g, e)
+    slot_table = table.reshape(-1)  # (M*G*E,) slot per (m, g, e)
+    gpu_table = gpu_of_slot.astype(np.int16)  # (S,) GPU per slot
     chunk_fn = _chunk_bits if (G <= 64 and not force_sort) else _chunk_sorted
     chunks = list(row_chunks(len(traces)))
 
     def work(part: list[slice]) -> tuple:
         acc_ = _Counts(M, G, nodes)
-        steps_ = rp.StepCounts(layout.num_steps, M, G, gpn) if (replay and layout is not None) else None
+        steps_ = rp.StepCounts(layout.num_steps, M, G, gpn, c.slots_per_gpu) if (replay and layout is not None) \
+            else None
         for sl in part:
             sel = slice(None) if mask is None else mask[sl]
             lp = traces.layer_pos[sl][sel].astype(np.int32)
@@ -228,7 +238,8 @@ def evaluate(
             real = real_choices(traces, ex)  # None: no zero-computation choice in these traces
             if static:
                 look = ex if real is None else np.where(real, ex, 0)
-                dg = gpu_table[((lp * G + h) * E)[:, None] + look]  # (n, k) destination GPU of every (token, expert)
+                slots = slot_table[((lp * G + h) * E)[:, None] + look]  # (n, k) slot of every (token, expert)
+                dg = gpu_table[slots]  # (n, k) its GPU
             else:
                 st = layout.step[sl][sel].astype(np.int64)
                 slots = choose_replicas(se, lp, h, ex, engine=engine, gpus_per_node=gpn, num_gpus=G, num_experts=E,
@@ -238,7 +249,7 @@ def evaluate(
                 dg = np.where(real, dg, h[:, None]).astype(np.int16, copy=False)
             chunk_fn(acc_, lp, h, dg, G, gpn, nodes, real)
             if steps_ is not None:
-                steps_.add(layout.step[sl][sel], lp, h, dg, traces.phase[sl][sel] == 1, real)
+                steps_.add(layout.step[sl][sel], lp, h, dg, traces.phase[sl][sel] == 1, real, slots)
         return acc_, steps_
 
     # numpy releases the GIL in its kernels: chunks (and the micro-batch statistics) run on EVAL_THREADS threads
@@ -302,11 +313,12 @@ def evaluate(
         "gpu_imbalance": float(g_ratio.mean()),
     }
     if step_acc is not None:
-        inter = moe_intermediate_size or (traces.geometry or {}).get("moe_intermediate_size") \
-            or rp.DEFAULT_MOE_INTERMEDIATE
         out.update(step_acc.summary(layout, prof, hidden_size=hidden_size, bytes_per_elem=bytes_per_elem,
-                                    moe_intermediate_size=int(inter)))
-        out.update(profile=prof.name, decode_batch=decode_batch, prefill_chunk=prefill_chunk)
+                                    moe_intermediate_size=sizes.moe_intermediate_size,
+                                    weight_bytes=sizes.weight_bytes))
+        out.update(profile=prof.name, decode_batch=decode_batch, prefill_chunk=prefill_chunk,
+                   hidden_size=hidden_size, moe_intermediate_size=sizes.moe_intermediate_size,
+                   expert_dtype=sizes.expert_dtype, sizes_assumed=list(sizes.assumed))
     return out
 
 

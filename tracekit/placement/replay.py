@@ -34,11 +34,20 @@ state of serving; the prefill steps' when the rows hold no decode), and ``decode
   destination GPUs of that node; NVLink sends to the distinct other GPUs of the home node), low-latency mode for
   decode (one RDMA send per remote (token, expert) pair, straight to its GPU; NVLink per pair on another GPU of the
   home node). Counted per GPU as sends and receives, RDMA and NVLink apart.
-- Estimated MoE time of the layer = max over GPUs of expert compute (pairs x ``6 * hidden * moe_intermediate``
-  FLOPs at the profile's dense BF16 throughput) + dispatch time + combine time, where each of those two is the
-  max over GPUs of max(RDMA bytes in or out / RDMA bandwidth, NVLink bytes in or out / NVLink bandwidth);
-  dispatch moves ``bytes_per_elem`` per value (1 = FP8), combine 2 (BF16). No overlap is assumed. Step time is the
-  sum over MoE layers (attention and dense layers excluded: placement does not change them).
+- Weight reads: the distinct slots on each GPU that receive at least one (token, expert) pair in the step and
+  layer, counted exactly (per-(step, layer, slot) flags: one byte per slot, or one bit when the byte flags would
+  pass :data:`FLAG_BYTES_MAX`; either way ``slots_per_gpu`` bits to bytes per (step, layer, GPU) beside the 40
+  bytes of the counters above).
+- Estimated MoE time of the layer = expert time + dispatch time + combine time. Expert time is a roofline: the max
+  over GPUs of max(compute, HBM traffic / HBM bandwidth), where compute = pairs x ``6 * hidden *
+  moe_intermediate`` FLOPs at the profile's dense BF16 throughput and HBM traffic = every touched slot's weights
+  read once (3 matrices of ``hidden x moe_intermediate`` at ``weight_bytes`` per weight: small-batch decode is
+  bound by these) + each pair's activation in (``bytes_per_elem`` per value, as dispatched) and out (BF16).
+  Intermediate activations are taken to stay on chip (a fused kernel) and FP8 weights to run at the BF16 rate.
+  Dispatch and combine are each the max over GPUs of max(RDMA bytes in or out / RDMA bandwidth, NVLink bytes in
+  or out / NVLink bandwidth); dispatch moves ``bytes_per_elem`` per value (1 = FP8), combine 2 (BF16). No overlap
+  between expert time and communication is assumed. Step time is the sum over MoE layers (attention and dense
+  layers excluded: placement does not change them).
 
 A zero-computation choice (the sentinel id E of :class:`~tracekit.placement.types.TraceArrays`) is computed on
 the token's own GPU: no traffic, no load, no expert compute; its token still takes its place in the step.
@@ -53,8 +62,11 @@ over full steps), ``step_time_p99_ms``, ``imbalance_p50``/``imbalance_p99`` (per
 ``cross_node_bytes_per_step`` (mean RDMA dispatch bytes per full step, in the step's mode),
 ``cross_node_copies`` / ``cross_node_copies_ll`` (whole set, per token-layer, normal / low-latency),
 ``gpu_imbalance`` (whole-set GPU max/mean, mean over layers), ``steps``/``full_steps``, ``tokens_per_step``,
-``compute_ms_per_step``, ``step_phase`` (which steps the headline keys describe), the same per-step keys prefixed
-``decode_`` and ``prefill_``, ``engine`` and ``profile``.
+``compute_ms_per_step`` (sum over layers of the busiest GPU's compute), ``hbm_ms_per_step`` (same for HBM
+traffic), ``expert_ms_per_step`` (the roofline part of the step time), ``slots_read_per_step`` (the most slots one
+GPU reads, summed over layers), ``step_phase`` (which steps the headline keys describe), the same per-step keys
+prefixed ``decode_`` and ``prefill_``, ``engine``, ``profile`` and the sizes used (``hidden_size``,
+``moe_intermediate_size``, ``expert_dtype``, ``sizes_assumed``).
 """
 from __future__ import annotations
 
@@ -64,14 +76,16 @@ import numpy as np
 
 from ..errors import TracekitError
 from .hardware import HardwareProfile, get_profile
+from .sizes import DEFAULT_MOE_INTERMEDIATE  # noqa: F401  (re-exported: the default expert width)
 from .types import TraceArrays
 
 DEFAULT_DECODE_BATCH = 128  # decode tokens per DP rank per step
 DEFAULT_PREFILL_CHUNK = 4096  # prefill tokens per DP rank per step
-DEFAULT_MOE_INTERMEDIATE = 2048  # DeepSeek V3's moe_intermediate_size, when the traces' geometry has none
 COMBINE_BYTES = 2  # DeepEP combines in BF16
-STEP_KEYS = ("tokens_per_step", "step_time_ms", "step_time_p99_ms", "compute_ms_per_step", "imbalance_p50",
-             "imbalance_p99", "cross_node_bytes_per_step")
+FLAG_BYTES_MAX = 1 << 27  # byte flags per accumulator beyond which touched slots are kept as bits
+STEP_KEYS = ("tokens_per_step", "step_time_ms", "step_time_p99_ms", "compute_ms_per_step", "hbm_ms_per_step",
+             "expert_ms_per_step", "slots_read_per_step", "imbalance_p50", "imbalance_p99",
+             "cross_node_bytes_per_step")
 
 
 @dataclass
@@ -165,29 +179,86 @@ def step_layout(traces: TraceArrays, mask: np.ndarray | None, home: np.ndarray, 
     return StepLayout(step, index, phase, tokens, full)
 
 
-class StepCounts:
-    """Per (step, MoE layer, GPU) accumulators: load, RDMA sends/receives, NVLink sends/receives."""
+def expert_roofline(pairs: np.ndarray, slots: np.ndarray, profile: HardwareProfile, *, hidden_size: int,
+                    moe_intermediate_size: int, weight_bytes: float, in_bytes: float,
+                    out_bytes: float = COMBINE_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """The two sides of one GPU's expert roofline, in seconds: ``(compute, hbm)`` for ``pairs`` (token, expert)
+    pairs landing on ``slots`` distinct experts (arrays of one shape, e.g. (T, M, G)); the expert time is their
+    max. compute = pairs x 6 * hidden * moe_intermediate FLOPs (gate, up, down: 3 GEMMs, 2 FLOPs per MAC) at the
+    profile's dense rate; hbm = every slot's 3 matrices read once at ``weight_bytes`` per weight, plus each pair's
+    activation read (``in_bytes`` per value) and written (``out_bytes``), at the profile's HBM bandwidth."""
+    flops = 6.0 * hidden_size * moe_intermediate_size
+    compute = np.asarray(pairs, dtype=np.float64) * (flops / (profile.tflops * 1e12))
+    expert_bytes = 3.0 * hidden_size * moe_intermediate_size * weight_bytes
+    hbm = (np.asarray(slots, dtype=np.float64) * expert_bytes + np.asarray(pairs, dtype=np.float64)
+           * (hidden_size * (in_bytes + out_bytes))) / (profile.hbm_gbps * 1e9)
+    return compute, hbm
 
-    def __init__(self, num_steps: int, num_layers: int, num_gpus: int, gpus_per_node: int):
-        self.T, self.M, self.G, self.gpn = num_steps, num_layers, num_gpus, gpus_per_node
+
+class StepCounts:
+    """Per (step, MoE layer, GPU) accumulators: load, RDMA sends/receives, NVLink sends/receives; per (step, MoE
+    layer, slot) whether the slot received a pair (``touched``: bool flags, or uint64 words of bits when
+    ``packed``; default: bits only when the byte flags would pass :data:`FLAG_BYTES_MAX`).
+
+    Every count is an integer (exact in float64 or a flag), so merging accumulators filled by different threads
+    gives the same numbers in any order."""
+
+    def __init__(self, num_steps: int, num_layers: int, num_gpus: int, gpus_per_node: int,
+                 slots_per_gpu: int = 1, packed: bool | None = None):
+        self.T, self.M, self.G, self.gpn, self.spg = num_steps, num_layers, num_gpus, gpus_per_node, slots_per_gpu
         size = num_steps * num_layers * num_gpus
         self.load = np.zeros(size)
         self.rdma_out = np.zeros(size)
         self.rdma_in = np.zeros(size)
         self.nvl_out = np.zeros(size)
         self.nvl_in = np.zeros(size)
+        self.packed = size * slots_per_gpu > FLAG_BYTES_MAX if packed is None else bool(packed)
+        self.words = -(-slots_per_gpu // 64)  # uint64 words per (step, layer, GPU) when packed
+        self.touched = np.zeros(size * self.words, dtype=np.uint64) if self.packed \
+            else np.zeros(size * slots_per_gpu, dtype=bool)
 
     def merge(self, other: "StepCounts") -> None:
         for k in ("load", "rdma_out", "rdma_in", "nvl_out", "nvl_in"):
             getattr(self, k).__iadd__(getattr(other, k))
+        self.touched |= other.touched
+
+    def slots_read(self) -> np.ndarray:
+        """(T, M, G) int64: distinct slots of each GPU that received at least one pair in the step and layer."""
+        if self.packed:
+            per = np.bitwise_count(self.touched).reshape(-1, self.words).sum(1, dtype=np.int64)
+        else:
+            per = self.touched.reshape(-1, self.spg).sum(1, dtype=np.int64)
+        return per.reshape(self.T, self.M, self.G)
+
+    def _touch(self, base: np.ndarray, slots: np.ndarray, keep: np.ndarray | None) -> None:
+        """Flag ``slots`` (n, k) global slot ids at their row's (step, layer) ``base`` (n,) = (step * M + layer)
+        * G; entries where ``keep`` (n, k) is False read no weights."""
+        spg = self.spg
+        it = np.int32 if self.touched.size < 2**31 - 1 and not self.packed else np.int64
+        s = slots.astype(it, copy=False)
+        b = base.astype(it, copy=False)[:, None]
+        if keep is not None:
+            s, b = s[keep], np.broadcast_to(b, keep.shape)[keep]
+        if not self.packed:  # slot = GPU * spg + local, so (step, layer, GPU, local) = base * spg + slot
+            self.touched[(b * it(spg) + s).ravel()] = True
+            return
+        g, loc = np.divmod(s, spg)
+        word = (b + g) * self.words + loc // 64
+        np.bitwise_or.at(self.touched, word.ravel(), np.left_shift(np.uint64(1), (loc % 64).astype(np.uint64)).ravel())
 
     def add(self, step: np.ndarray, lp: np.ndarray, h: np.ndarray, dg: np.ndarray, decode: np.ndarray,
-            real: np.ndarray | None = None) -> None:
+            real: np.ndarray | None = None, slots: np.ndarray | None = None) -> None:
         """One chunk: ``step``, ``lp``, ``h`` (n,) step, layer position, home GPU; ``dg`` (n, k) destination GPU;
         ``decode`` (n,) bool (low-latency mode) else normal mode. Masked entries go to a dump bin (index
         ``size``) instead of being compacted out: one pass per count. ``real`` (n, k) bool or None: False for a
-        zero-computation choice, whose ``dg`` is the home GPU (so it sends nothing) and which adds no load."""
+        zero-computation choice, whose ``dg`` is the home GPU (so it sends nothing) and which adds no load and
+        reads no weights. ``slots`` (n, k) the slot of each pair (GPU ``slot // slots_per_gpu``); may be left out
+        only with one slot per GPU (then the slot is ``dg``)."""
         G, gpn = self.G, self.gpn
+        if slots is None:
+            if self.spg != 1:
+                raise ValueError("StepCounts.add needs slots when a GPU holds several slots")
+            slots = dg
         size = self.load.size
         it = np.int32 if size < 2**31 - 1 else np.int64
         base = (step.astype(it) * it(self.M) + lp.astype(it)) * it(G)  # (n,) first bin of the row's (step, layer)
@@ -204,6 +275,7 @@ class StepCounts:
             self.load += np.bincount(key.ravel(), minlength=size)
         else:
             put(self.load, key, real)
+        self._touch(base, slots, real)
 
         if decode.any():  # low-latency: one send per (token, expert) pair
             remote = (d // gpn) != (hh // gpn)[:, None]
@@ -236,13 +308,19 @@ class StepCounts:
             put(self.nvl_in, b[:, None] + ds, lg)
 
     def summary(self, layout: StepLayout, profile: HardwareProfile, *, hidden_size: int, bytes_per_elem: float,
-                moe_intermediate_size: int) -> dict:
-        """Per-step statistics over the full steps (see the module docstring)."""
+                moe_intermediate_size: int, weight_bytes: float = 2.0) -> dict:
+        """Per-step statistics over the full steps (see the module docstring). ``weight_bytes``: bytes per expert
+        weight (2 = BF16)."""
         T, M, G = self.T, self.M, self.G
         shape = (T, M, G)
         load = self.load.reshape(shape)
-        flops = 6.0 * hidden_size * moe_intermediate_size  # gate, up, down: 3 GEMMs x 2 FLOPs per MAC
-        compute = load.max(2) * flops / (profile.tflops * 1e12)  # (T, M) seconds
+        slots = self.slots_read()
+        gpu_compute, gpu_hbm = expert_roofline(load, slots, profile, hidden_size=hidden_size,
+                                               moe_intermediate_size=moe_intermediate_size, weight_bytes=weight_bytes,
+                                               in_bytes=bytes_per_elem)  # (T, M, G) seconds each
+        compute = gpu_compute.max(2)  # (T, M)
+        hbm = gpu_hbm.max(2)
+        expert = np.maximum(gpu_compute, gpu_hbm).max(2)  # roofline per GPU, then the slowest GPU
 
         def comm_s(elem: float) -> np.ndarray:
             rd = np.maximum(self.rdma_out, self.rdma_in).reshape(shape) * elem / (profile.rdma_gbps * 1e9)
@@ -250,7 +328,7 @@ class StepCounts:
             return np.maximum(rd, nv).max(2)
 
         elem = hidden_size * bytes_per_elem
-        layer_s = compute + comm_s(elem) + comm_s(hidden_size * COMBINE_BYTES)
+        layer_s = expert + comm_s(elem) + comm_s(hidden_size * COMBINE_BYTES)
         step_ms = layer_s.sum(1) * 1e3
         mean_load = load.mean(2).sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -267,6 +345,9 @@ class StepCounts:
                 "step_time_ms": float(step_ms[keep].mean()),
                 "step_time_p99_ms": float(np.percentile(step_ms[keep], 99)),
                 "compute_ms_per_step": float(compute.sum(1)[keep].mean() * 1e3),
+                "hbm_ms_per_step": float(hbm.sum(1)[keep].mean() * 1e3),
+                "expert_ms_per_step": float(expert.sum(1)[keep].mean() * 1e3),
+                "slots_read_per_step": float(slots.max(2).sum(1)[keep].mean()),
                 "imbalance_p50": float(np.percentile(imb[keep], 50)),
                 "imbalance_p99": float(np.percentile(imb[keep], 99)),
                 "cross_node_bytes_per_step": float(xbytes[keep].mean()),
@@ -293,5 +374,6 @@ def score_placement(placement, traces: TraceArrays, mask: np.ndarray | None = No
                     prefill_chunk=prefill_chunk, home=home, **overrides)
 
 
-def profile_for(profile: str | HardwareProfile, tflops=None, nvlink_gbps=None, rdma_gbps=None) -> HardwareProfile:
-    return get_profile(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=rdma_gbps)
+def profile_for(profile: str | HardwareProfile, tflops=None, nvlink_gbps=None, rdma_gbps=None,
+                hbm_gbps=None) -> HardwareProfile:
+    return get_profile(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=rdma_gbps, hbm_gbps=hbm_gbps)
