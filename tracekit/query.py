@@ -295,7 +295,8 @@ def _create_summary_views(con: duckdb.DuckDBPyConnection, routes_runs: Sequence[
     from .summaries import run_loads_file, summary_files
 
     found = [summary_files(r.path, r.files.get("routes", [])) for r in routes_runs]
-    if routes_runs and all(f is not None for f in found):
+    # an empty run (killed between its manifest and its first chunk) has no summaries: derive (empty) views
+    if routes_runs and all(f is not None for f in found) and any(f["requests"] for f in found):
         con.register("request_summary_files", _read_only_dataset([p for f in found for p in f["requests"]]))
         loads = []
         for r, f in zip(routes_runs, found):  # a run's summed file when it sums exactly the chunks read
