@@ -24,6 +24,8 @@ class FakeSGLang:
         self.seen: list[dict] = []
         self.gates: dict[str, asyncio.Event] = {}
 
+    health = 200  # what GET /health answers
+
     def gate(self, name: str) -> asyncio.Event:
         return self.gates.setdefault(name, asyncio.Event())
 
@@ -59,14 +61,18 @@ class FakeSGLang:
         await resp.write_eof()
         return resp
 
+    async def health_page(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.health)
+
     async def server_info(self, request: web.Request) -> web.Response:
         return web.json_response({"model_path": self.model_path, "dp_size": self.dp_size})
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=1 << 28)
         for p in ("/generate", "/v1/completions", "/v1/chat/completions"):
             app.router.add_post(p, self.handle)
         app.router.add_get("/get_server_info", self.server_info)
+        app.router.add_get("/health", self.health_page)
         return app
 
 

@@ -360,7 +360,7 @@ CASES: list[Case] = [
     C("query-many", "query $RUN 'select 1; COPY (select 1) TO \"$B/y.csv\"'"),
     C("query-geometry-str", "query $RUN_GEOSTR 'select count(*) from routes'", "manifest.json: field"),
     C("query-interrupt", "query $RUN 'select 1' -f csv -o $B/q.csv", "run the same command", code=130,
-      interrupt="tracekit.query:fetch_arrow"),
+      interrupt="tracekit.cli.query_cmd:_write_stream"),
     # --- sql
     C("sql-syntax", "sql $RUN", stdin="selec 1;\n"),
     C("sql-dot", "sql $RUN", "unknown command", stdin=".bogus\n"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -155,6 +157,12 @@ def test_analyze_and_place_refuse_then_allow_partial(run, capsys):
 
 
 def test_runs_without_chunk_records_open_unverified(run, capsys):
+    """A run of a tracekit from before chunk records: its chunks carry no run id either (a run whose chunks do
+    carry one lost its records: damaged, see test_a_manifest_that_lost_its_chunk_records_is_damaged)."""
+    for p in (run / "routes").glob("*.parquet"):
+        t = pq.read_table(p)
+        kv = {k: v for k, v in (t.schema.metadata or {}).items() if k != b"tracekit.run_id"}
+        pq.write_table(t.replace_schema_metadata(kv), p)
     m = json.loads((run / "manifest.json").read_text())
     del m["chunks"]
     (run / "manifest.json").write_text(json.dumps(m))
@@ -217,3 +225,52 @@ def test_resume_refuses_to_adopt_another_runs_chunk(run, tmp_path):
     shutil.copy(next((other / "routes").glob("part-*.parquet")), run / "routes/part-r000-c000777.parquet")
     with pytest.raises(TracekitError, match="belongs to run"):
         reconcile_chunks(read_manifest(run), run)
+
+
+# --- issue 19.5 ------------------------------------------------------------------------------------------------
+
+
+def _small_run(path):
+    from tracekit.synth import generate_run
+
+    generate_run(path, num_experts=16, top_k=2, moe_layers=[0, 1], requests=4, prompt_tokens=5, decode_tokens=3,
+                 domains=("code",), weights=True, seed=3)
+    return path
+
+
+@pytest.mark.parametrize("edit", ["delete", "null", "list"])
+def test_a_manifest_that_lost_its_chunk_records_is_damaged(tmp_path, edit):
+    import json as _json
+
+    from tracekit.store import verify_run
+
+    run = _small_run(tmp_path / "run")
+    m = _json.loads((run / "manifest.json").read_text())
+    if edit == "delete":
+        del m["chunks"]
+    else:
+        m["chunks"] = None if edit == "null" else []
+    (run / "manifest.json").write_text(_json.dumps(m))
+    assert verify_run(run, checksums=True).state == "damaged"
+    r = subprocess.run([sys.executable, "-m", "tracekit", "info", str(run), "--verify"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+
+
+def test_an_empty_run_reads_as_empty(tmp_path):
+    import json as _json
+    import shutil
+
+    run = _small_run(tmp_path / "run")  # then made what a kill between the manifest and the first chunk leaves
+    m = _json.loads((run / "manifest.json").read_text())
+    m.update(chunks={}, status="interrupted")
+    m.pop("totals", None)
+    (run / "manifest.json").write_text(_json.dumps(m))
+    for p in (run / "routes").iterdir():
+        p.unlink()
+    shutil.rmtree(run / "summaries")
+    con = connect(run)
+    try:
+        for view in ("routes", "requests", "loads", "choices"):
+            assert fetch_arrow(run_sql(con, f"SELECT count(*) AS n FROM {view}")).column("n")[0].as_py() == 0
+    finally:
+        con.close()

@@ -154,3 +154,72 @@ def test_two_collects_with_different_arguments(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["args"]["limit"] == 40 and m["totals"]["routes"]["requests"] == 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no lock file left
+
+
+# --- the lock is on the resolved directory (issue 19.1) ---------------------------------------------------------
+
+
+def _spellings(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A run directory R and other paths naming it: a symlink to it, a path through a symlinked parent, a
+    relative link, and a ``..`` detour through a symlinked directory (lexical normalisation would get it wrong)."""
+    real = tmp_path / "data" / "R"
+    real.mkdir(parents=True)
+    (tmp_path / "A").symlink_to(real)
+    (tmp_path / "P").symlink_to(tmp_path / "data")
+    (tmp_path / "rel").symlink_to(Path("data") / "R")
+    (tmp_path / "data" / "sub").mkdir()
+    (tmp_path / "deep").symlink_to(tmp_path / "data" / "sub")
+    return real, [tmp_path / "A", tmp_path / "P" / "R", tmp_path / "rel", tmp_path / "deep" / ".." / "R"]
+
+
+def test_every_spelling_of_one_directory_shares_one_lock(tmp_path):
+    real, others = _spellings(tmp_path)
+    holder = _hold(real)
+    try:
+        for other in others:
+            assert lock_path(other) == lock_path(real)
+            assert writer_pid(other) == str(holder.pid)
+            with pytest.raises(TracekitError, match=f"being written by another tracekit process \\(pid {holder.pid}\\)"):
+                with writer_lock(other):
+                    pass
+    finally:
+        _stop(holder)
+    holder = _hold(others[0])  # held through the symlink: the real path is refused
+    try:
+        with pytest.raises(TracekitError, match=f"pid {holder.pid}"):
+            with writer_lock(real):
+                pass
+    finally:
+        _stop(holder)
+
+
+def test_import_through_a_symlink_is_refused_while_the_target_is_written(tmp_path):
+    real, (link, *_) = _spellings(tmp_path)
+    holder = _hold(real)
+    try:
+        r = _tk("import", "routed-experts", str(_routed_file(tmp_path)), "--out", str(link), *GEO_FLAGS)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"is being written by another tracekit process (pid {holder.pid})" in r.stderr
+        assert list(real.iterdir()) == []
+    finally:
+        _stop(holder)
+    # unheld: the import through the symlink fills the target, and the symlink still points at it
+    r = _tk("import", "routed-experts", str(_routed_file(tmp_path)), "--out", str(link), *GEO_FLAGS)
+    assert r.returncode == 0, r.stderr
+    assert link.is_symlink() and (real / "manifest.json").is_file()
+    assert not [p for p in real.parent.iterdir() if p.name.startswith(".")]  # no staging or lock file left
+
+
+@pytest.mark.parametrize("command", ["import", "collect"])
+def test_dangling_symlink_out_is_refused_in_one_line(tmp_path, command):
+    link = tmp_path / "kdangle"
+    link.symlink_to(tmp_path / "missing")
+    if command == "import":
+        r = _tk("import", "routed-experts", str(_routed_file(tmp_path)), "--out", str(link), *GEO_FLAGS)
+    else:
+        r = _tk("collect", *COLLECT, "--limit", "2", "--out", str(link))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (f"error: --out {link} is a symlink to {tmp_path / 'missing'}, which does not exist; "
+                        "create the target directory or give a real directory\n")
+    assert not (tmp_path / "missing").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["kdangle"] + (["r.jsonl"] if command == "import" else []))

@@ -157,3 +157,73 @@ def test_library_query_refuses_writes(root):
         query(root / "run", f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{root}/cwd/x.csv'")
     assert not (root / "cwd" / "x.csv").exists()
     assert os.listdir(root / "cwd") == []
+
+
+# --- the filter reads DuckDB's parsed statement tree, not the leading keyword (issue 19.4) -----------------------
+
+REWRITES = [
+    "WITH x AS (DELETE FROM runs RETURNING 1) SELECT * FROM x",
+    "WITH y AS (INSERT INTO runs SELECT * FROM runs RETURNING 1) SELECT count(*) FROM y",
+    "WITH z AS (UPDATE runs SET run_id = 'forged' RETURNING 1) SELECT 1",
+    "SELECT * FROM (WITH x AS (DELETE FROM runs RETURNING 1) SELECT * FROM x) t",
+    "SELECT 1 UNION ALL (WITH x AS (DELETE FROM runs RETURNING 1) SELECT 1 FROM x)",
+    "EXPLAIN ANALYZE CREATE OR REPLACE VIEW requests AS SELECT 'forged' AS prompt_id",
+    "EXPLAIN ANALYZE DROP VIEW routes",
+    "EXPLAIN ANALYZE CREATE MACRO m(a) AS a + 1",
+    "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+    "EXPLAIN ANALYZE INSERT INTO runs SELECT * FROM runs",
+    "EXPLAIN CREATE TABLE t AS SELECT 1",
+    "explain   analyse  (FORMAT json) DELETE FROM runs",
+    "EXPLAIN EXPLAIN ANALYZE DROP VIEW routes",
+    "EXPLAIN ANALYZE WITH x AS (DELETE FROM runs RETURNING 1) SELECT * FROM x",
+    "/* c */ EXPLAIN ANALYZE -- c\n DROP VIEW choices",
+    "SELECT 1; EXPLAIN ANALYZE DROP VIEW routes",
+]
+
+
+@pytest.mark.parametrize("sql", REWRITES)
+def test_rewrites_inside_ctes_and_explain_are_refused(root, capsys, sql):
+    with pytest.raises(TracekitError, match="not allowed|cannot tell|invalid SQL"):
+        query(root / "run", sql)
+    with pytest.raises(SystemExit) as exc:
+        main(["query", str(root / "run"), "--", sql])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
+
+
+@pytest.mark.parametrize("sql", ["SELECT count(*) FROM routes", "EXPLAIN SELECT * FROM routes",
+                                 "EXPLAIN ANALYZE SELECT count(*) FROM choices", "DESCRIBE requests",
+                                 "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) "
+                                 "SELECT sum(n) FROM r", "SELECT (SELECT count(*) FROM runs) AS n",
+                                 "FROM requests LIMIT 1", "SUMMARIZE runs"])
+def test_reads_still_pass(root, sql):
+    assert query(root / "run", sql).num_rows >= 1
+
+
+def test_sql_shell_keeps_no_forged_view(root, monkeypatch, capsys):
+    """Even a statement that got past the filter could not leave anything behind: each runs in a transaction
+    that is rolled back. Here the forged statements are refused and the later reads see the real views."""
+    real = query(root / "run", "SELECT count(*) AS n FROM requests").column("n")[0].as_py()
+    script = ("EXPLAIN ANALYZE CREATE OR REPLACE VIEW requests AS SELECT 'forged' AS x;\n"
+              "WITH x AS (DELETE FROM runs RETURNING 1) SELECT * FROM x;\n"
+              "SELECT count(*) AS n FROM requests;\nSELECT count(*) AS r FROM runs;\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    with pytest.raises(SystemExit) as exc:
+        main(["sql", str(root / "run"), "--max-rows", "5"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 2
+    assert "forged" not in out and f"│ {real} │" in out
+
+
+def test_a_statement_that_changes_the_catalog_is_rolled_back(root):
+    """The second wall on its own: a change made inside stream_result's transaction does not outlive it."""
+    from tracekit.query import connect, stream_result
+
+    con = connect(root / "run")
+    try:
+        with stream_result(con, "SELECT count(*) FROM runs") as batches:
+            list(batches)
+            con.execute("CREATE OR REPLACE VIEW requests AS SELECT 'forged' AS x")  # as if it had slipped through
+        assert "forged" not in str(con.sql("SELECT * FROM requests LIMIT 1").fetchall())
+    finally:
+        con.close()

@@ -22,7 +22,7 @@ from tracekit.placement.classifier import fit_text_classifier
 from tracekit.placement.types import Cluster, GroupingRule, Placement
 from tracekit.route.balancer import Balancer
 from tracekit.route.body import BadRequest, insert_rank, parse_object
-from tracekit.route.server import ROUTER, RouteOptions, make_app
+from tracekit.route.server import HEALTH_TTL, ROUTER, RouteOptions, make_app
 from tracekit.route.table import load_route_table
 
 from _cli import run_cli
@@ -279,10 +279,15 @@ def test_upstream_process_killed_mid_stream_then_down_then_back(gfile):
                     assert r.status == 502
                     text = await r.text()
                     assert text.count("\n") == 1 and "unreachable" in json.loads(text)["error"]["message"]
-                assert (await s.get(url + "/healthz")).status == 200  # the proxy keeps serving
+                async with s.get(url + "/healthz") as r:  # the proxy keeps serving, and says the upstream is down
+                    h = await r.json()
+                    assert r.status == 503 and h["upstream"]["state"] == "unreachable" and h["dp_size"] == 4
                 proc = _spawn_upstream(port)
                 async with s.post(url + "/generate", json={"text": "1+1"}) as r:
                     assert r.status == 200 and (await r.json())["text"] == "ok"
+                await asyncio.sleep(HEALTH_TTL)
+                async with s.get(url + "/healthz") as r:
+                    assert r.status == 200 and (await r.json())["upstream"]["state"] == "ok"
         finally:
             await px.cleanup()
     try:
@@ -340,14 +345,20 @@ MALFORMED = [
     ("GET", "/generate", b"", {}, 405, "use POST"),
     ("POST", "/v2/generate", b"{}", {}, 404, "unknown path"),
     ("GET", "/", b"", {}, 404, "unknown path"),
-    ("POST", "/generate", b'{"text": "' + b"x" * 5000 + b'"}', {}, 413, ""),
+    ("POST", "/generate", b'{"text": "' + b"x" * 70000 + b'"}', {}, 413, "over the limit"),
+    # hostile JSON: nesting past the parser's recursion limit, integers past Python's int-string limit
+    ("POST", "/generate", b'{"a": ' + b"[" * 3000 + b"]" * 3000 + b"}", {}, 400, "nested too deeply"),
+    ("POST", "/generate", b'{"a": {"b": ' * 1300 + b"1" + b"}}" * 1300 + b"}", {}, 400, "nested too deeply"),
+    ("POST", "/generate", b'{"text": "x", "n": ' + b"9" * 5000 + b"}", {}, 400, "out of range"),
+    ("POST", "/generate", b'{"text": "x", "routed_dp_rank": ' + b"1" * 4500 + b"}", {}, 400, "out of range"),
+    ("POST", "/generate", b'{"text": "x", "routed_dp_rank": 1e999}', {}, 400, "integer DP rank"),
 ]
 
 
 @pytest.mark.parametrize("method, path, body, headers, status, reason", MALFORMED)
 def test_malformed_requests(gfile, method, path, body, headers, status, reason):
     async def go():
-        async with stack(gfile, max_body_bytes=4096) as st:
+        async with stack(gfile, max_body_bytes=65536) as st:
             async with st.session.request(method, st.url + path, data=body, headers=headers) as r:
                 text = await r.text()
                 assert r.status == status, text
@@ -427,3 +438,143 @@ def test_route_cli_serves_until_interrupted(gfile, tmp_path):
         px.wait(timeout=20)
         up.kill()
         up.wait()
+
+
+# ------------------------------------------------------------------------------------------------ bounded resources
+
+
+async def _raw(port: int, data: bytes, wait: float = 5.0) -> bytes:
+    """Send ``data`` on a raw connection and return everything the proxy sends before it closes (or ``wait``)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    out = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), wait):
+            out += chunk
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
+    writer.close()
+    return out
+
+
+def test_slot_is_taken_before_the_body_is_read(gfile, monkeypatch):
+    """A request waiting for a slot has not had its body read; the body is read only once the slot is held."""
+    from tracekit.route.server import Router
+
+    seen = []
+    real = Router.read_body
+
+    async def spy(self, request):
+        seen.append(self.slots._value)  # free slots when the body starts being read
+        return await real(self, request)
+
+    monkeypatch.setattr(Router, "read_body", spy)
+
+    async def go():
+        async with stack(gfile, max_concurrency=1, queue_timeout=0.3) as st:
+            gate = st.fake.gate("hold")
+            body = {"text": "1+1", "stream": True, "fake": {"chunks": 2, "gate": "hold"}}
+            async with st.session.post(st.url + "/generate", json=body) as first:
+                await first.content.readuntil(b"\n\n")
+                assert seen == [0]  # the first read its body holding the only slot
+                async with st.session.post(st.url + "/generate", data=b'{"text": "' + b"y" * 200_000 + b'"}') as r:
+                    assert r.status == 503
+                assert seen == [0]  # the second never read its body: it never got a slot
+                gate.set()
+                await first.read()
+    arun(go())
+
+
+def test_body_size_limit_is_enforced_before_and_while_reading(gfile):
+    async def go():
+        async with stack(gfile, max_body_bytes=1 << 20) as st:
+            port = int(st.url.rsplit(":", 1)[1])
+            # a Content-Length over the limit is refused at once, though no byte of the body was sent
+            out = await _raw(port, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000000\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 413") and b"over the limit" in out
+            # a chunked body is cut off at the limit
+            async def chunks():
+                for _ in range(64):
+                    yield b"x" * 65536
+            async with st.session.post(st.url + "/generate", data=chunks()) as r:
+                assert r.status == 413 and (await r.text()).count("\n") == 1
+            assert st.fake.seen == []
+            async with st.session.post(st.url + "/generate", json={"text": "1+1"}) as r:
+                assert r.status == 200
+    arun(go())
+
+
+def test_slow_headers_and_idle_connections_are_closed(gfile):
+    async def go():
+        async with stack(gfile, header_timeout=0.5) as st:
+            port = int(st.url.rsplit(":", 1)[1])
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            # slowloris: a request line and one header, then nothing more; and a connection that never speaks
+            outs = await asyncio.gather(_raw(port, b"POST /generate HTTP/1.1\r\nHost: x\r\n"), _raw(port, b""),
+                                        *(_raw(port, b"GET /healthz HTTP/1.1\r\nX-Slow: ") for _ in range(20)))
+            assert loop.time() - t0 < 4  # all closed by the proxy, long before _raw's own 5 s wait
+            assert all(not o.startswith(b"HTTP/1.1 2") for o in outs)
+            async with st.session.post(st.url + "/generate", json={"text": "1+1"}) as r:
+                assert r.status == 200
+    arun(go())
+
+
+def test_slow_body_gets_408_and_frees_its_slot(gfile):
+    async def go():
+        async with stack(gfile, max_concurrency=1, body_timeout=0.5, queue_timeout=5) as st:
+            port = int(st.url.rsplit(":", 1)[1])
+            out = await _raw(port, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"te")
+            assert out.startswith(b"HTTP/1.1 408") and b"not received within 0.5 s" in out
+            async with st.session.post(st.url + "/generate", json={"text": "1+1"}) as r:
+                assert r.status == 200  # the only slot was given back
+            assert len(st.fake.seen) == 1
+    arun(go())
+
+
+def test_a_huge_batch_is_classified_in_bounded_work(gfile, monkeypatch):
+    from tracekit.route import table as table_mod
+
+    async def go():
+        async with stack(gfile) as st:
+            clf = st.table.classifier
+            sizes = []
+            real = clf.predict
+            monkeypatch.setattr(clf, "predict", lambda texts: sizes.append((len(texts), max(map(len, texts))))
+                                or real(texts))
+            texts = ["def f(x): return x " * 2000] * 200  # 200 prompts of 38,000 characters (7.6 MB)
+            body = json.dumps({"text": texts}).encode()
+            async with stack_post(st, body) as r:
+                assert r.status == 200
+            assert sizes == [(table_mod.CLASSIFY_TEXTS, table_mod.CLASSIFY_CHARS)]
+    arun(go())
+
+
+@contextlib.asynccontextmanager
+async def stack_post(st, body: bytes):
+    async with st.session.post(st.url + "/generate", data=body) as r:
+        yield r
+
+
+def test_healthz_reports_an_unhealthy_upstream(gfile):
+    async def go():
+        async with stack(gfile) as st:
+            async with st.session.get(st.url + "/healthz") as r:
+                assert r.status == 200 and (await r.json())["upstream"]["state"] == "ok"
+            st.fake.health = 500
+            await asyncio.sleep(HEALTH_TTL)
+            async with st.session.get(st.url + "/healthz") as r:
+                h = await r.json()
+                assert r.status == 503 and h["upstream"] == {"url": h["upstream"]["url"], "state": "unhealthy",
+                                                             "http_status": 500}
+    arun(go())
+
+
+def test_listens_on_loopback_by_default():
+    import inspect
+
+    from tracekit.cli.route_cmd import parse_listen, route_cmd
+
+    assert inspect.signature(route_cmd).parameters["listen"].default.default == "127.0.0.1:8000"
+    assert parse_listen(":8000") == ("127.0.0.1", 8000)

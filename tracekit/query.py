@@ -26,8 +26,17 @@ statements in one string -- can create, change or delete a file, through the CLI
 :func:`connect` used directly in a notebook. Spilling goes to a private temporary folder (not the run, not the
 working directory) that is removed when the connection is closed or collected. On top of that :func:`run_sql` -- the
 entry point of ``tracekit query``, ``tracekit sql`` and the analyses -- accepts only ``SELECT``/``EXPLAIN``
-statements, so ``CREATE``, ``SET`` and the like are refused with one line; :func:`fetch_limited` stops a query
-after a time limit (``--timeout``) and ``connect(memory_limit=...)`` bounds DuckDB's memory (``--memory-limit``).
+statements, decided on DuckDB's parsed statement tree: every query node of a SELECT (its CTEs, subqueries and set
+operations included) must be a SELECT, and an ``EXPLAIN [ANALYZE]`` is judged by the statement it explains, so
+``WITH x AS (DELETE ... RETURNING 1) SELECT ...`` or ``EXPLAIN ANALYZE CREATE VIEW ...`` are refused with one line.
+As a second wall (PostgreSQL's read-only transaction), every user statement runs inside a transaction that is rolled
+back after its result is fetched: nothing it did to the catalog outlives it.
+
+Bounds (PostgreSQL's ``work_mem`` / ``temp_file_limit`` / ``statement_timeout``): :func:`stream_result` stops a query
+after a time limit (``--timeout``), ``connect(memory_limit=...)`` bounds DuckDB's memory (``--memory-limit``) and
+``max_temp_size`` what it may spill (``max_temp_directory_size``, ``--max-spill``); results are fetched in batches
+(:func:`stream_result`) and an in-memory result is refused past ``max_result_bytes``. Each connection spills into its
+own folder, held by an advisory lock; a folder whose owner was killed is removed by the next :func:`connect`.
 
 Two internal readers use DuckDB's own ``read_parquet`` on a private connection that runs fixed statements only
 (never user text): the analyses' slice reader (:mod:`tracekit.analysis.scan`, ~2.5x faster at decoding the expert
@@ -35,8 +44,11 @@ lists than an Arrow dataset scan) and the placement loader (:mod:`tracekit.place
 """
 from __future__ import annotations
 
+import fcntl
 import glob
+import json
 import os
+import time
 import shutil
 import tempfile
 import threading
@@ -44,7 +56,7 @@ import weakref
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -57,7 +69,12 @@ from .store import MANIFEST, Run, open_run
 VIEWS = ("routes", "choices", "requests", "runs", "loads")
 _ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 DEFAULT_MEMORY_LIMIT = "4GB"
+DEFAULT_MAX_TEMP = "8GB"
 DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_MAX_RESULT_BYTES = 1 << 30  # an Arrow result held in memory (fetch_limited, query)
+BATCH_ROWS = 8192  # rows per fetched Arrow batch
+SPILL_PREFIX = "tracekit-duckdb-"
+_SELECT_NODES = frozenset({"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"})
 
 
 def sql_text(name: str) -> str:
@@ -172,24 +189,26 @@ def connect(
     *,
     threads: int | None = None,
     memory_limit: str | None = DEFAULT_MEMORY_LIMIT,
+    max_temp_size: str | None = DEFAULT_MAX_TEMP,
 ) -> duckdb.DuckDBPyConnection:
     """A read-only DuckDB connection with the views ``routes``, ``choices``, ``requests``, ``runs``, ``loads``.
 
     ``runs``: a run directory, a glob of run directories, a folder of run directories, or a list of these.
     ``memory_limit``: DuckDB's memory limit (e.g. ``"4GB"``; ``None`` = DuckDB's default of 80% of RAM); larger
-    intermediate results spill to a private temporary folder. The connection cannot touch any file (see the
-    module docstring): it is safe to hand to a notebook.
+    intermediate results spill to a private temporary folder, at most ``max_temp_size`` of it (``None``: DuckDB's
+    default, 90% of the free disk). The connection cannot touch any file (see the module docstring): it is safe to
+    hand to a notebook.
     """
     opened = resolve_runs(runs)
     routes_files = [p for r in opened for p in r.files.get("routes", [])]
     loads_files = [p for r in opened for p in r.files.get("loads", [])]
-    spill = tempfile.mkdtemp(prefix="tracekit-duckdb-")
+    spill, owner = _spill_folder()
     try:
         con = duckdb.connect(":memory:")
     except duckdb.Error as exc:
-        shutil.rmtree(spill, ignore_errors=True)
+        _drop_spill(spill, owner)
         raise TracekitError(f"cannot open DuckDB: {first_line(exc)}") from None
-    weakref.finalize(con, shutil.rmtree, spill, True)
+    weakref.finalize(con, _drop_spill, spill, owner)
     try:
         if threads:
             con.execute(f"SET threads = {int(threads)}")
@@ -200,6 +219,11 @@ def connect(
                 raise TracekitError(f"memory limit {memory_limit!r} (--memory-limit) is not a size; use e.g. 512MB "
                                     "or 4GB") from None
         con.execute("SET temp_directory = ?", [spill])
+        if max_temp_size:
+            try:
+                con.execute("SET max_temp_directory_size = ?", [str(max_temp_size)])
+            except duckdb.Error:
+                raise TracekitError(f"spill limit {max_temp_size!r} (--max-spill) is not a size; use e.g. 2GB") from None
         no_progress_bar(con)
         if routes_files:
             con.register("routes_files", _read_only_dataset(routes_files))
@@ -228,13 +252,51 @@ def connect(
     return con
 
 
+def _spill_folder() -> tuple[str, int]:
+    """A fresh private spill folder and the fd of its lock (held while the connection lives); folders of killed
+    owners (their lock free) are removed first."""
+    root = tempfile.gettempdir()
+    for stale in glob.glob(os.path.join(root, SPILL_PREFIX + "*")):
+        try:
+            fd = os.open(os.path.join(stale, ".owner"), os.O_RDONLY)
+        except FileNotFoundError:  # no lock file: a folder of an older version, or one being made right now
+            try:
+                if time.time() - os.stat(stale).st_mtime > 3600:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass
+            continue
+        except OSError:
+            continue  # another user's folder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live connection's
+        finally:
+            os.close(fd)
+        shutil.rmtree(stale, ignore_errors=True)
+    spill = tempfile.mkdtemp(prefix=SPILL_PREFIX)
+    owner = os.open(os.path.join(spill, ".owner"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(owner, fcntl.LOCK_SH)
+    return spill, owner
+
+
+def _drop_spill(spill: str, owner: int) -> None:
+    shutil.rmtree(spill, ignore_errors=True)
+    try:
+        os.close(owner)
+    except OSError:
+        pass
+
+
 def _create_summary_views(con: duckdb.DuckDBPyConnection, routes_runs: Sequence[Run]) -> None:
     """``requests`` and ``loads_derived`` from the per-chunk summaries when every routes run has them, else derived
     from the routes rows (same columns, same numbers); ``loads_by_step`` is always derived."""
     from .summaries import run_loads_file, summary_files
 
     found = [summary_files(r.path, r.files.get("routes", [])) for r in routes_runs]
-    if routes_runs and all(f is not None for f in found):
+    # an empty run (killed between its manifest and its first chunk) has no summaries: derive (empty) views
+    if routes_runs and all(f is not None for f in found) and any(f["requests"] for f in found):
         con.register("request_summary_files", _read_only_dataset([p for f in found for p in f["requests"]]))
         loads = []
         for r, f in zip(routes_runs, found):  # a run's summed file when it sums exactly the chunks read
@@ -272,12 +334,79 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     if not statements:
         raise TracekitError("empty SQL: give a SELECT statement over routes, choices, requests, runs or loads")
     for st in statements:
-        if st.type not in _ALLOWED_STATEMENTS:
-            kind = str(st.type).rsplit(".", 1)[-1]
-            raise TracekitError(
-                f"{kind} statements are not allowed: traces are read-only; use SELECT "
-                "(and --format/-o to save a result)"
-            )
+        _check_statement(con, st, st.query)
+
+
+def _refuse(kind: str) -> None:
+    raise TracekitError(f"{kind} statements are not allowed: traces are read-only; use SELECT "
+                        "(and --format/-o to save a result)")
+
+
+def _check_statement(con: duckdb.DuckDBPyConnection, st, text: str, depth: int = 0) -> None:
+    """Refuse ``st`` unless its parsed tree is read-only: a SELECT whose every query node is a SELECT, or an
+    EXPLAIN [ANALYZE] of such a SELECT."""
+    if st.type == duckdb.StatementType.EXPLAIN:
+        inner = _explained(text)
+        try:
+            inner_sts = con.extract_statements(inner) if inner and depth < 4 else []
+        except duckdb.Error:
+            inner_sts = []
+        if len(inner_sts) != 1:
+            raise TracekitError("EXPLAIN: cannot tell which statement it explains; EXPLAIN a single SELECT")
+        _check_statement(con, inner_sts[0], inner_sts[0].query, depth + 1)
+        return
+    if st.type != duckdb.StatementType.SELECT:
+        _refuse(str(st.type).rsplit(".", 1)[-1])
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0])
+    except (duckdb.Error, ValueError, TypeError) as exc:
+        raise TracekitError(f"cannot check the statement: {first_line(exc)}") from None
+    if tree.get("error"):
+        raise TracekitError(f"cannot check the statement: {tree.get('error_message', 'unknown')}")
+    for node_type in _node_types(tree):
+        if node_type not in _SELECT_NODES:
+            _refuse(node_type.removesuffix("_NODE").removesuffix("_QUERY") + " (inside a SELECT)")
+
+
+def _node_types(tree) -> Iterator[str]:
+    """Every query-node type (``..._NODE``) anywhere in a serialized statement tree."""
+    stack = [tree]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            t = x.get("type")
+            if isinstance(t, str) and t.endswith("_NODE"):
+                yield t
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+
+
+def _explained(text: str) -> str | None:
+    """The statement an ``EXPLAIN [ANALYZE] [(options)]`` statement explains, as text (None if not found)."""
+    try:
+        tokens = duckdb.tokenize(text)
+    except Exception:  # noqa: BLE001 - any tokenizer failure: we cannot tell, refuse
+        return None
+    i, depth = 0, 0
+    words = [(pos, text[pos:(tokens[j + 1][0] if j + 1 < len(tokens) else len(text))].strip())
+             for j, (pos, _) in enumerate(tokens)]
+    while i < len(words):
+        pos, w = words[i]
+        lw = w.lower()
+        if depth == 0 and lw in ("explain", "analyze", "analyse"):
+            i += 1
+            continue
+        if w == "(" or (w.startswith("(") and depth == 0 and i and words[i - 1][1].lower() in ("explain", "analyze", "analyse")):
+            depth += w.count("(") - w.count(")")
+            i += 1
+            continue
+        if depth > 0:
+            depth += w.count("(") - w.count(")")
+            i += 1
+            continue
+        return text[pos:]
+    return None
 
 
 def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None = None) -> duckdb.DuckDBPyRelation:
@@ -333,11 +462,65 @@ def time_limit(con: duckdb.DuckDBPyConnection, seconds: float | None):
         timer.cancel()
 
 
+@contextmanager
+def stream_result(con: duckdb.DuckDBPyConnection, sql: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+                  params: dict | list | None = None, rows_per_batch: int = BATCH_ROWS) -> Iterator["Batches"]:
+    """Check and run one read-only query; yields an iterator of its Arrow record batches (bounded memory however
+    large the result), stopped after ``timeout`` seconds. The statement runs in a transaction rolled back at the
+    end of the block, so nothing it might have changed in the catalog outlives it."""
+    try:
+        con.execute("BEGIN TRANSACTION")
+    except duckdb.Error as exc:
+        raise TracekitError(f"query failed: {first_line(exc)}") from None
+    reader = None
+    try:
+        with time_limit(con, timeout):
+            rel = run_sql(con, sql, params)
+            try:
+                reader = rel.to_arrow_reader(rows_per_batch)
+            except duckdb.Error as exc:
+                raise TracekitError(f"query failed: {first_line(exc)}") from None
+            yield Batches(reader)
+    finally:
+        if reader is not None:
+            reader.close()  # an unfinished result would block the rollback
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error as exc:  # the connection cannot be trusted to be clean: say so
+            raise TracekitError(f"could not roll back the statement: {first_line(exc)}") from None
+
+
+class Batches:
+    """A query's result as Arrow record batches (``schema``; iterate once); errors are one-line TracekitErrors."""
+
+    def __init__(self, reader: pa.RecordBatchReader):
+        self.reader = reader
+        self.schema = reader.schema
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        while True:
+            try:
+                batch = self.reader.read_next_batch()
+            except StopIteration:
+                return
+            except (duckdb.Error, pa.ArrowException) as exc:
+                raise TracekitError(f"query failed: {first_line(exc)}") from None
+            yield batch
+
+
 def fetch_limited(con: duckdb.DuckDBPyConnection, sql: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
-                  params: dict | list | None = None) -> pa.Table:
-    """Check, run and fetch one read-only query as an Arrow table, stopped after ``timeout`` seconds."""
-    with time_limit(con, timeout):
-        return fetch_arrow(run_sql(con, sql, params))
+                  params: dict | list | None = None, max_bytes: int | None = DEFAULT_MAX_RESULT_BYTES) -> pa.Table:
+    """Check, run and fetch one read-only query as an Arrow table, stopped after ``timeout`` seconds and refused
+    (one line) once the fetched result passes ``max_bytes`` (``None``: no limit)."""
+    with stream_result(con, sql, timeout=timeout, params=params) as batches:
+        kept, size = [], 0
+        for b in batches:
+            size += b.nbytes
+            if max_bytes is not None and size > max_bytes:
+                raise TracekitError(f"the result is over {max_bytes / 2**20:g} MiB held in memory; aggregate or "
+                                    "LIMIT it, or write it with --format csv|json|parquet -o FILE (streamed)")
+            kept.append(b)
+        return pa.Table.from_batches(kept, batches.schema)
 
 
 def fetch_numpy(rel: duckdb.DuckDBPyRelation) -> dict:

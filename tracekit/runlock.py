@@ -11,6 +11,11 @@ outlives its writer is just an empty file that the next writer reuses. The holde
 that the refusal can name it. A writer removes its lock files when it is done (after re-checking, under the lock,
 that the path still names the file it locked, so a writer that raced with the removal locks a fresh file).
 
+The lock is named after the *resolved* directory (symlinks and ``..`` followed, as ``realpath`` does), so two
+spellings of one directory (``R``, a symlink ``A -> R``, ``R/../R``, a symlinked parent) share one lock. A
+``--out`` that is a dangling symlink is refused in one line: writing through it would create the target somewhere
+the user did not name.
+
 Within one process the lock is re-entrant (``import_jsonl`` takes it before reading the sources, and the staging
 step that writes the run takes it again).
 """
@@ -27,9 +32,19 @@ from .errors import TracekitError
 _held: dict[str, list] = {}  # lock path -> [fd, count] for the locks this process holds
 
 
+def resolve_out(run_dir: str | os.PathLike) -> Path:
+    """The directory ``run_dir`` names, every symlink followed; one-line TracekitError for a dangling symlink."""
+    p = Path(run_dir)
+    if p.is_symlink() and not p.exists():
+        raise TracekitError(f"--out {run_dir} is a symlink to {os.readlink(p)}, which does not exist; "
+                            "create the target directory or give a real directory")
+    return Path(os.path.realpath(p))
+
+
 def lock_path(run_dir: str | os.PathLike, rank: int | None = None) -> Path:
-    """The lock file of ``run_dir`` (``rank`` given: that data-parallel rank's own lock file)."""
-    p = Path(os.path.abspath(run_dir))
+    """The lock file of ``run_dir`` (``rank`` given: that data-parallel rank's own lock file), named after the
+    resolved directory so that every spelling of one directory shares it."""
+    p = Path(os.path.realpath(run_dir))
     suffix = "" if rank is None else f".r{rank:03d}"
     return p.parent / f".{p.name}{suffix}.lock"
 
@@ -107,6 +122,7 @@ def writer_lock(run_dir: str | os.PathLike, rank: int = 0, world: int = 1) -> It
     single-process writer, is refused.
     """
     run_dir = Path(run_dir)
+    resolve_out(run_dir)  # a dangling symlink: one line, before any lock file is made
     main = lock_path(run_dir)
     _acquire(main, shared=world > 1, run_dir=run_dir)
     try:

@@ -483,6 +483,11 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any] | None = Non
                 if checksums and file_sha256(p) != rec.get(CHECKSUM):
                     problems.append(ChunkProblem(rel, "corrupt", "sha256 differs from the record"))
                     continue
+            elif not isinstance(recorded, dict) and kv.get(META_RUN_ID):
+                # this chunk's writer records every chunk in the manifest: the record was removed, not never made
+                problems.append(ChunkProblem(rel, "unrecorded", "the manifest has lost its 'chunks' record, which "
+                                                                "the tracekit that wrote this chunk keeps"))
+                continue
             elif isinstance(recorded, dict):
                 owner = kv.get(META_RUN_ID, b"").decode()
                 if complete or owner != m.get("run_id"):

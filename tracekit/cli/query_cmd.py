@@ -25,6 +25,11 @@ MEMORY_LIMIT_OPTION = typer.Option(
     "temporary folder that is removed afterwards.")
 
 
+MAX_SPILL_OPTION = typer.Option(
+    "8GB", "--max-spill", help="Most disk DuckDB may spill to (its max_temp_directory_size), e.g. 2GB; a statement "
+    "that needs more fails with one line.")
+
+
 def partial_reads_cli(allow: bool):
     """``--allow-partial``: damaged runs are read without their damaged chunks, one warning line per chunk."""
     from ..store import partial_reads
@@ -103,39 +108,106 @@ def check_emit(fmt: str, out: Optional[Path], force: bool = False) -> None:
         check_file(out, force=force, option="-o")
 
 
-def emit(table: pa.Table, fmt: str, out: Optional[Path], max_rows: int | None = 200) -> None:
-    """Write a query result: aligned table on the terminal, or csv/json (stdout or file), or parquet (file).
-    ``out`` was checked by :func:`check_emit`; files are written atomically."""
+_CSV_PLAIN = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_string,
+              pa.types.is_large_string, pa.types.is_date, pa.types.is_timestamp, pa.types.is_time,
+              pa.types.is_decimal, pa.types.is_null, pa.types.is_binary, pa.types.is_large_binary)
+
+
+def _text_of(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, (str, int, float, bool)):
+        return str(v)
+    return json.dumps(v, default=str, ensure_ascii=False)
+
+
+def csv_safe(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch CSV can hold: a column of any other type (list, fixed-size list, map, struct, union, interval,
+    duration, ...) becomes its JSON-like text; dictionaries are decoded first."""
+    cols = []
+    for col in batch.columns:
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
+        if not any(test(col.type) for test in _CSV_PLAIN):
+            col = pa.array([_text_of(v) for v in col.to_pylist()], pa.string())
+        cols.append(col)
+    return pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
+
+
+def _write_stream(batches, fmt: str, sink) -> None:
+    """Write ``batches`` (an iterable of Arrow record batches with ``.schema``) to ``sink`` (a path or a binary
+    stream) as csv, json lines or parquet, batch by batch."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    if fmt == "parquet":
+        with pq.ParquetWriter(sink, batches.schema, compression="zstd") as w:
+            for b in batches:
+                w.write_batch(b)
+        return
+    own = isinstance(sink, str)
+    f = open(sink, "wb") if own else sink
+    try:
+        if fmt == "csv":
+            writer = None
+            for b in batches:
+                b = csv_safe(b)
+                if writer is None:
+                    writer = pacsv.CSVWriter(f, b.schema)
+                writer.write_batch(b)
+            if writer is None:  # no rows: the header alone
+                empty = csv_safe(pa.RecordBatch.from_pylist([], schema=batches.schema))
+                pacsv.write_csv(empty, f)
+            else:
+                writer.close()
+        else:
+            for b in batches:
+                f.write("".join(json.dumps(r, default=str) + "\n" for r in b.to_pylist()).encode())
+        f.flush()
+    finally:
+        if own:
+            f.close()
+
+
+def emit(batches, fmt: str, out: Optional[Path], max_rows: int | None = 200) -> None:
+    """Write a query result (a :class:`tracekit.query.Batches` or an Arrow table): aligned table on the terminal
+    (the first ``max_rows`` rows kept, the rest only counted), or csv/json (stdout or file) or parquet (file),
+    streamed batch by batch. ``out`` was checked by :func:`check_emit`; files are written atomically."""
+    if isinstance(batches, pa.Table):
+        batches = _TableBatches(batches)
     if fmt not in FORMATS:
         raise TracekitError(f"--format {fmt!r} unknown; use one of {', '.join(FORMATS)}")
     if fmt == "table":
         if out is not None:
             raise TracekitError("-o needs --format csv, json or parquet")
-        print_table(table, max_rows=max_rows)
-        return
-    if fmt == "parquet":
-        if out is None:
-            raise TracekitError("--format parquet needs -o FILE")
-        atomic_write(out, lambda p: pq.write_table(table, p, compression="zstd"))
-        return
-    if fmt == "csv":
-        from ..analysis.result import _csv_safe
+        kept, n = [], 0
+        for b in batches:
+            if max_rows is None or n < max_rows:
+                kept.append(b if max_rows is None else b.slice(0, max_rows - n))
+            n += b.num_rows
+        shown = pa.Table.from_batches(kept, batches.schema)
+        print_table(shown, max_rows=None)
+        if max_rows is not None and n > max_rows:
+            from rich.console import Console
 
-        if out is None:
-            buf = pa.BufferOutputStream()
-            pacsv.write_csv(_csv_safe(table), buf)
-            sys.stdout.write(buf.getvalue().to_pybytes().decode())
-        else:
-            atomic_write(out, lambda p: pacsv.write_csv(_csv_safe(table), p))
+            Console().print(f"... {n - max_rows} more rows (use --format csv|json|parquet -o FILE for all)")
         return
-    text = "\n".join(json.dumps(r, default=str) for r in table.to_pylist()) + ("\n" if table.num_rows else "")
+    if fmt == "parquet" and out is None:
+        raise TracekitError("--format parquet needs -o FILE")
     if out is None:
-        sys.stdout.write(text)
+        sys.stdout.flush()
+        _write_stream(batches, fmt, sys.stdout.buffer)
     else:
-        atomic_write(out, lambda p: Path(p).write_text(text))
+        atomic_write(out, lambda p: _write_stream(batches, fmt, p))
+
+
+class _TableBatches:
+    def __init__(self, table: pa.Table):
+        self.schema = table.schema
+        self._table = table
+
+    def __iter__(self):
+        return iter(self._table.to_batches())
 
 
 @app.command("query")
@@ -147,10 +219,11 @@ def query_cmd(
     max_rows: int = typer.Option(200, "--max-rows", min=1, max=10_000_000, help="Rows shown by --format table."),
     timeout: float = TIMEOUT_OPTION,
     memory_limit: str = MEMORY_LIMIT_OPTION,
+    max_spill: str = MAX_SPILL_OPTION,
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """Run one read-only SQL query over the views routes, choices, requests, runs, loads."""
-    from ..query import connect, fetch_limited
+    from ..query import connect, stream_result
 
     if len(args) < 2:
         raise TracekitError('give one or more run directories and then the SQL, e.g. tracekit query RUN "SELECT * FROM requests"')
@@ -159,9 +232,10 @@ def query_cmd(
     utf8_runs(runs)
     check_emit(fmt, out, force)
     with partial_reads_cli(allow_partial):
-        con = connect(runs, memory_limit=memory_limit)
+        con = connect(runs, memory_limit=memory_limit, max_temp_size=max_spill)
     try:
-        emit(fetch_limited(con, sql, timeout=timeout), fmt, out, max_rows)
+        with stream_result(con, sql, timeout=timeout) as batches:
+            emit(batches, fmt, out, max_rows)
     finally:
         con.close()
 
@@ -172,14 +246,15 @@ def sql_cmd(
     max_rows: int = typer.Option(200, "--max-rows", min=1, max=10_000_000, help="Rows shown per result."),
     timeout: float = TIMEOUT_OPTION,
     memory_limit: str = MEMORY_LIMIT_OPTION,
+    max_spill: str = MAX_SPILL_OPTION,
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
     """Interactive SQL shell over the same views (reads statements ending in ';' from stdin; piping works)."""
-    from ..query import VIEWS, connect, fetch_limited
+    from ..query import VIEWS, connect, stream_result
 
     utf8_runs(runs)
     with partial_reads_cli(allow_partial):
-        con = connect(runs, memory_limit=memory_limit)
+        con = connect(runs, memory_limit=memory_limit, max_temp_size=max_spill)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"tracekit sql: views {', '.join(VIEWS)}; end statements with ';'; .tables, .schema VIEW, .quit")
@@ -189,7 +264,8 @@ def sql_cmd(
     def run(text: str) -> None:
         nonlocal failed
         try:
-            emit(fetch_limited(con, utf8_text(text, "the statement"), timeout=timeout), "table", None, max_rows)
+            with stream_result(con, utf8_text(text, "the statement"), timeout=timeout) as batches:
+                emit(batches, "table", None, max_rows)
         except TracekitError as exc:
             failed += 1
             print(f"error: {exc}", file=sys.stderr)

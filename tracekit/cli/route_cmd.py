@@ -31,22 +31,28 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise TracekitError(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:8000")
-    return host.strip("[]") or "0.0.0.0", int(port)
+        raise TracekitError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 @app.command("route")
 def route_cmd(
     grouping: Path = typer.Option(..., "--grouping", help="Grouping file written by tracekit export --format grouping."),
     upstream: str = typer.Option(..., "--upstream", help="SGLang server URL, e.g. http://127.0.0.1:30000."),
-    listen: str = typer.Option("0.0.0.0:8000", "--listen", help="HOST:PORT to serve on."),
+    listen: str = typer.Option("127.0.0.1:8000", "--listen", help="HOST:PORT to serve on (default: loopback only; "
+                               "0.0.0.0:8000 serves every interface, with no authentication: firewall it)."),
     dp_size: Optional[int] = typer.Option(None, "--dp-size", min=1, max=1 << 20, help="SGLang's --dp-size (checked against the placement's GPUs; default: asked from the upstream)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model the upstream serves (checked against the grouping; default: asked from the upstream)."),
     max_concurrency: int = typer.Option(1024, "--max-concurrency", help="Requests forwarded at once; more wait for a slot."),
     queue_timeout: float = typer.Option(30.0, "--queue-timeout", help="Seconds a request may wait for a slot before a 503."),
     connect_timeout: float = typer.Option(5.0, "--connect-timeout", help="Seconds to connect to the upstream (502/504 after)."),
     read_timeout: float = typer.Option(600.0, "--read-timeout", help="Longest silence from the upstream, in seconds, before the request fails."),
-    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body accepted (413 above)."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body accepted (413 above); "
+                                      "at most --max-concurrency bodies are held at once."),
+    header_timeout: float = typer.Option(30.0, "--header-timeout", help="Seconds for a request's line and headers "
+                                         "to arrive, and for an idle kept-alive connection (closed after)."),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", help="Seconds for a request's whole body to arrive "
+                                       "once it holds a slot (408 after)."),
 ) -> None:
     """Forward /generate, /v1/completions and /v1/chat/completions to SGLang, adding routed_dp_rank: the least
     loaded DP rank on the nodes of the request's group (its prompt classified online). /healthz, /metrics."""
@@ -59,7 +65,8 @@ def route_cmd(
     if not upstream.startswith(("http://", "https://")):
         raise TracekitError(f"--upstream {upstream!r}: expected an http:// or https:// URL")
     for name, v in (("--max-concurrency", max_concurrency), ("--queue-timeout", queue_timeout),
-                    ("--connect-timeout", connect_timeout), ("--read-timeout", read_timeout), ("--max-body-mb", max_body_mb)):
+                    ("--connect-timeout", connect_timeout), ("--read-timeout", read_timeout), ("--max-body-mb", max_body_mb),
+                    ("--header-timeout", header_timeout), ("--body-timeout", body_timeout)):
         if not (0 < v < float("inf")):
             raise TracekitError(f"{name} must be positive and finite (got {v})")
     check_dp_size(table, dp_size)
@@ -74,7 +81,8 @@ def route_cmd(
                    err=True)
     opts = RouteOptions(upstream=upstream, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
                         connect_timeout=connect_timeout, read_timeout=read_timeout,
-                        max_body_bytes=int(max_body_mb * 2**20))
+                        max_body_bytes=int(max_body_mb * 2**20), header_timeout=header_timeout,
+                        body_timeout=body_timeout)
     typer.echo(f"tracekit route: {table.kind} grouping over {table.dp_size} DP ranks "
                f"({table.nodes} nodes x {table.gpus_per_node}), {len(table.group_ranks)} groups; "
                f"http://{host}:{port} -> {upstream}", err=True)

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from ..errors import TracekitError
 from ..schema import build_routes_table, routes_schema
-from ..runlock import writer_lock
+from ..runlock import resolve_out, writer_lock
 from ..store import base_manifest, finalize, new_run_id, update_manifest, write_chunk, write_manifest
 from .geometry import registry_hub_id
 
@@ -81,6 +81,7 @@ class StagedRun:
             geometry=geometry, dataset=dataset, args=args,
         )
         self.tmp: Path | None = None
+        self._target = self.out
         self._lock = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -91,10 +92,12 @@ class StagedRun:
         self._lock.__enter__()
         try:
             refuse_nonempty_out(self.out)
-            parent = self.out.parent
-            for stale in parent.glob(f".{self.out.name}.importing-*"):  # left by a killed import (we hold the lock)
+            # stage next to the directory --out resolves to (a symlink --out keeps pointing at the finished run)
+            self._target = resolve_out(self.out)
+            parent = self._target.parent
+            for stale in parent.glob(f".{self._target.name}.importing-*"):  # left by a killed import (we hold the lock)
                 shutil.rmtree(stale, ignore_errors=True)
-            self.tmp = parent / f".{self.out.name}.importing-{uuid.uuid4().hex[:8]}"
+            self.tmp = parent / f".{self._target.name}.importing-{uuid.uuid4().hex[:8]}"
             self.tmp.mkdir()
             write_manifest(self.tmp, {**self._manifest, "chunks": {}})
         except BaseException:
@@ -124,9 +127,9 @@ class StagedRun:
             try:
                 update_manifest(self.tmp, change)
                 finalize(self.tmp)
-                if self.out.exists():
-                    self.out.rmdir()  # empty (checked on enter)
-                os.replace(self.tmp, self.out)
+                if self._target.exists():
+                    self._target.rmdir()  # empty (checked on enter)
+                os.replace(self.tmp, self._target)
             except BaseException:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise

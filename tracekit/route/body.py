@@ -31,6 +31,10 @@ def parse_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest("body is not UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise BadRequest("JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's int-string limit (4300 digits)
+        raise BadRequest(f"JSON value out of range: {str(exc).splitlines()[0][:120]}") from None
     if not isinstance(obj, dict):
         raise BadRequest(f"body is a JSON {type(obj).__name__}, expected an object")
     if not raw.rstrip(_SPACE).endswith(b"}"):  # UTF-16/32 JSON parses too, but the rank is inserted as UTF-8

@@ -6,6 +6,17 @@ loaded DP rank on the group's nodes; insert ``routed_dp_rank`` (:func:`tracekit.
 with the client's headers (hop-by-hop headers, Host and Content-Length aside); relay the response. A response
 without Content-Length, or an SSE stream, is relayed chunk by chunk as it arrives (``iter_any``: no buffering).
 
+Bounded resources (nginx's model): a request takes its concurrency slot *before* its body is read, so at most
+``max_concurrency`` bodies of at most ``max_body_bytes`` are held at once (a waiting request holds only aiohttp's
+read buffer: the socket is not read while the handler waits). A Content-Length above the limit gets 413 before a
+byte of the body is read; a chunked body is cut off at the limit. The request line and headers must arrive within
+``header_timeout`` (also the idle time of a kept-alive connection; nginx ``client_header_timeout``), the whole body
+within ``body_timeout`` (408; nginx ``client_body_timeout`` counts between reads, this counts the whole body, so a
+one-byte drip cannot hold a slot). Bodies above :data:`THREAD_PARSE_BYTES` are parsed and classified in a worker
+thread, and the classifier reads a bounded part of any batch (:meth:`RouteTable.label_of`), so one huge request
+does not stall the event loop. ``/healthz`` asks the upstream's ``/health`` (cached :data:`HEALTH_TTL` s) and answers
+503 when it is unreachable or unhealthy.
+
 Faults stay per request: an upstream that refuses or drops the connection before answering gives that client a
 502 (a timeout: 504); one that dies mid-stream ends that client's stream with an SSE error event (for SSE) and an
 aborted connection, so the client sees an incomplete response rather than a clean end. Concurrency is bounded
@@ -44,6 +55,12 @@ class RouteOptions:
     connect_timeout: float = 5.0
     read_timeout: float = 600.0  # longest wait for the next bytes from the upstream
     max_body_bytes: int = 64 * 2**20
+    header_timeout: float = 30.0  # request line + headers, and a kept-alive connection's idle time
+    body_timeout: float = 60.0  # the whole request body, from the moment the request holds a slot
+
+
+THREAD_PARSE_BYTES = 1 << 20  # bodies above this are parsed and classified off the event loop
+HEALTH_TTL = 1.0  # seconds a /healthz answer about the upstream is reused
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -63,6 +80,7 @@ class Router:
         self.metrics = RouteMetrics()
         self.slots = asyncio.Semaphore(opts.max_concurrency)
         self.session: aiohttp.ClientSession | None = None
+        self._health: tuple[float, int, dict] | None = None  # (time, status, upstream part) of the last probe
 
     async def start(self, app: web.Application) -> None:
         self.session = aiohttp.ClientSession(
@@ -88,7 +106,10 @@ class Router:
 
     def choose(self, path: str, obj: dict) -> tuple[int, str, str]:
         """(rank, group label, source) for a request without a rank: classify, then the least loaded group rank."""
-        label = self.table.label_of(prompt_texts(path, obj))
+        try:
+            label = self.table.label_of(prompt_texts(path, obj))
+        except (ValueError, UnicodeError):  # text the classifier cannot read (e.g. lone surrogates): any rank
+            label = UNROUTED
         if label != UNROUTED:
             self.metrics.child(self.metrics.decisions, label).inc()
         ranks = self.table.ranks_of(label)
@@ -98,29 +119,71 @@ class Router:
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
-        path = request.path
         m = self.metrics
-        raw = await request.read()
-        try:
-            obj = parse_object(raw)
-            given = self.given_rank(obj, request.headers.get(RANK_HEADER))
-        except BadRequest as exc:
-            m.child(m.rejected, "bad_request").inc()
-            return error_response(400, str(exc))
-        try:
+        size = request.content_length
+        if size is not None and size > self.opts.max_body_bytes:  # refused before a byte of the body is read
+            m.child(m.rejected, "too_large").inc()
+            return _closing(error_response(413, f"body of {size} bytes is over the limit of "
+                                                f"{self.opts.max_body_bytes} bytes (--max-body-mb)"))
+        try:  # the slot first: a request waiting for one holds no body in memory
             await asyncio.wait_for(self.slots.acquire(), self.opts.queue_timeout)
         except asyncio.TimeoutError:
             m.child(m.rejected, "concurrency_limit").inc()
             return error_response(503, f"proxy at its concurrency limit ({self.opts.max_concurrency}) for "
                                        f"{self.opts.queue_timeout:g} s; retry later")
-        # the rank is chosen once the request holds a slot, so in-flight counts are those of forwarded requests
+        try:
+            return await self._proxy_holding_slot(request, t0)
+        finally:
+            self.slots.release()
+            m.child(m.latency, request.path).observe(time.perf_counter() - t0)
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The request body, read under the size limit and the body deadline (:class:`BodyRefused` past either)."""
+        limit, buf = self.opts.max_body_bytes, bytearray()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.body_timeout
+        while True:
+            left = deadline - loop.time()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                chunk = await asyncio.wait_for(request.content.readany(), left)
+            except asyncio.TimeoutError:
+                raise BodyRefused(408, f"request body not received within {self.opts.body_timeout:g} s") from None
+            if not chunk:
+                return bytes(buf)
+            buf += chunk
+            if len(buf) > limit:
+                raise BodyRefused(413, f"body is over the limit of {limit} bytes (--max-body-mb)")
+
+    def decide(self, path: str, raw: bytes, header: str | None) -> tuple[dict, int, str, str, bytes]:
+        """(object, rank, label, source, body to forward) of a request; :class:`BadRequest` for a bad one."""
+        obj = parse_object(raw)
+        given = self.given_rank(obj, header)
         if given is not None:  # a header-only rank goes into the body too (native /generate reads no header)
-            rank, label, source = given, "client", "client"
             in_body = obj.get("routed_dp_rank") is not None or obj.get("data_parallel_rank") is not None
-            body = raw if in_body else insert_rank(raw, obj, rank)
-        else:
-            rank, label, source = self.choose(path, obj)
-            body = insert_rank(raw, obj, rank)
+            return obj, given, "client", "client", raw if in_body else insert_rank(raw, obj, given)
+        rank, label, source = self.choose(path, obj)
+        return obj, rank, label, source, insert_rank(raw, obj, rank)
+
+    async def _proxy_holding_slot(self, request: web.Request, t0: float) -> web.StreamResponse:
+        path = request.path
+        m = self.metrics
+        try:
+            raw = await self.read_body(request)
+        except BodyRefused as exc:
+            m.child(m.rejected, "too_large" if exc.status == 413 else "body_timeout").inc()
+            return _closing(error_response(exc.status, str(exc)))
+        header = request.headers.get(RANK_HEADER)
+        try:
+            if len(raw) > THREAD_PARSE_BYTES:
+                _, rank, label, source, body = await asyncio.to_thread(self.decide, path, raw, header)
+            else:
+                _, rank, label, source, body = self.decide(path, raw, header)
+        except BadRequest as exc:
+            m.child(m.rejected, "bad_request").inc()
+            return error_response(400, str(exc))
+        del raw
         self.balancer.start(rank)
         m.child(m.inflight, str(rank)).inc()
         m.child(m.requests, path, label, str(rank), source).inc()
@@ -129,8 +192,6 @@ class Router:
         finally:
             self.balancer.finish(rank)
             m.child(m.inflight, str(rank)).dec()
-            self.slots.release()
-            m.child(m.latency, path).observe(time.perf_counter() - t0)
 
     async def _forward(self, request: web.Request, path: str, body: bytes, label: str, rank: int):
         m = self.metrics
@@ -207,12 +268,33 @@ class Router:
             if counts.get(key):
                 self.metrics.child(self.metrics.tokens, label, str(rank), kind).inc(counts[key])
 
+    async def upstream_health(self) -> tuple[int, dict]:
+        """(HTTP status for /healthz, the upstream's part): 200 when its ``/health`` answers 2xx, else 503."""
+        now = time.monotonic()
+        if self._health is not None and now - self._health[0] < HEALTH_TTL:
+            return self._health[1], self._health[2]
+        assert self.session is not None
+        limit = min(self.opts.connect_timeout, 5.0)
+        try:
+            async with self.session.get(self.upstream + "/health", timeout=aiohttp.ClientTimeout(total=limit)) as r:
+                await r.read()
+                state = {"url": self.upstream, "state": "ok" if r.status < 300 else "unhealthy", "http_status": r.status}
+        except asyncio.TimeoutError:
+            state = {"url": self.upstream, "state": "unreachable", "detail": f"no answer within {limit:g} s"}
+        except aiohttp.ClientError as exc:
+            state = {"url": self.upstream, "state": "unreachable", "detail": type(exc).__name__}
+        status = 200 if state["state"] == "ok" else 503
+        self._health = (now, status, state)
+        return status, state
+
     async def healthz(self, request: web.Request) -> web.Response:
         t = self.table
+        status, up = await self.upstream_health()
         return web.json_response({
-            "status": "ok", "upstream": self.upstream, "grouping": t.kind, "dp_size": t.dp_size,
-            "groups": {k: v for k, v in t.group_ranks.items()}, "inflight": list(self.balancer.inflight),
-        })
+            "status": "ok" if status == 200 else "upstream " + up["state"], "upstream": up, "grouping": t.kind,
+            "dp_size": t.dp_size, "groups": {k: v for k, v in t.group_ranks.items()},
+            "inflight": list(self.balancer.inflight),
+        }, status=status)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         resp = web.Response(body=generate_latest(self.metrics.registry))
@@ -227,13 +309,31 @@ class Router:
                                    "GET /healthz and GET /metrics")
 
 
+class BodyRefused(Exception):
+    """A request body over the size limit (413) or not received in time (408)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _closing(resp: web.Response) -> web.Response:
+    """``resp`` answered on a connection that is then closed (its unread body is not drained)."""
+    resp.force_close()
+    return resp
+
+
 ROUTER = web.AppKey("router", Router)
 
 
 def make_app(table: RouteTable, opts: RouteOptions) -> web.Application:
     """The aiohttp application of one router (start it with ``web.AppRunner`` or :func:`serve`)."""
     router = Router(table, opts)
-    app = web.Application(client_max_size=opts.max_body_bytes)
+    # keepalive_timeout bounds the wait for a request's headers too (aiohttp arms it when the connection opens and
+    # closes a connection that has not delivered a complete request by then); lingering_time bounds draining the
+    # unread body of a refused request
+    app = web.Application(client_max_size=opts.max_body_bytes, handler_args={
+        "keepalive_timeout": opts.header_timeout, "lingering_time": min(opts.header_timeout, 2.0)})
     app[ROUTER] = router
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)

@@ -18,6 +18,10 @@ GROUPING_VERSION = 1
 UNROUTED = "*"  # label of requests with no group (no text, an unknown label, or grouping none): every rank
 
 
+CLASSIFY_TEXTS = 64  # texts of one batch request that are classified (the rest follow the majority)
+CLASSIFY_CHARS = 32768  # characters of one prompt that the classifier reads
+
+
 @dataclass
 class RouteTable:
     """``group_ranks[label]`` lists the DP ranks of the label's nodes; ``classifier`` maps prompt text to a label."""
@@ -38,9 +42,14 @@ class RouteTable:
         return self.group_ranks.get(label) or self.all_ranks
 
     def label_of(self, texts: list[str]) -> str:
-        """Group label of a request with prompt ``texts`` (a batch: the most common label; ties: first seen)."""
+        """Group label of a request with prompt ``texts`` (a batch: the most common label; ties: first seen).
+
+        The cost is bounded whatever the body holds: the first :data:`CLASSIFY_TEXTS` texts of a batch, each cut to
+        its first :data:`CLASSIFY_CHARS` characters, are classified (a huge batch must not stall the event loop).
+        """
         if self.classifier is None or not texts or self.kind == "none":
             return UNROUTED
+        texts = [t[:CLASSIFY_CHARS] for t in texts[:CLASSIFY_TEXTS]]
         labels = self.classifier.predict(texts) if len(texts) > 1 else [self.classifier.predict_one(texts[0])]
         if len(labels) == 1:
             return labels[0]
