@@ -136,7 +136,9 @@ def test_domain_shift_panels_form_a_grid_of_readable_size(three_domains):
     w, h = fig.get_size_inches()
     panels = [ax for ax in fig.axes if ax.get_title() in groups]
     assert len(panels) == 3 and w <= 10.5 and w / h <= 2.5
-    assert len({round(ax.get_position().y0, 3) for ax in panels}) == 3  # stacked: each panel keeps its width
+    # 256 experts: each layer's most shifted experts, the rest aggregated, so a panel needs no full page width
+    assert all(len(ax.get_xticklabels()) and ax.get_xticklabels()[-1].get_text() == "rest" for ax in panels)
+    assert all(ax.get_position().width * w >= 2.0 for ax in panels)  # at least 2 inches per panel
     # tall and narrow panels (few experts, many layers) sit side by side instead
     tall = draw_domain_shift(np.zeros((2, 32, 8)), ["code", "math"], np.arange(32))
     tall_panels = [ax for ax in tall.axes if ax.get_title() in ("code", "math")]

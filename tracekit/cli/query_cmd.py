@@ -270,7 +270,9 @@ def analyze_cmd(
     utf8_runs(runs)
     if out is not None:
         check_folder(out, force=force, option="--out")
-    with partial_reads_cli(allow_partial):
+    from ..progress import task
+
+    with partial_reads_cli(allow_partial), task("reading the runs"):
         results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed,
                           memory_budget=memory_budget)
     console = Console()
@@ -305,6 +307,8 @@ def report_cmd(
     if png is not None:
         check_folder(png, force=force, option="--png")
         distinct(("-o", out), ("--png", png))
-    with partial_reads_cli(allow_partial):
+    from ..progress import task
+
+    with partial_reads_cli(allow_partial), task("reading the runs"):
         path = write_report(runs, out, png_dir=png, layer=layer, by=by, memory_budget=memory_budget)
     print(f"wrote {path}")
