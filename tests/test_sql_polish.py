@@ -48,7 +48,8 @@ def test_tables_lists_loads_by_step(run, monkeypatch, capsys):
     assert "loads_by_step" in out.split()
 
 
-def test_force_help_reads_as_english(capsys):
+def test_force_help_reads_as_english(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # one help line per option: no phrase broken by the box
     for cmd in (["report"], ["query"], ["analyze"]):
         try:
             main([*cmd, "--help"])
