@@ -92,8 +92,8 @@ def draw_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str):
     rel = load / np.maximum(load.mean(1, keepdims=True), 1e-12)
     num_experts = rel.shape[1]
     ranked = num_experts > WIDE_EXPERTS
-    if ranked:  # a 256-expert row is a barcode: each layer's experts by load, the top ones and the rest's mean
-        rel = ranked_with_rest(rel, TOP_LOAD)
+    if ranked:  # a 256-expert row is a barcode: each layer's experts by load, the busiest, the rest's mean and
+        rel = ranked_with_rest(rel, TOP_LOAD, tail=IDLE_LOAD)  # the idlest (an expert no token chose shows grey)
     L, E = rel.shape
     height = min(12.0, 2.5 + L / 5)
     fig, ax = plt.subplots(figsize=(min(MAX_WIDTH_IN, 5 + E / 24), height))
@@ -107,11 +107,12 @@ def draw_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str):
     ax.set_yticks(np.arange(L)[:: max(1, L // 16)])
     ax.set_yticklabels(layers[:: max(1, L // 16)])
     if ranked:
-        ax.set_xlabel(f"experts of each layer by load, busiest first (top {TOP_LOAD} of {num_experts}; "
-                      f"last column: mean of the other {num_experts - TOP_LOAD})")
-        ticks = [t for t in range(0, TOP_LOAD, 8)] + [TOP_LOAD]
-        ax.set_xticks(ticks, [str(t + 1) for t in ticks[:-1]] + ["rest"])
-        ax.axvline(TOP_LOAD - 0.5, color="white", lw=2)
+        ax.set_xlabel(f"experts of each layer by load rank: the {TOP_LOAD} busiest, the mean of the next "
+                      f"{num_experts - TOP_LOAD - IDLE_LOAD}, the {IDLE_LOAD} idlest (of {num_experts})")
+        ticks = list(range(0, TOP_LOAD, 8)) + [TOP_LOAD, E - 1]
+        ax.set_xticks(ticks, [str(t + 1) for t in ticks[:-2]] + ["rest", str(num_experts)])
+        for x in (TOP_LOAD - 0.5, TOP_LOAD + 0.5):
+            ax.axvline(x, color="white", lw=2)
     else:
         ax.set_xlabel("expert id")
     ax.set_ylabel("MoE layer")
@@ -125,18 +126,20 @@ def draw_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str):
 
 
 WIDE_EXPERTS = 48  # beyond this many experts a figure shows each layer's top experts and aggregates the rest
-TOP_LOAD = 48
+TOP_LOAD = 40
+IDLE_LOAD = 8
 TOP_SHIFT = 32
 TOP_PAIRS = 32
 
 
-def ranked_with_rest(values: np.ndarray, n: int, key: np.ndarray | None = None) -> np.ndarray:
-    """values: (L, E) -> (L, n + 1): each row's entries in descending order of ``key`` (default the values), the
-    first ``n`` and then the mean of the remaining E - n."""
+def ranked_with_rest(values: np.ndarray, n: int, key: np.ndarray | None = None, tail: int = 0) -> np.ndarray:
+    """values: (L, E) -> (L, n + 1 + tail): each row's entries in descending order of ``key`` (default the values),
+    the first ``n``, then the mean of the middle E - n - tail, then the last ``tail``."""
     key = values if key is None else key
     order = np.argsort(-key, axis=1, kind="stable")
     s = np.take_along_axis(values, order, axis=1)
-    return np.concatenate([s[:, :n], s[:, n:].mean(1, keepdims=True)], axis=1)
+    E = s.shape[1]
+    return np.concatenate([s[:, :n], s[:, n:E - tail].mean(1, keepdims=True), s[:, E - tail:]], axis=1)
 
 
 def fig_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str) -> bytes:
