@@ -136,7 +136,10 @@ def test_domain_shift_panels_form_a_grid_of_readable_size(three_domains):
     w, h = fig.get_size_inches()
     panels = [ax for ax in fig.axes if ax.get_title() in groups]
     assert len(panels) == 3 and w <= 10.5 and w / h <= 2.5
-    assert len({round(ax.get_position().y0, 3) for ax in panels}) == 3  # stacked: each panel keeps its width
+    # 256 experts: each layer's most shifted experts, the rest aggregated, so a panel needs no full page width
+    fig.canvas.draw()
+    assert all(ax.get_xticklabels()[-1].get_text() == "rest" for ax in panels)
+    assert all(ax.get_position().width * w >= 2.0 for ax in panels)  # at least 2 inches per panel
     # tall and narrow panels (few experts, many layers) sit side by side instead
     tall = draw_domain_shift(np.zeros((2, 32, 8)), ["code", "math"], np.arange(32))
     tall_panels = [ax for ax in tall.axes if ax.get_title() in ("code", "math")]
@@ -184,9 +187,10 @@ def test_coactivation_zero_looks_unlike_the_maximum_and_the_minimum(three_domain
     (tk, tmat), = coa.arrays["transitions"].items()
     fig = draw_coactivation(pairs, 2, tmat, tk[1])
     ax, = [a for a in fig.axes if a.get_title().startswith("Co-activation in layer 2")]
-    off = ~np.eye(len(pairs), dtype=bool)
-    hi = np.unravel_index(np.argmax(np.where(off, pairs, -1)), pairs.shape)
-    lo = np.unravel_index(np.argmin(np.where(off & (pairs > 0), pairs, pairs.max() + 1)), pairs.shape)
+    shown = np.ma.filled(ax.images[0].get_array(), 0)  # 256 experts: the most co-chosen ones and a "rest"
+    off = ~np.eye(len(shown), dtype=bool)
+    hi = np.unravel_index(np.argmax(np.where(off, shown, -1)), shown.shape)
+    lo = np.unravel_index(np.argmin(np.where(off & (shown > 0), shown, shown.max() + 1)), shown.shape)
     zero = _cell_rgb(fig, ax, 0, 0)  # the diagonal: never a pair
     from matplotlib.colors import to_rgb
 
@@ -195,7 +199,7 @@ def test_coactivation_zero_looks_unlike_the_maximum_and_the_minimum(three_domain
         assert np.abs(_cell_rgb(fig, ax, *other) - zero).sum() > 0.3, other
     # inter-layer affinity: a path no token took is grey, not the white of "independent"
     ax2, = [a for a in fig.axes if a.get_title().startswith("Inter-layer affinity")]
-    r, c = np.argwhere(tmat == 0)[0]
+    r, c = np.argwhere(np.ma.getmaskarray(ax2.images[0].get_array()))[0]  # a path no token took
     assert np.allclose(_cell_rgb(fig, ax2, r, c), to_rgb(NO_DATA_GREY), atol=0.02)
 
 

@@ -320,9 +320,17 @@ def no_progress_bar(con: duckdb.DuckDBPyConnection) -> None:
         pass
 
 
+_HINTS = ("Did you mean", "Candidate bindings", "Candidate")
+
+
 def first_line(exc: BaseException) -> str:
+    """The error's first line, with DuckDB's own hint ("Did you mean ...", candidate columns) kept on it."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    lines = text.splitlines()
+    hints = [ln.strip() for ln in lines[1:] if ln.strip().startswith(_HINTS)]
+    return " ".join([lines[0], *hints])
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:

@@ -90,6 +90,10 @@ def draw_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str):
     from matplotlib.colors import LogNorm
 
     rel = load / np.maximum(load.mean(1, keepdims=True), 1e-12)
+    num_experts = rel.shape[1]
+    ranked = num_experts > WIDE_EXPERTS
+    if ranked:  # a 256-expert row is a barcode: each layer's experts by load, the busiest, the rest's mean and
+        rel = ranked_with_rest(rel, TOP_LOAD, tail=IDLE_LOAD)  # the idlest (an expert no token chose shows grey)
     L, E = rel.shape
     height = min(12.0, 2.5 + L / 5)
     fig, ax = plt.subplots(figsize=(min(MAX_WIDTH_IN, 5 + E / 24), height))
@@ -102,7 +106,15 @@ def draw_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str):
                    extent=(-0.5, E - 0.5, L - 0.5, -0.5))
     ax.set_yticks(np.arange(L)[:: max(1, L // 16)])
     ax.set_yticklabels(layers[:: max(1, L // 16)])
-    ax.set_xlabel("expert id")
+    if ranked:
+        ax.set_xlabel(f"experts of each layer by load rank: the {TOP_LOAD} busiest, the mean of the next "
+                      f"{num_experts - TOP_LOAD - IDLE_LOAD}, the {IDLE_LOAD} idlest (of {num_experts})")
+        ticks = list(range(0, TOP_LOAD, 8)) + [TOP_LOAD, E - 1]
+        ax.set_xticks(ticks, [str(t + 1) for t in ticks[:-2]] + ["rest", str(num_experts)])
+        for x in (TOP_LOAD - 0.5, TOP_LOAD + 0.5):
+            ax.axvline(x, color="white", lw=2)
+    else:
+        ax.set_xlabel("expert id")
     ax.set_ylabel("MoE layer")
     ax.set_title(f"Expert load per layer ({model}): load / mean load of the layer")
     label = "load / mean (1 = balanced, log scale)" + ("\ngrey: no token" if (rel <= 0).any() else "")
@@ -113,23 +125,51 @@ def draw_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str):
     return fig
 
 
+WIDE_EXPERTS = 48  # beyond this many experts a figure shows each layer's top experts and aggregates the rest
+TOP_LOAD = 40
+IDLE_LOAD = 8
+TOP_SHIFT = 32
+TOP_PAIRS = 32
+
+
+def ranked_with_rest(values: np.ndarray, n: int, key: np.ndarray | None = None, tail: int = 0) -> np.ndarray:
+    """values: (L, E) -> (L, n + 1 + tail): each row's entries in descending order of ``key`` (default the values),
+    the first ``n``, then the mean of the middle E - n - tail, then the last ``tail``."""
+    key = values if key is None else key
+    order = np.argsort(-key, axis=1, kind="stable")
+    s = np.take_along_axis(values, order, axis=1)
+    E = s.shape[1]
+    return np.concatenate([s[:, :n], s[:, n:E - tail].mean(1, keepdims=True), s[:, E - tail:]], axis=1)
+
+
 def fig_load_heatmap(load: np.ndarray, layers: np.ndarray, model: str) -> bytes:
     return _png(draw_load_heatmap(load, layers, model))
 
 
-def fig_imbalance_curve(layers: np.ndarray, curves: dict[str, np.ndarray]) -> bytes:
+def draw_imbalance_curve(layers: np.ndarray, curves: dict[str, np.ndarray], band: dict | None = None):
+    """curves: {name: (L,) max / mean load}; band: {"median", "lo", "hi": (L,)} of uniform routing of the same
+    token count (:func:`.analysis.findings.imbalance_finding`), drawn as a grey band -> Figure."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(9, 4))
+    if band is not None:
+        ax.fill_between(layers, band["lo"], band["hi"], color="0.6", alpha=0.35, lw=0,
+                        label="uniform routing, same tokens (5-95%)")
+        ax.plot(layers, band["median"], color="0.35", lw=1, ls=":")
     for name, y in curves.items():
         ax.plot(layers, y, marker="o", ms=3, label=name, lw=2 if name == "all tokens" else 1.2)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("MoE layer")
     ax.xaxis.get_major_locator().set_params(integer=True)  # layers are whole numbers
     ax.set_ylabel("max / mean expert load")
-    ax.set_title("Load imbalance per layer (1 = perfectly balanced)")
-    ax.legend()
+    ax.set_title("Load imbalance per layer (1 = perfectly balanced; grey band: uniform routing of the same tokens)",
+                 fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return fig
+
+
+def fig_imbalance_curve(layers: np.ndarray, curves: dict[str, np.ndarray], band: dict | None = None) -> bytes:
+    return _png(draw_imbalance_curve(layers, curves, band))
 
 
 MAX_GROUP_PANELS = 6
@@ -152,18 +192,28 @@ def panel_grid(n: int, num_experts: int, num_layers: int) -> tuple[int, int, flo
     return best[1], best[2], best[3], best[4]
 
 
-def draw_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray):
+def draw_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray, js: np.ndarray | None = None,
+                      js_shuffled: np.ndarray | None = None):
     """diff: (D, L, E) share in group - overall share -> Figure with one panel per group (at most
-    MAX_GROUP_PANELS), in a grid so that the text keeps its size."""
+    MAX_GROUP_PANELS), in a grid so that the text keeps its size. Past WIDE_EXPERTS experts each layer's experts
+    are ordered by their shift (most over-represented first; the rest's mean last). With ``js`` (L,) and
+    ``js_shuffled`` (P, L) a panel below draws the groups' divergence per layer against shuffled labels."""
     plt = _figure()
     D = min(len(groups), MAX_GROUP_PANELS)
+    num_experts = diff.shape[2]
+    ranked = num_experts > WIDE_EXPERTS
+    if ranked:
+        diff = np.stack([ranked_with_rest(np.nan_to_num(d), TOP_SHIFT) for d in diff[:D]])
     L, E = diff.shape[1:]
     a = np.abs(diff[:D])
     vmax = float(np.nanpercentile(a, 99.5)) if np.isfinite(a).any() else 0.0
     vmax = vmax or 1e-9  # 99.5th percentile: a few outliers must not wash out the rest
     rows, cols, pw, ph = panel_grid(D, E, L)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * pw + 1.8, rows * ph + 1.0), squeeze=False,
-                             layout="constrained")  # keeps the figure title clear of the panel titles
+    base = js is not None and js_shuffled is not None and len(js_shuffled)
+    size = (cols * pw + 1.8, rows * ph + 1.0 + (2.4 if base else 0.0))
+    fig = plt.figure(figsize=size, layout="constrained")  # keeps the figure title clear of the panel titles
+    top, bottom = fig.subfigures(2, 1, height_ratios=[rows * ph + 1.0, 2.4]) if base else (fig, None)
+    axes = top.subplots(rows, cols, squeeze=False)
     step = max(1, L // max(2, int(ph * 3)))  # about three layer labels per inch
     for i, ax in enumerate(axes.flat):
         if i >= D:
@@ -173,7 +223,11 @@ def draw_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray):
                        extent=(-0.5, E - 0.5, L - 0.5, -0.5))
         ax.set_title(groups[i])
         if i // cols == rows - 1 or i + cols >= D:
-            ax.set_xlabel("expert id")
+            ax.set_xlabel("expert rank by shift" if ranked else "expert id")
+        if ranked:
+            ticks = list(range(0, TOP_SHIFT, 8)) + [TOP_SHIFT]
+            ax.set_xticks(ticks, [str(t + 1) for t in ticks[:-1]] + ["rest"])
+            ax.axvline(TOP_SHIFT - 0.5, color="black", lw=1)
         if i % cols == 0:
             ax.set_yticks(np.arange(L)[::step])
             ax.set_yticklabels(layers[::step])
@@ -181,14 +235,29 @@ def draw_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray):
         else:
             ax.set_yticks([])
     more = f" (first {D} of {len(groups)} groups)" if len(groups) > D else ""
-    fig.suptitle("Domain shift: expert share within the group minus share over all requests" + more)
-    fig.colorbar(im, ax=axes.ravel().tolist(), label="share difference\n(red: more popular in the group)",
+    top.suptitle("Domain shift: expert share within the group minus share over all requests" + more + (
+        f"\neach layer's {TOP_SHIFT} most over-represented of {num_experts} experts, then the mean of the rest"
+        if ranked else ""))
+    top.colorbar(im, ax=axes.ravel().tolist(), label="share difference\n(red: more popular in the group)",
                  shrink=min(1.0, 4.0 / (rows * ph)))
+    if base:
+        ax = bottom.subplots()
+        lo, hi = np.nanpercentile(js_shuffled, 5, 0), np.nanpercentile(js_shuffled, 95, 0)
+        ax.fill_between(layers, lo, hi, color="0.6", alpha=0.4, lw=0, label="labels shuffled (5-95%)")
+        ax.plot(layers, js, marker="o", ms=3, color="C3", label="true labels")
+        ax.set_xlabel("MoE layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("mean JS divergence\nbetween groups (bits)", fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.set_title("How far apart the groups route, per layer, against shuffled group labels", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     return fig
 
 
-def fig_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray) -> bytes:
-    return _png(draw_domain_shift(diff, groups, layers))
+def fig_domain_shift(diff: np.ndarray, groups: list[str], layers: np.ndarray, js: np.ndarray | None = None,
+                     js_shuffled: np.ndarray | None = None) -> bytes:
+    return _png(draw_domain_shift(diff, groups, layers, js, js_shuffled))
 
 
 def correlation_range(*samples: np.ndarray) -> tuple[float, float]:
@@ -232,12 +301,60 @@ def fig_correlation(real: dict[str, np.ndarray], base: dict[str, np.ndarray]) ->
     return _png(draw_correlation(real, base))
 
 
+def cluster_order(pairs: np.ndarray) -> np.ndarray:
+    """(N, N) symmetric pair counts -> (N,) an order that puts experts chosen together next to each other: average
+    linkage on the correlation of their co-activation profiles (rows)."""
+    N = len(pairs)
+    if N < 3:
+        return np.arange(N)
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import pdist
+
+    prof = pairs / np.maximum(pairs.sum(1, keepdims=True), 1)
+    d = np.nan_to_num(pdist(prof, metric="correlation"), nan=1.0) if np.ptp(prof) > 0 else np.zeros(N * (N - 1) // 2)
+    return leaves_list(linkage(np.clip(d, 0, None), method="average"))
+
+
+def top_with_rest(counts: np.ndarray, rows: np.ndarray, cols: np.ndarray, mean: bool = False) -> np.ndarray:
+    """counts: (E, F) -> (len(rows) + 1, len(cols) + 1): the chosen rows and columns in that order, then one row and
+    one column that sum (``mean``: average) every other row / column."""
+    agg = np.mean if mean else np.sum
+    rest_r = np.setdiff1d(np.arange(counts.shape[0]), rows)
+    rest_c = np.setdiff1d(np.arange(counts.shape[1]), cols)
+    r = np.vstack([counts[rows].astype(np.float64), agg(counts[rest_r], axis=0, keepdims=True)])
+    return np.hstack([r[:, cols], agg(r[:, rest_c], axis=1, keepdims=True)])
+
+
+def _label_experts(ax, ids: list[str], axis: str) -> None:
+    n = len(ids)
+    fs = 7 if n <= 40 else 5
+    if axis in ("x", "both"):
+        ax.set_xticks(np.arange(n), ids, rotation=90, fontsize=fs)
+    if axis in ("y", "both"):
+        ax.set_yticks(np.arange(n), ids, fontsize=fs)
+
+
 def draw_coactivation(pairs: np.ndarray | None, layer: int, trans: np.ndarray | None, next_layer: int | None):
     """pairs: (E, E) pair counts of ``layer`` (None for top-1 routing, where there are no pairs); trans: (E, E)
     transitions ``layer`` -> ``next_layer`` or None -> Figure with one panel for each that is given."""
     plt = _figure()
     from matplotlib.colors import LogNorm
 
+    panels = [p for p in (pairs, trans) if p is not None]
+    wide = bool(panels) and panels[0].shape[0] > WIDE_EXPERTS
+    pair_ids = row_ids = col_ids = None
+    if wide and pairs is not None:  # the most co-chosen experts, clustered, and one "rest" row and column
+        top = np.sort(np.argsort(-pairs.sum(1), kind="stable")[:TOP_PAIRS])
+        top = top[cluster_order(pairs[np.ix_(top, top)])]
+        total = pairs.sum()
+        pairs = top_with_rest(pairs, top, top, mean=True)
+        np.fill_diagonal(pairs[:-1, :-1], 0)
+        pair_ids = [str(e) for e in top] + ["rest"]
+    if wide and trans is not None:  # the busiest experts of each layer, in load order, and the rest
+        r = np.argsort(-trans.sum(1), kind="stable")[:TOP_PAIRS]
+        c = np.argsort(-trans.sum(0), kind="stable")[:TOP_PAIRS]
+        trans = top_with_rest(trans, r, c)
+        row_ids, col_ids = [str(e) for e in r] + ["rest"], [str(e) for e in c] + ["rest"]
     panels = [p for p in (pairs, trans) if p is not None]
     if not panels:
         return _placeholder_figure(f"Co-activation, layer {layer}", f"{TOP1_NOTE}; layer {layer} is the last MoE layer")
@@ -247,7 +364,7 @@ def draw_coactivation(pairs: np.ndarray | None, layer: int, trans: np.ndarray | 
     if pairs is not None:
         ax = axes[0, col]
         col += 1
-        share = pairs / max(pairs.sum() / 2, 1)
+        share = pairs / max((total if pair_ids else pairs.sum()) / 2, 1)
         pos = share[share > 0]
         # log scale on a sequential map with neither end white or grey; a pair no token chose is grey, so zero
         # never looks like the maximum (nor like the minimum)
@@ -256,7 +373,12 @@ def draw_coactivation(pairs: np.ndarray | None, layer: int, trans: np.ndarray | 
                        norm=LogNorm(vmin=pos.min(), vmax=max(pos.max(), pos.min() * 1.01)) if pos.size else None)
         ax.set_title(f"Co-activation in layer {layer}: share of expert pairs\n"
                      "(grey: no token chose the pair, as on the diagonal)", fontsize=9)
-        ax.set_xlabel("expert")
+        if pair_ids:
+            _label_experts(ax, pair_ids, "both")
+            ax.set_xlabel(f"expert id (the {TOP_PAIRS} most co-chosen, clustered; rest: mean of the other experts)",
+                          fontsize=8)
+        else:
+            ax.set_xlabel("expert")
         ax.set_ylabel("expert")
         fig.colorbar(im, ax=ax, label="tokens choosing both / all pairs (log)", shrink=0.85)
     if trans is not None:
@@ -272,6 +394,10 @@ def draw_coactivation(pairs: np.ndarray | None, layer: int, trans: np.ndarray | 
                      "(grey: no token took the path)", fontsize=9)
         ax.set_xlabel(f"expert at layer {next_layer}")
         ax.set_ylabel(f"expert at layer {layer}")
+        if row_ids:
+            _label_experts(ax, row_ids, "y")
+            _label_experts(ax, col_ids, "x")
+            ax.set_xlabel(f"expert at layer {next_layer} (the {TOP_PAIRS} busiest by load; rest summed)", fontsize=8)
         fig.colorbar(im2, ax=ax, label="P(next | expert) / P(next), log\n(1 = independent, clipped to 0.1..10)",
                      extend="both", shrink=0.85)
     return fig
@@ -322,18 +448,24 @@ def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike
         res = analyze(con, by=by, layer=layer, seed=seed, memory_budget=budget)
     finally:
         con.close()
+    from .progress import current
+
+    current().describe("drawing the figures")
     models = sorted({str((r.manifest.get("model") or {}).get("name", "?")) for r in opened})
     model = ", ".join(models)
     imb, dom, cor, coa = res["imbalance"], res["domain"], res["correlation"], res["coactivation"]
     figs: list[tuple[str, str, bytes]] = []
     figs.append(("load_heatmap", "Expert load per layer", fig_load_heatmap(imb.arrays["load"], layers, model)))
+    findings, band = report_findings(res, layers, geo.top_k, by, seed)
     curves = {"all tokens": imb.arrays["max_mean"]}
     for ph in ("prefill", "decode"):
         if f"max_mean_{ph}" in imb.arrays:
             curves[ph] = imb.arrays[f"max_mean_{ph}"]
-    figs.append(("imbalance_curve", "Load imbalance per layer", fig_imbalance_curve(layers, curves)))
+    figs.append(("imbalance_curve", "Load imbalance per layer", fig_imbalance_curve(layers, curves, band)))
     if "share_diff" in dom.arrays:
-        figs.append(("domain_shift", "Domain shift", fig_domain_shift(dom.arrays["share_diff"], dom.arrays["groups"], layers)))
+        figs.append(("domain_shift", "Domain shift", fig_domain_shift(
+            dom.arrays["share_diff"], dom.arrays["groups"], layers, dom.arrays.get("js_sample"),
+            dom.arrays.get("js_shuffled"))))
     else:
         figs.append(("domain_shift", "Domain shift", _placeholder("Domain shift", "; ".join(dom.notes) or "one group only")))
     if "real_spearman" in cor.arrays:
@@ -359,11 +491,12 @@ def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tracekit report: {html.escape(model)}</title>",
              "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
              "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;font-size:12px;margin:0.5em 0 1.5em}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f3f3f3}</style></head><body>",
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f3f3f3}li.finding{margin:0.4em 0}</style></head><body>",
              f"<h1>tracekit report: {html.escape(model)}</h1>",
              f"<p>Runs: {html.escape(', '.join(run_label(r.path, out_html.parent) for r in opened))}; "
              f"MoE layers {layers[0]}..{layers[-1]}, "
              f"E={geo.num_experts}, top-{geo.top_k}.</p>"]
+    parts.append(findings_html(findings))
     for name, title, data in figs:
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' id='fig-{name}' src='data:image/png;base64,"
                      f"{base64.b64encode(data).decode()}'/>")
@@ -378,6 +511,31 @@ def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike
     parts.append("</body></html>")
     _atomic_bytes(out_html, "\n".join(parts).encode())
     return out_html
+
+
+def report_findings(res: dict, layers: np.ndarray, top_k: int, by: str, seed: int = 0) -> tuple[list, dict | None]:
+    """The three findings of ``res`` (what :func:`.analysis.run.analyze` returns) and the imbalance figure's
+    uniform band."""
+    from .analysis.findings import correlation_finding, domain_finding, imbalance_finding
+
+    imb, dom, cor = res["imbalance"], res["domain"], res["correlation"]
+    f_imb, band = imbalance_finding(imb.arrays["load"], layers, top_k, seed=seed)
+    f_dom = domain_finding(dom.arrays.get("js_sample"), dom.arrays.get("js_shuffled"), by,
+                           list(dom.arrays.get("js_groups") or dom.arrays.get("groups") or []),
+                           int(dom.arrays.get("js_requests", 0)), dom.arrays.get("classifier"))
+    f_cor = correlation_finding(cor.arrays.get("real_spearman"), cor.arrays.get("base_spearman"),
+                                "; ".join(cor.notes), seed=seed)
+    return [f_imb, f_dom, f_cor], band
+
+
+VERDICT_COLOURS = {True: "#1a7f37", False: "#b35900", None: "#666"}
+
+
+def findings_html(findings: list) -> str:
+    items = "".join(f"<li class='finding' data-holds='{str(f.holds).lower()}'><strong style='color:"
+                    f"{VERDICT_COLOURS[f.holds]}'>[{f.verdict}]</strong> {html.escape(f.sentence)}</li>"
+                    for f in findings)
+    return f"<h2 id='findings'>Findings</h2><ul>{items}</ul>"
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:

@@ -432,10 +432,10 @@ class Integrity:
     def summary(self) -> str:
         n = sum(len(v) for v in self.good.values())
         if self.state == "unverified":
-            return f"unverified: written before tracekit recorded chunk checksums ({n} chunks readable)"
+            return f"unverified: written before tracekit recorded chunk checksums ({n} chunk{'s' if n != 1 else ''} readable)"
         if self.state == "verified":
             extra = f"; {len(self.unrecorded)} chunk(s) not yet recorded (run not finished)" if self.unrecorded else ""
-            return f"verified: {n} chunks, {self.checked}{extra}"
+            return f"verified: {n} chunk{'s' if n != 1 else ''}, {self.checked}{extra}"
         return f"DAMAGED: {self.problems[0].line()}" + (f" and {len(self.problems) - 1} more" if len(self.problems) > 1 else "")
 
 

@@ -157,6 +157,8 @@ class DomainAccumulator:
         cls = classify(X, y, seed=self.seed)
         unit = "request histograms (one per request and phase)" if self.by == "phase" else "requests"
         res.tables["classifier"] = pa.table({k: [v] for k, v in cls.items()})
+        res.arrays["classifier"] = cls
+        self._shuffled_baseline(res, X.reshape(-1, L, E), y)
         res.summaries[f"predict a request's {self.by} from its routing"] = pa.table(
             {"requests": [cls["n"]], "folds": [cls["folds"]], "accuracy": [cls["accuracy"]],
              "majority_baseline": [cls["baseline"]]})
@@ -168,6 +170,23 @@ class DomainAccumulator:
         if cls["folds"] == 0:
             res.notes.append(f"classifier skipped: every {self.by} needs at least 2 requests")
         return res
+
+
+    PERMUTATION_WORK = 2_000_000_000  # multiply-adds the shuffled-label baseline may spend (about a second or two)
+
+    def _shuffled_baseline(self, res: AnalysisResult, shares: np.ndarray, y: np.ndarray) -> None:
+        """The domain statistic on the classifier's sample with the true and with shuffled labels (the baseline of
+        the report's finding): ``shares`` (N, L, E) per-request expert shares, ``y`` (N,) labels."""
+        from .findings import shuffled_group_js
+
+        names = sorted(set(y))
+        if len(names) < 2:
+            return
+        codes = np.searchsorted(np.asarray(names, dtype=object), y.astype(object))
+        N, L, E = shares.shape
+        perms = int(np.clip(self.PERMUTATION_WORK // max(1, len(names) * N * L * E), 20, 200))
+        real, shuffled = shuffled_group_js(shares, codes, len(names), perms, self.seed)
+        res.arrays.update(js_sample=real, js_shuffled=shuffled, js_requests=N, js_groups=names)
 
 
 def domain_result(loads: np.ndarray, names: list[str], layers: np.ndarray, key: str, top: int = 10) -> AnalysisResult:

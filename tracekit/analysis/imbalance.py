@@ -130,7 +130,7 @@ class ImbalanceAccumulator:
         groups += [("phase", n, self.phase[i]) for i, n in enumerate(PHASES)]
         groups += [(self.by, n, self.groups[i]) for i, n in enumerate(self.names)]
         return imbalance_result(groups, self.layers, self.top_k, self.E, self.jaccard, self.n_windows,
-                                f"{self.window} requests", self.hot_fraction)
+                                f"{self.window} request{'s' if self.window != 1 else ''}", self.hot_fraction)
 
 
 def analyze_loads_imbalance(loads: pa.Table, layers: np.ndarray, num_experts: int, top_k: int, by: str = "phase",

@@ -114,9 +114,19 @@ def analyze_requests(con, geo: Geometry, index: RequestIndex, slices: list, name
                 acc = CorrelationAccumulator(index, labels, by, geo.layers, E, geo.top_k, top_n, cap, seed)
                 acc.fill_pool(slices, reader, rows_per_slice(geo, budget, BATCH_SHARE))
                 accs[name] = acc
+        from ..progress import current, numba_note
+
+        bar = current()
+        numba_note()
+        bar.total(float(sum(len(sl.request_ids) for sl in slices)))
+        first = True
         for batch in reader.each(slices):
             for acc in accs.values():
                 acc.add(batch)
+            if first:
+                bar.describe("analysing requests")
+                first = False
+            bar.advance(batch.n)
     out = {name: acc.result() for name, acc in accs.items()}
     encoder = int(index.table["rows"].to_numpy().sum() - index.prefill_rows.sum() - index.decode_rows.sum()) \
         if "rows" in index.table.column_names else 0

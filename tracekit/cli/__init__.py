@@ -52,6 +52,7 @@ from . import import_engines_cmd  # noqa: E402,F401
 from . import query_cmd  # noqa: E402,F401
 from . import place_cmd  # noqa: E402,F401
 from . import route_cmd  # noqa: E402,F401
+from . import diff_cmd  # noqa: E402,F401
 
 
 def _usage_exception_types() -> tuple[type[BaseException], ...]:

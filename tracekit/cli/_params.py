@@ -33,7 +33,7 @@ def positive_float(option: str, upper: float | None = None) -> Callable[[Optiona
 
 
 def force_option(what: str = "output files") -> bool:
-    return typer.Option(False, "--force", help=f"Replace existing {what}.")
+    return typer.Option(False, "--force", help=f"Overwrite {what} if present.")
 
 
 def check_device_map(device_map: str | None) -> None:

@@ -180,7 +180,7 @@ def info(
     t.add_row("dataset", f"{d.get('name')} ({d.get('domain')}), {d.get('prompts', '?')} prompts")
     for kind, tot in m["totals"].items():
         t.add_row(f"{kind}", f"{tot['requests']:,} requests, {tot['prompt_tokens']:,} prompt + {tot['generated_tokens']:,} "
-                             f"generated tokens, {tot['rows']:,} rows, {len(tot['files'])} files, {_human_bytes(tot['bytes'])}")
+                             f"generated tokens, {tot['rows']:,} rows, {len(tot['files'])} file{'s' if len(tot['files']) != 1 else ''}, {_human_bytes(tot['bytes'])}")
     t.add_row("schema", f"v{m.get('schema_version')}, tracekit {m.get('tracekit_version')}")
     t.add_row("integrity", integrity.summary(), style="bold red" if damaged else None)
     for p in integrity.problems[1:]:

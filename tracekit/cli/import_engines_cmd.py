@@ -21,8 +21,12 @@ def _run(fmt: str, sources: List[Path], out: Path, model: Optional[str], num_exp
 
     from ..importers.engines import import_engine_run
 
-    m = import_engine_run(fmt, sources, out, model=model, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
-                          num_layers=num_layers, dataset=dataset, domain=domain, slot_map=slot_map, **(sizes or {}))
+    from ..progress import status
+
+    with status(f"importing {len(sources)} {fmt} source{'s' if len(sources) != 1 else ''} into {out}"):
+        m = import_engine_run(fmt, sources, out, model=model, num_experts=num_experts, top_k=top_k,
+                              moe_layers=moe_layers, num_layers=num_layers, dataset=dataset, domain=domain,
+                              slot_map=slot_map, **(sizes or {}))
     kind = m.get("kind", "routes")
     t = m.get("totals", {}).get(kind, {})
     con = Console(markup=False, highlight=False)  # paths and notes are text, not rich markup

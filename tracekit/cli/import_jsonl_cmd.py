@@ -39,11 +39,14 @@ def import_jsonl_cmd(
     from ..importers.jsonl import import_jsonl
     from ..store import open_run
 
-    run = open_run(
-        import_jsonl(files, model=model, out=out, field_map=field_map, phase=phase, num_experts=num_experts,
-                     top_k=top_k, num_layers=num_layers, dataset=dataset, domain=domain, weight_dtype=weight_dtype,
-                     hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size, expert_dtype=expert_dtype)
-    )
+    from ..progress import status
+
+    with status(f"importing {len(files)} file{'s' if len(files) != 1 else ''} into {out}"):
+        path = import_jsonl(files, model=model, out=out, field_map=field_map, phase=phase, num_experts=num_experts,
+                            top_k=top_k, num_layers=num_layers, dataset=dataset, domain=domain,
+                            weight_dtype=weight_dtype, hidden_size=hidden_size,
+                            moe_intermediate_size=moe_intermediate_size, expert_dtype=expert_dtype)
+    run = open_run(path)
     t = run.manifest["totals"]["routes"]
     Console(markup=False, highlight=False).print(
         f"wrote {out}: {t['requests']} requests, {t['prompt_tokens']} prompt + {t['generated_tokens']} generated tokens, "

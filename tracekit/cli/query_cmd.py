@@ -215,14 +215,14 @@ def query_cmd(
     args: List[str] = typer.Argument(..., metavar="RUNS... SQL", help="Run directories (or globs), then one SQL query."),
     fmt: Literal["table", "csv", "json", "parquet"] = typer.Option("table", "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the result to this file (not inside a run)."),
-    force: bool = force_option("an existing -o file"),
+    force: bool = force_option("the -o file"),
     max_rows: int = typer.Option(200, "--max-rows", min=1, max=10_000_000, help="Rows shown by --format table."),
     timeout: float = TIMEOUT_OPTION,
     memory_limit: str = MEMORY_LIMIT_OPTION,
     max_spill: str = MAX_SPILL_OPTION,
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
-    """Run one read-only SQL query over the views routes, choices, requests, runs, loads."""
+    """Run one read-only SQL query over the views routes, choices, requests, runs, loads, loads_by_step."""
     from ..query import connect, stream_result
 
     if len(args) < 2:
@@ -249,33 +249,40 @@ def sql_cmd(
     max_spill: str = MAX_SPILL_OPTION,
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
 ) -> None:
-    """Interactive SQL shell over the same views (reads statements ending in ';' from stdin; piping works)."""
+    """Interactive SQL shell over the views routes, choices, requests, runs, loads, loads_by_step (statements end
+    in ';'; several on one line each print their result; piping works; line editing and history in a terminal)."""
     from ..query import VIEWS, connect, stream_result
 
+    views = (*VIEWS, "loads_by_step") if "loads_by_step" not in VIEWS else VIEWS
     utf8_runs(runs)
     with partial_reads_cli(allow_partial):
         con = connect(runs, memory_limit=memory_limit, max_temp_size=max_spill)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"tracekit sql: views {', '.join(VIEWS)}; end statements with ';'; .tables, .schema VIEW, .quit")
+        _line_editing()
+        print(f"tracekit sql: views {', '.join(views)}; end statements with ';'; .tables, .schema VIEW, .quit")
     failed = 0
     buf: list[str] = []
 
     def run(text: str) -> None:
         nonlocal failed
-        try:
-            with stream_result(con, utf8_text(text, "the statement"), timeout=timeout) as batches:
-                emit(batches, "table", None, max_rows)
-        except TracekitError as exc:
-            failed += 1
-            print(f"error: {exc}", file=sys.stderr)
+        for statement in split_statements(con, text):  # every statement's result, not only the last one's
+            try:
+                with stream_result(con, utf8_text(statement, "the statement"), timeout=timeout) as batches:
+                    emit(batches, "table", None, max_rows)
+            except TracekitError as exc:
+                failed += 1
+                print(f"error: {exc}", file=sys.stderr)
 
     try:
         while True:
-            if interactive:
-                sys.stdout.write("tracekit> " if not buf else "     ...> ")
-                sys.stdout.flush()
-            line = sys.stdin.readline()
+            if interactive:  # input() with readline: line editing, and history across sessions
+                try:
+                    line = input("tracekit> " if not buf else "     ...> ") + "\n"
+                except EOFError:
+                    break
+            else:
+                line = sys.stdin.readline()
             if not line:
                 break
             stripped = line.strip()
@@ -284,7 +291,7 @@ def sql_cmd(
                 if cmd in (".quit", ".exit"):
                     break
                 if cmd == ".tables":
-                    print("  ".join(VIEWS))
+                    print("  ".join(views))
                 elif cmd == ".schema":
                     run(f"DESCRIBE {arg.strip() or 'routes'}")
                 else:
@@ -301,6 +308,42 @@ def sql_cmd(
         con.close()
     if failed and not interactive:
         sys.exit(2)  # piped statements: report failure to the caller (each error was printed as one line)
+
+
+def _line_editing() -> None:
+    """Line editing and a history file (~/.tracekit_sql_history, 1000 lines) for the interactive shell, where the
+    platform has readline."""
+    try:
+        import atexit
+        import readline
+    except ImportError:
+        return
+    path = Path.home() / ".tracekit_sql_history"
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+def split_statements(con, text: str) -> list[str]:
+    """The statements of ``text`` as separate SQL strings (DuckDB's own parser splits them); text that does not
+    parse is returned whole, so that running it reports the syntax error."""
+    import duckdb
+
+    try:
+        parts = [st.query.strip() for st in con.extract_statements(text)]
+    except (duckdb.Error, TypeError, UnicodeEncodeError):
+        return [text]
+    return [p for p in parts if p] or [text]
 
 
 def _check_what(value: Optional[str]) -> Optional[str]:
@@ -346,7 +389,9 @@ def analyze_cmd(
     utf8_runs(runs)
     if out is not None:
         check_folder(out, force=force, option="--out")
-    with partial_reads_cli(allow_partial):
+    from ..progress import task
+
+    with partial_reads_cli(allow_partial), task("reading the runs"):
         results = analyze(runs, what=what, by=by, layer=layer, window=window, top_n=top_n, seed=seed,
                           memory_budget=memory_budget)
     console = Console()
@@ -381,6 +426,8 @@ def report_cmd(
     if png is not None:
         check_folder(png, force=force, option="--png")
         distinct(("-o", out), ("--png", png))
-    with partial_reads_cli(allow_partial):
+    from ..progress import task
+
+    with partial_reads_cli(allow_partial), task("reading the runs"):
         path = write_report(runs, out, png_dir=png, layer=layer, by=by, memory_budget=memory_budget)
     print(f"wrote {path}")
