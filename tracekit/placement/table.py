@@ -60,6 +60,12 @@ def render_narrow(comp, pick: dict | None = None):
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     ref = next((r for r in comp.rows if r["strategy"] == "eplb"), None)
     ref_h = _held(ref) if ref else {}
+    n_steps, phase = heldout_steps(ref_h)
+    if "full_steps" in ref_h:  # what the p99 column rests on
+        from .select import FEW_STEPS
+
+        t.title += (f"; p99 over {n_steps} full {phase} step{'s' * (n_steps != 1)}"
+                    + (f" (noisy: fewer than {FEW_STEPS})" if n_steps < FEW_STEPS else ""))
     step_key, _ = _metric(ref_h, STEP_KEYS)
     p99_key, _ = _metric(ref_h, P99_KEYS)
     values = (pick or {}).get("values", {})
