@@ -28,10 +28,15 @@ class MoeFamily:
 
 
 def _modeling(module_name: str):
+    """The modeling module of ``module_name``, or None when it cannot be imported here: no modeling file (a config-only
+    model type) or an optional dependency missing (torchaudio, ...). Any other error propagates, naming the module:
+    a family must never drop out of the every-family test silently."""
     try:
         return importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-    except Exception:  # a modeling file that needs an optional dependency: not a family we can build
+    except ImportError:
         return None
+    except Exception as exc:
+        raise RuntimeError(f"transformers.models.{module_name}: its modeling module fails to import ({exc})") from exc
 
 
 def _own_module_classes(mod) -> dict[str, type]:
