@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.markup import escape
 from rich.table import Table
 
@@ -91,25 +91,44 @@ def collect(
         dtype=dtype, max_memory=max_memory, revision=revision, layers=layers, weights=weights,
         chat_template=chat_template, do_sample=do_sample, temperature=temperature, ignore_eos=ignore_eos,
     )
+    # The ETA is this call's mean rate since tracing started (rich's own estimate needs two updates within its
+    # speed window: with one batch per ~10 s it showed -:--:-- for the first batches, and a resumed run's jump
+    # from 0 to the requests already done counted as speed).
     bar = Progress(
         TextColumn("[bold]collect[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
-        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
         console=console, disable=not progress,
     )
-    task = bar.add_task("collect", total=None, tps="-")
-    t0 = time.perf_counter()
+    task = bar.add_task("collect", total=None, tps="-", eta="-:--:--")
+    start: list = []  # (time, requests done) when tracing started: the first on_progress call
 
     def on_progress(done: int, total: int, tokens: int) -> None:
+        now = time.perf_counter()
+        if not start:
+            start.append((now, done))
         if not bar.live.is_started:  # start only once the work starts, so early errors print alone
             bar.start()
-        rate = tokens / max(time.perf_counter() - t0, 1e-9)
-        bar.update(task, completed=done, total=total, tps=f"{rate:,.0f}")
+        t_start, done_start = start[0]
+        rate = tokens / max(now - t_start, 1e-9)
+        bar.update(task, completed=done, total=total, tps=f"{rate:,.0f}" if tokens else "-",
+                   eta=eta_text(now - t_start, done - done_start, total - done))
 
     try:
         result = run_collect(opts, on_progress=on_progress)
     finally:
         bar.stop()
     _summary(result)
+
+
+def eta_text(elapsed: float, done_now: int, left: int) -> str:
+    """Time left as H:MM:SS at the mean rate of this call (``done_now`` requests in ``elapsed`` seconds);
+    ``-:--:--`` before the first request of this call is done."""
+    if left <= 0:
+        return "0:00:00"
+    if done_now <= 0 or elapsed <= 0:
+        return "-:--:--"
+    secs = int(round(elapsed / done_now * left))
+    return f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
 
 
 def _summary(result) -> None:
