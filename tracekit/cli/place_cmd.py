@@ -69,9 +69,11 @@ def place_cmd(
             check_file(target, force=force, option=option)
     distinct(("-o", out), ("--json", json_out))
     check_runs(runs)
+    runs = expand_runs(runs)
+    from ..progress import task
     from .query_cmd import partial_reads_cli
 
-    with partial_reads_cli(allow_partial):
+    with partial_reads_cli(allow_partial), task(f"place: reading {len(runs)} run{'s' if len(runs) != 1 else ''}"):
         traces = load_traces(runs, max_rows=max_rows, seed=seed)
     cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
     eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens, "profile": profile,
@@ -122,15 +124,17 @@ def place_cmd(
     from ..placement.select import place
     from ..placement.table import WIDTH, duplicate_lines, pick_line, render_narrow
 
-    comp, val = place(traces, cluster, strategy, objective=objective, engine=engine, grouping=grouping,
-                      holdout=holdout, split=split, seed=seed, max_imbalance=max_imbalance, phase=phase,
-                      baseline_grouping=baseline_grouping, **eval_opts)
-    from ..placement.classifier import attach_classifiers, describe
-
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):  # as in place(): the same bytes whatever OMP_NUM_THREADS
-        clf_summary = attach_classifiers(comp, traces, runs, classifier_data or [], seed=seed)
+    from ..placement.classifier import attach_classifiers, describe
+
+    with task("place: splitting the requests") as bar:  # place() says each stage on this bar
+        comp, val = place(traces, cluster, strategy, objective=objective, engine=engine, grouping=grouping,
+                          holdout=holdout, split=split, seed=seed, max_imbalance=max_imbalance, phase=phase,
+                          baseline_grouping=baseline_grouping, **eval_opts)
+        bar.describe("place: fitting the grouping classifiers")
+        with threadpool_limits(limits=1, user_api="blas"):  # as in place(): the same bytes whatever OMP_NUM_THREADS
+            clf_summary = attach_classifiers(comp, traces, runs, classifier_data or [], seed=seed)
     if wide:
         Console(width=max(220, Console().width)).print(render(comp))
     else:
@@ -159,6 +163,25 @@ def place_cmd(
         save_placement(p, out)
         con.print(f"saved {chosen} placement to {out}" + (" (the pick)" if chosen == val.pick else
                                                           f" (--strategy; the pick was {val.pick})"))
+
+
+def expand_runs(runs: List[Path]) -> List[Path]:
+    """The run directories named by ``runs`` as ``query``/``analyze``/``report`` read them (globs, folders of runs:
+    :func:`tracekit.query.resolve_runs`), in the order given (a glob's matches sorted), each once. A name that is a
+    run directory stays as typed; one that matches nothing is the same one line as in those commands."""
+    import glob
+
+    from ..query import resolve_runs
+    from ..store import MANIFEST
+
+    out: List[Path] = []
+    for r in runs:
+        if not glob.has_magic(str(r)) and ((r / MANIFEST).is_file() or not r.is_dir()):
+            found = [r]  # a run directory as typed (a missing one: load_traces's own line, as before)
+        else:
+            found = [run.path for run in resolve_runs(r)]
+        out += [f for f in found if f not in out]
+    return out
 
 
 @app.command("export")
