@@ -26,7 +26,7 @@ def place_cmd(
     grouping: Literal["none", "domain", "signature"] = typer.Option("none", "--grouping", help="Request grouping."),
     holdout: float = typer.Option(0.3, "--holdout", callback=positive_float("--holdout", 0.99), help="Share of requests held out (split request), in (0, 0.99]."),
     split: Literal["request", "tokens"] = typer.Option("request", "--split", help="request (hold out whole requests) or tokens (fit on each request's first half)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the train/held-out split, the row sample (--max-rows) and the strategies' own randomness: the same seed gives the same placement."),
     max_rows: int = typer.Option(MAX_ROWS, "--max-rows", min=1, max=1 << 40, help="Read at most this many token-layer rows: beyond it, a seeded random sample of whole requests (said in the output)."),
     max_imbalance: Optional[float] = typer.Option(None, "--max-imbalance", min=1.0, max=1e6, help="Absolute GPU load bound (max/mean per layer, fit rows, the engine's tables) for locality. Default: each layer within 5% of eplb's on the same rows, so the pick is never less balanced than eplb by more."),
     hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 20, help="Model hidden size (default: the runs' geometry, else 7168, said in an 'assumed' line)."),
@@ -187,19 +187,19 @@ def expand_runs(runs: List[Path]) -> List[Path]:
 @app.command("export")
 def export_cmd(
     placement: Path = typer.Argument(..., help="Placement JSON written by tracekit place -o."),
-    fmt: Literal["sglang", "trtllm", "vllm", "json", "grouping"] = typer.Option(..., "--format", help="Target format."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (default: beside the placement)."),
+    fmt: Literal["sglang", "trtllm", "vllm", "json", "grouping"] = typer.Option(..., "--format", help="Target format (json: the neutral placement, validated and compact)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (default: beside the placement, e.g. placement.sglang.json; json: placement.neutral.json)."),
     force: bool = force_option("the output file"),
     num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, max=MAX_LAYERS, help="Hidden layers of the model (SGLang rows; default from the traces' geometry)."),
 ) -> None:
     """Write a placement in a serving engine's format (validated first, written atomically) and print its flags."""
     from rich.console import Console
 
-    from ..placement.export import _suffix, export, load_placement
+    from ..placement.export import default_export_path, export, load_placement
 
-    out = out or placement.with_name(f"{placement.stem}.{fmt}.{_suffix(fmt)}")
+    p = load_placement(placement)  # first: a file that is no placement says so, whatever the output path
+    out = out or default_export_path(placement, fmt)
     check_file(out, force=force, option="-o")
-    p = load_placement(placement)
     notes = export(p, fmt, out, num_hidden_layers=num_layers)
     con = Console(width=200, soft_wrap=True)
     con.print(f"wrote {out}")

@@ -238,8 +238,12 @@ def placement_from_dict(d: dict[str, Any], where: str = "placement") -> Placemen
     if isinstance(d, dict) and d.get("format") == NEUTRAL_FORMAT:
         check_placement_json(d, where)
     if not isinstance(d, dict) or d.get("format") != NEUTRAL_FORMAT:
-        raise TracekitError(f"{where}: not a tracekit placement (format {d.get('format') if isinstance(d, dict) else None!r}); "
-                            "write one with tracekit place -o")
+        if isinstance(d, dict) and "run_id" in d and "kind" in d:
+            what = "a run's manifest; place its run with tracekit place RUN -o placement.json"
+        else:
+            what = (f"format {d.get('format') if isinstance(d, dict) else None!r}, not {NEUTRAL_FORMAT!r}; "
+                    "write one with tracekit place RUNS -o placement.json")
+        raise TracekitError(f"{where}: not a placement ({what})")
     if int(d.get("version", 0)) > NEUTRAL_VERSION:
         raise TracekitError(f"{where}: placement format v{d['version']} is newer than this tracekit; upgrade tracekit")
     try:
@@ -419,6 +423,14 @@ def grouping_notes(placement: Placement, name: str) -> list[str]:
 
 def _suffix(fmt: str) -> str:
     return "yaml" if fmt == "trtllm" else "json"
+
+
+def default_export_path(placement_path: str | Path, fmt: str) -> Path:
+    """Where ``tracekit export`` writes without ``-o``: beside the placement, ``STEM.FORMAT.SUFFIX``
+    (placement.sglang.json, placement.trtllm.yaml); the neutral ``json`` is ``STEM.neutral.json``, not
+    ``STEM.json.json``."""
+    p = Path(placement_path)
+    return p.with_name(f"{p.stem}.{'neutral' if fmt == 'json' else fmt}.{_suffix(fmt)}")
 
 
 def engine_warning(placement: Placement, fmt: str) -> str | None:
