@@ -62,7 +62,11 @@ def validate(placement: Placement, num_hidden_layers: int | None = None) -> None
     se = np.asarray(placement.slot_expert)
     layers = np.asarray(placement.layers)
     if c.num_slots % c.num_gpus:
-        raise TracekitError(f"E + R = {c.num_slots} slots do not divide over EP size {c.num_gpus}; change --redundant")
+        from .types import nearest_redundant
+
+        near = " or ".join(map(str, nearest_redundant(c.num_experts, c.redundant, c.num_gpus)))
+        raise TracekitError(f"E + R = {c.num_slots} slots do not divide over EP size {c.num_gpus}; change --redundant "
+                            f"(nearest: {near})")
     if se.ndim != 2 or se.shape != (len(layers), c.num_slots):
         raise TracekitError(
             f"placement rows are {se.shape}, expected {len(layers)} MoE layers x {c.num_slots} slots (E + R)"
