@@ -99,3 +99,23 @@ def test_console_script_exit_code_is_2_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown model 'nope'") and "Traceback" not in proc.stderr
+
+
+def test_collect_bar_has_an_eta_from_the_first_batch(tmp_path, prompt_data):
+    """collect reports a baseline before its first batch, so the bar's ETA is known after one batch (rich's own
+    estimate showed -:--:-- until two updates fell within its speed window); a resumed run's requests already done
+    do not count as this call's speed."""
+    from tracekit.cli.collect_cmd import eta_text
+    from tracekit.collect import CollectOptions, collect
+
+    calls = []
+    opts = CollectOptions(model="tiny-llama4", dataset="mt-bench", data_file=prompt_data / "mt_bench_questions.jsonl",
+                          limit=6, max_new_tokens=2, batch_size=2, chunk_requests=2, out=tmp_path / "run")
+    collect(opts, on_progress=lambda *a: calls.append(a), stop_after_chunks=1)
+    assert calls[0] == (0, 6, 0) and calls[1][0] == 2
+    calls.clear()
+    collect(opts, on_progress=lambda *a: calls.append(a))  # resume: 2 of 6 already done
+    assert calls[0] == (2, 6, 0) and [c[0] for c in calls[1:]] == [4, 6]
+    # the CLI's ETA after the first batch of the resumed call: 2 requests in 8 s, 2 left
+    assert eta_text(8.0, calls[1][0] - calls[0][0], 6 - calls[1][0]) == "0:00:08"
+    assert eta_text(8.0, 8, 40) == "0:00:40" and eta_text(3.0, 0, 48) == "-:--:--" and eta_text(1.0, 6, 0) == "0:00:00"

@@ -120,7 +120,7 @@ def test_width_and_layer_checks(tmp_path):
 
 def test_bad_placement_file(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "other"}')
-    with pytest.raises(TracekitError, match="not a tracekit placement"):
+    with pytest.raises(TracekitError, match="not a placement"):
         export.load_placement(tmp_path / "bad.json")
     d = export.placement_to_dict(deepseek_like())
     d["cluster"]["nodes"] = 6
@@ -129,3 +129,61 @@ def test_bad_placement_file(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(d))
     with pytest.raises(TracekitError, match="do not divide over 48 GPUs"):
         export.load_placement(tmp_path / "p.json")
+
+
+def _cli(capsys, *argv):
+    from tracekit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+        raise SystemExit(0)
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+def test_export_json_default_name_is_not_json_json(tmp_path, capsys):
+    pl = tmp_path / "placement.json"
+    export.save_placement(deepseek_like(), pl)
+    code, out, err = _cli(capsys, "export", pl, "--format", "json")
+    assert code == 0, err
+    assert (tmp_path / "placement.neutral.json").is_file() and not (tmp_path / "placement.json.json").exists()
+    assert export.load_placement(tmp_path / "placement.neutral.json").cluster == deepseek_like().cluster
+    code, _, err = _cli(capsys, "export", pl, "--format", "sglang")
+    assert code == 0 and (tmp_path / "placement.sglang.json").is_file()
+
+
+def test_export_of_a_run_manifest_says_not_a_placement(tmp_path, capsys):
+    from tracekit.synth import generate_run
+
+    run = generate_run(tmp_path / "run", num_experts=8, top_k=2, moe_layers=[0], requests=2, prompt_tokens=2,
+                       decode_tokens=1)
+    (tmp_path / "run" / "manifest.sglang.json").write_text("{}")  # the default output exists: still the real reason
+    for fmt in ("sglang", "json"):
+        code, out, err = _cli(capsys, "export", run / "manifest.json", "--format", fmt)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert "manifest.json: not a placement (a run's manifest" in err and "tracekit place" in err
+    assert not (tmp_path / "run" / "manifest.json.json").exists() and not (tmp_path / "run" / "manifest.neutral.json").exists()
+    other = tmp_path / "other.json"
+    other.write_text('{"format": "something-else"}')
+    code, _, err = _cli(capsys, "export", other, "--format", "vllm")
+    assert code == 2 and "other.json: not a placement (format 'something-else'" in err
+
+
+@pytest.mark.parametrize("nodes,gpus,redundant,near", [(2, 2, 3, [0, 4]), (2, 8, 30, [16, 32]), (1, 3, 0, [1])])
+def test_a_non_dividing_redundant_suggests_the_nearest_valid_values(nodes, gpus, redundant, near):
+    with pytest.raises(TracekitError) as exc:
+        Cluster(nodes, gpus, 8 if redundant != 30 else 256, redundant)
+    assert str(exc.value).endswith(f"(nearest: --redundant {' or '.join(map(str, near))})")
+    for r in near:  # every suggestion is accepted
+        Cluster(nodes, gpus, 8 if redundant != 30 else 256, r)
+
+
+def test_options_named_in_issue_20_have_help():
+    from typer.main import get_command
+
+    from tracekit.cli import app
+
+    commands = get_command(app).commands
+    for cmd, option in (("info", "--json"), ("place", "--seed"), ("export", "--format")):
+        param = next(p for p in commands[cmd].params if option in p.opts)
+        assert param.help and len(param.help.split()) >= 5, (cmd, option, param.help)

@@ -429,7 +429,8 @@ def collect(
 ) -> CollectResult:
     """Trace ``opts.dataset`` through ``opts.model`` into the run directory ``opts.out``.
 
-    ``on_progress(requests_done, requests_total, tokens_done)`` is called after every batch.
+    ``on_progress(requests_done, requests_total, tokens_done)`` is called once when tracing starts (the requests
+    a resumed run already holds, 0 tokens: the baseline a rate or an ETA is measured from) and after every batch.
     ``stop_after_chunks`` stops early (as an interrupt would), leaving a resumable run: used by tests.
     """
     owns_group = maybe_init_distributed()
@@ -580,6 +581,8 @@ def _collect_locked(opts, run_dir, rank, world, *, loaded, prompts, on_progress,
     total_mine = len(mine) + sum(1 for i in done if i % world == rank)
     done_mine = total_mine - len(mine)
     tokens_done = 0
+    if on_progress and mine:
+        on_progress(done_mine, total_mine, tokens_done)
 
     prompt_ids = pa.array([p.prompt_id for p in prompts], pa.string())
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracekit-writer")

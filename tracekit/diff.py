@@ -199,7 +199,11 @@ def diff_result(c: dict, label_a: str, label_b: str, top: int = 10) -> DiffResul
 def _finding_values(runs, by: str, seed: int, memory_budget) -> dict:
     from .analysis.run import analyze
 
-    res = analyze(runs, what="domain,correlation", by=by, seed=seed, memory_budget=memory_budget)
+    return finding_values(analyze(runs, what="domain,correlation", by=by, seed=seed, memory_budget=memory_budget))
+
+
+def finding_values(res: dict) -> dict:
+    """The domain shift and prefill-decode gap of analysis results (``res["domain"]``, ``res["correlation"]``)."""
     dom, cor = res["domain"], res["correlation"]
     out = {}
     if dom.arrays.get("js_sample") is not None:
@@ -247,8 +251,9 @@ def finding_changes(fa: dict, fb: dict, by: str) -> tuple[pa.Table, list[str]]:
 
 def diff_runs(a: str | os.PathLike | Iterable, b: str | os.PathLike | Iterable, *, by: str = "domain",
               draws: int = BOOTSTRAP, seed: int = 0, findings: bool = True, memory_budget: str | None = None,
-              label_a: str = "A", label_b: str = "B") -> DiffResult:
-    """Compare run set ``b`` against run set ``a`` (see the module docstring)."""
+              label_a: str = "A", label_b: str = "B", analysed_a: dict | None = None) -> DiffResult:
+    """Compare run set ``b`` against run set ``a`` (see the module docstring). ``analysed_a``: ``a``'s analysis
+    results when the caller has them already (the report), so its findings are not computed twice."""
     from .analysis.budget import MemoryBudget
 
     budget = MemoryBudget.of(memory_budget)
@@ -256,7 +261,8 @@ def diff_runs(a: str | os.PathLike | Iterable, b: str | os.PathLike | Iterable, 
     lb = request_loads(b, budget.duckdb_limit, label_b)
     res = diff_result(compare_loads(la, lb, draws=draws, seed=seed), label_a, label_b)
     if findings:
-        table, lines = finding_changes(_finding_values(a, by, seed, budget), _finding_values(b, by, seed, budget), by)
+        fa = finding_values(analysed_a) if analysed_a is not None else _finding_values(a, by, seed, budget)
+        table, lines = finding_changes(fa, _finding_values(b, by, seed, budget), by)
         res.summaries["findings, A vs B"] = table
         res.tables["findings"] = table
         res.lines += lines

@@ -10,10 +10,11 @@ routes     (request, token, MoE layer), as stored (see :mod:`tracekit.schema`)
 choices    (token, layer, rank): ``expert``, ``weight``, ``rank`` (0 = the router's first choice)
 requests   request: run_id, request_id, prompt_id, model, dataset, domain, prompt_tokens, generated_tokens, rows
 runs       run directory: its manifest, geometry fields as columns
-loads      (run, phase, window, layer, expert): assignment counts; stored for runs of kind ``loads``; for runs
-           of kind ``routes`` read from the per-chunk summaries (:mod:`tracekit.summaries`; derived from the
-           rows for runs without them), window 0 = prefill, -1 = every decode step together; the view
-           ``loads_by_step`` has the same per decode step (window s = step s), derived from the rows
+loads      (run, phase, step_window, layer, expert): assignment counts; stored for runs of kind ``loads``; for
+           runs of kind ``routes`` read from the per-chunk summaries (:mod:`tracekit.summaries`; derived from
+           the rows for runs without them), step_window 0 = prefill, -1 = every decode step together; the view
+           ``loads_by_step`` has the same per decode step (step_window s = step s), derived from the rows.
+           Both keep ``"window"`` (quoted: a SQL keyword) as a compatibility alias of ``step_window``
 =========  ===================================================================================================
 
 Nothing is copied or loaded: every query streams the Parquet files, so traces larger than memory work.
@@ -234,9 +235,11 @@ def connect(
         _create_summary_views(con, [r for r in opened if r.kind == "routes"])
         if loads_files:
             con.register("loads_files", _read_only_dataset(loads_files))
-            con.execute(sql_text("loads"))
+            source = "SELECT run_id, model, dataset, domain, phase, \"window\", layer, expert, count FROM loads_files " \
+                     "UNION ALL SELECT * FROM loads_derived"
         else:
-            con.execute("CREATE VIEW loads AS SELECT * FROM loads_derived")
+            source = "SELECT * FROM loads_derived"
+        con.execute(sql_text("loads").replace("{source}", source))
         runs_arrow = _runs_table(opened)
         con.register("_tracekit_runs", runs_arrow)
         con.execute("CREATE TABLE runs AS SELECT * FROM _tracekit_runs")

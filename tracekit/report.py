@@ -407,6 +407,52 @@ def fig_coactivation(pairs: np.ndarray | None, layer: int, trans: np.ndarray | N
     return _png(draw_coactivation(pairs, layer, trans, next_layer))
 
 
+def draw_run_diff(c: dict, label_a: str, label_b: str):
+    """The report's comparison figure from :func:`.diff.compare_loads`'s arrays ``c``: per MoE layer, how far B's
+    expert shares are from A's (total variation) against the TV two bootstrap samples of the same runs show (mean
+    and the flagging limit); and the max/mean load of A and B. Same expert count needed for the first panel."""
+    plt = _figure()
+    layers = np.asarray(c["layers"])
+    x = np.arange(len(layers))
+    panels = 2 if c.get("tv") is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(min(MAX_WIDTH_IN, 5.2 * panels), 3.3), squeeze=False)
+    axes = axes[0]
+    step = max(1, len(layers) // 12)
+    if panels == 2:
+        ax = axes[0]
+        shifted = np.asarray(c["layer_shifted"], bool)
+        ax.bar(x, c["tv"], color=np.where(shifted, "#c0392b", "#7f8c8d"), width=0.8,
+               label="B vs A (red: beyond noise)")
+        ax.plot(x, c["tv_null"], "k:", lw=1.2, label="noise: two samples of the same runs")
+        ax.plot(x, c["tv_limit"], "k--", lw=1, label="flagging limit")
+        ax.set_ylabel("total variation of expert shares")
+        ax.set_title(f"Load shift per layer: {int(shifted.sum())} of {len(layers)} beyond noise", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+    ax = axes[-1]
+    ax.plot(x, c["max_mean_a"], "o-", ms=3, label=f"A: {label_a}")
+    ax.plot(x, c["max_mean_b"], "s-", ms=3, label=f"B: {label_b}")
+    ax.set_ylabel("max / mean expert load")
+    ax.set_title("Imbalance per layer", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    for ax in axes:
+        ax.set_xticks(x[::step], [str(v) for v in layers[::step]])
+        ax.set_xlabel("MoE layer")
+        top = max((np.nanmax(np.asarray(ln.get_ydata(), float)) for ln in ax.lines), default=0.0)
+        top = max([top] + [p.get_height() for p in ax.patches])
+        ax.set_ylim(0, (top if np.isfinite(top) and top > 0 else 1.0) * 1.45)  # headroom: the legend covers no data
+    fig.tight_layout()
+    return fig
+
+
+def fig_run_diff(c: dict, label_a: str, label_b: str) -> bytes:
+    return _png(draw_run_diff(c, label_a, label_b))
+
+
+def _short(labels: list[str], limit: int = 60) -> str:
+    text = ", ".join(labels)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def run_label(path: Path, base: Path) -> str:
     """How the page names a run: its path relative to the page's folder when it lies below it, else its folder
     name (never an absolute path: the page is meant to be shared)."""
@@ -426,12 +472,15 @@ def _html_table(table, max_rows: int = 20) -> str:
 
 
 def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike, png_dir: str | os.PathLike | None = None,
-                 layer: int | None = None, by: str = "domain", seed: int = 0, memory_budget: str | None = None) -> Path:
+                 layer: int | None = None, by: str = "domain", seed: int = 0, memory_budget: str | None = None,
+                 compare: str | os.PathLike | Iterable | None = None, draws: int | None = None) -> Path:
     """Analyse ``runs`` and write one self-contained HTML page (figures as base64 PNG); with ``png_dir`` also
     write each figure as a PNG file there. ``layer``: MoE layer of the co-activation heatmap (default middle).
-    Returns the HTML path."""
+    ``compare``: a second run set; the page then also says how it routes differently from ``runs`` (B vs A, as
+    ``tracekit diff A B``: :func:`.diff.diff_runs`, ``draws`` bootstrap resamples). Returns the HTML path."""
     out_html = Path(out_html)
     opened = resolve_runs(runs)
+    other = resolve_runs(compare) if compare is not None else None
     from .analysis.budget import MemoryBudget
 
     budget = MemoryBudget.of(memory_budget)
@@ -481,6 +530,17 @@ def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike
     figs.append(("coactivation", f"Co-activation, layer {layer}",
                  fig_coactivation(pairs, layer, tmat, tkey[1] if tmat is not None else None)))
     captions = {"coactivation": TOP1_NOTE} if pairs is None else {}
+    diff = None
+    if other is not None:
+        from .diff import BOOTSTRAP, diff_runs
+
+        label_a = _short([run_label(r.path, out_html.parent) for r in opened])
+        label_b = _short([run_label(r.path, out_html.parent) for r in other])
+        current().describe("comparing with the --compare runs (bootstrap over requests)")
+        diff = diff_runs([r.path for r in opened], [r.path for r in other], by=by, draws=draws or BOOTSTRAP,
+                         seed=seed, memory_budget=memory_budget, analysed_a=res)
+        figs.append(("run_diff", "Load shift and imbalance per layer, B vs A",
+                     fig_run_diff(diff.arrays, label_a, label_b)))
 
     if png_dir is not None:
         png_dir = Path(png_dir)
@@ -498,10 +558,18 @@ def write_report(runs: str | os.PathLike | Iterable, out_html: str | os.PathLike
              f"E={geo.num_experts}, top-{geo.top_k}.</p>"]
     parts.append(findings_html(findings))
     for name, title, data in figs:
+        if name == "run_diff":
+            parts.append("<h2 id='compare'>Compared with B</h2>"
+                         f"<p>A: {html.escape(', '.join(run_label(r.path, out_html.parent) for r in opened))}<br/>"
+                         f"B: {html.escape(', '.join(run_label(r.path, out_html.parent) for r in other))}</p>"
+                         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in diff.lines) + "</ul>")
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' id='fig-{name}' src='data:image/png;base64,"
                      f"{base64.b64encode(data).decode()}'/>")
         if name in captions:
             parts.append(f"<p class='na'>{html.escape(captions[name])}</p>")
+        if name == "run_diff":
+            for title_, table in diff.summaries.items():
+                parts.append(f"<h3>{html.escape(title_)}</h3>{_html_table(table)}")
     parts.append("<h2>Summary tables</h2>")
     for r in res.values():
         for title, table in r.summaries.items():

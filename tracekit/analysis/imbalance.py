@@ -137,7 +137,7 @@ def analyze_loads_imbalance(loads: pa.Table, layers: np.ndarray, num_experts: in
                             window: int | None = None, hot_fraction: float = HOT_FRACTION) -> AnalysisResult:
     """The same imbalance analysis from aggregated counts (runs of kind ``loads``: engine statistics).
 
-    ``loads``: table with columns phase, domain, dataset, window, layer, expert, count. Stability is measured over
+    ``loads``: table with columns phase, domain, dataset, step_window, layer, expert, count. Stability is measured over
     windows of ``window`` consecutive recorded forward passes (default: passes / 10), since there are no requests.
     """
     lpos = np.full(int(layers.max()) + 1, -1, dtype=np.int64)
@@ -158,9 +158,9 @@ def analyze_loads_imbalance(loads: pa.Table, layers: np.ndarray, num_experts: in
         labels = np.asarray(loads.column(key).to_pylist(), dtype=object)
         for name in sorted(set(labels)):
             groups.append((key, str(name), dense(labels == name)))
-    passes = np.unique(loads.column("window").to_numpy())
+    passes = np.unique(loads.column("step_window").to_numpy())
     window = window or max(1, len(passes) // 10)
-    chunk = np.searchsorted(passes, loads.column("window").to_numpy()) // window
+    chunk = np.searchsorted(passes, loads.column("step_window").to_numpy()) // window
     per_window = np.stack([dense(chunk == w) for w in range(int(chunk.max()) + 1)]) if len(count) else np.zeros((0, L, E))
     jac = hot_set_stability(per_window, hot_fraction) if len(per_window) >= 2 else np.zeros((0, L))
     return imbalance_result(groups, layers, top_k, num_experts, jac, len(per_window), f"{window} forward passes",

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.markup import escape
 from rich.table import Table
 
@@ -91,25 +91,44 @@ def collect(
         dtype=dtype, max_memory=max_memory, revision=revision, layers=layers, weights=weights,
         chat_template=chat_template, do_sample=do_sample, temperature=temperature, ignore_eos=ignore_eos,
     )
+    # The ETA is this call's mean rate since tracing started (rich's own estimate needs two updates within its
+    # speed window: with one batch per ~10 s it showed -:--:-- for the first batches, and a resumed run's jump
+    # from 0 to the requests already done counted as speed).
     bar = Progress(
         TextColumn("[bold]collect[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
-        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
         console=console, disable=not progress,
     )
-    task = bar.add_task("collect", total=None, tps="-")
-    t0 = time.perf_counter()
+    task = bar.add_task("collect", total=None, tps="-", eta="-:--:--")
+    start: list = []  # (time, requests done) when tracing started: the first on_progress call
 
     def on_progress(done: int, total: int, tokens: int) -> None:
+        now = time.perf_counter()
+        if not start:
+            start.append((now, done))
         if not bar.live.is_started:  # start only once the work starts, so early errors print alone
             bar.start()
-        rate = tokens / max(time.perf_counter() - t0, 1e-9)
-        bar.update(task, completed=done, total=total, tps=f"{rate:,.0f}")
+        t_start, done_start = start[0]
+        rate = tokens / max(now - t_start, 1e-9)
+        bar.update(task, completed=done, total=total, tps=f"{rate:,.0f}" if tokens else "-",
+                   eta=eta_text(now - t_start, done - done_start, total - done))
 
     try:
         result = run_collect(opts, on_progress=on_progress)
     finally:
         bar.stop()
     _summary(result)
+
+
+def eta_text(elapsed: float, done_now: int, left: int) -> str:
+    """Time left as H:MM:SS at the mean rate of this call (``done_now`` requests in ``elapsed`` seconds);
+    ``-:--:--`` before the first request of this call is done."""
+    if left <= 0:
+        return "0:00:00"
+    if done_now <= 0 or elapsed <= 0:
+        return "-:--:--"
+    secs = int(round(elapsed / done_now * left))
+    return f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
 
 
 def _summary(result) -> None:
@@ -133,7 +152,7 @@ def _summary(result) -> None:
 @app.command()
 def info(
     run: Path = typer.Argument(..., help="A run directory."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's manifest as JSON, with totals from its intact files, live status and the integrity check."),
     verify: bool = typer.Option(False, "--verify", help="Also compare the SHA-256 of every chunk with the manifest "
                                 "(reads every byte; by default sizes and Parquet footer row counts are checked)."),
 ) -> None:
@@ -222,23 +241,16 @@ def _layer_span(layers: list[int]) -> str:
     return "[" + ",".join(map(str, layers[:6])) + (",..]" if len(layers) > 6 else "]")
 
 
-@app.command()
-def models(families: bool = typer.Option(False, "--families", help="print the MoE families of the installed "
-                                         "transformers and their router contracts, as a markdown table")) -> None:
-    """The model registry with each model's routing geometry."""
-    from ..models import REGISTRY, load_model
+MODEL_COLUMNS = ("name", "hub id / source", "layers (MoE)", "E", "k", "routing")
+
+
+def model_rows() -> list[tuple[str, ...]]:
+    """One row per registered model (MODEL_COLUMNS): what `tracekit models` prints and the README's table holds.
+    Tiny presets are built (in memory, no download) so their geometry is the one their routers really have."""
     from ..hooks import find_routers, router_geometry
+    from ..models import REGISTRY, load_model
 
-    if families:
-        from ..hooks.families import families_markdown
-
-        print(families_markdown())
-        return
-
-    t = Table(title="models")
-    for c in ("name", "hub id / source", "layers (MoE)", "E", "k", "routing"):
-        t.add_column(c)
-    t.add_row = _escaped_add_row(t)  # layer spans like [1..3] are text, not rich markup
+    rows = []
     for spec in REGISTRY.values():
         g = spec.geometry
         if spec.is_tiny:
@@ -251,8 +263,41 @@ def models(families: bool = typer.Option(False, "--families", help="print the Mo
             routing += f", {g['n_shared_experts']} shared"
         if g.get("hash_layers"):
             routing += f", hash-routed layers {_layer_span(g['hash_layers'])}"
-        t.add_row(spec.name, spec.hub_id or spec.summary, f"{g.get('num_layers')} ({len(g['moe_layers'])} {_layer_span(g['moe_layers'])})",
-                  str(g.get("num_experts")), str(g.get("top_k")), routing)
+        rows.append((spec.name, spec.hub_id or spec.summary,
+                     f"{g.get('num_layers')} ({len(g['moe_layers'])} {_layer_span(g['moe_layers'])})",
+                     str(g.get("num_experts")), str(g.get("top_k")), routing))
+    return rows
+
+
+def models_markdown() -> str:
+    """The README's model table: :func:`model_rows` as markdown (`tracekit models --markdown`)."""
+    lines = ["<!-- generated by `tracekit models --markdown` -->", "| " + " | ".join(MODEL_COLUMNS) + " |",
+             "|" + "---|" * len(MODEL_COLUMNS)]
+    for name, *rest in model_rows():
+        lines.append("| " + " | ".join([f"`{name}`", *(c.replace("|", "\\|") for c in rest)]) + " |")
+    return "\n".join(lines)
+
+
+@app.command()
+def models(families: bool = typer.Option(False, "--families", help="print the MoE families of the installed "
+                                         "transformers and their router contracts, as a markdown table"),
+           markdown: bool = typer.Option(False, "--markdown", help="print the model table as markdown (the "
+                                         "README's)")) -> None:
+    """The model registry with each model's routing geometry."""
+    if families:
+        from ..hooks.families import families_markdown
+
+        print(families_markdown())
+        return
+    if markdown:
+        print(models_markdown())
+        return
+    t = Table(title="models")
+    for c in MODEL_COLUMNS:
+        t.add_column(c)
+    t.add_row = _escaped_add_row(t)  # layer spans like [1..3] are text, not rich markup
+    for row in model_rows():
+        t.add_row(*row)
     out_console.print(t)
 
 

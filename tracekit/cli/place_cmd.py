@@ -26,7 +26,7 @@ def place_cmd(
     grouping: Literal["none", "domain", "signature"] = typer.Option("none", "--grouping", help="Request grouping."),
     holdout: float = typer.Option(0.3, "--holdout", callback=positive_float("--holdout", 0.99), help="Share of requests held out (split request), in (0, 0.99]."),
     split: Literal["request", "tokens"] = typer.Option("request", "--split", help="request (hold out whole requests) or tokens (fit on each request's first half)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the train/held-out split, the row sample (--max-rows) and the strategies' own randomness: the same seed gives the same placement."),
     max_rows: int = typer.Option(MAX_ROWS, "--max-rows", min=1, max=1 << 40, help="Read at most this many token-layer rows: beyond it, a seeded random sample of whole requests (said in the output)."),
     max_imbalance: Optional[float] = typer.Option(None, "--max-imbalance", min=1.0, max=1e6, help="Absolute GPU load bound (max/mean per layer, fit rows, the engine's tables) for locality. Default: each layer within 5% of eplb's on the same rows, so the pick is never less balanced than eplb by more."),
     hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 20, help="Model hidden size (default: the runs' geometry, else 7168, said in an 'assumed' line)."),
@@ -69,9 +69,11 @@ def place_cmd(
             check_file(target, force=force, option=option)
     distinct(("-o", out), ("--json", json_out))
     check_runs(runs)
+    runs = expand_runs(runs)
+    from ..progress import task
     from .query_cmd import partial_reads_cli
 
-    with partial_reads_cli(allow_partial):
+    with partial_reads_cli(allow_partial), task(f"place: reading {len(runs)} run{'s' if len(runs) != 1 else ''}"):
         traces = load_traces(runs, max_rows=max_rows, seed=seed)
     cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "redundant": redundant}
     eval_opts = {"bytes_per_elem": bytes_per_elem, "microbatch_tokens": microbatch_tokens, "profile": profile,
@@ -122,15 +124,17 @@ def place_cmd(
     from ..placement.select import place
     from ..placement.table import WIDTH, duplicate_lines, pick_line, render_narrow
 
-    comp, val = place(traces, cluster, strategy, objective=objective, engine=engine, grouping=grouping,
-                      holdout=holdout, split=split, seed=seed, max_imbalance=max_imbalance, phase=phase,
-                      baseline_grouping=baseline_grouping, **eval_opts)
-    from ..placement.classifier import attach_classifiers, describe
-
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):  # as in place(): the same bytes whatever OMP_NUM_THREADS
-        clf_summary = attach_classifiers(comp, traces, runs, classifier_data or [], seed=seed)
+    from ..placement.classifier import attach_classifiers, describe
+
+    with task("place: splitting the requests") as bar:  # place() says each stage on this bar
+        comp, val = place(traces, cluster, strategy, objective=objective, engine=engine, grouping=grouping,
+                          holdout=holdout, split=split, seed=seed, max_imbalance=max_imbalance, phase=phase,
+                          baseline_grouping=baseline_grouping, **eval_opts)
+        bar.describe("place: fitting the grouping classifiers")
+        with threadpool_limits(limits=1, user_api="blas"):  # as in place(): the same bytes whatever OMP_NUM_THREADS
+            clf_summary = attach_classifiers(comp, traces, runs, classifier_data or [], seed=seed)
     if wide:
         Console(width=max(220, Console().width)).print(render(comp))
     else:
@@ -161,22 +165,41 @@ def place_cmd(
                                                           f" (--strategy; the pick was {val.pick})"))
 
 
+def expand_runs(runs: List[Path]) -> List[Path]:
+    """The run directories named by ``runs`` as ``query``/``analyze``/``report`` read them (globs, folders of runs:
+    :func:`tracekit.query.resolve_runs`), in the order given (a glob's matches sorted), each once. A name that is a
+    run directory stays as typed; one that matches nothing is the same one line as in those commands."""
+    import glob
+
+    from ..query import resolve_runs
+    from ..store import MANIFEST
+
+    out: List[Path] = []
+    for r in runs:
+        if not glob.has_magic(str(r)) and ((r / MANIFEST).is_file() or not r.is_dir()):
+            found = [r]  # a run directory as typed (a missing one: load_traces's own line, as before)
+        else:
+            found = [run.path for run in resolve_runs(r)]
+        out += [f for f in found if f not in out]
+    return out
+
+
 @app.command("export")
 def export_cmd(
     placement: Path = typer.Argument(..., help="Placement JSON written by tracekit place -o."),
-    fmt: Literal["sglang", "trtllm", "vllm", "json", "grouping"] = typer.Option(..., "--format", help="Target format."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (default: beside the placement)."),
+    fmt: Literal["sglang", "trtllm", "vllm", "json", "grouping"] = typer.Option(..., "--format", help="Target format (json: the neutral placement, validated and compact)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (default: beside the placement, e.g. placement.sglang.json; json: placement.neutral.json)."),
     force: bool = force_option("the output file"),
     num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, max=MAX_LAYERS, help="Hidden layers of the model (SGLang rows; default from the traces' geometry)."),
 ) -> None:
     """Write a placement in a serving engine's format (validated first, written atomically) and print its flags."""
     from rich.console import Console
 
-    from ..placement.export import _suffix, export, load_placement
+    from ..placement.export import default_export_path, export, load_placement
 
-    out = out or placement.with_name(f"{placement.stem}.{fmt}.{_suffix(fmt)}")
+    p = load_placement(placement)  # first: a file that is no placement says so, whatever the output path
+    out = out or default_export_path(placement, fmt)
     check_file(out, force=force, option="-o")
-    p = load_placement(placement)
     notes = export(p, fmt, out, num_hidden_layers=num_layers)
     con = Console(width=200, soft_wrap=True)
     con.print(f"wrote {out}")

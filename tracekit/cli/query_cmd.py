@@ -417,11 +417,19 @@ def report_cmd(
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Read the intact chunks of a damaged run (one warning per skipped chunk)."),
     memory_budget: str = typer.Option("2GB", "--memory-budget", help="Working memory of the analyses behind the "
                                       "figures, whatever the number of requests."),
+    compare: Optional[List[str]] = typer.Option(None, "--compare", help="A second run set (directories or globs; "
+                                                "repeat the option for several): the page adds how it routes "
+                                                "differently from RUNS, against bootstrap noise (as tracekit diff)."),
+    bootstrap: int = typer.Option(200, "--bootstrap", min=20, max=10_000, help="Bootstrap resamples over requests "
+                                  "for --compare's noise level."),
 ) -> None:
-    """One self-contained HTML page with the load, imbalance, domain-shift, correlation and co-activation plots."""
+    """One self-contained HTML page with the load, imbalance, domain-shift, correlation and co-activation plots
+    (and, with --compare, the differences to a second run set)."""
     from ..report import write_report
 
     utf8_runs(runs)
+    if compare:
+        utf8_runs(compare)
     check_file(out, force=force, option="-o")
     if png is not None:
         check_folder(png, force=force, option="--png")
@@ -429,5 +437,6 @@ def report_cmd(
     from ..progress import task
 
     with partial_reads_cli(allow_partial), task("reading the runs"):
-        path = write_report(runs, out, png_dir=png, layer=layer, by=by, memory_budget=memory_budget)
+        path = write_report(runs, out, png_dir=png, layer=layer, by=by, memory_budget=memory_budget,
+                            compare=compare or None, draws=bootstrap)
     print(f"wrote {path}")

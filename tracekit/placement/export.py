@@ -62,7 +62,11 @@ def validate(placement: Placement, num_hidden_layers: int | None = None) -> None
     se = np.asarray(placement.slot_expert)
     layers = np.asarray(placement.layers)
     if c.num_slots % c.num_gpus:
-        raise TracekitError(f"E + R = {c.num_slots} slots do not divide over EP size {c.num_gpus}; change --redundant")
+        from .types import nearest_redundant
+
+        near = " or ".join(map(str, nearest_redundant(c.num_experts, c.redundant, c.num_gpus)))
+        raise TracekitError(f"E + R = {c.num_slots} slots do not divide over EP size {c.num_gpus}; change --redundant "
+                            f"(nearest: {near})")
     if se.ndim != 2 or se.shape != (len(layers), c.num_slots):
         raise TracekitError(
             f"placement rows are {se.shape}, expected {len(layers)} MoE layers x {c.num_slots} slots (E + R)"
@@ -238,8 +242,12 @@ def placement_from_dict(d: dict[str, Any], where: str = "placement") -> Placemen
     if isinstance(d, dict) and d.get("format") == NEUTRAL_FORMAT:
         check_placement_json(d, where)
     if not isinstance(d, dict) or d.get("format") != NEUTRAL_FORMAT:
-        raise TracekitError(f"{where}: not a tracekit placement (format {d.get('format') if isinstance(d, dict) else None!r}); "
-                            "write one with tracekit place -o")
+        if isinstance(d, dict) and "run_id" in d and "kind" in d:
+            what = "a run's manifest; place its run with tracekit place RUN -o placement.json"
+        else:
+            what = (f"format {d.get('format') if isinstance(d, dict) else None!r}, not {NEUTRAL_FORMAT!r}; "
+                    "write one with tracekit place RUNS -o placement.json")
+        raise TracekitError(f"{where}: not a placement ({what})")
     if int(d.get("version", 0)) > NEUTRAL_VERSION:
         raise TracekitError(f"{where}: placement format v{d['version']} is newer than this tracekit; upgrade tracekit")
     try:
@@ -419,6 +427,14 @@ def grouping_notes(placement: Placement, name: str) -> list[str]:
 
 def _suffix(fmt: str) -> str:
     return "yaml" if fmt == "trtllm" else "json"
+
+
+def default_export_path(placement_path: str | Path, fmt: str) -> Path:
+    """Where ``tracekit export`` writes without ``-o``: beside the placement, ``STEM.FORMAT.SUFFIX``
+    (placement.sglang.json, placement.trtllm.yaml); the neutral ``json`` is ``STEM.neutral.json``, not
+    ``STEM.json.json``."""
+    p = Path(placement_path)
+    return p.with_name(f"{p.stem}.{'neutral' if fmt == 'json' else fmt}.{_suffix(fmt)}")
 
 
 def engine_warning(placement: Placement, fmt: str) -> str | None:

@@ -330,6 +330,7 @@ def place(traces: TraceArrays, cluster: dict, strategy: str = "all", *, objectiv
 def _place(traces: TraceArrays, cluster: dict, strategy: str, *, objective: str, engine: str, grouping: str,
            holdout: float, split: str, seed: int, max_imbalance: float | None, phase: str, baseline_grouping: bool,
            **eval_opts):
+    from ..progress import current
     from .evaluate import compare, make_cluster, make_split, resolve_strategies
 
     check_objective(objective)
@@ -342,15 +343,18 @@ def _place(traces: TraceArrays, cluster: dict, strategy: str, *, objective: str,
         score_opts["hidden_size"] = int(traces.geometry["hidden_size"])
     validate_opts = {"objective": objective, "split": split, "scorer": default_scorer(engine, **score_opts)}
     fitted: dict[str, Placement] = {}
+    say = current().describe  # the progress line of the command around (a no-op without one)
     if isinstance(strategy, str) and strategy not in ("all", "locality"):
         # one baseline named: nothing to pick, and no per-layer fallback to validate (only locality has one);
         # the references (linear, eplb) are still scored beside it
         val = Validation(pick=strategy, objective=objective, metric="-", values={},
                          reason=f"{strategy} (named by --strategy: nothing to pick, no validation run)")
     elif max_imbalance is None or "locality" not in names:
+        say(f"place: validating {len(names)} strategies on a part of the train split")
         val = validate(traces, cl, names, train, max_imbalance=max_imbalance, grouping=grouping, seed=seed,
                        strategy_opts=opts, **validate_opts)
     else:
+        say(f"place: fitting locality to hold GPU max/mean {max_imbalance:g}, validating {len(names)} strategies")
         held = hold_absolute(traces, cl, names, train, max_imbalance, engine=engine, grouping=grouping, seed=seed,
                              validate_opts=validate_opts)
         val = held.validation
@@ -364,6 +368,7 @@ def _place(traces: TraceArrays, cluster: dict, strategy: str, *, objective: str,
             if held.level != bound_levels(max_imbalance)[0]:
                 val.reason += f"; locality fitted at GPU max/mean {held.level:g} to hold {max_imbalance:g}"
     opts["locality"]["eplb_layers"] = val.eplb_layers
+    say(f"place: fitting {len(names)} strategies on the train split, scoring them on the held-out requests")
     comp = compare(traces, cl, names, grouping=grouping, holdout=holdout, split=split, seed=seed,
                    max_imbalance=max_imbalance, score_phase=phase, baseline_grouping=baseline_grouping,
                    strategy_opts=opts, engine=engine, prefitted=fitted, **eval_opts)

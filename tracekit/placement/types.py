@@ -17,6 +17,15 @@ import numpy as np
 from ..errors import TracekitError
 
 
+def nearest_redundant(num_experts: int, redundant: int, num_gpus: int) -> list[int]:
+    """The valid redundant-slot counts nearest ``redundant`` (E + R a multiple of ``num_gpus``): the one below it
+    (when >= 0) and the one above, ascending; ``[redundant]`` when it is valid."""
+    below = redundant - (num_experts + redundant) % num_gpus
+    if below == redundant:
+        return [redundant]
+    return ([below] if below >= 0 else []) + [below + num_gpus]
+
+
 @dataclass(frozen=True)
 class Cluster:
     nodes: int
@@ -30,9 +39,11 @@ class Cluster:
         if self.redundant < 0:
             raise TracekitError("--redundant must be >= 0")
         if self.num_slots % self.num_gpus:
+            near = " or ".join(str(r) for r in nearest_redundant(self.num_experts, self.redundant, self.num_gpus))
             raise TracekitError(
                 f"{self.num_experts} experts + {self.redundant} redundant slots = {self.num_slots} slots do not divide "
-                f"over {self.num_gpus} GPUs; choose --redundant so that E + R is a multiple of nodes x gpus-per-node"
+                f"over {self.num_gpus} GPUs; choose --redundant so that E + R is a multiple of nodes x gpus-per-node "
+                f"(nearest: --redundant {near})"
             )
 
     @property
