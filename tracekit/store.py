@@ -430,7 +430,7 @@ def _compact_recorded(run_dir: Path, m: dict[str, Any]) -> None:
     sums.pop(RUN_LOADS_REL, None)
     if not check_summaries(run_dir, {**m, "summaries": {}}, rels).per_chunk:
         return
-    path = compact_loads(run_dir, chunks)
+    path = compact_loads(run_dir, chunks, recorded=True)
     if path is not None:
         sums[RUN_LOADS_REL] = bytes_record(path.read_bytes())
 

@@ -116,9 +116,10 @@ def chunk_identity(chunks: list[Path]) -> dict[str, int]:
     return {Path(c).name: Path(c).stat().st_size for c in chunks}
 
 
-def compact_loads(run_dir: str | Path, chunks: list[Path]) -> Path | None:
+def compact_loads(run_dir: str | Path, chunks: list[Path], recorded: bool = False) -> Path | None:
     """Sum the load summaries of ``chunks`` (a run's routes chunk files) into RUN/summaries/loads.parquet; None
-    (nothing written) when a chunk lacks its summary."""
+    (nothing written) when a chunk lacks its summary. ``recorded``: the caller records the file's hash in the
+    manifest (the file then says so, :data:`META_RECORDED`, so that a lost record is seen)."""
     from .store import atomic_write_bytes
 
     files = summary_files(run_dir, chunks)
@@ -130,8 +131,10 @@ def compact_loads(run_dir: str | Path, chunks: list[Path]) -> Path | None:
     summed = summed.select([*LOAD_KEYS[:5], "window", "layer", "expert", "count"])
     import json
 
-    summed = summed.replace_schema_metadata({META_CHUNKS: json.dumps(chunk_identity(chunks), sort_keys=True).encode(),
-                                             META_RECORDED: b"1"})  # the caller records its hash (finalize)
+    meta = {META_CHUNKS: json.dumps(chunk_identity(chunks), sort_keys=True).encode()}
+    if recorded:
+        meta[META_RECORDED] = b"1"
+    summed = summed.replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(summed, buf, compression="zstd")
     path = Path(run_dir) / SUMMARY_DIR / RUN_LOADS
