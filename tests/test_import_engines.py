@@ -229,7 +229,7 @@ def test_sglang_stat_malformed(tmp_path, capsys, case):
 # routed experts (SGLang and vLLM responses)
 # ------------------------------------------------------------------------------------------------------------
 def sglang_response(rng, prompt_len: int, gen: int, layers: int = NUM_LAYERS) -> tuple[dict, np.ndarray]:
-    arr = rng.integers(0, E, (prompt_len + gen - 1, layers, K)).astype(np.int32)
+    arr = rng.random((prompt_len + gen - 1, layers, E)).argsort(-1)[..., :K].astype(np.int32)  # k distinct ids
     resp = {"text": "x" * gen, "output_ids": [int(x) for x in rng.integers(0, 999, gen)],
             "meta_info": {"id": f"sg-{prompt_len}", "prompt_tokens": prompt_len, "completion_tokens": gen,
                           "cached_tokens": 0, "finish_reason": {"type": "length", "length": gen},
@@ -238,7 +238,7 @@ def sglang_response(rng, prompt_len: int, gen: int, layers: int = NUM_LAYERS) ->
 
 
 def vllm_response(rng, prompt_len: int, gen: int, encoding: str) -> tuple[dict, np.ndarray]:
-    arr = rng.integers(0, E, (prompt_len + gen - 1, len(MOE), K)).astype(np.int32)
+    arr = rng.random((prompt_len + gen - 1, len(MOE), E)).argsort(-1)[..., :K].astype(np.int32)  # k distinct ids
     if encoding == "list":
         payload = arr.tolist()
     else:

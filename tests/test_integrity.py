@@ -274,3 +274,96 @@ def test_an_empty_run_reads_as_empty(tmp_path):
             assert fetch_arrow(run_sql(con, f"SELECT count(*) AS n FROM {view}")).column("n")[0].as_py() == 0
     finally:
         con.close()
+
+
+# --- issue 19.5, round two: the summaries are hashed too; the geometry is checked against the data ---------------
+
+
+def _flip(path: Path, at: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 3 if at is None else at
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _loads_total(run: Path, capsys, *extra) -> tuple[int, str]:
+    code, out, err = cli(capsys, "query", str(run), "SELECT sum(count) AS n FROM loads", "--format", "csv", *extra)
+    assert code == 0, err
+    return int(out.split()[-1]), err
+
+
+def test_summaries_are_recorded(pristine):
+    m = json.loads((pristine / "manifest.json").read_text())
+    assert m["summaries"]["summaries/loads.parquet"]["bytes"] == (pristine / "summaries/loads.parquet").stat().st_size
+    for rel, rec in m["chunks"].items():
+        assert set(rec["summaries"]) == {"loads", "requests"}
+    integ = verify_run(pristine)
+    assert integ.summaries.state == "verified" and integ.summaries.per_chunk and integ.summaries.run_loads
+
+
+@pytest.mark.parametrize("victim", ["summaries/loads.parquet", "summaries/loads/part-r000-c000001.parquet",
+                                    "summaries/requests/part-r000-c000001.parquet"])
+def test_a_flipped_summary_byte_is_damage_and_never_served(run, capsys, victim):
+    want, _ = _loads_total(run, capsys)
+    rows = _count(run)
+    _flip(run / victim)
+    code, out, err = cli(capsys, "info", str(run), "--verify")
+    assert code == 2 and victim in err and "sha256 differs" in err and err.count("\n") == 1, err
+    code, out, err = cli(capsys, "info", str(run))
+    assert code == 2 and victim in err
+    # the views fall back to verified files with one warning: the totals are the true ones
+    got, err = _loads_total(run, capsys)
+    assert got == want == rows * 2 and victim in err and "warning:" in err
+    code, out, err = cli(capsys, "query", str(run), "SELECT sum(rows) AS n FROM requests", "--format", "csv")
+    assert code == 0 and int(out.split()[-1]) == rows, err
+
+
+@pytest.mark.parametrize("edit", ["run_level", "per_chunk"])
+def test_a_manifest_that_lost_its_summary_records_does_not_serve_them(run, capsys, edit):
+    want, _ = _loads_total(run, capsys)
+    m = json.loads((run / "manifest.json").read_text())
+    if edit == "run_level":
+        del m["summaries"]
+    else:
+        for rec in m["chunks"].values():
+            rec.pop("summaries")
+    (run / "manifest.json").write_text(json.dumps(m))
+    _flip(run / ("summaries/loads.parquet" if edit == "run_level" else "summaries/loads/part-r000-c000000.parquet"))
+    code, out, err = cli(capsys, "info", str(run))
+    assert code == 2 and "unrecorded" in err
+    got, err = _loads_total(run, capsys)
+    assert got == want and "warning:" in err
+
+
+def test_a_run_without_summary_records_reads_as_unverified(run, capsys):
+    """A run written before the summaries were hashed: no records, no flags in its files; it works, said so."""
+    want, _ = _loads_total(run, capsys)
+    for p in list((run / "routes").glob("*.parquet")) + [run / "summaries/loads.parquet"]:
+        t = pq.read_table(p)
+        kv = {k: v for k, v in (t.schema.metadata or {}).items() if k != b"tracekit.summaries_recorded"}
+        pq.write_table(t.replace_schema_metadata(kv), p)
+    m = json.loads((run / "manifest.json").read_text())
+    del m["summaries"], m["chunks"]  # its chunks were rewritten above: no chunk records either
+    for p in (run / "routes").glob("*.parquet"):
+        t = pq.read_table(p)
+        kv = {k: v for k, v in (t.schema.metadata or {}).items() if k != b"tracekit.run_id"}
+        pq.write_table(t.replace_schema_metadata(kv), p)
+    (run / "manifest.json").write_text(json.dumps(m))
+    code, out, err = cli(capsys, "info", str(run))
+    assert code == 0, err
+    assert "summaries unverified" in " ".join(out.split())
+    assert _loads_total(run, capsys)[0] == want
+
+
+@pytest.mark.parametrize("command", ["analyze", "report", "query", "place"])
+def test_a_manifest_with_too_few_experts_is_refused(run, capsys, tmp_path, command):
+    m = json.loads((run / "manifest.json").read_text())
+    m["geometry"]["num_experts"] = 8  # the routes hold ids up to 15
+    (run / "manifest.json").write_text(json.dumps(m))
+    argv = {"analyze": ["analyze", str(run), "--what", "imbalance"],
+            "report": ["report", str(run), "-o", str(tmp_path / "rep")],
+            "query": ["query", str(run), "SELECT count(*) FROM loads"],
+            "place": ["place", str(run), "--nodes", "1", "--gpus-per-node", "2", "-o", str(tmp_path / "pl")]}[command]
+    code, out, err = cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and "num_experts 8" in err and "expert id 15" in err, err
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "pl").exists()

@@ -123,3 +123,19 @@ def test_csv_of_nested_and_odd_types(run, capsys, sql, want):
     main(["query", str(run), "-f", "csv", sql])
     out, err = capsys.readouterr()
     assert err == "" and want in out and len(out.splitlines()) >= 2
+
+
+def test_a_huge_value_inside_an_expression_is_answered_or_refused_in_one_line(run):
+    """19.3's `length(repeat('x', 1.5e9))` at a small scale: DuckDB does not count such a value against
+    memory_limit (README, Errors and safety: measured, not bounded); what tracekit owes is an answer or one line,
+    and a value that would land in the result (repeat without length) past the result cap is one line too."""
+    r, _ = _peak_rss_mb(["query", str(run), "SELECT length(repeat('x', 20000000)) AS n", "--format", "csv",
+                         "--memory-limit", "64MB"])
+    assert r.returncode == 0 and r.stdout.split()[-1] == "20000000", r.stderr
+    with pytest.raises(TracekitError) as exc:
+        con = connect(run)
+        try:
+            fetch_limited(con, "SELECT repeat('x', 20000000) AS s", max_bytes=1 << 20)
+        finally:
+            con.close()
+    assert "\n" not in str(exc.value)

@@ -23,7 +23,7 @@ def fake_routing(text: str, max_new: int, layers: int) -> tuple[int, int, np.nda
     p = len(text.split())
     g = max_new
     rng = np.random.default_rng(sum(map(ord, text)))
-    return p, g, rng.integers(0, E, (p + g - 1, layers, K)).astype(np.int32)
+    return p, g, rng.random((p + g - 1, layers, E)).argsort(-1)[..., :K].astype(np.int32)  # k distinct ids
 
 
 class FakeEngine(BaseHTTPRequestHandler):

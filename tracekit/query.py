@@ -297,13 +297,27 @@ def _create_summary_views(con: duckdb.DuckDBPyConnection, routes_runs: Sequence[
     from the routes rows (same columns, same numbers); ``loads_by_step`` is always derived."""
     from .summaries import run_loads_file, summary_files
 
+    from .store import reader_warning
+
     found = [summary_files(r.path, r.files.get("routes", [])) for r in routes_runs]
+    # summaries whose hash differs from the record (or lost it) are never served: a damaged run-level file gives way
+    # to the run's per-chunk files, a damaged per-chunk file to the rows themselves; one warning line each
+    for i, r in enumerate(routes_runs):
+        check = r.integrity.summaries if r.integrity is not None else None
+        if check is None or not check.problems:
+            continue
+        if not check.per_chunk:
+            found[i] = None
+            reader_warning(f"{r.path}: {check.problems[0]}; the loads and requests views derive from the routes rows")
+        elif not check.run_loads:
+            reader_warning(f"{r.path}: {check.problems[0]}; the loads view reads the verified per-chunk summaries")
     # an empty run (killed between its manifest and its first chunk) has no summaries: derive (empty) views
     if routes_runs and all(f is not None for f in found) and any(f["requests"] for f in found):
         con.register("request_summary_files", _read_only_dataset([p for f in found for p in f["requests"]]))
         loads = []
         for r, f in zip(routes_runs, found):  # a run's summed file when it sums exactly the chunks read
-            whole = run_loads_file(r.path, r.files.get("routes", []))
+            ok = r.integrity is None or r.integrity.summaries.run_loads
+            whole = run_loads_file(r.path, r.files.get("routes", [])) if ok else None
             loads += [whole] if whole is not None else f["loads"]
         con.register("load_summary_files", _read_only_dataset(loads))
         con.execute(sql_text("requests_summarized"))

@@ -45,7 +45,8 @@ import pyarrow.parquet as pq
 from .errors import TracekitError
 from .jsonlines import read_json
 from .schema import KINDS, SCHEMA_VERSION, check_version, geometry_size_problem
-from .summaries import encode_chunk_summaries, write_encoded_summaries
+from .summaries import (META_RECORDED, RUN_LOADS_REL, SummaryCheck, bytes_record, check_summaries,
+                        chunk_summary_records, encode_chunk_summaries, write_encoded_summaries)
 
 MANIFEST = "manifest.json"
 ROW_GROUP_ROWS = 1 << 18  # DuckDB parallelises over row groups; ~256K rows keeps 2 cores busy without tiny groups
@@ -153,6 +154,8 @@ def write_chunk(
         col = table.column("run_id").chunk(0)
         run_id = col.dictionary[0].as_py() if pa.types.is_dictionary(col.type) else col[0].as_py()
         meta[META_RUN_ID] = str(run_id).encode()
+    if kind == "routes":
+        meta[META_RECORDED] = b"1"  # this chunk's record holds its summaries' hashes (a lost one is damage)
     table = table.replace_schema_metadata(meta)
     record: dict[str, Any] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="tracekit-summaries") as helper:
@@ -183,7 +186,9 @@ def _write_chunk_file(tmp: Path, table: pa.Table, compression_level: int, record
     # the bytes are still in the page cache: hashing them costs ~1 ms per MB (SHA-NI), not a second read
     record.update(rows=table.num_rows, bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
     if summaries is not None:
-        write_encoded_summaries(run_dir, name, summaries.result())
+        encoded = summaries.result()
+        write_encoded_summaries(run_dir, name, encoded)
+        record["summaries"] = {table: bytes_record(data) for table, data in encoded.items()}
 
 
 @dataclass
@@ -196,6 +201,8 @@ class ChunkInfo:
     requests: list[int]
     prompt_tokens: int
     generated_tokens: int
+    max_layer: int | None = None  # the largest layer index by the footer's column statistics (None: unknown)
+    max_expert: int | None = None  # loads chunks: the largest expert id, likewise
 
 
 def _chunk_files(run_dir: Path, kind: str) -> list[Path]:
@@ -237,6 +244,10 @@ def _read_chunk(p: Path) -> tuple[ChunkInfo, dict]:
         prompt_tokens=int(kv.get(META_PROMPT_TOKENS, b"0")),
         generated_tokens=int(kv.get(META_GENERATED_TOKENS, b"0")),
     )
+    from .summaries import _column_max
+
+    info.max_layer = _column_max(md, "layer")
+    info.max_expert = _column_max(md, "expert")  # routes chunks hold lists (no statistics): their summaries tell
     return info, kv
 
 
@@ -382,6 +393,11 @@ def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> int:
             if owner and owner != manifest.get("run_id"):
                 raise TracekitError(f"{p} belongs to run {owner}, not {manifest.get('run_id')}; move it out of this run")
             recorded[rel] = {"rows": info.rows, "bytes": info.bytes, "sha256": file_sha256(p)}
+            if rel.startswith("routes/") and kv.get(META_RECORDED):
+                # landed just before a kill: its summaries were written before it (absent: the views derive)
+                sums = chunk_summary_records(run_dir, p.name)
+                if sums is not None:
+                    recorded[rel]["summaries"] = sums
     manifest["chunks"] = dict(sorted(recorded.items()))
     return len(gone)
 
@@ -397,13 +413,26 @@ def finalize(run_dir: Path, status: str = "complete", **extra: Any) -> dict[str,
         m["status"] = status
         m["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         m.update(extra)
+        if status == "complete":
+            _compact_recorded(run_dir, m)
 
-    manifest = update_manifest(run_dir, change)
-    if status == "complete":
-        from .summaries import compact_loads
+    return update_manifest(run_dir, change)
 
-        compact_loads(run_dir, _chunk_files(Path(run_dir), "routes"))
-    return manifest
+
+def _compact_recorded(run_dir: Path, m: dict[str, Any]) -> None:
+    """Write RUN/summaries/loads.parquet from the run's intact per-chunk load summaries and record its hash in
+    ``m`` (under the manifest lock, so the file and its record land together); nothing when a summary is damaged."""
+    from .summaries import compact_loads
+
+    chunks = _chunk_files(Path(run_dir), "routes")
+    rels = [(f"routes/{p.name}", bool((pq.read_metadata(p).metadata or {}).get(META_RECORDED))) for p in chunks]
+    sums = m.setdefault("summaries", {})
+    sums.pop(RUN_LOADS_REL, None)
+    if not check_summaries(run_dir, {**m, "summaries": {}}, rels).per_chunk:
+        return
+    path = compact_loads(run_dir, chunks, recorded=True)
+    if path is not None:
+        sums[RUN_LOADS_REL] = bytes_record(path.read_bytes())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,15 +457,30 @@ class Integrity:
     problems: list[ChunkProblem]
     good: dict[str, list[ChunkInfo]]  # per kind: the chunks that passed, in file order
     unrecorded: list[str] = field(default_factory=list)  # accepted: landed after the last manifest update
+    summaries: SummaryCheck = field(default_factory=SummaryCheck)  # the per-chunk and run-level summary files
+
+    @property
+    def damaged(self) -> bool:
+        """A chunk or a summary file differs from the record (readers refuse the first, fall back for the second)."""
+        return bool(self.problems or self.summaries.problems)
+
+    def lines(self) -> list[str]:
+        """Every problem found, one line each: chunks first, then summaries."""
+        return [p.line() for p in self.problems] + list(self.summaries.problems)
 
     def summary(self) -> str:
         n = sum(len(v) for v in self.good.values())
+        sums = {"verified": "; summaries: sha256 verified",
+                "unverified": "; summaries unverified (written before tracekit recorded their checksums)"}
+        tail = sums.get(self.summaries.state, "")
+        if self.damaged:
+            lines = self.lines()
+            return f"DAMAGED: {lines[0]}" + (f" and {len(lines) - 1} more" if len(lines) > 1 else "")
         if self.state == "unverified":
-            return f"unverified: written before tracekit recorded chunk checksums ({n} chunk{'s' if n != 1 else ''} readable)"
-        if self.state == "verified":
-            extra = f"; {len(self.unrecorded)} chunk(s) not yet recorded (run not finished)" if self.unrecorded else ""
-            return f"verified: {n} chunk{'s' if n != 1 else ''}, {self.checked}{extra}"
-        return f"DAMAGED: {self.problems[0].line()}" + (f" and {len(self.problems) - 1} more" if len(self.problems) > 1 else "")
+            return (f"unverified: written before tracekit recorded chunk checksums ({n} chunk{'s' if n != 1 else ''} "
+                    f"readable){tail}")
+        extra = f"; {len(self.unrecorded)} chunk(s) not yet recorded (run not finished)" if self.unrecorded else ""
+        return f"verified: {n} chunk{'s' if n != 1 else ''}, {self.checked}{extra}{tail}"
 
 
 def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any] | None = None, *, checksums: bool = False) -> Integrity:
@@ -452,6 +496,7 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any] | None = Non
     problems: list[ChunkProblem] = []
     good: dict[str, list[ChunkInfo]] = {k: [] for k in KINDS}
     unrecorded: list[str] = []
+    flagged: dict[str, bool] = {}  # routes chunks read: does the footer say its summaries are recorded
     seen: set[str] = set()
     for kind in KINDS:
         for p in _chunk_files(run_dir, kind):
@@ -496,13 +541,16 @@ def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any] | None = Non
                     continue
                 unrecorded.append(rel)
             good[kind].append(info)
+            if kind == "routes":
+                flagged[rel] = bool(kv.get(META_RECORDED))
     if isinstance(recorded, dict):
         for rel in recorded:
             if rel not in seen:
                 problems.append(ChunkProblem(rel, "missing", f"recorded with {recorded[rel].get('rows')} rows"))
     state = "damaged" if problems else ("verified" if isinstance(recorded, dict) else "unverified")
     checked = "sha256 of every byte" if checksums else "sizes and footer row counts"
-    return Integrity(state, checked, problems, good, unrecorded)
+    summaries = check_summaries(run_dir, m, list(flagged.items()))
+    return Integrity(state, checked, problems, good, unrecorded, summaries)
 
 
 _ALLOW_PARTIAL: contextvars.ContextVar[tuple[bool, Callable[[str], None] | None]] = contextvars.ContextVar(
@@ -520,6 +568,17 @@ def partial_reads(allow: bool = True, on_skip: Callable[[str], None] | None = No
         yield
     finally:
         _ALLOW_PARTIAL.reset(token)
+
+
+def reader_warning(line: str) -> None:
+    """One warning line for whoever reads runs: the CLI's (``partial_reads``' ``on_skip``), else Python's warnings."""
+    _, on_skip = _ALLOW_PARTIAL.get()
+    if on_skip is not None:
+        on_skip(line)
+    else:
+        import warnings
+
+        warnings.warn(line, stacklevel=2)
 
 
 @dataclass
@@ -630,8 +689,30 @@ def open_run(path: str | os.PathLike, *, allow_partial: bool | None = None) -> R
         if on_skip is not None:
             for prob in integrity.problems:
                 on_skip(f"{p}: skipping {prob.line()}")
+    check_geometry(p, m.get("geometry") or {}, integrity)
     files = {k: [c.path for c in integrity.good.get(k, [])] for k in KINDS}
     return Run(path=p, manifest=m, files=files, integrity=integrity)
+
+
+def data_max_expert(integrity: Integrity) -> int | None:
+    """The largest expert id the run's intact files hold, from what is already read on open: the Parquet statistics
+    of the loads chunks and of the routes chunks' load summaries (None when nothing tells; no data page is read)."""
+    found = [c.max_expert for c in integrity.good.get("loads", []) if c.max_expert is not None]
+    if integrity.summaries.max_expert is not None:
+        found.append(integrity.summaries.max_expert)
+    return max(found) if found else None
+
+
+def check_geometry(run_dir: Path, geometry: dict[str, Any], integrity: Integrity) -> None:
+    """One line when the manifest's geometry cannot describe the data: an expert id at or above ``num_experts``
+    (every reader sizes its arrays by it, so the numbers would be silently wrong)."""
+    e = geometry.get("num_experts")
+    top = data_max_expert(integrity)
+    if _is_int(e) and top is not None and top >= e:
+        raise TracekitError(
+            f"{run_dir}: the manifest says num_experts {e}, but the data holds expert id {top}: the geometry does not "
+            f"describe these routes; fix geometry.num_experts in {run_dir / MANIFEST} (or import the run again with "
+            "the right --model)")
 
 
 def base_manifest(*, run_id: str, kind: str, source: str, model: dict, geometry: dict, dataset: dict, args: dict) -> dict:

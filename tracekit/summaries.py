@@ -20,6 +20,7 @@ missing (a writer killed between the two renames) is ignored; the re-written chu
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,9 +116,10 @@ def chunk_identity(chunks: list[Path]) -> dict[str, int]:
     return {Path(c).name: Path(c).stat().st_size for c in chunks}
 
 
-def compact_loads(run_dir: str | Path, chunks: list[Path]) -> Path | None:
+def compact_loads(run_dir: str | Path, chunks: list[Path], recorded: bool = False) -> Path | None:
     """Sum the load summaries of ``chunks`` (a run's routes chunk files) into RUN/summaries/loads.parquet; None
-    (nothing written) when a chunk lacks its summary."""
+    (nothing written) when a chunk lacks its summary. ``recorded``: the caller records the file's hash in the
+    manifest (the file then says so, :data:`META_RECORDED`, so that a lost record is seen)."""
     from .store import atomic_write_bytes
 
     files = summary_files(run_dir, chunks)
@@ -129,7 +131,10 @@ def compact_loads(run_dir: str | Path, chunks: list[Path]) -> Path | None:
     summed = summed.select([*LOAD_KEYS[:5], "window", "layer", "expert", "count"])
     import json
 
-    summed = summed.replace_schema_metadata({META_CHUNKS: json.dumps(chunk_identity(chunks), sort_keys=True).encode()})
+    meta = {META_CHUNKS: json.dumps(chunk_identity(chunks), sort_keys=True).encode()}
+    if recorded:
+        meta[META_RECORDED] = b"1"
+    summed = summed.replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(summed, buf, compression="zstd")
     path = Path(run_dir) / SUMMARY_DIR / RUN_LOADS
@@ -267,3 +272,157 @@ def backfill(run_dir: str | Path) -> int:
     if run_loads_file(run_dir, chunks) is None:
         compact_loads(run_dir, chunks)
     return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# integrity of the summaries: they are what the ``loads`` and ``requests`` views serve, so they are hashed too
+# ---------------------------------------------------------------------------------------------------------------
+#: in a routes chunk's footer and in RUN/summaries/loads.parquet: the writer recorded the summaries' SHA-256 in the
+#: manifest (a summary of such a chunk without a record lost it; older runs carry no flag and read as unverified)
+META_RECORDED = b"tracekit.summaries_recorded"
+RUN_LOADS_REL = f"{SUMMARY_DIR}/{RUN_LOADS}"
+
+
+def bytes_record(data: bytes) -> dict[str, object]:
+    """{"bytes", "sha256"} of a file's content (the manifest's record of one summary file)."""
+    import hashlib
+
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def chunk_summary_records(run_dir: str | Path, chunk_name: str) -> dict[str, dict] | None:
+    """{table: record} of the summaries written for the chunk ``chunk_name``, None when one is absent (a chunk
+    adopted on resume, written by a tracekit from before summaries)."""
+    out = {}
+    for name in TABLES:
+        p = summary_path(run_dir, name, chunk_name)
+        if not p.is_file():
+            return None
+        out[name] = bytes_record(p.read_bytes())
+    return out
+
+
+@dataclass
+class SummaryCheck:
+    """What :func:`check_summaries` found for one run.
+
+    ``state``: verified (every summary read matches its record), unverified (written before tracekit recorded
+    them), damaged (``problems``: one line each) or none (no summaries). ``per_chunk``: every routes chunk's two
+    summaries are present and intact (the views may read them); ``run_loads``: RUN/summaries/loads.parquet may be
+    read (intact, or from an older run). ``max_expert``: the largest expert id any intact load summary holds
+    (its Parquet statistics; None when unknown)."""
+
+    state: str = "none"
+    problems: list[str] = field(default_factory=list)
+    per_chunk: bool = False
+    run_loads: bool = False
+    max_expert: int | None = None
+
+
+def _column_max(md: pq.FileMetaData, name: str) -> int | None:
+    """The largest value of column ``name`` by the row groups' statistics (None when a row group has none)."""
+    try:
+        idx = md.schema.to_arrow_schema().get_field_index(name)
+    except (pa.ArrowException, ValueError):
+        return None
+    if idx < 0:
+        return None
+    best = None
+    for g in range(md.num_row_groups):
+        col = md.row_group(g).column(idx)
+        if md.row_group(g).num_rows == 0:
+            continue
+        st = col.statistics
+        if st is None or not st.has_min_max:
+            return None
+        best = int(st.max) if best is None else max(best, int(st.max))
+    return best
+
+
+def _note_max(check: SummaryCheck, data: bytes) -> None:
+    try:
+        m = _column_max(pq.read_metadata(pa.BufferReader(data)), "expert")
+    except (pa.ArrowException, OSError, ValueError):
+        return
+    if m is not None:
+        check.max_expert = m if check.max_expert is None else max(check.max_expert, m)
+
+
+def check_summaries(run_dir: str | Path, manifest: dict, chunks: list[tuple[str, bool]]) -> SummaryCheck:
+    """Compare every summary of a run with the manifest's record (SHA-256 of each: they are small, a few KB per
+    chunk, so this runs on every open, not only under ``--verify``).
+
+    ``chunks``: (relative path, footer flag :data:`META_RECORDED`) of the intact routes chunks read. A chunk's
+    record (``manifest["chunks"][rel]["summaries"]``) holds its two summaries' records; the run-level file's record
+    is ``manifest["summaries"]["summaries/loads.parquet"]``. Never raises."""
+    check = SummaryCheck()
+    recorded = manifest.get("chunks") if isinstance(manifest.get("chunks"), dict) else {}
+    verified = unverified = 0
+    per_chunk = bool(chunks)
+    any_flag = False
+    for rel, flagged in chunks:
+        any_flag |= flagged
+        name = Path(rel).name
+        rec = recorded.get(rel)
+        srec = rec.get("summaries") if isinstance(rec, dict) else None
+        for table in TABLES:
+            p = summary_path(run_dir, table, name)
+            shown = f"{SUMMARY_DIR}/{table}/{name}"
+            want = srec.get(table) if isinstance(srec, dict) else None
+            if not p.is_file():
+                per_chunk = False
+                if want is not None:
+                    check.problems.append(f"summary {shown} is missing (recorded with {want.get('bytes')} bytes)")
+                continue
+            try:
+                data = p.read_bytes()
+            except OSError as exc:
+                per_chunk = False
+                check.problems.append(f"summary {shown} is unreadable ({exc.strerror})")
+                continue
+            if want is not None:
+                if bytes_record(data) != {"bytes": want.get("bytes"), "sha256": want.get("sha256")}:
+                    per_chunk = False
+                    check.problems.append(f"summary {shown} is corrupt (sha256 differs from the record)")
+                    continue
+                verified += 1
+            elif rec is not None and flagged:
+                per_chunk = False
+                check.problems.append(f"summary {shown} is unrecorded (the manifest lost its record, which the "
+                                      "tracekit that wrote its chunk keeps)")
+                continue
+            else:
+                unverified += 1  # an older run, or a chunk adopted on resume before its record was written
+            if table == "loads":
+                _note_max(check, data)
+    check.per_chunk = per_chunk
+    whole = Path(run_dir) / RUN_LOADS_REL
+    runs_rec = manifest.get("summaries") if isinstance(manifest.get("summaries"), dict) else {}
+    want = runs_rec.get(RUN_LOADS_REL)
+    if whole.is_file():
+        try:
+            data = whole.read_bytes()
+            flagged = META_RECORDED in (pq.read_schema(pa.BufferReader(data)).metadata or {})
+        except (OSError, pa.ArrowException, ValueError):
+            data, flagged = None, False
+        if want is not None:
+            if data is None or bytes_record(data) != {"bytes": want.get("bytes"), "sha256": want.get("sha256")}:
+                check.problems.append(f"summary {RUN_LOADS_REL} is corrupt (sha256 differs from the record)")
+            else:
+                check.run_loads, verified = True, verified + 1
+        elif flagged or (any_flag and manifest.get("status") == "complete"):
+            # written by a tracekit that records it: in a finished run its record was removed; in an unfinished one a
+            # kill came between the file and the record (it is re-written when the run finishes): not read either way
+            if manifest.get("status") == "complete":
+                check.problems.append(f"summary {RUN_LOADS_REL} is unrecorded (the manifest lost its record)")
+        elif data is not None:
+            check.run_loads, unverified = True, unverified + 1
+    elif want is not None and chunks:
+        check.problems.append(f"summary {RUN_LOADS_REL} is missing (recorded with {want.get('bytes')} bytes)")
+    if check.problems:
+        check.state = "damaged"
+    elif unverified:
+        check.state = "unverified"
+    elif verified:
+        check.state = "verified"
+    return check

@@ -174,12 +174,13 @@ def info(
     m["status"] = _live_status(m.get("status"), pid)
     m["writer_pid"] = int(pid) if pid and pid.isdigit() else None
     m["integrity"] = {"state": integrity.state, "checked": integrity.checked,
-                      "problems": [vars(p) for p in integrity.problems], "unrecorded": integrity.unrecorded}
-    damaged = integrity.state == "damaged"
+                      "problems": [vars(p) for p in integrity.problems], "unrecorded": integrity.unrecorded,
+                      "summaries": {"state": integrity.summaries.state, "problems": integrity.summaries.problems}}
+    damaged = integrity.damaged
     if as_json:
         print(json.dumps(m, indent=2, default=str))
         if damaged:
-            raise TracekitError(f"{run}: {integrity.problems[0].line()}; the run is damaged")
+            raise TracekitError(f"{run}: {integrity.lines()[0]}; the run is damaged")
         return
     g = m.get("geometry", {})
     t = Table(title=escape(str(run)), show_header=False)
@@ -202,14 +203,17 @@ def info(
                              f"generated tokens, {tot['rows']:,} rows, {len(tot['files'])} file{'s' if len(tot['files']) != 1 else ''}, {_human_bytes(tot['bytes'])}")
     t.add_row("schema", f"v{m.get('schema_version')}, tracekit {m.get('tracekit_version')}")
     t.add_row("integrity", integrity.summary(), style="bold red" if damaged else None)
-    for p in integrity.problems[1:]:
-        t.add_row("", p.line(), style="bold red")
+    for line in integrity.lines()[1:]:
+        t.add_row("", line, style="bold red")
     for note in m.get("notes", []):
         t.add_row("note", str(note))
     out_console.print(t)
     if damaged:
-        raise TracekitError(f"{run}: {integrity.problems[0].line()}; the run is damaged (restore the file or "
-                            "collect it again; --allow-partial reads the intact chunks)")
+        if integrity.problems:
+            raise TracekitError(f"{run}: {integrity.problems[0].line()}; the run is damaged (restore the file or "
+                                "collect it again; --allow-partial reads the intact chunks)")
+        raise TracekitError(f"{run}: {integrity.lines()[0]}; the run's summaries are damaged (the loads and requests "
+                            "views fall back to the intact files; restore the file, or collect or import the run again)")
 
 
 def _live_status(status, pid: str | None) -> str:

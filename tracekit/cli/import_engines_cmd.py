@@ -16,14 +16,18 @@ _MODEL_HELP = ("Registry name (see `tracekit models`) or a geometry like experts
 
 def _run(fmt: str, sources: List[Path], out: Path, model: Optional[str], num_experts: Optional[int],
          top_k: Optional[int], moe_layers: Optional[str], num_layers: Optional[int], dataset: Optional[str],
-         domain: str, slot_map: Optional[Path] = None, sizes: Optional[dict] = None) -> None:
+         domain: str, slot_map: Optional[Path] = None, sizes: Optional[dict] = None,
+         max_line: Optional[str] = None) -> None:
     from rich.console import Console
 
     from ..importers.engines import import_engine_run
 
     from ..progress import status
 
-    with status(f"importing {len(sources)} {fmt} source{'s' if len(sources) != 1 else ''} into {out}"):
+    from ..jsonlines import max_line_bytes, parse_line_limit
+
+    with max_line_bytes(parse_line_limit(max_line)), \
+            status(f"importing {len(sources)} {fmt} source{'s' if len(sources) != 1 else ''} into {out}"):
         m = import_engine_run(fmt, sources, out, model=model, num_experts=num_experts, top_k=top_k,
                               moe_layers=moe_layers, num_layers=num_layers, dataset=dataset, domain=domain,
                               slot_map=slot_map, **(sizes or {}))
@@ -56,9 +60,11 @@ def _register(fmt: str, help_text: str, source_help: str, with_slot_map: bool = 
         hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 24, help="The model's hidden size (default: the registry's)."),
         moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", min=1, max=1 << 24, help="One routed expert's FFN width (default: the registry's)."),
         expert_dtype: Optional[str] = typer.Option(None, "--expert-dtype", help="Dtype of the expert weights: bfloat16, float8_e4m3fn, mxfp4, ... (default: the registry's)."),
+        max_line: Optional[str] = typer.Option(None, "--max-line-bytes", help="JSONL sources: longest line read, e.g. 256MB (default 64MB)."),
     ) -> None:
         sizes = {"hidden_size": hidden_size, "moe_intermediate_size": moe_intermediate_size, "expert_dtype": expert_dtype}
-        _run(fmt, sources, out, model, num_experts, top_k, moe_layers, num_layers, dataset, domain, slot_map, sizes)
+        _run(fmt, sources, out, model, num_experts, top_k, moe_layers, num_layers, dataset, domain, slot_map, sizes,
+             max_line)
 
     # --slot-map shows only where it applies; elsewhere it stays accepted so the importer can say why it is refused
     command.__doc__ = help_text

@@ -32,6 +32,7 @@ def import_jsonl_cmd(
     hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 24, help="The model's hidden size (default: the registry's, else unrecorded)."),
     moe_intermediate_size: Optional[int] = typer.Option(None, "--moe-intermediate-size", min=1, max=1 << 24, help="One routed expert's FFN width (default: the registry's)."),
     expert_dtype: Optional[str] = typer.Option(None, "--expert-dtype", help="Dtype of the expert weights: bfloat16, float8_e4m3fn, mxfp4, ... (default: the registry's)."),
+    max_line: Optional[str] = typer.Option(None, "--max-line-bytes", help="Longest line read, e.g. 256MB (default 64MB; a longer line is refused in one line)."),
 ) -> None:
     """Import per-token routing records (JSON Lines) into a tracekit run directory."""
     from rich.console import Console
@@ -41,7 +42,10 @@ def import_jsonl_cmd(
 
     from ..progress import status
 
-    with status(f"importing {len(files)} file{'s' if len(files) != 1 else ''} into {out}"):
+    from ..jsonlines import max_line_bytes, parse_line_limit
+
+    with max_line_bytes(parse_line_limit(max_line)), \
+            status(f"importing {len(files)} file{'s' if len(files) != 1 else ''} into {out}"):
         path = import_jsonl(files, model=model, out=out, field_map=field_map, phase=phase, num_experts=num_experts,
                             top_k=top_k, num_layers=num_layers, dataset=dataset, domain=domain,
                             weight_dtype=weight_dtype, hidden_size=hidden_size,

@@ -13,6 +13,7 @@ import functools
 import inspect
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -83,6 +84,7 @@ class StagedRun:
         self.tmp: Path | None = None
         self._target = self.out
         self._lock = None
+        self._warned = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> "StagedRun":
@@ -135,6 +137,13 @@ class StagedRun:
                 raise
         finally:
             self._unlock()
+
+    def _warn_once(self, line: str) -> None:
+        """One warning line per import on stderr (the first chunk that has it), kept in the manifest's notes."""
+        if not self._warned:
+            self._warned = True
+            print(f"warning: {line}", file=sys.stderr)
+            self.note(line)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -196,5 +205,9 @@ class StagedRun:
 
     def _write(self, table: pa.Table, **meta: Any) -> None:
         assert self.tmp is not None
+        if self.kind == "routes":  # what no router emits is refused before anything of the chunk is written
+            from .choices import check_routes_table, weight_scale
+
+            check_routes_table(table, scale=weight_scale(self.model_name, self.geometry), warn=self._warn_once)
         write_chunk(self.tmp, table, kind=self.kind, chunk=self._chunk, **meta)
         self._chunk += 1
