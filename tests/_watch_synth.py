@@ -54,3 +54,18 @@ def shifted_traces(domains: list[str], *, num_experts: int = 16, top_k: int = 2,
         phase=np.concatenate(rows["phase"]), token=np.concatenate(rows["token"]).astype(np.int32),
         request_domain=np.array(domains, dtype=object), geometry=dict(GEOMETRY),
     )
+
+
+def traces_from_requests(reqs, geometry: dict) -> TraceArrays:
+    """TraceArrays of ``[(domain, experts (T, nL, k))]`` (every token prefill, positions 0..T-1)."""
+    nl = len(geometry["moe_layers"])
+    T = np.array([ex.shape[0] for _, ex in reqs])
+    cat = np.concatenate([ex for _, ex in reqs])
+    req = np.repeat(np.arange(len(reqs)), T)
+    pos = np.concatenate([np.arange(t) for t in T])
+    return TraceArrays(
+        layers=np.asarray(geometry["moe_layers"]), num_experts=geometry["num_experts"],
+        request=np.repeat(req, nl).astype(np.int32), layer_pos=np.tile(np.arange(nl), cat.shape[0]).astype(np.int16),
+        experts=cat.reshape(-1, cat.shape[2]).astype(np.int32), phase=np.zeros(cat.shape[0] * nl, dtype=np.int8),
+        token=np.repeat(pos, nl).astype(np.int32), request_domain=np.array([d for d, _ in reqs], dtype=object),
+        geometry=dict(geometry))
