@@ -53,6 +53,7 @@ from . import query_cmd  # noqa: E402,F401
 from . import place_cmd  # noqa: E402,F401
 from . import route_cmd  # noqa: E402,F401
 from . import diff_cmd  # noqa: E402,F401
+from . import watch_cmd  # noqa: E402,F401
 
 
 def _usage_exception_types() -> tuple[type[BaseException], ...]:

@@ -53,6 +53,11 @@ def place_cmd(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Save the picked placement (or --strategy's) as neutral JSON."),
     objective: Literal["step-time", "traffic", "balance"] = typer.Option("step-time", "--objective", help="What the pick minimises on validation: step-time, traffic or balance."),
     wide: bool = typer.Option(False, "--wide", help="Print every metric (a table about 210 columns wide)."),
+    deployed: Optional[Path] = typer.Option(None, "--from", help="The deployed placement (JSON of place -o): judge re-placing it on these runs' rows, within --max-moves / --max-move-gb."),
+    max_moves: Optional[int] = typer.Option(None, "--max-moves", min=0, max=1 << 20, help="With --from: at most this many slots changed per layer."),
+    max_move_gb: Optional[float] = typer.Option(None, "--max-move-gb", min=0.0, max=1e9, help="With --from: at most this many GB of expert copies in all."),
+    min_gain: float = typer.Option(0.05, "--min-gain", min=0.0, max=1.0, help="With --from: re-place only when the predicted step time drops by at least this share."),
+    topology: Optional[Path] = typer.Option(None, "--topology", help='GPU-to-GPU costs {"rank_cost_matrix": [[...]]} (SGLang\'s topology JSON): report the traffic they weight.'),
 ) -> None:
     """Fit placements on a train split, pick one on a validation part of it, score all on held-out requests,
     print the table, save the pick."""
@@ -70,6 +75,10 @@ def place_cmd(
     distinct(("-o", out), ("--json", json_out))
     check_runs(runs)
     runs = expand_runs(runs)
+    if topology is not None:  # one line for a bad file before any work
+        from ..placement.topology import load_topology
+
+        load_topology(topology)
     from ..progress import task
     from .query_cmd import partial_reads_cli
 
@@ -102,6 +111,14 @@ def place_cmd(
     zero_line = describe_zero(traces)
     if zero_line:
         Console().print(zero_line, markup=False, soft_wrap=True)  # one line, whatever the terminal's width
+    if deployed is not None:  # re-placement of a running deployment (tracekit/cli/place_from.py)
+        from .place_from import place_from
+
+        return place_from(traces, deployed, engine=engine, eval_opts=eval_opts, max_moves=max_moves,
+                          max_move_gb=max_move_gb, min_gain=min_gain, strategy=strategy, objective=objective,
+                          holdout=holdout, seed=seed, out=out, json_out=json_out, force=force, topology=topology)
+    if max_moves is not None or max_move_gb is not None:
+        raise TracekitError("--max-moves and --max-move-gb need --from DEPLOYED.json (the placement to move from)")
     if len(traces) == 0:  # loads-only: fit, no scoring
         from ..placement import strategies as strat
         from ..placement.evaluate import make_cluster
@@ -147,6 +164,11 @@ def place_cmd(
         con.print(line, markup=False)
     for line in describe(clf_summary):
         con.print(line, markup=False)
+    if topology is not None:
+        from ..placement.topology import topology_lines
+
+        for line in topology_lines(comp, traces, topology, engine):
+            con.print(line, markup=False)
     if json_out:
         from ..placement.export import _jsonable, without_timings  # NaN/inf -> null: the file stays strict JSON
 
