@@ -17,7 +17,8 @@ from tracekit.analysis.run import analyze
 from tracekit.analysis.stream import plan_slices, request_index, rows_per_slice
 from tracekit.errors import TracekitError
 from tracekit.query import connect, query
-from tracekit.summaries import SUMMARY_DIR, backfill
+from tracekit.store import backfill
+from tracekit.summaries import SUMMARY_DIR
 from tracekit.synth import generate_run
 
 SMALL = MemoryBudget(400_000)  # 160 KB of arrays: ~500 token-layer rows (k=4) per slice
@@ -231,6 +232,16 @@ def test_run_level_load_summary_sums_exactly_the_chunks_read(run, tmp_path):
     truth = query(run, sql).to_pylist()
     doubled = t.set_column(t.schema.get_field_index("count"), "count", pa.compute.multiply(t["count"], 2))
     pq.write_table(doubled.replace_schema_metadata(t.schema.metadata), copy / SUMMARY_DIR / RUN_LOADS)
+    # a changed file no longer matches the manifest's hash: refused, the verified per-chunk summaries answer
+    assert [r["n"] for r in query(copy, sql).to_pylist()] == [r["n"] for r in truth]
+    # recorded as the writer would record it, it is what is read
+    import json
+
+    from tracekit.summaries import RUN_LOADS_REL, bytes_record
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest.setdefault("summaries", {})[RUN_LOADS_REL] = bytes_record((copy / SUMMARY_DIR / RUN_LOADS).read_bytes())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     assert [r["n"] for r in query(copy, sql).to_pylist()] == [2 * r["n"] for r in truth]  # it is what is read
 
     gone = sorted((copy / "routes").glob("*.parquet"))[0]

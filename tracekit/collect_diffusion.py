@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .batch_rows import BatchRows, prompt_block
 from .errors import TracekitError
 
 
@@ -50,11 +51,10 @@ def generate_kwargs(opts, pad_token_id: int | None) -> dict[str, Any]:
 def diffusion_rows(steps: list, sites: list, input_ids: np.ndarray, attention_mask: np.ndarray,
                    sequences: np.ndarray, canvas_length: int, eos_ids: set[int], request_ids: np.ndarray):
     """The tracer's steps (one per decoder forward, the encoder calls joining the forward after them) of one
-    left-padded batch -> :class:`tracekit.collect.BatchRows` (see the module docstring).
+    left-padded batch -> :class:`tracekit.batch_rows.BatchRows` (see the module docstring).
 
     Shapes: ``input_ids``/``attention_mask`` (B, S); ``sequences`` (B, S + n * C) what ``generate`` returned.
     """
-    from .collect import BatchRows, _prompt_block
 
     B, S = input_ids.shape
     C = int(canvas_length)
@@ -73,7 +73,7 @@ def diffusion_rows(steps: list, sites: list, input_ids: np.ndarray, attention_ma
             gen_len[b] = hits[0]
     last_canvas = np.minimum(gen_len // C, n_canvas - 1)  # the canvas holding the EOS, else the last one
 
-    blocks = _prompt_block([c for c in steps[0].calls if sites[c.router].stack == "encoder"], sites, input_ids,
+    blocks = prompt_block([c for c in steps[0].calls if sites[c.router].stack == "encoder"], sites, input_ids,
                            attention_mask, 2)
     j = np.tile(np.arange(C), B)
     bb = np.repeat(np.arange(B), C)

@@ -463,10 +463,10 @@ def run_label(path: Path, base: Path) -> str:
 
 
 def _html_table(table, max_rows: int = 20) -> str:
-    from .cli.query_cmd import _fmt
+    from .formatting import format_cell
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.column_names)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(v))}</td>" for v in r.values()) + "</tr>"
                    for r in table.slice(0, max_rows).to_pylist())
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 

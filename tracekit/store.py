@@ -42,9 +42,12 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import (CRASH_ENV, atomic_write_bytes, atomic_write_json, atomic_write_path,  # noqa: F401
+                     file_sha256, temp_path)
 from .errors import TracekitError
 from .jsonlines import read_json
 from .schema import KINDS, SCHEMA_VERSION, check_version, geometry_size_problem
+from . import summaries
 from .summaries import (META_RECORDED, RUN_LOADS_REL, SummaryCheck, bytes_record, check_summaries,
                         chunk_summary_records, encode_chunk_summaries, write_encoded_summaries)
 
@@ -56,71 +59,6 @@ META_PROMPT_TOKENS = b"tracekit.prompt_tokens"
 META_GENERATED_TOKENS = b"tracekit.generated_tokens"
 META_RUN_ID = b"tracekit.run_id"
 CHECKSUM = "sha256"
-#: fault injection for the crash tests: ``NAME:N`` makes the N-th atomic write of a file called NAME in this
-#: process stop dead (``os._exit(137)``, like ``kill -9``) after its temporary file is written, before the rename
-CRASH_ENV = "TRACEKIT_CRASH_BEFORE_RENAME"
-_crash_counts: dict[str, int] = {}
-
-
-def temp_path(path: Path) -> Path:
-    """A fresh hidden temporary name next to ``path`` (``.NAME.<random>.tmp``); nothing is created."""
-    path = Path(path)
-    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-
-
-def _maybe_crash(name: str) -> None:
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    target, _, nth = spec.partition(":")
-    if target != name:
-        return
-    _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    if _crash_counts[name] == int(nth or 1):
-        os._exit(137)
-
-
-def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` creates a temporary file next to ``path``; it is fsynced and renamed over ``path``.
-
-    ``write`` must create the file itself (``open(tmp, "w")``, ``pq.write_table(t, tmp)`` ...), so the file gets
-    the process umask. On any error the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        _maybe_crash(path.name)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    def write(tmp: Path) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 & ~umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-
-    atomic_write_path(path, write)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
@@ -733,3 +671,17 @@ def base_manifest(*, run_id: str, kind: str, source: str, model: dict, geometry:
         "args": args,
         "notes": [],
     }
+
+
+def backfill(run_dir: str | Path) -> int:
+    """Write the missing summaries of an existing run from its chunk files; returns how many chunks were done."""
+    n = 0
+    for c in list_chunks(Path(run_dir), "routes"):
+        if all(summaries.summary_path(run_dir, name, c.path.name).is_file() for name in summaries.TABLES):
+            continue
+        summaries.write_chunk_summaries(run_dir, pq.read_table(c.path), c.path.name)
+        n += 1
+    chunks = [c.path for c in list_chunks(Path(run_dir), "routes")]
+    if summaries.run_loads_file(run_dir, chunks) is None:
+        summaries.compact_loads(run_dir, chunks)
+    return n

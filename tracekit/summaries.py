@@ -120,7 +120,7 @@ def compact_loads(run_dir: str | Path, chunks: list[Path], recorded: bool = Fals
     """Sum the load summaries of ``chunks`` (a run's routes chunk files) into RUN/summaries/loads.parquet; None
     (nothing written) when a chunk lacks its summary. ``recorded``: the caller records the file's hash in the
     manifest (the file then says so, :data:`META_RECORDED`, so that a lost record is seen)."""
-    from .store import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     files = summary_files(run_dir, chunks)
     if files is None or not chunks:
@@ -231,7 +231,7 @@ def encode_chunk_summaries(table: pa.Table) -> dict[str, bytes]:
 
 def write_encoded_summaries(run_dir: str | Path, chunk_name: str, encoded: dict[str, bytes]) -> list[Path]:
     """Write :func:`encode_chunk_summaries`' files for the chunk that will be stored as ``chunk_name``."""
-    from .store import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     out = []
     for name, data in encoded.items():
@@ -256,22 +256,6 @@ def summary_files(run_dir: str | Path, chunks: list[Path]) -> dict[str, list[Pat
                 return None
             files[name].append(p)
     return files
-
-
-def backfill(run_dir: str | Path) -> int:
-    """Write the missing summaries of an existing run from its chunk files; returns how many chunks were done."""
-    from .store import list_chunks
-
-    n = 0
-    for c in list_chunks(Path(run_dir), "routes"):
-        if all(summary_path(run_dir, name, c.path.name).is_file() for name in TABLES):
-            continue
-        write_chunk_summaries(run_dir, pq.read_table(c.path), c.path.name)
-        n += 1
-    chunks = [c.path for c in list_chunks(Path(run_dir), "routes")]
-    if run_loads_file(run_dir, chunks) is None:
-        compact_loads(run_dir, chunks)
-    return n
 
 
 # ---------------------------------------------------------------------------------------------------------------

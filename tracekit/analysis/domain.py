@@ -30,6 +30,36 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
+def pairwise_js(group_loads: np.ndarray) -> np.ndarray:
+    """group_loads: (..., G, L, E) counts -> (..., L): mean Jensen-Shannon divergence (bits) over the group pairs
+    (a group with no load in a layer is left out of that layer's pairs)."""
+    p = normalize(group_loads)
+    G = group_loads.shape[-3]
+    vals = [js_divergence(p[..., a, :, :], p[..., b, :, :]) for a in range(G) for b in range(a + 1, G)]
+    if not vals:
+        return np.full(group_loads.shape[:-3] + group_loads.shape[-2:-1], np.nan)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(np.stack(vals), axis=0)
+
+
+def shuffled_group_js(X: np.ndarray, codes: np.ndarray, groups: int, permutations: int = 100,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """X: (N, L, E) per-request counts, codes: (N,) group of each request -> (real (L,), shuffled (P, L)): the mean
+    pairwise JS divergence of the groups' summed distributions, with the true labels and with ``permutations``
+    random permutations of them (same group sizes, same requests)."""
+    N, L, E = X.shape
+    flat = X.reshape(N, L * E)
+    rng = np.random.default_rng(seed)
+
+    def stat(c):
+        onehot = np.zeros((groups, N))
+        onehot[c, np.arange(N)] = 1.0
+        return pairwise_js((onehot @ flat).reshape(groups, L, E))
+
+    return stat(codes), np.stack([stat(rng.permutation(codes)) for _ in range(permutations)]) if permutations \
+        else np.zeros((0, L))
+
+
 def tv_distance(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Total variation distance 0.5 * sum |p - q|: (..., E) -> (...)."""
     return 0.5 * np.abs(p - q).sum(-1)
@@ -177,7 +207,6 @@ class DomainAccumulator:
     def _shuffled_baseline(self, res: AnalysisResult, shares: np.ndarray, y: np.ndarray) -> None:
         """The domain statistic on the classifier's sample with the true and with shuffled labels (the baseline of
         the report's finding): ``shares`` (N, L, E) per-request expert shares, ``y`` (N,) labels."""
-        from .findings import shuffled_group_js
 
         names = sorted(set(y))
         if len(names) < 2:

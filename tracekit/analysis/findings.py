@@ -79,41 +79,9 @@ def imbalance_finding(load: np.ndarray, layers: np.ndarray, top_k: int, seed: in
     return Finding("imbalance", s, bool(holds)), band
 
 
-def pairwise_js(group_loads: np.ndarray) -> np.ndarray:
-    """group_loads: (..., G, L, E) counts -> (..., L): mean Jensen-Shannon divergence (bits) over the group pairs
-    (a group with no load in a layer is left out of that layer's pairs)."""
-    from .domain import js_divergence, normalize
-
-    p = normalize(group_loads)
-    G = group_loads.shape[-3]
-    vals = [js_divergence(p[..., a, :, :], p[..., b, :, :]) for a in range(G) for b in range(a + 1, G)]
-    if not vals:
-        return np.full(group_loads.shape[:-3] + group_loads.shape[-2:-1], np.nan)
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(np.stack(vals), axis=0)
-
-
-def shuffled_group_js(X: np.ndarray, codes: np.ndarray, groups: int, permutations: int = 100,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """X: (N, L, E) per-request counts, codes: (N,) group of each request -> (real (L,), shuffled (P, L)): the mean
-    pairwise JS divergence of the groups' summed distributions, with the true labels and with ``permutations``
-    random permutations of them (same group sizes, same requests)."""
-    N, L, E = X.shape
-    flat = X.reshape(N, L * E)
-    rng = np.random.default_rng(seed)
-
-    def stat(c):
-        onehot = np.zeros((groups, N))
-        onehot[c, np.arange(N)] = 1.0
-        return pairwise_js((onehot @ flat).reshape(groups, L, E))
-
-    return stat(codes), np.stack([stat(rng.permutation(codes)) for _ in range(permutations)]) if permutations \
-        else np.zeros((0, L))
-
-
 def domain_finding(real: np.ndarray | None, shuffled: np.ndarray | None, key: str, groups: list[str], n: int,
                    classifier: dict | None = None) -> Finding:
-    """real (L,), shuffled (P, L) from :func:`shuffled_group_js` on ``n`` requests of ``groups``."""
+    """real (L,), shuffled (P, L) from :func:`tracekit.analysis.domain.shuffled_group_js` on ``n`` requests of ``groups``."""
     if real is None or shuffled is None or len(groups) < 2 or not np.isfinite(real).any():
         return Finding("domain", f"Domain shift: only one {key} ({', '.join(groups) or 'none'}); nothing to compare.",
                        None)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import List, Literal, Optional
@@ -11,6 +10,7 @@ import pyarrow as pa
 import typer
 
 from ..errors import TracekitError
+from ..formatting import format_cell
 from ..outputs import atomic_write, check_file, check_folder, distinct
 from . import app
 from ._params import MAX_LAYERS, MAX_SEED, check_runs, force_option
@@ -44,16 +44,6 @@ def partial_reads_cli(allow: bool):
     return partial_reads(allow, on_skip=warn)
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "NULL"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.4g}" if abs(v) < 1e6 else f"{v:.6g}"
-    return str(v)
-
-
 def print_table(table: pa.Table, title: str | None = None, max_rows: int | None = None, console=None) -> None:
     """An Arrow table as an aligned rich table (numbers right-aligned)."""
     from rich.console import Console
@@ -68,7 +58,7 @@ def print_table(table: pa.Table, title: str | None = None, max_rows: int | None 
         numeric.append(num)
         t.add_column(escape(f.name), justify="right" if num else "left")
     shown = table if max_rows is None else table.slice(0, max_rows)
-    cells = [[_fmt(v) for v in row.values()] for row in shown.to_pylist()]
+    cells = [[format_cell(v) for v in row.values()] for row in shown.to_pylist()]
     for row in cells:
         t.add_row(*(escape(c) for c in row))  # query results are data, never rich markup
     # wide enough that headers and cells are never truncated (a terminal wraps long lines instead)
