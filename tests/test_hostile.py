@@ -408,6 +408,10 @@ CASES: list[Case] = [
     C("report-missing", "report $MISSING -o $B/r.html"),
     C("report-geometry-str", "report $RUN_GEOSTR -o $B/r.html", "manifest.json: field"),
     # --- place
+    C("diff-missing-run", "diff $B/nowhere $RUN", "no such run directory"),
+    C("diff-bootstrap-low", "diff $RUN $RUN --bootstrap 5", "--bootstrap"),
+    C("watch-server-not-url", "watch --server notaurl --placement $B/p.json --out $B/w", "--server"),
+    C("watch-engine", "watch --server http://127.0.0.1:9 --engine tgi --placement $B/p.json --out $B/w", "--engine"),
     C("place-nodes-0", "place $RUN --nodes 0", "--nodes"),
     C("place-gpus-0", "place $RUN --gpus-per-node 0", "--gpus-per-node"),
     C("place-redundant-neg", "place $RUN --redundant -1", "--redundant"),

@@ -45,8 +45,9 @@ import pyarrow.parquet as pq
 from .atomic import (CRASH_ENV, atomic_write_bytes, atomic_write_json, atomic_write_path,  # noqa: F401
                      file_sha256, temp_path)
 from .errors import TracekitError
+from .manifest_check import CHECKSUM, check_manifest, is_int
 from .jsonlines import read_json
-from .schema import KINDS, SCHEMA_VERSION, check_version, geometry_size_problem
+from .schema import KINDS, SCHEMA_VERSION, check_version
 from . import summaries
 from .summaries import (META_RECORDED, RUN_LOADS_REL, SummaryCheck, bytes_record, check_summaries,
                         chunk_summary_records, encode_chunk_summaries, write_encoded_summaries)
@@ -58,7 +59,6 @@ META_REQUESTS = b"tracekit.requests"
 META_PROMPT_TOKENS = b"tracekit.prompt_tokens"
 META_GENERATED_TOKENS = b"tracekit.generated_tokens"
 META_RUN_ID = b"tracekit.run_id"
-CHECKSUM = "sha256"
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
@@ -549,57 +549,6 @@ class Run:
         return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths], promote_options="permissive")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_manifest(m: Any, where: Path) -> None:
-    """Refuse a hand-edited or foreign manifest whose fields have the wrong types (one line naming the field)."""
-    fix = "restore it (or collect / import the run again)"
-    if not isinstance(m, dict):
-        raise TracekitError(f"{where}: not a tracekit manifest (expected a JSON object); {fix}")
-    check_version(m.get("schema_version"), str(where))
-
-    def bad(field_name: str, expected: str) -> TracekitError:
-        return TracekitError(f"{where}: field {field_name!r} must be {expected}; {fix}")
-
-    if not isinstance(m.get("run_id"), str):
-        raise bad("run_id", "a string")
-    if m.get("kind", "routes") not in KINDS:
-        raise bad("kind", " or ".join(KINDS))
-    for key in ("model", "dataset"):
-        if key in m and not isinstance(m[key], (dict, str)):
-            raise bad(key, "an object")
-    if "notes" in m and not (isinstance(m["notes"], list) and all(isinstance(n, str) for n in m["notes"])):
-        raise bad("notes", "a list of strings")
-    g = m.get("geometry", {})
-    if not isinstance(g, dict):
-        raise bad("geometry", "an object")
-    for key in ("num_layers", "num_experts", "top_k", "n_group", "topk_group", "n_shared_experts"):
-        v = g.get(key)
-        if v is not None and (not _is_int(v) or v < 0):
-            raise TracekitError(f"{where}: geometry.{key} must be a non-negative integer or null; {fix}")
-    sizes = geometry_size_problem(g)
-    if sizes:
-        raise TracekitError(f"{where}: {sizes[0]} must be {sizes[1]} or null; {fix}")
-    moe = g.get("moe_layers")
-    if moe is not None and not (isinstance(moe, list) and all(_is_int(x) and 0 <= x < 1 << 15 for x in moe)):
-        raise TracekitError(f"{where}: geometry.moe_layers must be a list of layer indices; {fix}")
-    chunks = m.get("chunks")
-    if chunks is not None:
-        ok = isinstance(chunks, dict) and all(
-            isinstance(rec, dict) and _is_int(rec.get("rows")) and _is_int(rec.get("bytes"))
-            and isinstance(rec.get(CHECKSUM), str) for rec in chunks.values())
-        if not ok:
-            raise TracekitError(f"{where}: field 'chunks' must map files to {{rows, bytes, sha256}}; {fix}")
-    tot = m.get("totals", {})
-    if not (isinstance(tot, dict) and all(
-            isinstance(t, dict) and all(_is_int(t[k]) for k in ("rows", "bytes", "requests", "prompt_tokens",
-                                                                  "generated_tokens") if k in t)
-            for t in tot.values())):
-        raise bad("totals", "an object of per-table counts")
-
-
 def open_run(path: str | os.PathLike, *, allow_partial: bool | None = None) -> Run:
     """Open a run directory; one-line errors for a missing, foreign, damaged or newer-schema directory.
 
@@ -612,7 +561,7 @@ def open_run(path: str | os.PathLike, *, allow_partial: bool | None = None) -> R
     m = read_manifest(p)
     if m is None:
         raise TracekitError(f"{p}: no manifest.json; not a tracekit run directory (collect or import one first)")
-    check_manifest(m, p / MANIFEST)
+    check_manifest(m, str(p / MANIFEST))
     integrity = verify_run(p, m)
     allow, on_skip = _ALLOW_PARTIAL.get()
     if allow_partial is not None:
@@ -646,7 +595,7 @@ def check_geometry(run_dir: Path, geometry: dict[str, Any], integrity: Integrity
     (every reader sizes its arrays by it, so the numbers would be silently wrong)."""
     e = geometry.get("num_experts")
     top = data_max_expert(integrity)
-    if _is_int(e) and top is not None and top >= e:
+    if is_int(e) and top is not None and top >= e:
         raise TracekitError(
             f"{run_dir}: the manifest says num_experts {e}, but the data holds expert id {top}: the geometry does not "
             f"describe these routes; fix geometry.num_experts in {run_dir / MANIFEST} (or import the run again with "
