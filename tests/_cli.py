@@ -15,10 +15,10 @@ def run_cli(args) -> int:
     return 0
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
+def cli(capsys, *argv) -> tuple[int, str, str]:
     """``tracekit ARGV...`` in this process; returns (exit code, stdout, stderr)."""
     with pytest.raises(SystemExit) as exc:
-        main(list(argv))
+        main([str(a) for a in argv])
         raise SystemExit(0)
     cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
+    return exc.value.code or 0, cap.out, cap.err

@@ -8,15 +8,11 @@ import sys
 import duckdb
 import pytest
 
-from tracekit.cli import main
+from tests._cli import cli
 
 
 def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
+    return cli(capsys, *args)
 
 
 def test_collect_info_end_to_end(tmp_path, prompt_data, capsys):

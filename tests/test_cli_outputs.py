@@ -7,19 +7,13 @@ import re
 
 import pytest
 
-from tracekit.cli import main
+from tests._cli import cli
 from tracekit.errors import TracekitError
 from tracekit.outputs import atomic_write, check_file, check_folder, distinct, enclosing_run, is_run_dir
 
 
 def run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return cli(capsys, *args)
 
 
 @pytest.fixture

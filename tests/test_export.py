@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests._cli import cli as _cli
 from tracekit.errors import TracekitError
 from tracekit.placement import baselines, export
 from tracekit.placement.types import Cluster, GroupingRule, Placement
@@ -131,14 +132,6 @@ def test_bad_placement_file(tmp_path):
         export.load_placement(tmp_path / "p.json")
 
 
-def _cli(capsys, *argv):
-    from tracekit.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
 
 
 def test_export_json_default_name_is_not_json_json(tmp_path, capsys):

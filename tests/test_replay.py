@@ -144,19 +144,16 @@ def test_profiles_and_overrides():
 
 
 def test_place_cli_engine_profile_and_export_warning(shared_data, tmp_path, capsys):
-    from tracekit.cli import main
     from tracekit.importers.jsonl import import_jsonl
 
     d = shared_data / "traces" / "mixtral-8x7b"
     run = import_jsonl([d / "routing_data_collected_humaneval_2_routing.jsonl"], model="mixtral-8x7b",
                        out=tmp_path / "run")
 
+    from tests._cli import run_cli
+
     def cli(*args) -> int:
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        return 0
+        return run_cli(args)
 
     js, out = tmp_path / "cmp.json", tmp_path / "p.json"
     assert cli("place", run, "--nodes", 2, "--gpus-per-node", 2, "--redundant", 4, "--strategy", "eplb",
