@@ -331,10 +331,12 @@ def _place(traces: TraceArrays, cluster: dict, strategy: str, *, objective: str,
            holdout: float, split: str, seed: int, max_imbalance: float | None, phase: str, baseline_grouping: bool,
            **eval_opts):
     from .evaluate import compare, make_cluster, make_split, resolve_strategies
+    from .notes import candidates
 
     check_objective(objective)
     cl = make_cluster(traces, **cluster)
-    names = resolve_strategies(strategy, cl)
+    names, notes = candidates(resolve_strategies(strategy, cl), strategy, cl, engine,
+                              (traces.geometry or {}).get("n_group"))
     train, _ = make_split(traces, split, holdout, seed)
     opts = {"locality": {"engine": engine}}
     score_opts = dict(eval_opts)
@@ -369,6 +371,7 @@ def _place(traces: TraceArrays, cluster: dict, strategy: str, *, objective: str,
                    strategy_opts=opts, engine=engine, prefitted=fitted, **eval_opts)
     comp.meta["pick"] = val.to_json()
     comp.meta["engine"] = engine
+    comp.meta["notes"] = notes
     return comp, val
 
 
