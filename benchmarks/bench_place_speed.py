@@ -4,7 +4,7 @@ The run: :func:`tracekit.synth.generate_run` with 256 experts, top-8, the 58 MoE
 of 64-512 prompt and 32-512 decode tokens, seed 0 (9,408,354 token-layers), cached under benchmarks/out/. The
 command: ``python -m tracekit place RUN --nodes 4 --gpus-per-node 8 --redundant 32 --strategy all -o FILE`` in a
 child process under ``/usr/bin/time -v`` (wall, user + system CPU, peak RSS). Target: <= 120 s wall on this 2-core
-machine, peak RSS <= 2 GB. The machine is shared, so the CPU time (user + system) is printed beside the wall time:
+machine, peak RSS <= 2 GB (10^9 bytes). The machine is shared, so the CPU time (user + system) is printed beside the wall time:
 wall >> CPU means the process waited for a core.
 
 ``--reference FILE``: compare the written placement byte for byte with FILE (a ``place -o`` file written before a
@@ -67,7 +67,7 @@ def timed(run: Path, out: Path) -> dict:
         return float(re.search(rf"{re.escape(label)}: ([0-9.:]+)", rep).group(1))
 
     return {"wall_s": wall, "user_s": num("User time (seconds)"), "system_s": num("System time (seconds)"),
-            "peak_rss_gb": num("Maximum resident set size (kbytes)") / 1e6,
+            "peak_rss_gb": num("Maximum resident set size (kbytes)") * 1024 / 1e9,  # time -v's kbytes are KiB
             "pick_line": next((ln for ln in res.stdout.splitlines() if ln.startswith("* pick:")), None)}
 
 

@@ -56,6 +56,7 @@ DEFAULTS = {
     "microbatch_tokens": 256,
 }
 EVAL_THREADS = min(4, os.cpu_count() or 1)  # threads over row chunks in evaluate()
+MB_CHUNK_ROWS = 1 << 18  # token-layers per chunk of microbatch_stats (a set of flags: the chunking changes nothing)
 _MAX_MB_BITMAP = 1 << 28  # cap on micro-batch x layer x slot flags (bytes); beyond it only the first micro-batches count
 
 
@@ -462,13 +463,17 @@ def microbatch_stats(
     n_keep = max(1, min(n_mb, _MAX_MB_BITMAP // max(1, M * S)))
     keep = mb_of < n_keep
     mb_of, r = mb_of[keep], r[keep]
-    lp = traces.layer_pos[sel][keep].astype(np.int64)
-    ex = traces.experts[sel][keep].astype(np.int64)
-    real = real_choices(traces, ex)
-    slot = table.reshape(-1)[((lp * G + home[r]) * E)[:, None] + (ex if real is None else np.where(real, ex, 0))]
+    rows = np.flatnonzero(sel)[keep]
     touched = np.zeros(n_keep * M * S, dtype=bool)
-    flags = ((mb_of * M + lp) * S)[:, None] + slot
-    touched[flags if real is None else flags[real]] = True  # a zero-computation choice reads no weights
+    flat = table.reshape(-1)
+    for part in row_chunks(rows.size, MB_CHUNK_ROWS):  # (n, k) int64 temporaries a chunk at a time (it runs
+        at = rows[part]  # beside evaluate's own chunks: their peaks add up)
+        lp = traces.layer_pos[at].astype(np.int64)
+        ex = traces.experts[at].astype(np.int64)
+        real = real_choices(traces, ex)
+        slot = flat[((lp * G + home[r[part]]) * E)[:, None] + (ex if real is None else np.where(real, ex, 0))]
+        flags = ((mb_of[part] * M + lp) * S)[:, None] + slot
+        touched[flags if real is None else flags[real]] = True  # a zero-computation choice reads no weights
     touched = touched.reshape(n_keep, M, S)
     # logical experts touched = distinct experts among touched slots
     se = np.asarray(placement.slot_expert)
