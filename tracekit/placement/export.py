@@ -429,9 +429,8 @@ def grouping_vanished(placement: Placement, asked: str | None = None) -> str | N
     rule = placement.grouping or GroupingRule()
     if rule.kind != "none" and group_nodes(rule):
         return None
-    why = f"--grouping {asked} was asked, but " if asked and asked != "none" else ""
-    return (f"warning: {why}the {placement.strategy} placement has no request grouping (rule {rule.kind}, 0 groups): "
-            "tracekit route would start with 0 groups and spread requests over every DP rank")
+    why = f"--grouping {asked} asked, but " if asked and asked != "none" else ""
+    return f"warning: {why}{placement.strategy} has no request grouping (rule {rule.kind}): route starts with 0 groups"
 
 
 def grouping_notes(placement: Placement, name: str) -> list[str]:

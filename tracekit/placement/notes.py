@@ -14,14 +14,12 @@ from .types import Cluster, Placement
 
 
 def vllm_line(cluster: Cluster, n_group: int | None) -> str:
-    """What released vLLM can deploy, in one line."""
+    """What released vLLM can deploy, in one line (at most 120 characters)."""
     from .export import vllm_deployable
 
     can = vllm_deployable(cluster, n_group)
-    rr = "" if "round-robin" in can else " (round_robin needs no redundant experts and expert groups, n_group > 1)"
-    return (f"vllm: released vLLM loads no static expert map; it deploys {', '.join(can)} only "
-            f"(--expert-placement-strategy linear{', round_robin' if 'round-robin' in can else ''}; eplb = "
-            f"--enable-eplb, vLLM's own online EPLB from its load counts){rr}, so the pick is made among those")
+    return (f"vllm loads no static expert map: it deploys {', '.join(can)} only (eplb = its own --enable-eplb); "
+            "the pick is among those")
 
 
 def candidates(names: list[str], strategy: str, cluster: Cluster, engine: str,
@@ -29,8 +27,8 @@ def candidates(names: list[str], strategy: str, cluster: Cluster, engine: str,
     """(the strategies to fit and pick among, the lines to print) for ``names`` resolved from ``strategy``."""
     lines = []
     if strategy == "all" and cluster.redundant:
-        lines.append(f"round-robin left out of --strategy all: it places no redundant slots, and this cluster has "
-                     f"R={cluster.redundant} (no engine runs round-robin with R > 0)")
+        lines.append(f"round-robin left out of --strategy all: it has no redundant slots and R={cluster.redundant} "
+                     "(no engine runs it with R > 0)")
     if engine == "vllm":
         from .export import vllm_deployable
 
@@ -39,7 +37,7 @@ def candidates(names: list[str], strategy: str, cluster: Cluster, engine: str,
         if strategy == "all":
             names = [n for n in names if n in can]
         elif strategy not in can:
-            lines.append(f"vllm: --strategy {strategy} is scored for reference only: vLLM cannot load its layout")
+            lines.append(f"vllm cannot load a {strategy} layout: it is scored for reference only")
     return names, lines
 
 
