@@ -90,8 +90,8 @@ MIXTRAL_GEOS = ((2, 2), (4, 2), (4, 1), (2, 4))
 DSV2_GEOS = MIXTRAL_GEOS + ((2, 8), (4, 4), (4, 8))
 DSV2_DIR = SHARED / "traces" / "deepseek-v2-lite"
 DSV2_SIZES = {"hidden_size": 2048, "moe_intermediate_size": 1408}  # DeepSeek-V2-Lite's config.json
-# prefill tokens per DP rank per replay step: ~58K held-out prompt tokens / (32 ranks x 128) gives 14 full steps on
-# the largest geometry (place's default 4096 would leave 4x8 with none)
+# prefill tokens per DP rank per replay step: the ~58K held-out prompt tokens give 12 full steps on 32 ranks
+# (measured; place's default 4096 would leave 4x8 with none)
 DSV2_PREFILL_CHUNK = 128
 MIXTRAL_OPTS = {"split": "tokens", "hidden_size": 4096, "moe_intermediate_size": 14336,
                 "decode_batch": 16}  # ~330 held-out decode tokens: 16 per rank gives a few decode steps
