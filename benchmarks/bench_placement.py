@@ -399,7 +399,7 @@ def _ratio(x, ref):
 
 
 def run_set(con, result: dict, label: str, tr, cluster: dict, groupings=("domain", "signature"), oracle: bool = False,
-            strategy_opts: dict | None = None, max_imbalance: float = 1.10, **kw) -> list[dict]:
+            strategy_opts: dict | None = None, max_imbalance: float | None = None, **kw) -> list[dict]:
     """What ``tracekit place`` does, per grouping: validate (fit on part of the train rows, score on the rest,
     per-layer eplb fallback for locality), fit on the train rows, score on the held-out rows under ``ENGINE``;
     every strategy with grouping none, then locality with each grouping. The recommended placement is the pick
