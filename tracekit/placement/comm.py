@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import TracekitError
-from .stats import decode_step, row_chunks
+from .stats import CHUNK_ROWS, decode_step, row_chunks
 from .types import Cluster, GroupingRule, Placement, TraceArrays, real_choices
 
 DEFAULTS = {
@@ -56,8 +56,9 @@ DEFAULTS = {
     "microbatch_tokens": 256,
 }
 EVAL_THREADS = min(4, os.cpu_count() or 1)  # threads over row chunks in evaluate()
-# token-layers per chunk of evaluate(): every accumulator is an integer count, so the chunking changes no number;
-# 1M rows keep each thread's (n, k) temporaries near 60 MB at k = 8 (two threads run at once)
+# token-layers per chunk of evaluate(): every accumulator is an integer count, so the chunking changes no number
+# (except under trtllm, whose per-batch arbitration sees one chunk: it keeps stats.CHUNK_ROWS); 1M rows keep each
+# thread's (n, k) temporaries near 60 MB at k = 8 (two threads run at once)
 EVAL_CHUNK_ROWS = 1 << 20
 MB_CHUNK_ROWS = 1 << 18  # token-layers per chunk of microbatch_stats (a set of flags: the chunking changes nothing)
 _MAX_MB_BITMAP = 1 << 28  # cap on micro-batch x layer x slot flags (bytes); beyond it only the first micro-batches count
@@ -226,7 +227,8 @@ def evaluate(
     slot_table = table.reshape(-1)  # (M*G*E,) slot per (m, g, e)
     gpu_table = gpu_of_slot.astype(np.int16)  # (S,) GPU per slot
     chunk_fn = _chunk_bits if (G <= 64 and not force_sort) else _chunk_sorted
-    chunks = list(row_chunks(len(traces), EVAL_CHUNK_ROWS))
+    # TRT-LLM arbitrates among a batch's items inside the chunk that holds them: its chunks stay as they were
+    chunks = list(row_chunks(len(traces), CHUNK_ROWS if engine == "trtllm" else EVAL_CHUNK_ROWS))
 
     def work(part: list[slice]) -> tuple:
         acc_ = _Counts(M, G, nodes)
