@@ -252,3 +252,51 @@ def test_sglang_launch_flags_name_the_a2a_backend_scored_under():
     assert "--moe-a2a-backend deepep" in sglang_flags(p, "map.json")
     p.meta["a2a_backend"] = "mooncake"
     assert "--moe-a2a-backend mooncake" in sglang_flags(p, "map.json")
+
+
+def _fresh_rank_tables(se, **kw):
+    """sglang_rank_tables with its memo emptied: computed from layer 0, every stream from random.Random(42)."""
+    D._RANK_TABLES.done.clear()
+    D._RANK_TABLES.last.clear()
+    return D.sglang_rank_tables(se, **kw)
+
+
+@pytest.mark.parametrize("nodes,gpn,E,R", [(2, 4, 24, 8), (4, 2, 16, 24), (1, 3, 7, 2)])
+def test_sglang_memo_and_resume_equal_a_fresh_computation(nodes, gpn, E, R):
+    # the balance hold re-scores a placement after changing a few layers: a table resumed from the first changed
+    # layer (stream states kept per layer) or returned from the memo must equal one computed from scratch
+    rng = np.random.default_rng(nodes * 100 + E)
+    kw = {"num_experts": E, "num_gpus": nodes * gpn, "gpus_per_node": gpn}
+    new_row = lambda: rng.permutation(np.concatenate([np.arange(E), rng.choice(E, R)]))  # noqa: E731
+    base = np.stack([new_row() for _ in range(9)])
+    variants = [base]
+    for changed in ([8], [4, 6], [0], [3, 4, 5, 6, 7, 8], []):
+        v = variants[-1].copy()
+        for m in changed:
+            v[m] = new_row()
+        variants.append(v)
+    fresh = [_fresh_rank_tables(v, **kw) for v in variants]
+    D._RANK_TABLES.done.clear()
+    D._RANK_TABLES.last.clear()
+    for v, want in zip(variants + variants[::-1], fresh + fresh[::-1]):  # resumes going forward, memo hits back
+        got = D.sglang_rank_tables(v, **kw)
+        assert np.array_equal(got, want)
+        got[:] = -1  # a caller writing into its copy does not reach the memo
+    assert np.array_equal(D.sglang_rank_tables(variants[2], **kw), fresh[2])
+    # a one-layer map in between (validation's per-layer scores) does not evict the whole-model state
+    D.sglang_rank_tables(base[:1], **kw)
+    assert np.array_equal(D.sglang_rank_tables(variants[3], **kw), fresh[3])
+
+
+def test_sglang_table_computes_no_layer_after_the_last_moe_layer():
+    rng = np.random.default_rng(5)
+    E, R, G = 12, 4, 4
+    rows = np.stack([rng.permutation(np.concatenate([np.arange(E), rng.choice(E, R)])) for _ in range(2)])
+    full = np.tile(np.arange(E + R) % E, (9, 1))
+    full[[2, 4]] = rows
+    want = _fresh_rank_tables(full, num_experts=E, num_gpus=G, gpus_per_node=2)[[2, 4]]
+    got = D.sglang_table(rows, num_experts=E, num_gpus=G, gpus_per_node=2, layers=np.array([2, 4]),
+                         num_hidden_layers=9)
+    assert np.array_equal(got, want)
+    with pytest.raises(IndexError):
+        D.sglang_table(rows, num_experts=E, num_gpus=G, gpus_per_node=2, layers=np.array([2, 9]), num_hidden_layers=9)

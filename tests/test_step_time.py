@@ -187,7 +187,7 @@ def test_evaluate_same_numbers_on_one_thread_or_many(monkeypatch):
     monkeypatch.setattr(comm, "EVAL_THREADS", 4)
     import tracekit.placement.stats as stats
 
-    monkeypatch.setattr(comm, "row_chunks", lambda n: stats.row_chunks(n, 97))  # many chunks over 4 threads
+    monkeypatch.setattr(comm, "row_chunks", lambda n, *size: stats.row_chunks(n, 97))  # many chunks over 4 threads
     many = comm.evaluate(p, tr, engine="sglang", decode_batch=4)
     assert json.dumps(one, sort_keys=True) == json.dumps(many, sort_keys=True)
 

@@ -157,11 +157,19 @@ def place_cmd(
     else:
         Console(width=WIDTH).print(render_narrow(comp, val.to_json()))
     con = Console(width=WIDTH)
+    for line in comp.meta.get("notes") or []:
+        con.print(line, markup=False, soft_wrap=True)  # one line each, whatever the terminal's width
     con.print(pick_line(val.to_json(), comp), markup=False)
     for name, err in val.errors.items():
         con.print(f"  {name} left out of the pick: {err}", markup=False)
     for line in duplicate_lines(comp):
         con.print(line, markup=False)
+    from ..placement.notes import grouping_line
+
+    chosen = strategy if strategy != "all" else val.pick
+    vanished = grouping_line(grouping, comp.placements[chosen])
+    if vanished:
+        con.print(vanished, markup=False, soft_wrap=True)
     for line in describe(clf_summary):
         con.print(line, markup=False)
     if topology is not None:
@@ -175,13 +183,14 @@ def place_cmd(
         atomic_write_json(json_out, without_timings(_jsonable(json.loads(json.dumps(comp.to_json(), default=float)))))
         con.print(f"wrote {json_out}")
     if out:
-        chosen = strategy if strategy != "all" else val.pick
         p = comp.placements[chosen]
         p.meta["heldout"] = {k: v for k, v in comp.row(chosen)["heldout"].items() if not isinstance(v, list)}
         p.meta["pick"] = val.to_json()
         p.meta["engine"] = engine
         if engine == "sglang":
             p.meta["a2a_backend"] = a2a_backend
+        if grouping != "none":
+            p.meta["grouping_asked"] = grouping
         save_placement(p, out)
         con.print(f"saved {chosen} placement to {out}" + (" (the pick)" if chosen == val.pick else
                                                           f" (--strategy; the pick was {val.pick})"))

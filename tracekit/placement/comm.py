@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import TracekitError
-from .stats import decode_step, row_chunks
+from .stats import CHUNK_ROWS, decode_step, row_chunks
 from .types import Cluster, GroupingRule, Placement, TraceArrays, real_choices
 
 DEFAULTS = {
@@ -56,6 +56,11 @@ DEFAULTS = {
     "microbatch_tokens": 256,
 }
 EVAL_THREADS = min(4, os.cpu_count() or 1)  # threads over row chunks in evaluate()
+# token-layers per chunk of evaluate(): every accumulator is an integer count, so the chunking changes no number
+# (except under trtllm, whose per-batch arbitration sees one chunk: it keeps stats.CHUNK_ROWS); 1M rows keep each
+# thread's (n, k) temporaries near 60 MB at k = 8 (two threads run at once)
+EVAL_CHUNK_ROWS = 1 << 20
+MB_CHUNK_ROWS = 1 << 18  # token-layers per chunk of microbatch_stats (a set of flags: the chunking changes nothing)
 _MAX_MB_BITMAP = 1 << 28  # cap on micro-batch x layer x slot flags (bytes); beyond it only the first micro-batches count
 
 
@@ -222,7 +227,8 @@ def evaluate(
     slot_table = table.reshape(-1)  # (M*G*E,) slot per (m, g, e)
     gpu_table = gpu_of_slot.astype(np.int16)  # (S,) GPU per slot
     chunk_fn = _chunk_bits if (G <= 64 and not force_sort) else _chunk_sorted
-    chunks = list(row_chunks(len(traces)))
+    # TRT-LLM arbitrates among a batch's items inside the chunk that holds them: its chunks stay as they were
+    chunks = list(row_chunks(len(traces), CHUNK_ROWS if engine == "trtllm" else EVAL_CHUNK_ROWS))
 
     def work(part: list[slice]) -> tuple:
         acc_ = _Counts(M, G, nodes)
@@ -462,13 +468,17 @@ def microbatch_stats(
     n_keep = max(1, min(n_mb, _MAX_MB_BITMAP // max(1, M * S)))
     keep = mb_of < n_keep
     mb_of, r = mb_of[keep], r[keep]
-    lp = traces.layer_pos[sel][keep].astype(np.int64)
-    ex = traces.experts[sel][keep].astype(np.int64)
-    real = real_choices(traces, ex)
-    slot = table.reshape(-1)[((lp * G + home[r]) * E)[:, None] + (ex if real is None else np.where(real, ex, 0))]
+    rows = np.flatnonzero(sel)[keep]
     touched = np.zeros(n_keep * M * S, dtype=bool)
-    flags = ((mb_of * M + lp) * S)[:, None] + slot
-    touched[flags if real is None else flags[real]] = True  # a zero-computation choice reads no weights
+    flat = table.reshape(-1)
+    for part in row_chunks(rows.size, MB_CHUNK_ROWS):  # (n, k) int64 temporaries a chunk at a time (it runs
+        at = rows[part]  # beside evaluate's own chunks: their peaks add up)
+        lp = traces.layer_pos[at].astype(np.int64)
+        ex = traces.experts[at].astype(np.int64)
+        real = real_choices(traces, ex)
+        slot = flat[((lp * G + home[r[part]]) * E)[:, None] + (ex if real is None else np.where(real, ex, 0))]
+        flags = ((mb_of[part] * M + lp) * S)[:, None] + slot
+        touched[flags if real is None else flags[real]] = True  # a zero-computation choice reads no weights
     touched = touched.reshape(n_keep, M, S)
     # logical experts touched = distinct experts among touched slots
     se = np.asarray(placement.slot_expert)

@@ -56,6 +56,7 @@ Static engines (``sglang``, ``ideal``) give a table (:func:`dispatch_table`); pe
 """
 from __future__ import annotations
 
+import array
 import random
 
 import numpy as np
@@ -158,23 +159,95 @@ def sglang_rank_tables(slot_expert_all: np.ndarray, *, num_experts: int, num_gpu
     pick of the ranks left over, drawn from rank g's own ``random.Random(seed)``, which advances only at the
     (layer, expert)s where rank g itself is left over. ``prefer_same_node`` is SGLang's
     ``_prefer_same_node_experts()`` (True unless elastic EP scales the world).
+
+    Pure, and memoised (:class:`_RankTables`): the same map again returns the stored tables, and a map that equals
+    the last one computed up to layer l replays the random streams from layer l only (each rank's stream state at
+    every layer start is kept), the way the balance hold re-scores a placement after changing a few layers.
     """
-    near, slots, count = sglang_nearest(slot_expert_all, num_experts=num_experts, num_gpus=num_gpus,
-                                        gpus_per_node=gpus_per_node, prefer_same_node=prefer_same_node)
-    out = near.copy()
-    L, G, E = near.shape
+    return _RANK_TABLES.get(np.asarray(slot_expert_all, dtype=np.int64), num_experts=num_experts, num_gpus=num_gpus,
+                            gpus_per_node=gpus_per_node, seed=seed, prefer_same_node=prefer_same_node)
+
+
+class _RankTables:
+    """Memo of :func:`sglang_rank_tables` (results never differ from a fresh computation).
+
+    - ``done``: the last ``keep`` results, keyed by the whole input (map bytes and parameters).
+    - ``last``: per input shape and parameters, the last computed map with each rank's ``random.Random`` state at the start of every layer
+      ((L, G, 625) uint32, about 5 MB for 61 layers x 32 ranks), so a map differing from it first at layer l
+      starts the streams there with layers < l copied (a layer's pins depend on its own row only)."""
+
+    def __init__(self, keep: int = 8, shapes: int = 4):
+        self.keep, self.shapes = keep, shapes
+        self.done: dict[tuple, np.ndarray] = {}
+        self.last: dict[tuple, dict] = {}  # per (shape, parameters): one-layer maps do not evict whole-model ones
+
+    def get(self, se: np.ndarray, **kw) -> np.ndarray:
+        params = (se.shape, *sorted(kw.items()))
+        key = (params, se.tobytes())
+        hit = self.done.get(key)
+        if hit is not None:
+            self.done[key] = self.done.pop(key)  # most recently used last
+            return hit.copy()
+        start = 0
+        prev = self.last.pop(params, None)
+        if prev is not None:
+            differ = np.flatnonzero((prev["se"] != se).any(axis=1))
+            start = int(differ[0]) if differ.size else se.shape[0]
+        out, states = _rank_tables_from(se, start, prev, **kw)
+        self.last[params] = {"se": se.copy(), "out": out, "states": states}
+        self.done[key] = out
+        for memo, n in ((self.done, self.keep), (self.last, self.shapes)):
+            while len(memo) > n:
+                memo.pop(next(iter(memo)))
+        return out.copy()
+
+
+def _rank_tables_from(se: np.ndarray, start: int, prev: dict | None, *, num_experts: int, num_gpus: int,
+                      gpus_per_node: int, seed: int, prefer_same_node: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(tables (L, G, E) int32, stream states (L, G, 625) uint32 at each layer start) of map ``se`` (L, S), layers
+    < ``start`` taken from ``prev`` (a ``_RankTables.last`` whose map equals ``se`` there)."""
+    L = se.shape[0]
+    G = num_gpus
+    states = np.zeros((L, G, 625), dtype=np.uint32)
+    out = np.zeros((L, G, num_experts), dtype=np.int32)
     rngs = [random.Random(seed) for _ in range(G)]
-    left = near < 0  # (L, G, E)
-    for layer, e in zip(*np.nonzero(left.any(1))):  # (layer, expert) in SGLang's loop order
-        cand = slots[layer, e, : count[layer, e]].tolist()
-        remaining = np.flatnonzero(left[layer, :, e])
-        q, rem = divmod(int(remaining.size), len(cand))
-        for pos, g in enumerate(remaining.tolist()):
-            rng = rngs[g]
-            choices = cand * q + rng.sample(cand, k=rem)
-            rng.shuffle(choices)
-            out[layer, g, e] = choices[pos]
-    return out
+    if start:
+        out[:start] = prev["out"][:start]
+        states[:start] = prev["states"][:start]
+        if start < L:
+            for g in range(G):
+                rngs[g].setstate((3, tuple(int(x) for x in prev["states"][start, g]), None))
+    if start >= L:
+        return out, states
+    near, slots, count = sglang_nearest(se[start:], num_experts=num_experts, num_gpus=G,
+                                        gpus_per_node=gpus_per_node, prefer_same_node=prefer_same_node)
+    out[start:] = near
+    left = near < 0  # (L - start, G, E)
+    todo = left.any(1)  # (L - start, E)
+    drew = np.ones(G, dtype=bool)  # (G,) whose stream advanced in the layer before (unknown at the start)
+    for i in range(L - start):
+        layer = start + i
+        for g in range(G):  # a stream that did not advance keeps the state it had one layer up
+            states[layer, g] = _state(rngs[g]) if drew[g] else states[layer - 1, g]
+        drew = left[i].any(axis=1)
+        for e in np.flatnonzero(todo[i]):  # (layer, expert) in SGLang's loop order
+            cand = slots[i, e, : count[i, e]].tolist()
+            remaining = np.flatnonzero(left[i, :, e])
+            q, rem = divmod(int(remaining.size), len(cand))
+            for pos, g in enumerate(remaining.tolist()):
+                rng = rngs[g]
+                choices = cand * q + rng.sample(cand, k=rem)
+                rng.shuffle(choices)
+                out[layer, g, e] = choices[pos]
+    return out, states
+
+
+def _state(rng: random.Random) -> np.ndarray:
+    """(625,) uint32 the Mersenne Twister state of ``rng`` (its key words and position)."""
+    return np.frombuffer(array.array("I", rng.getstate()[1]), dtype=np.uint32)
+
+
+_RANK_TABLES = _RankTables()
 
 
 def sglang_table(slot_expert: np.ndarray, *, num_experts: int, num_gpus: int, gpus_per_node: int,
@@ -195,7 +268,11 @@ def sglang_table(slot_expert: np.ndarray, *, num_experts: int, num_gpus: int, gp
     else:
         rows = np.asarray(layers, dtype=np.int64)
         n = int(num_hidden_layers) if num_hidden_layers else int(rows.max()) + 1
-        full = np.tile(np.arange(S) % num_experts, (n, 1))
+        if M and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"MoE layer ids {rows.min()}..{rows.max()} outside the model's {n} hidden layers")
+        # a layer's table depends on the layers before it only (the streams run in layer order): the rows after
+        # the last MoE layer are never returned, so they are not computed
+        full = np.tile(np.arange(S) % num_experts, (int(rows.max()) + 1 if M else 0, 1))
         full[rows] = se
     tab = sglang_rank_tables(full, num_experts=num_experts, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
                              seed=seed)

@@ -322,6 +322,20 @@ def trtllm_yaml(placement: Placement) -> str:
     return "\n".join(lines) + "\n"
 
 
+def vllm_round_robin_runs(cluster: Cluster, n_group: int | None) -> bool:
+    """Whether vLLM runs ``--expert-placement-strategy round_robin`` (see the module docstring): no redundant
+    experts and expert groups (``n_group`` > 1; unknown counts as yes)."""
+    return cluster.redundant == 0 and (n_group is None or int(n_group) > 1)
+
+
+def vllm_deployable(cluster: Cluster, n_group: int | None) -> list[str]:
+    """The tracekit strategies whose layout released vLLM can run: ``linear`` (its default
+    ``--expert-placement-strategy``), ``eplb`` (``--enable-eplb``: vLLM's own online rebalancer is DeepSeek's EPLB,
+    fed by its own load counts, so it reaches this layout when the live load resembles the fit rows) and
+    ``round-robin`` where :func:`vllm_round_robin_runs`. Never ``locality``: vLLM loads no static expert map."""
+    return ["linear", "eplb"] + (["round-robin"] if vllm_round_robin_runs(cluster, n_group) else [])
+
+
 def vllm_config(placement: Placement) -> dict[str, Any]:
     """The vLLM settings closest to the placement, and what vLLM cannot take."""
     from .baselines import linear_row, round_robin_row
@@ -338,7 +352,7 @@ def vllm_config(placement: Placement) -> dict[str, Any]:
     scores = {"linear": overlap(linear_row(c)), "round_robin": overlap(round_robin_row(c, strict=False))}
     closest = max(scores, key=lambda k: (scores[k], k == "linear"))
     n_group = placement.meta.get("n_group")
-    rr_runs = c.redundant == 0 and (n_group is None or int(n_group) > 1)
+    rr_runs = vllm_round_robin_runs(c, n_group)
     best = closest if (closest == "linear" or rr_runs) else "linear"
     rr_note = (
         " vLLM runs round_robin only for models with expert groups (n_group > 1), no redundant experts and EPLB off "
@@ -414,9 +428,23 @@ def grouping_export_dict(placement: Placement) -> dict[str, Any]:
     }
 
 
+def grouping_vanished(placement: Placement, asked: str | None = None) -> str | None:
+    """One line when ``placement`` carries no request grouping a router could apply (no rule, rule ``none``, or a
+    rule with no group -> nodes entry: ``tracekit route`` would start with 0 groups), else None. ``asked``: the
+    ``--grouping`` the user asked ``place`` for (the line then names it)."""
+    from .classifier import group_nodes
+
+    rule = placement.grouping or GroupingRule()
+    if rule.kind != "none" and group_nodes(rule):
+        return None
+    why = f"--grouping {asked} asked, but " if asked and asked != "none" else ""
+    return f"warning: {why}{placement.strategy} has no request grouping (rule {rule.kind}): route starts with 0 groups"
+
+
 def grouping_notes(placement: Placement, name: str) -> list[str]:
     rule = placement.grouping or GroupingRule()
-    notes = [f"grouping rule: {rule.kind}"]
+    vanished = grouping_vanished(placement, placement.meta.get("grouping_asked"))
+    notes = ([vanished] if vanished else []) + [f"grouping rule: {rule.kind}"]
     if rule.kind != "none" and not placement.meta.get("classifier"):
         notes.append("no prompt classifier in this placement (fit it with tracekit place --grouping); "
                      "tracekit route then needs requests that already carry a rank")

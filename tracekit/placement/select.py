@@ -112,17 +112,21 @@ def one_layer(traces: TraceArrays, m: int) -> TraceArrays:
     return sub
 
 
-def layer_values(p: Placement, per_layer: list[TraceArrays], scorer: Scorer, objective: str,
+def layer_values(ps: list[Placement], traces: TraceArrays, scorer: Scorer, objective: str,
                  home: np.ndarray) -> np.ndarray:
-    """(M,) objective value of each layer of ``p``, each scored on its own rows under the same ``home``."""
-    out = np.full(len(per_layer), np.nan)
-    for m, tr in enumerate(per_layer):
+    """(P, M) objective value of each layer of each placement of ``ps``, each layer scored on its own rows
+    (:func:`one_layer`) under the same ``home``; NaN where a layer has no rows. One layer's rows are built at a
+    time (all of them at once would copy the rows once more)."""
+    out = np.full((len(ps), traces.num_layers), np.nan)
+    for m in range(traces.num_layers):
+        tr = one_layer(traces, m)
         if len(tr) == 0:
             continue
-        meta = {k: v for k, v in p.meta.items() if k != "num_hidden_layers"}
-        q = Placement(p.cluster, tr.layers, p.slot_expert[m:m + 1], p.strategy, p.grouping, meta)
-        s = scorer(q, tr, home=home)
-        out[m] = float(s[metric_key(s, objective)])
+        for i, p in enumerate(ps):
+            meta = {k: v for k, v in p.meta.items() if k != "num_hidden_layers"}
+            q = Placement(p.cluster, tr.layers, p.slot_expert[m:m + 1], p.strategy, p.grouping, meta)
+            s = scorer(q, tr, home=home)
+            out[i, m] = float(s[metric_key(s, objective)])
     return out
 
 
@@ -163,8 +167,15 @@ def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.
     per_fold: list[dict[str, tuple[float, float]]] = []  # fold -> name -> (value, balance)
     steps: list[float] = []  # full replay steps per fold (the replay's sample size)
     fitted_folds, v_loc, v_ref = [], np.zeros(traces.num_layers), np.zeros(traces.num_layers)
+    parts: dict[int, TraceArrays] = {}  # the request folds swap the same two masks: each subset is built once
+
+    def part(mask: np.ndarray) -> TraceArrays:
+        if id(mask) not in parts:
+            parts[id(mask)] = subset(traces, mask)
+        return parts[id(mask)]
+
     for fit_mask, val_mask in folds:
-        fit_tr, val_tr = subset(traces, fit_mask), subset(traces, val_mask)
+        fit_tr, val_tr = part(fit_mask), part(val_mask)
         scores: dict[str, tuple[float, float]] = {}
         fitted: dict[str, Placement] = {}
         for name in names:
@@ -189,10 +200,10 @@ def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.
         if "locality" in fitted:  # per-layer values under the same router, summed over the folds
             loc, ref = fitted["locality"], fitted[REFERENCE]
             home = route_requests(loc.grouping, val_tr, cluster)
-            per_layer = [one_layer(val_tr, m) for m in range(traces.num_layers)]
             ref_same_router = Placement(cluster, ref.layers, ref.slot_expert, REFERENCE, loc.grouping, dict(ref.meta))
-            v_loc += np.nan_to_num(layer_values(loc, per_layer, scorer, objective, home), nan=np.inf)
-            v_ref += np.nan_to_num(layer_values(ref_same_router, per_layer, scorer, objective, home), nan=np.inf)
+            both = np.nan_to_num(layer_values([loc, ref_same_router], val_tr, scorer, objective, home), nan=np.inf)
+            v_loc += both[0]
+            v_ref += both[1]
         per_fold.append(scores)
         fitted_folds.append((fitted, val_tr))
     eplb_layers: list[int] = []
@@ -332,10 +343,12 @@ def _place(traces: TraceArrays, cluster: dict, strategy: str, *, objective: str,
            **eval_opts):
     from ..progress import current
     from .evaluate import compare, make_cluster, make_split, resolve_strategies
+    from .notes import candidates
 
     check_objective(objective)
     cl = make_cluster(traces, **cluster)
-    names = resolve_strategies(strategy, cl)
+    names, notes = candidates(resolve_strategies(strategy, cl), strategy, cl, engine,
+                              (traces.geometry or {}).get("n_group"))
     train, _ = make_split(traces, split, holdout, seed)
     opts = {"locality": {"engine": engine}}
     score_opts = dict(eval_opts)
@@ -374,6 +387,7 @@ def _place(traces: TraceArrays, cluster: dict, strategy: str, *, objective: str,
                    strategy_opts=opts, engine=engine, prefitted=fitted, **eval_opts)
     comp.meta["pick"] = val.to_json()
     comp.meta["engine"] = engine
+    comp.meta["notes"] = notes
     return comp, val
 
 
