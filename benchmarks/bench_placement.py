@@ -34,7 +34,7 @@ Data sets:
 
 Scoring (every data set): each strategy's held-out rows are scored under SGLang 0.5.23's own dispatch
 (``--engine sglang``, the default of ``tracekit place``) and under the ``ideal`` nearest-replica bound, replayed
-as deployment steps (:mod:`tracekit.placement.replay`, H200 profile, 128 decode tokens and 4096 prefill tokens
+as deployment steps (:mod:`tracekit.placement.scoring.replay`, H200 profile, 128 decode tokens and 4096 prefill tokens
 per DP rank per step): ``step ms`` is the estimated MoE time of a decode step (sum over MoE layers; the prefill
 step time is in the JSON), ``step max/mean p50/p99`` the per-step GPU max/mean over the decode steps, ``x-node``
 the whole-set cross-node copies per token-layer (normal / low-latency), all under SGLang's dispatch unless the
@@ -65,13 +65,13 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tracekit.placement import strategies as strat  # noqa: E402
-from tracekit.placement.comm import evaluate, route_requests  # noqa: E402
-from tracekit.placement.evaluate import compare, make_cluster, make_split, resolve_strategies  # noqa: E402
+from tracekit.placement import strategies as strat# noqa: E402
+from tracekit.placement.scoring.comm import evaluate, route_requests  # noqa: E402
+from tracekit.placement.scoring.comparison import compare, make_cluster, make_split, resolve_strategies  # noqa: E402
 from tracekit.placement.select import choose, default_scorer, validate  # noqa: E402
-from tracekit.placement.stats import load_by_group  # noqa: E402
-from tracekit.placement.types import Placement  # noqa: E402
-from tracekit.placement.traces import load_traces  # noqa: E402
+from tracekit.placement.data.stats import load_by_group  # noqa: E402
+from tracekit.placement.data.types import Placement  # noqa: E402
+from tracekit.placement.data.traces import load_traces  # noqa: E402
 from tracekit.store import read_manifest  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
@@ -336,13 +336,13 @@ def oracle_no_balance(tr, cluster, test: np.ndarray, rule, method: str = "top-us
 
     - ``top-use``: each node holds the experts those requests use most (:func:`oracle_layer`); blind to which
       experts a token uses together.
-    - ``partition``: locality's own per-layer optimiser (:func:`tracekit.placement.locality.place_layer`, the
+    - ``partition``: locality's own per-layer optimiser (:func:`tracekit.placement.strategies.locality.place_layer`, the
       hypergraph objective with the home node pinned, then locality replicas) run on a sample of the *held-out*
       rows with the load bound and the hot-expert copies switched off, started from ``top-use``'s layout.
 
     GPU load is not balanced at all in either."""
-    from tracekit.placement.locality import _sample_rows, place_layer
-    from tracekit.placement.traces import subset
+    from tracekit.placement.strategies.locality import _sample_rows, place_layer
+    from tracekit.placement.data.traces import subset
 
     home_node = route_requests(rule, tr, cluster, test) // cluster.gpus_per_node
     U = load_by_group(tr, home_node, cluster.nodes, mask=test).astype(np.float64)  # (M, N, E)

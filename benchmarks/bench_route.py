@@ -31,9 +31,9 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from tracekit.placement import baselines, export
-from tracekit.placement import classifier as C
-from tracekit.placement.types import Cluster, GroupingRule, Placement
+from tracekit.placement.strategies import baselines; from tracekit.placement import export
+from tracekit.placement.strategies import classifier as C
+from tracekit.placement.data.types import Cluster, GroupingRule, Placement
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRACEKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))

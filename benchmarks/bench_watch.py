@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _watch_synth import GEOMETRY, shifted_traces  # noqa: E402
 from test_watch import per_request  # noqa: E402
 
-from tracekit.placement import strategies as strat  # noqa: E402
-from tracekit.placement.replay import score_placement  # noqa: E402
-from tracekit.placement.types import Cluster  # noqa: E402
+from tracekit.placement import strategies as strat# noqa: E402
+from tracekit.placement.scoring.comm import score_placement  # noqa: E402
+from tracekit.placement.data.types import Cluster  # noqa: E402
 from tracekit.watch.rolling import RollingRun  # noqa: E402
 from tracekit.watch.sampler import RoutedSampler  # noqa: E402
 from tracekit.watch.sources import Batch  # noqa: E402

@@ -104,7 +104,7 @@ def fitted_rows(E: int, nodes: int, gpn: int, R: int, layers: int, seed: int) ->
     from tests._placement_synth import planted_traces
     from tracekit.errors import TracekitError
     from tracekit.placement import strategies as strat
-    from tracekit.placement.types import Cluster
+    from tracekit.placement.data.types import Cluster
 
     traces, _ = planted_traces(num_experts=E, top_k=2, layers=layers, clusters=4, requests=40, seed=seed)
     cluster = Cluster(nodes, gpn, E, R)
@@ -119,7 +119,7 @@ def fitted_rows(E: int, nodes: int, gpn: int, R: int, layers: int, seed: int) ->
 
 def compare(el, rows: np.ndarray, *, E: int, nodes: int, gpn: int, R: int, moe: np.ndarray, hidden: int):
     """(entries, tracekit vs server differences, function-level vs server differences) for one map."""
-    from tracekit.placement import dispatch as D
+    from tracekit.placement.scoring import dispatch as D
 
     G = nodes * gpn
     full = np.tile(np.arange(E + R) % E, (hidden, 1))
@@ -147,7 +147,7 @@ def main() -> int:
     print(f"SGLang source: {path}")
     print("checked: compute_initial_expert_location_metadata(model_config, moe_ep_rank=g) per rank g, "
           "--init-expert-location = the JSON physical_to_logical_map, --moe-a2a-backend deepep, "
-          "--ep-dispatch-algorithm static, against tracekit.placement.dispatch.dispatch_table(engine='sglang')")
+          "--ep-dispatch-algorithm static, against tracekit.placement.scoring.dispatch.dispatch_table(engine='sglang')")
     rng = np.random.default_rng(0)
     moe, hidden = np.array([1, 2, 4, 5]), 6  # dense hidden layers 0 and 3 between the MoE layers
     tally = {}

@@ -16,7 +16,7 @@ hidden), for every expert that received a token, with
 Weights rotate through enough copies to exceed the GPU's L2 cache four times, so every step reads its experts from
 HBM as a serving step does. Time: CUDA events around ``--iters`` steps after warm-up, median of ``--repeats``.
 
-The estimate is :func:`tracekit.placement.replay.expert_roofline` on the same step (pairs, distinct experts) with
+The estimate is :func:`tracekit.placement.scoring.replay.expert_roofline` on the same step (pairs, distinct experts) with
 BF16 weights and activations: max(compute at the profile's dense BF16 TFLOP/s, HBM bytes at its bandwidth).
 Its profile is ``--profile``, else ``--gpu-spec FILE.json``, else the one named in the device's name (H100, H200,
 B200). The table shows measured / estimate (>= 1: peak rates are not reached; the ratio is how far a real kernel
@@ -70,7 +70,7 @@ def route(tokens: int, experts: int, top_k: int, seed: int = 0) -> Step:
 
 def estimate(step: Step, profile, hidden: int, intermediate: int) -> dict:
     """The roofline tracekit's replay uses, for this one GPU and step (BF16 weights and activations)."""
-    from tracekit.placement.replay import expert_roofline
+    from tracekit.placement.scoring.replay import expert_roofline
 
     compute, hbm = expert_roofline(np.array(step.pairs), np.array(step.touched), profile, hidden_size=hidden,
                                    moe_intermediate_size=intermediate, weight_bytes=2, in_bytes=2, out_bytes=2)
@@ -123,7 +123,7 @@ def expert_mlp_grouped(x, order, rows, offs, total, wt_gate, wt_up, wt_down):
 
 
 def _profile(args, device_name: str):
-    from tracekit.placement.hardware import get_profile, load_gpu_spec
+    from tracekit.placement.scoring.hardware import get_profile, load_gpu_spec
 
     if args.gpu_spec:
         return load_gpu_spec(args.gpu_spec)

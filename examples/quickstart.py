@@ -20,8 +20,8 @@ from tracekit.collect import CollectOptions, collect
 from tracekit.models import load_model
 from tracekit.placement.export import export
 from tracekit.placement.select import place
-from tracekit.placement.table import WIDTH, pick_line, render_narrow
-from tracekit.placement.traces import load_traces
+from tracekit.placement.scoring.table import WIDTH, pick_line, render_narrow
+from tracekit.placement.data.traces import load_traces
 from tracekit.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]

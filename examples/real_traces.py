@@ -17,8 +17,8 @@ from rich.console import Console
 from tracekit.analysis import analyze
 from tracekit.importers.jsonl import import_jsonl
 from tracekit.placement.select import place
-from tracekit.placement.table import WIDTH, pick_line, render_narrow
-from tracekit.placement.traces import load_traces
+from tracekit.placement.scoring.table import WIDTH, pick_line, render_narrow
+from tracekit.placement.data.traces import load_traces
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRACEKIT_SHARED_DATA", REPO.parent / "shared" / "data"))

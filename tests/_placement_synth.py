@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tracekit.placement.types import TraceArrays
+from tracekit.placement.data.types import TraceArrays
 
 
 def planted_traces(

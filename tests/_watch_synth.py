@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tracekit.placement.types import TraceArrays
+from tracekit.placement.data.types import TraceArrays
 
 GEOMETRY = {"hidden_size": 1024, "moe_intermediate_size": 512, "expert_dtype": "bfloat16"}
 

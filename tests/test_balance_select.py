@@ -1,4 +1,4 @@
-"""Balance that holds (tracekit.placement.balance) and the honest pick (tracekit.placement.select), on planted
+"""Balance that holds (tracekit.placement.strategies.balance) and the honest pick (tracekit.placement.select), on planted
 synthetic traces: exact loads under the engines' own tables, the bound met on the fit rows or one line, no expert
 twice on one GPU, the pick never worse than eplb on validation."""
 from __future__ import annotations
@@ -8,11 +8,11 @@ import pytest
 
 from _placement_synth import planted_traces
 from tracekit.errors import TracekitError
-from tracekit.placement import balance, comm, strategies
-from tracekit.placement.dispatch import dispatch_table
+from tracekit.placement.strategies import balance; from tracekit.placement.scoring import comm; from tracekit.placement import strategies
+from tracekit.placement.scoring.dispatch import dispatch_table
 from tracekit.placement.select import one_layer, validate, validation_split
-from tracekit.placement.traces import split_requests, subset
-from tracekit.placement.types import Cluster, GroupingRule, Placement
+from tracekit.placement.data.traces import split_requests, subset
+from tracekit.placement.data.types import Cluster, GroupingRule, Placement
 
 CLUSTER = Cluster(nodes=4, gpus_per_node=2, num_experts=32, redundant=8)
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from tracekit.errors import TracekitError
-from tracekit.placement import baselines, comm, strategies
-from tracekit.placement.eplb import balanced_packing, eplb, replicate_experts
-from tracekit.placement.types import Cluster, TraceArrays
+from tracekit.placement.strategies import baselines; from tracekit.placement.scoring import comm; from tracekit.placement import strategies
+from tracekit.placement.strategies.eplb import balanced_packing, eplb, replicate_experts
+from tracekit.placement.data.types import Cluster, TraceArrays
 
 
 def expected_gpu_load(slot_expert: np.ndarray, loads: np.ndarray, cluster: Cluster) -> np.ndarray:
@@ -36,7 +36,7 @@ def test_round_robin_refuses_redundant_slots():
     # vLLM runs round_robin only without redundant experts; R > 0 used to stack every copy on its original's GPU
     with pytest.raises(TracekitError, match="round-robin has no redundant slots"):
         baselines.round_robin(Cluster(2, 2, 8, 4), 1)
-    from tracekit.placement.evaluate import resolve_strategies
+    from tracekit.placement.scoring.comparison import resolve_strategies
     assert "round-robin" not in resolve_strategies("all", Cluster(2, 2, 8, 4))
     assert "round-robin" in resolve_strategies("all", Cluster(2, 2, 8, 0))
 

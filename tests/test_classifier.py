@@ -10,7 +10,7 @@ import pytest
 from sklearn.linear_model import SGDClassifier
 
 from tracekit.errors import TracekitError
-from tracekit.placement import classifier as C
+from tracekit.placement.strategies import classifier as C
 
 # A few hand-written prompts per domain (always available; the shared prompt sets are tested below when present).
 RECORDS = {
@@ -178,9 +178,9 @@ def test_signature_groups_are_clusters_and_route_to_their_node(tmp_path):
     import sys
     from pathlib import Path
 
-    from tracekit.placement import baselines, export
-    from tracekit.placement.grouping import fit_grouping
-    from tracekit.placement.types import Cluster, Placement
+    from tracekit.placement.strategies import baselines; from tracekit.placement import export
+    from tracekit.placement.strategies.grouping import fit_grouping
+    from tracekit.placement.data.types import Cluster, Placement
     from tracekit.route.table import load_route_table
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -194,7 +194,7 @@ def test_signature_groups_are_clusters_and_route_to_their_node(tmp_path):
     assert set(labels) <= set(groups) and len(set(labels)) > 1
     assert groups == {f"c{i}": [int(n)] for i, n in enumerate(rule.centroid_node)}
     # every request's label names the node that the rule itself sends it to
-    from tracekit.placement.grouping import allowed_nodes
+    from tracekit.placement.strategies.grouping import allowed_nodes
 
     allow = allowed_nodes(rule, traces, cluster)
     for r, lab in enumerate(labels):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from tracekit.errors import TracekitError
-from tracekit.placement import comm, stats
-from tracekit.placement.types import Cluster, GroupingRule, Placement, TraceArrays
+from tracekit.placement.scoring import comm; from tracekit.placement.data import stats
+from tracekit.placement.data.types import Cluster, GroupingRule, Placement, TraceArrays
 
 
 def make_traces(rows, num_experts, num_layers=1, domains=None, phase=None, token=None):

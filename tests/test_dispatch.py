@@ -1,4 +1,4 @@
-"""Dispatch models on hand-built cases derived from each engine's code (see tracekit/placement/dispatch.py).
+"""Dispatch models on hand-built cases derived from each engine's code (see tracekit/placement/scoring/dispatch.py).
 
 The SGLang tables marked "checked against SGLang" were compared, entry for entry, with the output of SGLang
 0.5.23's own ``compute_logical_to_rank_dispatch_physical_map`` run on the same ``physical_to_logical_map``.
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tracekit.errors import TracekitError
-from tracekit.placement import dispatch as D
+from tracekit.placement.scoring import dispatch as D
 
 
 def test_replica_lists_are_ascending_slots():
@@ -209,10 +209,10 @@ def test_static_engines_through_choose_replicas_and_errors():
 
 def test_evaluate_and_score_placement_use_the_server_tables():
     from tests._placement_synth import planted_traces
-    from tracekit.placement import comm
+    from tracekit.placement.scoring import comm
     from tracekit.placement import strategies as strat
-    from tracekit.placement.replay import score_placement
-    from tracekit.placement.types import Cluster
+    from tracekit.placement.scoring.comm import score_placement
+    from tracekit.placement.data.types import Cluster
 
     traces, _ = planted_traces(num_experts=16, top_k=2, layers=3, requests=30, seed=4)
     cl = Cluster(2, 2, 16, 8)
@@ -246,7 +246,7 @@ def test_evaluate_and_score_placement_use_the_server_tables():
 
 def test_sglang_launch_flags_name_the_a2a_backend_scored_under():
     from tracekit.placement.export import sglang_flags
-    from tracekit.placement.types import Cluster, Placement
+    from tracekit.placement.data.types import Cluster, Placement
 
     p = Placement(Cluster(1, 2, 2, 2), np.array([0]), np.array([[0, 1, 0, 1]]), "eplb")
     assert "--moe-a2a-backend deepep" in sglang_flags(p, "map.json")

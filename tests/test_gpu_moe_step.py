@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tracekit.placement.hardware import get_profile
+from tracekit.placement.scoring.hardware import get_profile
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_moe_step.py"
 spec = importlib.util.spec_from_file_location("gpu_moe_step", SCRIPT)

@@ -7,9 +7,9 @@ import pytest
 
 from _placement_synth import planted_traces
 from tracekit.errors import TracekitError
-from tracekit.placement.grouping import assign_nodes, fit_grouping, pack_groups, request_load
-from tracekit.placement.traces import request_masks, split_requests, subset
-from tracekit.placement.types import Cluster, GroupingRule
+from tracekit.placement.strategies.grouping import assign_nodes, fit_grouping, pack_groups, request_load
+from tracekit.placement.data.traces import request_masks, split_requests, subset
+from tracekit.placement.data.types import Cluster, GroupingRule
 
 CLUSTER = Cluster(nodes=4, gpus_per_node=2, num_experts=32, redundant=8)
 DOMAINS = ("code", "math", "chat", "general")

@@ -138,7 +138,7 @@ def test_bit_flip_needs_verify(run, capsys):
 
 def test_analyze_and_place_refuse_then_allow_partial(run, capsys):
     from tracekit.analysis.run import analyze
-    from tracekit.placement.traces import load_traces
+    from tracekit.placement.data.traces import load_traces
 
     _damage(run, "missing")
     with pytest.raises(TracekitError, match="is missing"):

@@ -7,10 +7,10 @@ import pytest
 
 from _placement_synth import planted_traces
 from tracekit.errors import TracekitError
-from tracekit.placement import comm, strategies
-from tracekit.placement.locality import pack, place_locality
-from tracekit.placement.traces import load_traces, split_requests, split_tokens, subset
-from tracekit.placement.types import Cluster, TraceArrays
+from tracekit.placement.scoring import comm; from tracekit.placement import strategies
+from tracekit.placement.strategies.locality import pack, place_locality
+from tracekit.placement.data.traces import load_traces, split_requests, split_tokens, subset
+from tracekit.placement.data.types import Cluster, TraceArrays
 
 CLUSTER = Cluster(nodes=4, gpus_per_node=2, num_experts=32, redundant=8)
 

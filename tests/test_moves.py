@@ -9,10 +9,10 @@ import pytest
 from tracekit.errors import TracekitError
 from tracekit.placement import strategies as strat
 from tracekit.placement.moves import align, judgement, move_plan, move_units, replace_within_budget
-from tracekit.placement.replay import score_placement
-from tracekit.placement.sizes import model_sizes
-from tracekit.placement.topology import check_matrix, shorthand_matrix, weighted_traffic
-from tracekit.placement.types import Cluster
+from tracekit.placement.scoring.comm import score_placement
+from tracekit.placement.scoring.sizes import model_sizes
+from tracekit.placement.scoring.topology import check_matrix, shorthand_matrix, weighted_traffic
+from tracekit.placement.data.types import Cluster
 
 from _cli import cli
 from _watch_synth import shifted_traces

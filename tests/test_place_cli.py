@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tracekit.importers.jsonl import import_jsonl
-from tracekit.placement.traces import load_traces, split_requests, split_tokens
+from tracekit.placement.data.traces import load_traces, split_requests, split_tokens
 
 from _cli import run_cli
 

@@ -95,7 +95,7 @@ def test_heldout_pick_wins_where_the_best_placement_is_known():
     sends a token to at most one remote node, half of what a load-only layout sends. The pick, made on validation
     rows only, must be locality, and on the held-out requests it must cut cross-node copies and the step time
     against eplb at a per-step balance within 5% of eplb's. Three seeds: the outcome is the data's, not a draw's."""
-    from tracekit.placement.table import pick_line
+    from tracekit.placement.scoring.table import pick_line
 
     for seed in (11, 12, 13):
         tr, _ = planted_traces(num_experts=16, top_k=4, layers=3, clusters=2, requests=240, prefill=64, decode=0,

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from tests._placement_synth import planted_traces
-from tracekit.placement import comm
+from tracekit.placement.scoring import comm
 from tracekit.placement import strategies as strat
-from tracekit.placement.evaluate import make_cluster, make_split
-from tracekit.placement.replay import score_placement
+from tracekit.placement.scoring.comparison import make_cluster, make_split
+from tracekit.placement.scoring.comm import score_placement
 from tracekit.placement.select import validate
-from tracekit.placement.traces import subset
+from tracekit.placement.data.traces import subset
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from _cli import cli
 from tracekit.placement import export
 from tracekit.placement.notes import candidates
-from tracekit.placement.types import Cluster, GroupingRule, Placement
+from tracekit.placement.data.types import Cluster, GroupingRule, Placement
 from tracekit.synth import generate_run
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests._cli import cli
-from tracekit.placement.traces import describe_input, load_traces
+from tracekit.placement.data.traces import describe_input, load_traces
 from tracekit.synth import generate_run
 
 

@@ -16,13 +16,13 @@ import json
 import numpy as np
 import pytest
 
-from tracekit.placement import stats
-from tracekit.placement.comm import evaluate, home_gpus
-from tracekit.placement.dispatch import choose_replicas
-from tracekit.placement.evaluate import make_cluster
+from tracekit.placement.data import stats
+from tracekit.placement.scoring.comm import evaluate, home_gpus
+from tracekit.placement.scoring.dispatch import choose_replicas
+from tracekit.placement.scoring.comparison import make_cluster
 from tracekit.placement.strategies import fit
-from tracekit.placement.traces import load_traces, split_tokens, subset
-from tracekit.placement.types import TraceArrays
+from tracekit.placement.data.traces import load_traces, split_tokens, subset
+from tracekit.placement.data.types import TraceArrays
 from tracekit.schema import build_routes_table, routes_schema
 from tracekit.store import base_manifest, finalize, new_run_id, write_chunk, write_manifest
 
@@ -270,7 +270,7 @@ def test_longcat_collect_then_place(tmp_path, capsys):
 def test_encoder_rows_are_not_placed(tmp_path):
     """An encoder-decoder's encoder rows carry its own layer numbers (the same as the decoder's) but route to other
     experts: placement reads the decoder's rows only and says how many encoder rows it left out."""
-    from tracekit.placement.traces import describe_input, load_traces
+    from tracekit.placement.data.traces import describe_input, load_traces
 
     tr, _ = planted_traces(num_experts=E, top_k=2, layers=3, clusters=2, requests=10, prefill=4, decode=6, seed=4)
     geo = geometry(E, 2, [])

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from tracekit.errors import TracekitError
-from tracekit.placement import replay as rp
-from tracekit.placement.hardware import PROFILES, get_profile
-from tracekit.placement.types import Cluster, GroupingRule, Placement, TraceArrays
+from tracekit.placement.scoring import replay as rp
+from tracekit.placement.scoring.comm import score_placement
+from tracekit.placement.scoring.hardware import PROFILES, get_profile
+from tracekit.placement.data.types import Cluster, GroupingRule, Placement, TraceArrays
 
 
 def traces(rows, num_experts, num_layers=1):
@@ -113,9 +114,9 @@ def test_score_placement_engines_differ_per_step():
     # four requests homed on GPU 0, one decode token each, all to expert 0: one decode step of 4 tokens
     tr = traces([(r, 0, 10, 1, [0]) for r in range(4)], 2)
     home = np.zeros(4, np.int64)
-    sg = rp.score_placement(p, tr, engine="sglang", home=home, decode_batch=4)
-    vl = rp.score_placement(p, tr, engine="vllm", home=home, decode_batch=4)
-    tt = rp.score_placement(p, tr, engine="trtllm", home=home, decode_batch=4)
+    sg = score_placement(p, tr, engine="sglang", home=home, decode_batch=4)
+    vl = score_placement(p, tr, engine="vllm", home=home, decode_batch=4)
+    tt = score_placement(p, tr, engine="trtllm", home=home, decode_batch=4)
     assert sg["engine"] == "sglang" and sg["full_steps"] == 1 and sg["tokens_per_step"] == 4
     assert sg["imbalance_p50"] == pytest.approx(2.0)  # SGLang keeps every token on its own GPU's replica
     assert vl["imbalance_p50"] == pytest.approx(1.0)  # vLLM alternates replicas by token index parity
@@ -126,8 +127,8 @@ def test_score_placement_engines_differ_per_step():
     assert sg["hbm_ms_per_step"] > sg["compute_ms_per_step"] and sg["slots_read_per_step"] == 1
     # with HBM made (unrealistically) fast the step is compute-bound: GPU0 computes 4 pairs instead of 2
     fast = dict(home=home, decode_batch=4, hbm_gbps=1e7)
-    assert rp.score_placement(p, tr, engine="sglang", **fast)["step_time_ms"] > \
-        rp.score_placement(p, tr, engine="vllm", **fast)["step_time_ms"]
+    assert score_placement(p, tr, engine="sglang", **fast)["step_time_ms"] > \
+        score_placement(p, tr, engine="vllm", **fast)["step_time_ms"]
     for key in ("step_time_ms", "step_time_p99_ms", "imbalance_p50", "imbalance_p99", "cross_node_bytes_per_step",
                 "cross_node_copies", "cross_node_copies_ll", "gpu_imbalance"):
         assert key in sg

@@ -17,9 +17,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tracekit.placement import baselines, export
-from tracekit.placement.classifier import fit_text_classifier
-from tracekit.placement.types import Cluster, GroupingRule, Placement
+from tracekit.placement.strategies import baselines; from tracekit.placement import export
+from tracekit.placement.strategies.classifier import fit_text_classifier
+from tracekit.placement.data.types import Cluster, GroupingRule, Placement
 from tracekit.route.balancer import Balancer
 from tracekit.route.body import BadRequest, insert_rank, parse_object
 from tracekit.route.server import HEALTH_TTL, ROUTER, RouteOptions, make_app

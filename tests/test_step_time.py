@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from tracekit.errors import TracekitError
-from tracekit.placement import comm
-from tracekit.placement import replay as rp
-from tracekit.placement.hardware import PROFILES, get_profile, load_gpu_spec
-from tracekit.placement.sizes import assumed_line, model_sizes
-from tracekit.placement.types import Cluster, GroupingRule, Placement, TraceArrays
+from tracekit.placement.scoring import comm
+from tracekit.placement.scoring import replay as rp
+from tracekit.placement.scoring.comm import score_placement
+from tracekit.placement.scoring.hardware import PROFILES, get_profile, load_gpu_spec
+from tracekit.placement.scoring.sizes import assumed_line, model_sizes
+from tracekit.placement.data.types import Cluster, GroupingRule, Placement, TraceArrays
 
 from _cli import cli
 
@@ -151,7 +152,7 @@ def _placement(E=8, L=3, nodes=2, gpn=2, redundant=4, seed=0):
 @pytest.mark.parametrize("engine", ["sglang", "vllm"])
 def test_evaluate_slots_read_matches_a_python_replay(engine):
     """evaluate's slots_read_per_step equals a loop over the rows with the same step layout and replica choice."""
-    from tracekit.placement.dispatch import choose_replicas, replica_lists
+    from tracekit.placement.scoring.dispatch import choose_replicas, replica_lists
 
     tr, p = _random_traces(), _placement()
     home = np.arange(tr.num_requests) % p.cluster.num_gpus
@@ -185,7 +186,7 @@ def test_evaluate_same_numbers_on_one_thread_or_many(monkeypatch):
     monkeypatch.setattr(comm, "EVAL_THREADS", 1)
     one = comm.evaluate(p, tr, engine="sglang", decode_batch=4)
     monkeypatch.setattr(comm, "EVAL_THREADS", 4)
-    import tracekit.placement.stats as stats
+    import tracekit.placement.data.stats as stats
 
     monkeypatch.setattr(comm, "row_chunks", lambda n, *size: stats.row_chunks(n, 97))  # many chunks over 4 threads
     many = comm.evaluate(p, tr, engine="sglang", decode_batch=4)
@@ -194,8 +195,8 @@ def test_evaluate_same_numbers_on_one_thread_or_many(monkeypatch):
 
 def test_h100_and_h200_differ_by_their_hbm():
     tr, p = _random_traces(seed=1), _placement(seed=1)
-    a = rp.score_placement(p, tr, profile="h100", decode_batch=4)
-    b = rp.score_placement(p, tr, profile="h200", decode_batch=4)
+    a = score_placement(p, tr, profile="h100", decode_batch=4)
+    b = score_placement(p, tr, profile="h200", decode_batch=4)
     assert a["compute_ms_per_step"] == pytest.approx(b["compute_ms_per_step"])  # same tensor cores
     assert a["hbm_ms_per_step"] / b["hbm_ms_per_step"] == pytest.approx(4800 / 3350)
     assert a["step_time_ms"] > b["step_time_ms"]

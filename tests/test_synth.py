@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from tracekit.errors import TracekitError
-from tracekit.placement.stats import coactivation, expert_load
-from tracekit.placement.traces import load_traces
+from tracekit.placement.data.stats import coactivation, expert_load
+from tracekit.placement.data.traces import load_traces
 from tracekit.store import read_manifest
 from tracekit.synth import generate_run
 

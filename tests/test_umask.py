@@ -41,9 +41,9 @@ def test_everything_written_follows_the_umask(tmp_path, umask, mask):
     import_jsonl([f], model="m", out=tmp_path / "imported")
     atomic_write_bytes(tmp_path / "out" / "report.html", b"<html></html>")
     atomic_write_json(tmp_path / "out" / "result.json", {"a": 1})
-    from tracekit.placement.traces import load_traces
+    from tracekit.placement.data.traces import load_traces
     from tracekit.placement import strategies
-    from tracekit.placement.evaluate import make_cluster
+    from tracekit.placement.scoring.comparison import make_cluster
 
     traces = load_traces([tmp_path / "synth"])
     placement = strategies.fit("linear", traces, make_cluster(traces, nodes=1, gpus_per_node=2, redundant=0))

@@ -18,9 +18,9 @@ import pytest
 
 from tracekit.placement import strategies as strat
 from tracekit.placement.export import load_placement, save_placement
-from tracekit.placement.replay import score_placement
-from tracekit.placement.traces import load_traces
-from tracekit.placement.types import Cluster
+from tracekit.placement.scoring.comm import score_placement
+from tracekit.placement.data.traces import load_traces
+from tracekit.placement.data.types import Cluster
 from tracekit.watch.metrics import Metrics
 from tracekit.watch.rolling import RollingRun
 from tracekit.watch.sampler import RoutedSampler, keep

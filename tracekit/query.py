@@ -41,7 +41,7 @@ own folder, held by an advisory lock; a folder whose owner was killed is removed
 
 Two internal readers use DuckDB's own ``read_parquet`` on a private connection that runs fixed statements only
 (never user text): the analyses' slice reader (:mod:`tracekit.analysis.scan`, ~2.5x faster at decoding the expert
-lists than an Arrow dataset scan) and the placement loader (:mod:`tracekit.placement.traces`).
+lists than an Arrow dataset scan) and the placement loader (:mod:`tracekit.placement.data.traces`).
 """
 from __future__ import annotations
 

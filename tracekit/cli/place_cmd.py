@@ -64,9 +64,9 @@ def place_cmd(
     from rich.console import Console
 
     from ..errors import TracekitError
-    from ..placement.evaluate import render
+    from ..placement.scoring.comparison import render
     from ..placement.export import save_placement
-    from ..placement.traces import load_traces
+    from ..placement.data.traces import load_traces
     from ..store import atomic_write_json
 
     for option, target in (("-o", out), ("--json", json_out)):
@@ -76,7 +76,7 @@ def place_cmd(
     check_runs(runs)
     runs = expand_runs(runs)
     if topology is not None:  # one line for a bad file before any work
-        from ..placement.topology import load_topology
+        from ..placement.scoring.topology import load_topology
 
         load_topology(topology)
     from ..progress import task
@@ -89,9 +89,9 @@ def place_cmd(
                  "decode_batch": decode_batch, "prefill_chunk": prefill_chunk, "moe_intermediate_size": moe_intermediate_size,
                  "expert_dtype": expert_dtype, "tflops": tflops, "hbm_gbps": hbm_gbps, "nvlink_gbps": nvlink_gbps,
                  "internode_gbps": rdma_gbps}
-    from ..placement.dispatch import check_a2a_backend, check_engine
-    from ..placement.hardware import get_profile, load_gpu_spec
-    from ..placement.sizes import assumed_line, model_sizes
+    from ..placement.scoring.dispatch import check_a2a_backend, check_engine
+    from ..placement.scoring.hardware import get_profile, load_gpu_spec
+    from ..placement.scoring.sizes import assumed_line, model_sizes
 
     check_engine(engine)
     if engine == "sglang":
@@ -106,7 +106,7 @@ def place_cmd(
                         expert_dtype=expert_dtype)  # one-line error for a bad --expert-dtype, before any work
     if hidden_size is not None:
         eval_opts["hidden_size"] = hidden_size
-    from ..placement.traces import describe_zero
+    from ..placement.data.traces import describe_zero
 
     zero_line = describe_zero(traces)
     if zero_line:
@@ -121,7 +121,7 @@ def place_cmd(
         raise TracekitError("--max-moves and --max-move-gb need --from DEPLOYED.json (the placement to move from)")
     if len(traces) == 0:  # loads-only: fit, no scoring
         from ..placement import strategies as strat
-        from ..placement.evaluate import make_cluster
+        from ..placement.scoring.comparison import make_cluster
 
         if strategy == "all" or strategy not in ("linear", "round-robin", "eplb"):
             raise TracekitError("loads-only runs have no token routes: choose --strategy linear, round-robin or eplb")
@@ -132,18 +132,18 @@ def place_cmd(
             save_placement(p, out)
             Console().print(f"saved placement to {out}")
         return
-    from ..placement.traces import describe_input
+    from ..placement.data.traces import describe_input
 
     Console().print(describe_input(traces), markup=False)
     assumed = assumed_line(sizes, traces.geometry)
     if assumed:
         Console().print(assumed, markup=False, soft_wrap=True)  # one line, whatever the terminal's width
     from ..placement.select import place
-    from ..placement.table import WIDTH, duplicate_lines, pick_line, render_narrow
+    from ..placement.scoring.table import WIDTH, duplicate_lines, pick_line, render_narrow
 
     from threadpoolctl import threadpool_limits
 
-    from ..placement.classifier import attach_classifiers, describe
+    from ..placement.strategies.classifier import attach_classifiers, describe
 
     with task("place: splitting the requests") as bar:  # place() says each stage on this bar
         comp, val = place(traces, cluster, strategy, objective=objective, engine=engine, grouping=grouping,
@@ -173,7 +173,7 @@ def place_cmd(
     for line in describe(clf_summary):
         con.print(line, markup=False)
     if topology is not None:
-        from ..placement.topology import topology_lines
+        from ..placement.scoring.topology import topology_lines
 
         for line in topology_lines(comp, traces, topology, engine):
             con.print(line, markup=False)

@@ -34,7 +34,7 @@ def place_from(traces, deployed_path: Path, *, engine: str, eval_opts: dict[str,
         check_file(plan_out, force=force, option="-o (its move plan)")
     cost = None
     if topology is not None:
-        from ..placement.topology import load_topology
+        from ..placement.scoring.topology import load_topology
 
         cost = load_topology(topology, deployed.cluster.num_gpus)
     if len(traces) == 0:
@@ -48,8 +48,8 @@ def place_from(traces, deployed_path: Path, *, engine: str, eval_opts: dict[str,
               f"{rep.deployed_value:.4g}, budgeted {rep.candidate_value if rep.kept else rep.value:.4g}", markup=False)
     extra: dict[str, Any] = {}
     if cost is not None:
-        from ..placement.evaluate import make_split
-        from ..placement.topology import weighted_traffic
+        from ..placement.scoring.comparison import make_split
+        from ..placement.scoring.topology import weighted_traffic
 
         _, test = make_split(traces, "request", holdout, seed)
         w_dep = weighted_traffic(deployed, traces, cost, test, engine=engine)

@@ -74,7 +74,7 @@ def watch_cmd(
         raise TracekitError("nothing to read: give --dump-dir (SGLang's recorder) or --spool (routed experts)")
     base = None
     if baseline is not None:
-        from ..placement.traces import load_traces
+        from ..placement.data.traces import load_traces
 
         base = layer_loads(load_traces([baseline]))
     run = RollingRun(out, model_name=name or "watch", geometry=geo, engine=engine, max_bytes=int(max_run_mb * 1e6),

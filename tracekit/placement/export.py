@@ -10,7 +10,7 @@ Every format shares the slot convention: physical slot p sits on EP rank (GPU) `
   every row is a valid mapping of width E + R. SGLang 0.5.23's ``static`` dispatch (``_find_nearest_expert``) takes
   a replica on the token's own GPU, else the *first* replica on its node when some but not all replicas are there,
   else a seeded fair random one; ``tracekit place --engine sglang`` scores placements under exactly that table
-  (:mod:`tracekit.placement.dispatch`), which is why dense rows matter there too: they take random draws. The
+  (:mod:`tracekit.placement.scoring.dispatch`), which is why dense rows matter there too: they take random draws. The
   flags name the a2a backend it was scored under (``meta['a2a_backend']``, default deepep): SGLang builds those
   per-rank tables only with an a2a backend (with ``none`` it refuses static dispatch).
 - ``trtllm``: MoE load balancer YAML: ``num_slots``, ``layer_updates_per_iter: 0`` (static),
@@ -43,7 +43,7 @@ from ..jsonlines import read_json
 from ..manifest_check import MAX_EXPERTS
 from ..manifest_check import MAX_LAYERS as MAX_HIDDEN_LAYERS  # bounds the SGLang map (rows x slots) a file can ask for
 from ..store import atomic_write_bytes
-from .types import Cluster, GroupingRule, Placement
+from .data.types import Cluster, GroupingRule, Placement
 
 FORMATS = ("sglang", "trtllm", "vllm", "json", "grouping")
 NEUTRAL_FORMAT = "tracekit-placement"
@@ -62,7 +62,7 @@ def validate(placement: Placement, num_hidden_layers: int | None = None) -> None
     se = np.asarray(placement.slot_expert)
     layers = np.asarray(placement.layers)
     if c.num_slots % c.num_gpus:
-        from .types import nearest_redundant
+        from .data.types import nearest_redundant
 
         near = " or ".join(map(str, nearest_redundant(c.num_experts, c.redundant, c.num_gpus)))
         raise TracekitError(f"E + R = {c.num_slots} slots do not divide over EP size {c.num_gpus}; change --redundant "
@@ -338,7 +338,7 @@ def vllm_deployable(cluster: Cluster, n_group: int | None) -> list[str]:
 
 def vllm_config(placement: Placement) -> dict[str, Any]:
     """The vLLM settings closest to the placement, and what vLLM cannot take."""
-    from .baselines import linear_row, round_robin_row
+    from .strategies.baselines import linear_row, round_robin_row
 
     validate(placement)
     c = placement.cluster
@@ -412,7 +412,7 @@ GROUPING_VERSION = 1
 def grouping_export_dict(placement: Placement) -> dict[str, Any]:
     """The grouping file ``tracekit route`` serves: the rule, label -> nodes, the cluster (DP rank r is GPU r, on
     node r // gpus_per_node), the model it was fitted for, and the prompt classifier (``meta['classifier']``)."""
-    from .classifier import group_nodes
+    from .strategies.classifier import group_nodes
 
     rule = placement.grouping or GroupingRule()
     c = placement.cluster
@@ -432,7 +432,7 @@ def grouping_vanished(placement: Placement, asked: str | None = None) -> str | N
     """One line when ``placement`` carries no request grouping a router could apply (no rule, rule ``none``, or a
     rule with no group -> nodes entry: ``tracekit route`` would start with 0 groups), else None. ``asked``: the
     ``--grouping`` the user asked ``place`` for (the line then names it)."""
-    from .classifier import group_nodes
+    from .strategies.classifier import group_nodes
 
     rule = placement.grouping or GroupingRule()
     if rule.kind != "none" and group_nodes(rule):

@@ -2,7 +2,7 @@
 copies cost, and the best placement reachable from the deployed one within a budget of moves.
 
 A *move* is one physical slot whose expert changes (ARCHITECTURE.md): the engine loads one expert copy into that
-slot, ``3 * hidden * moe_intermediate * weight_bytes`` bytes (:attr:`tracekit.placement.sizes.ModelSizes.expert_bytes`),
+slot, ``3 * hidden * moe_intermediate * weight_bytes`` bytes (:attr:`tracekit.placement.scoring.sizes.ModelSizes.expert_bytes`),
 whether the weights come from another GPU or from another slot of the same one.
 
 - :func:`align` permutes a proposal's experts within each GPU so that an expert the GPU already holds stays in its
@@ -16,7 +16,7 @@ whether the weights come from another GPU or from another slot of the same one.
   move, and returns the deployed placement itself when the result does not beat it on the rows given.
 
 Every layout array is (M, S) (MoE-layer position, physical slot) of logical expert ids; see
-:mod:`tracekit.placement.types` for the conventions.
+:mod:`tracekit.placement.data.types` for the conventions.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import TracekitError
-from .types import Placement, TraceArrays
+from .data.types import Placement, TraceArrays
 
 PLAN_FORMAT = "tracekit-move-plan"
 PLAN_VERSION = 1
@@ -320,11 +320,11 @@ def replace_within_budget(deployed: Placement, traces: TraceArrays, proposed: Pl
 
 def _replace(deployed, traces, proposed, *, max_moves, max_move_gb, engine, objective, holdout, seed, strategy,
              expert_bytes, scorer, **eval_opts) -> Replacement:
-    from .comm import check_placement, route_requests
-    from .evaluate import make_split
+    from .scoring.comm import check_placement, route_requests
+    from .scoring.comparison import make_split
     from .select import default_scorer, metric_key, one_layer
-    from .sizes import model_sizes
-    from .traces import subset
+    from .scoring.sizes import model_sizes
+    from .data.traces import subset
 
     c = deployed.cluster
     check_placement(deployed)

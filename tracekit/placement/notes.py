@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from .types import Cluster, Placement
+from .data.types import Cluster, Placement
 
 
 def vllm_line(cluster: Cluster, n_group: int | None) -> str:

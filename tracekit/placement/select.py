@@ -19,7 +19,7 @@
 Objectives (lower is better): ``step-time`` (estimated MoE time per step), ``traffic`` (cross-node bytes per
 step) and ``balance`` (p99 over steps of GPU max/mean). A scorer is ``fn(placement, traces, home=None) -> dict``;
 :func:`default_scorer` replays the rows per step under the engine's replica choice
-(:func:`tracekit.placement.replay.score_placement`). A scorer without the replay's keys is read through
+(:func:`tracekit.placement.scoring.comm.score_placement`). A scorer without the replay's keys is read through
 :data:`METRIC_KEYS`' stand-ins (comm.evaluate's all-to-all estimate, copies per token, worst-layer max/mean).
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ import numpy as np
 
 from ..errors import TracekitError
 from . import strategies as strat
-from .comm import route_requests
-from .traces import split_requests, split_tokens, subset
-from .types import Cluster, Placement, TraceArrays
+from .scoring.comm import route_requests
+from .data.traces import split_requests, split_tokens, subset
+from .data.types import Cluster, Placement, TraceArrays
 
 OBJECTIVES = ("step-time", "traffic", "balance")
 # objective -> metric keys, first one a score dict has wins: the replay's, then comm.evaluate's stand-ins
@@ -63,8 +63,8 @@ def metric_key(scores: dict, objective: str) -> str:
 
 def default_scorer(engine: str = "sglang", **score_opts) -> Scorer:
     """``fn(placement, traces, home=None) -> dict``: the per-step replay under ``engine``'s replica choice
-    (:func:`tracekit.placement.replay.score_placement`; ``score_opts``: profile, decode_batch, hidden_size, ...)."""
-    from .replay import score_placement
+    (:func:`tracekit.placement.scoring.comm.score_placement`; ``score_opts``: profile, decode_batch, hidden_size, ...)."""
+    from .scoring.comm import score_placement
 
     def replay(p: Placement, tr: TraceArrays, home=None) -> dict:
         return score_placement(p, tr, engine=engine, home=home, **score_opts)
@@ -342,7 +342,7 @@ def _place(traces: TraceArrays, cluster: dict, strategy: str, *, objective: str,
            holdout: float, split: str, seed: int, max_imbalance: float | None, phase: str, baseline_grouping: bool,
            **eval_opts):
     from ..progress import current
-    from .evaluate import compare, make_cluster, make_split, resolve_strategies
+    from .scoring.comparison import compare, make_cluster, make_split, resolve_strategies
     from .notes import candidates
 
     check_objective(objective)

@@ -2,7 +2,7 @@
 
 Each cycle reads every source (:mod:`tracekit.watch.sources`), appends the tokens to the rolling run
 (:mod:`tracekit.watch.rolling`), keeps the last ``window_requests`` requests in memory as the live window, and
-updates the metrics: the deployed placement scored on the window by the replay (:func:`tracekit.placement.replay.score_placement`
+updates the metrics: the deployed placement scored on the window by the replay (:func:`tracekit.placement.scoring.comm.score_placement`
 under the engine's dispatch), and per layer the Jensen-Shannon divergence of the window's expert load from the
 baseline load (the run the deployed placement was fitted on, ``--baseline``, else the first full window). When
 the mean divergence passes ``drift_threshold`` (a mix shift) or every ``judge_every`` cycles, it judges
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TracekitError
-from ..placement.types import Placement, TraceArrays
+from ..placement.data.types import Placement, TraceArrays
 from .metrics import Metrics
 from .rolling import RollingRun
 
@@ -163,7 +163,7 @@ class Watcher:
 
     # ---------------------------------------------------------------------------------------------- judging
     def measure(self) -> dict[str, Any]:
-        from ..placement.replay import score_placement
+        from ..placement.scoring.comm import score_placement
 
         tr = self.window.traces(self.deployed.layers, self.deployed.cluster.num_experts, self.run.geometry)
         loads = layer_loads(tr)

@@ -1,5 +1,5 @@
 """Step 3 of ``locality``: spend each node's spare slots on replicas that save cross-node sends
-(see :mod:`tracekit.placement.locality`)."""
+(see :mod:`tracekit.placement.strategies.locality`)."""
 from __future__ import annotations
 
 import numpy as np

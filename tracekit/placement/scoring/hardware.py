@@ -1,4 +1,4 @@
-"""Hardware profiles for the per-step time estimate (:mod:`tracekit.placement.replay`).
+"""Hardware profiles for the per-step time estimate (:mod:`tracekit.placement.scoring.replay`).
 
 Per GPU: dense BF16 tensor throughput, HBM bandwidth, NVLink bandwidth (one direction) and RDMA bandwidth (one
 400 Gb/s NIC per GPU, as in DGX/HGX systems). Peak numbers from the vendors' data sheets; a real kernel reaches
@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import TracekitError
+from ...errors import TracekitError
 
 
 @dataclass(frozen=True)

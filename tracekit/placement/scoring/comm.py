@@ -4,13 +4,13 @@ Model (pure functions over numpy arrays; every quantity below is computed exactl
 
 1. **Home GPU.** A request lives on one GPU (data-parallel attention); its node is the *home node* and every one
    of its tokens starts there. :func:`home_gpus` models the router: the placement's :class:`GroupingRule` names
-   the nodes a request may go to (:func:`tracekit.placement.grouping.allowed_nodes`: ``none`` every node;
+   the nodes a request may go to (:func:`tracekit.placement.strategies.grouping.allowed_nodes`: ``none`` every node;
    ``domain`` the nodes listed for its domain; ``signature`` the node of the centroid nearest to its prefill
    routing signature), and among those nodes' GPUs the request goes to the least-loaded one, requests taken in
    arrival (index) order, load = token-layers of the *evaluated* rows (``mask``) sent there so far.
 2. **Dispatch.** Per token-layer, each of its k experts goes to one replica, chosen the way ``engine`` chooses
-   (:mod:`tracekit.placement.dispatch`): ``sglang`` SGLang 0.5.23's static table, ``vllm`` / ``trtllm`` their
-   per-token rules (which need the step layout of :mod:`tracekit.placement.replay`), or ``ideal`` (the default
+   (:mod:`tracekit.placement.scoring.dispatch`): ``sglang`` SGLang 0.5.23's static table, ``vllm`` / ``trtllm`` their
+   per-token rules (which need the step layout of :mod:`tracekit.placement.scoring.replay`), or ``ideal`` (the default
    here, an upper bound no engine implements): a replica on the home GPU, else one on the home node, else a
    remote one; among several, the one with the fewest source GPUs mapped to it so far (ties: lowest slot).
 3. **Copies.** ``normal`` mode (DeepEP high-throughput kernels): a token crosses once to each *distinct remote
@@ -28,10 +28,10 @@ Model (pure functions over numpy arrays; every quantity below is computed exactl
 6. **Time estimate** (optional, rough): per MoE layer and micro-batch, dispatch bytes through the busiest node's
    NICs (``internode_gbps`` GB/s per GPU, ``gpus_per_node`` NICs per node) and into the busiest GPU over NVLink
    (``nvlink_gbps`` GB/s); the two overlap (max), and combine mirrors dispatch (x2). Bandwidths are in
-   gigabytes per second, from the hardware profile (:mod:`tracekit.placement.hardware`) unless overridden.
-   The per-step estimate that the placement table leads with is :mod:`tracekit.placement.replay`'s.
+   gigabytes per second, from the hardware profile (:mod:`tracekit.placement.scoring.hardware`) unless overridden.
+   The per-step estimate that the placement table leads with is :mod:`tracekit.placement.scoring.replay`'s.
 
-Zero-computation choices (the sentinel id E of :class:`~tracekit.placement.types.TraceArrays`) are computed in
+Zero-computation choices (the sentinel id E of :class:`~tracekit.placement.data.types.TraceArrays`) are computed in
 place: they go to no replica, send nothing, add no GPU load and read no weights; their token-layers still count
 as token-layers (a row whose experts are all zero-computation crosses the layer with no copy).
 
@@ -47,9 +47,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import TracekitError
-from .stats import CHUNK_ROWS, decode_step, row_chunks
-from .types import Cluster, GroupingRule, Placement, TraceArrays, real_choices
+from ...errors import TracekitError
+from ..data.stats import CHUNK_ROWS, decode_step, row_chunks
+from ..data.types import Cluster, GroupingRule, Placement, TraceArrays, real_choices
+from . import replay as rp
+from .hardware import get_profile
 
 DEFAULTS = {
     "bytes_per_elem": 1,  # FP8 dispatch
@@ -85,7 +87,7 @@ def check_placement(placement: Placement) -> None:
 def dispatch_table(placement: Placement, engine: str = "ideal", seed: int = 42,
                    num_hidden_layers: int | None = None, a2a_backend: str = "deepep") -> np.ndarray:
     """(M, G, E) int32: the slot a token homed on GPU g uses for logical expert e at layer position m, under a
-    static engine's dispatch (:mod:`tracekit.placement.dispatch`: ``ideal`` the nearest-replica upper bound,
+    static engine's dispatch (:mod:`tracekit.placement.scoring.dispatch`: ``ideal`` the nearest-replica upper bound,
     ``sglang`` SGLang's own table, placed among the model's hidden layers as the SGLang export writes them:
     ``num_hidden_layers``, else the placement's ``meta['num_hidden_layers']``, else last MoE layer + 1; the table
     SGLang's server builds on each EP rank under ``--moe-a2a-backend a2a_backend``)."""
@@ -112,12 +114,12 @@ def route_requests(rule: GroupingRule, traces: TraceArrays, cluster: Cluster,
     """(R_n,) int64 home GPU of every request: what a data-parallel-attention router does.
 
     Requests arrive in index order; each goes to the least-loaded GPU (ties: lowest index) among the GPUs of the
-    nodes its grouping rule allows (:func:`tracekit.placement.grouping.allowed_nodes`: every GPU for ``none``).
+    nodes its grouping rule allows (:func:`tracekit.placement.strategies.grouping.allowed_nodes`: every GPU for ``none``).
     A GPU's load is the token-layers of the requests sent to it so far, counting only the rows selected by
     ``mask`` (N,) bool (default all): the requests being evaluated are balanced among themselves, as a router
     balances the traffic it actually serves. Requests with no selected rows still get a GPU (the least loaded).
     """
-    from .grouping import allowed_nodes
+    from ..strategies.grouping import allowed_nodes
 
     c = cluster
     allow = allowed_nodes(rule, traces, c)  # (R_n, nodes)
@@ -171,26 +173,25 @@ def evaluate(
 ) -> dict:
     """Score ``placement`` on the token-layers of ``traces`` selected by ``mask`` (N,) bool (default all).
 
-    ``engine``: whose replica choice sends each (token, expert) to a slot (:mod:`tracekit.placement.dispatch`:
+    ``engine``: whose replica choice sends each (token, expert) to a slot (:mod:`tracekit.placement.scoring.dispatch`:
     sglang, vllm, trtllm, ideal). ``replay``: also replay the rows as deployment steps
-    (:mod:`tracekit.placement.replay`: ``decode_batch``, ``prefill_chunk``, the hardware ``profile`` with
+    (:mod:`tracekit.placement.scoring.replay`: ``decode_batch``, ``prefill_chunk``, the hardware ``profile`` with
     ``tflops``/``hbm_gbps``/``nvlink_gbps``/``internode_gbps`` overrides) and add its per-step keys; per-token
     engines (vllm, trtllm) always lay out the steps, since their choice depends on a token's place in its rank's
     batch. The model's sizes (``hidden_size``, ``moe_intermediate_size``, ``expert_dtype``) come from the
-    arguments, else the traces' geometry, else :mod:`tracekit.placement.sizes`' defaults (DeepSeek V3, BF16). ``home`` (R_n,) overrides :func:`home_gpus`.
+    arguments, else the traces' geometry, else :mod:`tracekit.placement.scoring.sizes`' defaults (DeepSeek V3, BF16). ``home`` (R_n,) overrides :func:`home_gpus`.
     ``force_sort`` uses the general per-row sort path even when the cluster has <= 64 GPUs (where per-row GPU
     bitmasks are faster); both give identical numbers. ``a2a_backend``: SGLang's ``--moe-a2a-backend`` for
-    ``engine="sglang"`` (:func:`tracekit.placement.dispatch.check_a2a_backend`). Returns a flat dict of floats (JSON-ready) plus
+    ``engine="sglang"`` (:func:`tracekit.placement.scoring.dispatch.check_a2a_backend`). Returns a flat dict of floats (JSON-ready) plus
     ``gpu_load_max_over_mean_per_layer`` (list, one per loaded layer). See the module docstring for definitions;
     the weight-read columns use the ``ideal`` table for per-token engines.
     """
-    from . import replay as rp
     from .dispatch import STATIC_ENGINES, check_engine, choose_replicas, replica_lists
 
     check_engine(engine)
     from .sizes import model_sizes
 
-    prof = rp.profile_for(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=internode_gbps,
+    prof = get_profile(profile, tflops=tflops, nvlink_gbps=nvlink_gbps, rdma_gbps=internode_gbps,
                           hbm_gbps=hbm_gbps)
     sizes = model_sizes(traces.geometry, hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size,
                         expert_dtype=expert_dtype)
@@ -495,3 +496,12 @@ def microbatch_stats(
         "gpu_distinct_slots_per_microbatch_max": float(per_gpu.mean()),
         "microbatches": int(n_keep),
     }
+
+
+def score_placement(placement, traces: TraceArrays, mask: np.ndarray | None = None, *, engine: str = "sglang",
+                    **options) -> dict:
+    """:func:`evaluate` with the product's defaults: SGLang's server tables, replayed step by step (the keys are in
+    :mod:`tracekit.placement.scoring.replay`'s docstring). ``options``: any :func:`evaluate` option (profile,
+    decode_batch, prefill_chunk, home, hidden_size, bytes_per_elem, moe_intermediate_size, tflops, nvlink_gbps,
+    internode_gbps = RDMA GB/s, seed, ...)."""
+    return evaluate(placement, traces, mask, engine=engine, **options)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TracekitError
-from .types import Placement, TraceArrays
+from ...errors import TracekitError
+from ..data.types import Placement, TraceArrays
 
 
 def check_matrix(obj, where: str, num_gpus: int | None = None) -> np.ndarray:
@@ -48,7 +48,7 @@ def check_matrix(obj, where: str, num_gpus: int | None = None) -> np.ndarray:
 
 def load_topology(path: str | Path, num_gpus: int | None = None) -> np.ndarray:
     """Read and validate a topology file (one line on any problem)."""
-    from ..jsonlines import read_json
+    from ...jsonlines import read_json
 
     p = Path(path)
     if not p.is_file():
@@ -68,7 +68,7 @@ def pair_destinations(placement: Placement, traces: TraceArrays, mask: np.ndarra
                       engine: str = "sglang", home: np.ndarray | None = None, decode_batch: int = 128,
                       prefill_chunk: int = 4096, seed: int = 42) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(h (n,), dg (n, k), real (n, k) bool)``: the home GPU and destination GPU of every (token, expert) pair of
-    the rows selected by ``mask``, under ``engine``'s replica choice (as :func:`tracekit.placement.comm.evaluate`
+    the rows selected by ``mask``, under ``engine``'s replica choice (as :func:`tracekit.placement.scoring.comm.evaluate`
     chooses them)."""
     from . import replay as rp
     from .comm import dispatch_table, home_gpus
@@ -123,7 +123,7 @@ def weighted_traffic(placement: Placement, traces: TraceArrays, cost: np.ndarray
 
 def topology_lines(comp, traces: TraceArrays, path: str | Path, engine: str) -> list[str]:
     """The placement table's topology line: weighted traffic of every compared placement on its held-out rows."""
-    from .evaluate import make_split
+    from .comparison import make_split
 
     cl = comp.meta["cluster"]
     cost = load_topology(path, cl["nodes"] * cl["gpus_per_node"])

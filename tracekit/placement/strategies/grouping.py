@@ -1,8 +1,8 @@
 """Workload-aware request grouping: which node serves which request (its *home node*).
 
-A :class:`~tracekit.placement.types.GroupingRule` is what a router applies online to a new request: it names the
+A :class:`~tracekit.placement.data.types.GroupingRule` is what a router applies online to a new request: it names the
 node(s) a request may go to (:func:`allowed_nodes`); inside them the router sends the request to the least-loaded
-GPU (:func:`tracekit.placement.comm.home_gpus`). :func:`assign_nodes` is the load-blind variant (round-robin
+GPU (:func:`tracekit.placement.scoring.comm.home_gpus`). :func:`assign_nodes` is the load-blind variant (round-robin
 inside the allowed nodes), kept for callers that need one node per request without loads.
 
 - ``none``: any node.
@@ -10,7 +10,7 @@ inside the allowed nodes), kept for callers that need one node per request witho
   packed onto nodes so that every node carries about the same request token load (a big domain spans several
   nodes, small ones share a node).
 - ``signature``: the request's *prefill* expert histogram (one histogram per feature layer, each normalised to
-  sum 1, concatenated; :func:`tracekit.placement.stats.signature_features`, which falls back to the first decode
+  sum 1, concatenated; :func:`tracekit.placement.data.stats.signature_features`, which falls back to the first decode
   tokens of a request recorded without prefill) goes to the node of its nearest centroid. Centroids come from k-means over the fitted
   requests (``clusters_per_node`` clusters per node, so the clusters are fine enough to balance), and clusters are
   packed onto nodes by load, keeping similar clusters together.
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import TracekitError
-from .stats import signature_features
-from .types import Cluster, GroupingRule, TraceArrays
+from ...errors import TracekitError
+from ..data.stats import signature_features
+from ..data.types import Cluster, GroupingRule, TraceArrays
 
 KINDS = ("none", "domain", "signature")
 MAX_FEATURES = 4096  # default signature width: evenly spaced MoE layers up to this many histogram bins
@@ -112,7 +112,7 @@ def allowed_nodes(rule: GroupingRule, traces: TraceArrays, cluster: Cluster) -> 
 
     ``none``: every node. ``domain``: the nodes listed for the request's domain (every node for an unknown
     domain). ``signature``: the node of the nearest centroid (every node for a request with an empty signature).
-    The GPU inside the allowed nodes is the router's load-balancing choice (:func:`tracekit.placement.comm.home_gpus`).
+    The GPU inside the allowed nodes is the router's load-balancing choice (:func:`tracekit.placement.scoring.comm.home_gpus`).
     """
     n_req, N = traces.num_requests, cluster.nodes
     out = np.ones((n_req, N), dtype=bool)

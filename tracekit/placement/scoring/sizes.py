@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import TracekitError
-from ..schema import EXPERT_DTYPE_BYTES, MAX_MODEL_WIDTH, expert_dtype_name
+from ...errors import TracekitError
+from ...schema import EXPERT_DTYPE_BYTES, MAX_MODEL_WIDTH, expert_dtype_name
 
 DEFAULT_HIDDEN = 7168  # DeepSeek V3's hidden_size
 DEFAULT_MOE_INTERMEDIATE = 2048  # DeepSeek V3's moe_intermediate_size

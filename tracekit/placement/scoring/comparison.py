@@ -2,9 +2,9 @@
 
 :func:`compare` is the library form of ``tracekit place``: load traces (or take loaded ones), split them
 (``request``: hold out whole requests; ``tokens``: fit on each request's first decode tokens, score the rest),
-fit every strategy on the train rows only, and score each placement with :func:`tracekit.placement.comm.evaluate`
+fit every strategy on the train rows only, and score each placement with :func:`tracekit.placement.scoring.comm.evaluate`
 on the held-out rows (the numbers that count), under the target ``engine``'s own replica choice
-(:mod:`tracekit.placement.dispatch`, default ``sglang``) and replayed step by step (:mod:`tracekit.placement.replay`:
+(:mod:`tracekit.placement.scoring.dispatch`, default ``sglang``) and replayed step by step (:mod:`tracekit.placement.scoring.replay`:
 estimated MoE step time, per-step GPU max/mean), and on the fitted rows (for contrast, whole-set numbers only:
 balance on tokens the optimizer saw is always flattering). Each row also carries the relative change against
 ``linear`` and ``eplb``. The engine is recorded in every placement's ``meta`` (``export`` warns when a placement
@@ -22,11 +22,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import TracekitError
-from . import strategies as strat
+from ...errors import TracekitError
+from .. import strategies as strat
 from .comm import evaluate
-from .traces import load_traces, split_requests, split_tokens, subset
-from .types import Cluster, Placement, TraceArrays
+from ..data.traces import load_traces, split_requests, split_tokens, subset
+from ..data.types import Cluster, Placement, TraceArrays
 
 BASELINES = ("linear", "round-robin", "eplb")
 DELTA_KEYS = (

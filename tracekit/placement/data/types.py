@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TracekitError
+from ...errors import TracekitError
 
 
 def nearest_redundant(num_experts: int, redundant: int, num_gpus: int) -> list[int]:

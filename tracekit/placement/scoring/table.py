@@ -12,7 +12,7 @@ Columns (all held-out unless named otherwise; "vs eplb" is the relative change a
 - ``val``: the objective on the validation part of the train rows (what the pick ranks), vs eplb.
 - ``fit s``: wall time of the fit.
 
-``--wide`` prints :func:`tracekit.placement.evaluate.render` (every metric) instead.
+``--wide`` prints :func:`tracekit.placement.scoring.comparison.render` (every metric) instead.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _rel(x: float, ref: float) -> str:
 
 
 def render_narrow(comp, pick: dict | None = None):
-    """A rich Table (fits ``WIDTH`` columns) of ``comp`` (:class:`tracekit.placement.evaluate.Comparison`)."""
+    """A rich Table (fits ``WIDTH`` columns) of ``comp`` (:class:`tracekit.placement.scoring.comparison.Comparison`)."""
     from rich import box
     from rich.table import Table
 
@@ -62,7 +62,7 @@ def render_narrow(comp, pick: dict | None = None):
     ref_h = _held(ref) if ref else {}
     n_steps, phase = heldout_steps(ref_h)
     if "full_steps" in ref_h:  # what the p99 column rests on
-        from .select import FEW_STEPS
+        from ..select import FEW_STEPS
 
         t.title += (f"; p99 over {n_steps} full {phase} step{'s' * (n_steps != 1)}"
                     + (f" (noisy: fewer than {FEW_STEPS})" if n_steps < FEW_STEPS else ""))
@@ -102,7 +102,7 @@ def heldout_steps(h: dict) -> tuple[int, str]:
 def pick_line(pick: dict[str, Any], comp=None) -> str:
     """One line: which strategy is picked and why (validation), and what it gives held out against eplb, with the
     number of replay steps the held-out percentiles rest on (fewer than ``FEW_STEPS``: flagged as noisy)."""
-    from .select import FEW_STEPS
+    from ..select import FEW_STEPS
 
     line = f"* pick: {pick['reason']}"
     if comp is None:
@@ -127,7 +127,7 @@ def pick_line(pick: dict[str, Any], comp=None) -> str:
 
 def duplicate_lines(comp) -> list[str]:
     """One line per strategy that puts two copies of an expert on one GPU (a copy that splits no load)."""
-    from .balance import duplicates
+    from ..strategies.balance import duplicates
 
     out = []
     for name, p in comp.placements.items():

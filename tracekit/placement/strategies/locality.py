@@ -25,11 +25,11 @@ request's home node), in six steps:
 5. **Pack.** Each node's copies go to its GPUs (slots per GPU fixed): longest-processing-time, then swaps off
    the busiest GPU. A node that still overflows trades its lightest redundant copy for another copy of its
    heaviest expert, and packs again.
-6. **Hold.** :func:`tracekit.placement.balance.hold_placement` measures every layer on the fit rows under the
+6. **Hold.** :func:`tracekit.placement.strategies.balance.hold_placement` measures every layer on the fit rows under the
    engine's replica choice and moves slots until GPU max/mean <= ``max_imbalance`` (free swaps inside a node
    first); a layer that cannot takes EPLB's layout when that holds, else the fit stops with one line.
 
-Load model (matching :mod:`tracekit.placement.comm`): a token uses the copy on its home node if there is one,
+Load model (matching :mod:`tracekit.placement.scoring.comm`): a token uses the copy on its home node if there is one,
 else splits evenly over the expert's nodes; within a node, an expert's load splits evenly over its copies.
 Balance is planned against ``1 + node_slack`` (default: a fifth of the ``max_imbalance`` margin) so that
 held-out tokens, whose loads drift, keep headroom (measured: planning at half the margin gave held-out GPU
@@ -37,7 +37,7 @@ max/mean above the bound on synthetic DeepSeek-V3-geometry traces; a fifth kept 
 copies). With grouping ``none`` the home node carries no signal, so the
 optimiser plans for the expectation (uniform home loads, random homes on the sample).
 
-Zero-computation choices (the sentinel id E of :class:`~tracekit.placement.types.TraceArrays`) are in no
+Zero-computation choices (the sentinel id E of :class:`~tracekit.placement.data.types.TraceArrays`) are in no
 hyperedge and in no load: they are computed in place and never placed.
 
 Modules: this one drives the steps (copies, spread, per-layer driver); step 2 is :mod:`.partition`, step 3
@@ -49,16 +49,16 @@ import time
 
 import numpy as np
 
-from ..errors import TracekitError
+from ...errors import TracekitError
 from .balance import fit_load_by_gpu, hold_placement, layout_ratios
-from .comm import route_requests
+from ..scoring.comm import route_requests
 from .eplb import eplb as _eplb
 from .grouping import fit_grouping
 from .packing import fill_and_pack, gpu_loads, node_parts, pack  # noqa: F401  (pack: public here too)
 from .partition import Layer, greedy, refine, repair, start_from
 from .replicas import locality_replicas
-from .stats import expert_load, load_by_group
-from .types import Cluster, GroupingRule, Placement, TraceArrays
+from ..data.stats import expert_load, load_by_group
+from ..data.types import Cluster, GroupingRule, Placement, TraceArrays
 
 #: the relative default bound: each layer's GPU max/mean on the fit rows within this share of EPLB's layout's
 BALANCE_MARGIN = 0.05
@@ -91,7 +91,7 @@ def place_locality(
     bound that EPLB's layout itself meets (so it never refuses). ``grouping``: ``none`` | ``domain`` |
     ``signature`` (fitted here with :func:`fit_grouping`) or a fitted :class:`GroupingRule`. ``node_slack``:
     planned node load bound above the mean (default ``(max_imbalance - 1) / 5``; relative: ``PLAN_BOUND``'s). ``item_cap``: largest single copy as a fraction of the mean GPU load.
-    ``engine``: whose replica choice the bound is held under (:mod:`tracekit.placement.balance`).
+    ``engine``: whose replica choice the bound is held under (:mod:`tracekit.placement.strategies.balance`).
     ``eplb_layers``: absolute layer indices that take EPLB's layout as they are (chosen on validation by
     :func:`tracekit.placement.select.validate`); the bound is held on them too. ``strict_bound=False`` (the
     validation folds, fitted on part of the train rows) keeps the best layout reached instead of stopping.
@@ -154,7 +154,7 @@ def place_locality(
             init=init_nodes[m],
         )
         stats.append(info)
-    # hold the bound on the fit rows under the engine's replica choice (see tracekit.placement.balance)
+    # hold the bound on the fit rows under the engine's replica choice (see tracekit.placement.strategies.balance)
     t_hold = time.perf_counter()
     A = fit_load_by_gpu(fit_traces, rule, cluster)
     n_hidden = (fit_traces.geometry or {}).get("num_layers")

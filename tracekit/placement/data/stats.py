@@ -1,6 +1,6 @@
 """Routing statistics that the strategies, the grouping and the communication model share.
 
-All functions are pure, take a :class:`~tracekit.placement.types.TraceArrays` and an optional row mask (N,) bool,
+All functions are pure, take a :class:`~tracekit.placement.data.types.TraceArrays` and an optional row mask (N,) bool,
 and return numpy arrays. Shapes use M MoE-layer positions, E experts, k experts per token-layer, R_n requests.
 Large traces (tens of millions of token-layers) are processed in row chunks so that no (N * k) int64 temporary
 is ever built whole. A zero-computation choice (the sentinel id E, see :class:`TraceArrays`) counts nowhere: the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse as sp
 
-from ..errors import TracekitError
+from ...errors import TracekitError
 from .types import TraceArrays
 
 CHUNK_ROWS = 1 << 21  # token-layers per chunk: (2M x k) int64 temporaries stay ~100 MB for k = 8

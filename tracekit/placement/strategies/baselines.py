@@ -1,6 +1,6 @@
 """The placements engines use by default (no traces needed).
 
-Both return slot_expert (M, S) under the slot convention of :mod:`tracekit.placement.types` (slot p on GPU
+Both return slot_expert (M, S) under the slot convention of :mod:`tracekit.placement.data.types` (slot p on GPU
 ``p // slots_per_gpu``), the same row for every layer.
 
 - :func:`linear` — contiguous blocks, the default of SGLang, TensorRT-LLM and vLLM (``linear``): slot p holds
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import TracekitError
-from .types import Cluster
+from ...errors import TracekitError
+from ..data.types import Cluster
 
 
 def linear_row(cluster: Cluster) -> np.ndarray:

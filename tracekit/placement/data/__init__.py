@@ -1,0 +1,1 @@
+"""The data placement works on: trace arrays, loading runs, statistics."""
