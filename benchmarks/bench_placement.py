@@ -67,7 +67,9 @@ sys.path.insert(0, str(ROOT))
 
 from tracekit.placement import strategies as strat# noqa: E402
 from tracekit.placement.scoring.comm import evaluate, route_requests  # noqa: E402
-from tracekit.placement.scoring.comparison import compare, make_cluster, make_split, resolve_strategies  # noqa: E402
+from tracekit.placement.comparison import compare, resolve_strategies  # noqa: E402
+from tracekit.placement.data.traces import make_split  # noqa: E402
+from tracekit.placement.data.types import make_cluster  # noqa: E402
 from tracekit.placement.select import choose, default_scorer, validate  # noqa: E402
 from tracekit.placement.data.stats import load_by_group  # noqa: E402
 from tracekit.placement.data.types import Placement  # noqa: E402

@@ -7,7 +7,6 @@ rows the block's ``down_embed``/``up_embed`` look up, and the weights the ones i
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .base import RouterAdapter

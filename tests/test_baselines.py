@@ -36,7 +36,7 @@ def test_round_robin_refuses_redundant_slots():
     # vLLM runs round_robin only without redundant experts; R > 0 used to stack every copy on its original's GPU
     with pytest.raises(TracekitError, match="round-robin has no redundant slots"):
         baselines.round_robin(Cluster(2, 2, 8, 4), 1)
-    from tracekit.placement.scoring.comparison import resolve_strategies
+    from tracekit.placement.comparison import resolve_strategies
     assert "round-robin" not in resolve_strategies("all", Cluster(2, 2, 8, 4))
     assert "round-robin" in resolve_strategies("all", Cluster(2, 2, 8, 0))
 

@@ -10,6 +10,7 @@ import pytest
 from sklearn.linear_model import SGDClassifier
 
 from tracekit.errors import TracekitError
+from tracekit import textclf as T
 from tracekit.placement.strategies import classifier as C
 
 # A few hand-written prompts per domain (always available; the shared prompt sets are tested below when present).
@@ -50,16 +51,16 @@ def _texts_labels():
 
 
 def test_char_ngrams_and_hashed_features_equal_sklearn():
-    params = dict(C.DEFAULT_PARAMS)
+    params = dict(T.DEFAULT_PARAMS)
     vec = C.sklearn_vectorizer(params)
     analyzer = vec.build_analyzer()
     texts = TRICKY + _texts_labels()[0]
     for t in texts:
-        assert C.char_wb_ngrams(C.clip_text(t, params), 2, 4) == analyzer(C.clip_text(t, params))
-    x = vec.transform([C.clip_text(t, params) for t in texts]).tocsr()
+        assert T.char_wb_ngrams(T.clip_text(t, params), 2, 4) == analyzer(T.clip_text(t, params))
+    x = vec.transform([T.clip_text(t, params) for t in texts]).tocsr()
     x.sort_indices()
     for i, t in enumerate(texts):
-        idx, val = C.hashed_features(t, params)
+        idx, val = T.hashed_features(t, params)
         row = x.getrow(i)
         keep = row.data != 0  # sklearn keeps explicit zeros where +1 and -1 cancel
         nz = val != 0
@@ -76,12 +77,12 @@ def test_numpy_decision_reproduces_sklearn(domains):
     # an independent sklearn model fitted the same way gives the same coefficients and the same decisions
     ref = SGDClassifier(loss="hinge", alpha=1e-5, max_iter=50, tol=1e-4, class_weight="balanced", random_state=3)
     vec = C.sklearn_vectorizer(params)
-    ref.fit(vec.transform([C.clip_text(t, params) for t in texts]), labels)
+    ref.fit(vec.transform([T.clip_text(t, params) for t in texts]), labels)
     probe = TRICKY + texts + ["Compute 17 * 23.", "def g(): pass", "who discovered penicillin"]
-    want = ref.decision_function(vec.transform([C.clip_text(t, params) for t in probe]))
+    want = ref.decision_function(vec.transform([T.clip_text(t, params) for t in probe]))
     got = clf.decision(probe)
     assert np.allclose(got.reshape(want.shape), want, rtol=1e-12, atol=1e-12)
-    assert clf.predict(probe) == list(ref.predict(vec.transform([C.clip_text(t, params) for t in probe])))
+    assert clf.predict(probe) == list(ref.predict(vec.transform([T.clip_text(t, params) for t in probe])))
 
 
 def test_json_round_trip_without_pickle(tmp_path):
@@ -89,7 +90,7 @@ def test_json_round_trip_without_pickle(tmp_path):
     clf = C.fit_text_classifier(texts, labels)
     path = tmp_path / "clf.json"
     path.write_text(json.dumps(clf.to_dict()))
-    back = C.TextClassifier.from_dict(json.loads(path.read_text()))
+    back = T.TextClassifier.from_dict(json.loads(path.read_text()))
     probe = TRICKY + texts
     assert np.array_equal(back.decision(probe), clf.decision(probe)) and back.labels == clf.labels
     assert b"pickle" not in path.read_bytes() and b"\x80\x04" not in path.read_bytes()
@@ -107,7 +108,7 @@ def test_malformed_classifier_is_one_line_error(mutate, message):
     d = C.fit_text_classifier(*_texts_labels()).to_dict()
     mutate(d)
     with pytest.raises(TracekitError, match=message):
-        C.TextClassifier.from_dict(d)
+        T.TextClassifier.from_dict(d)
 
 
 def test_inline_records_beat_the_majority_baseline():

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tracekit.store import CRASH_ENV
+from tracekit.atomic import CRASH_ENV
 
 LIMIT = 3  # requests, one chunk each
 ARGS = ["collect", "--model", "tiny-qwen3-moe", "--dataset", "humaneval", "--limit", str(LIMIT), "--max-new-tokens",

@@ -8,7 +8,8 @@ import pytest
 from tests._placement_synth import planted_traces
 from tracekit.placement.scoring import comm
 from tracekit.placement import strategies as strat
-from tracekit.placement.scoring.comparison import make_cluster, make_split
+from tracekit.placement.data.traces import make_split
+from tracekit.placement.data.types import make_cluster
 from tracekit.placement.scoring.comm import score_placement
 from tracekit.placement.select import validate
 from tracekit.placement.data.traces import subset

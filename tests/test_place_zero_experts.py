@@ -19,7 +19,7 @@ import pytest
 from tracekit.placement.data import stats
 from tracekit.placement.scoring.comm import evaluate, home_gpus
 from tracekit.placement.scoring.dispatch import choose_replicas
-from tracekit.placement.scoring.comparison import make_cluster
+from tracekit.placement.data.types import make_cluster
 from tracekit.placement.strategies import fit
 from tracekit.placement.data.traces import load_traces, split_tokens, subset
 from tracekit.placement.data.types import TraceArrays

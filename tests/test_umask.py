@@ -10,7 +10,7 @@ import pytest
 
 from tracekit.importers.jsonl import import_jsonl
 from tracekit.placement.export import save_placement
-from tracekit.store import atomic_write_bytes, atomic_write_json
+from tracekit.atomic import atomic_write_bytes, atomic_write_json
 from tracekit.synth import generate_run
 
 
@@ -43,7 +43,7 @@ def test_everything_written_follows_the_umask(tmp_path, umask, mask):
     atomic_write_json(tmp_path / "out" / "result.json", {"a": 1})
     from tracekit.placement.data.traces import load_traces
     from tracekit.placement import strategies
-    from tracekit.placement.scoring.comparison import make_cluster
+    from tracekit.placement.data.types import make_cluster
 
     traces = load_traces([tmp_path / "synth"])
     placement = strategies.fit("linear", traces, make_cluster(traces, nodes=1, gpus_per_node=2, redundant=0))

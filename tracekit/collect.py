@@ -45,7 +45,8 @@ from .hooks import RouterTracer, find_routers, router_geometry
 from .models import LoadedModel, check_weights_reachable, load_model, parse_max_memory, text_model
 from .schema import build_routes_table, routes_schema
 from .runlock import writer_lock
-from .store import (MANIFEST, atomic_write_json, base_manifest, finalize, list_chunks, manifest_lock, only_leftovers,
+from .atomic import atomic_write_json
+from .store import (MANIFEST, base_manifest, finalize, list_chunks, manifest_lock, only_leftovers,
                     read_manifest, reconcile_chunks, remove_leftovers, remove_stale_temporaries, update_manifest,
                     write_chunk)
 

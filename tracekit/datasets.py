@@ -100,9 +100,9 @@ def _bundled_path(resource: str) -> Path | None:
 def _hub_records(cfg: DatasetConfig) -> list[dict]:
     if not cfg.hub_id:
         raise TracekitError(f"dataset {cfg.name} has no hub copy; pass the file with --data-file")
-    from .models import _hub_reachable
+    from .models import hub_reachable
 
-    if not _hub_reachable():
+    if not hub_reachable():
         raise TracekitError(
             f"dataset {cfg.name} ({cfg.hub_id}) is unreachable offline; pass a local copy with --data-file FILE "
             f"(JSONL or Parquet with field(s) used by {cfg.prompt_template!r})"
@@ -170,3 +170,21 @@ def load_prompts(
         keep = np.sort(np.random.default_rng(seed).choice(len(prompts), size=limit, replace=False))
         prompts = [prompts[i] for i in keep]
     return prompts
+
+
+def read_prompt_set(path: Path, field_name: str) -> list[str]:
+    """Texts of one JSONL / Parquet prompt set: ``field_name`` of every record (a list value gives its first item)."""
+    texts = []
+    for i, rec in enumerate(read_local_records(path)):
+        if field_name not in rec:
+            raise TracekitError(f"{path}: record {i} has no field {field_name!r}; fields: {', '.join(sorted(rec))}")
+        v = rec[field_name]
+        if isinstance(v, list):
+            v = v[0] if v else ""
+        if isinstance(v, dict):
+            v = v.get("value") or v.get("content") or ""
+        if isinstance(v, str) and v.strip():
+            texts.append(v)
+    if not texts:
+        raise TracekitError(f"{path}: no non-empty {field_name!r} texts")
+    return texts

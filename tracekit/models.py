@@ -240,7 +240,7 @@ def parse_dtype(dtype: str):
     return _DTYPES[dtype]
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -263,7 +263,7 @@ def _cached(hub_id: str, revision: str | None) -> bool:
 def check_weights_reachable(name: str, revision: str | None = None) -> None:
     """Fail at once, with one line, when a real checkpoint's weights cannot be had (offline and not cached)."""
     spec = get_spec(name)
-    if spec.is_tiny or Path(spec.hub_id).is_dir() or _cached(spec.hub_id, revision) or _hub_reachable():
+    if spec.is_tiny or Path(spec.hub_id).is_dir() or _cached(spec.hub_id, revision) or hub_reachable():
         return
     raise TracekitError(
         f"weights of {name} ({spec.hub_id}) are unreachable: not a local path, not in the Hugging Face cache, and the "

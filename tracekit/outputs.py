@@ -113,9 +113,9 @@ def distinct(*targets: tuple[str, Path | None]) -> None:
 
 def atomic_write(path: Path | str, write: Callable[[str], None]) -> Path:
     """Create ``path``'s folder if needed, call ``write(tmp_path)``, then rename the temporary over ``path``: the
-    store's one mechanism (:func:`tracekit.store.atomic_write_path`: fsync, temporary removed on any failure
+    store's one mechanism (:func:`tracekit.atomic.atomic_write_path`: fsync, temporary removed on any failure
     including Ctrl-C, the file created with the process umask)."""
-    from .store import atomic_write_path
+    from .atomic import atomic_write_path
 
     atomic_write_path(path, lambda tmp: write(str(tmp)))
     return Path(path)

@@ -607,6 +607,6 @@ def findings_html(findings: list) -> str:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    from .store import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     atomic_write_bytes(path, data)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextvars
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -42,8 +41,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import (CRASH_ENV, atomic_write_bytes, atomic_write_json, atomic_write_path,  # noqa: F401
-                     file_sha256, temp_path)
+from .atomic import atomic_write_json, atomic_write_path, file_sha256
 from .errors import TracekitError
 from .manifest_check import CHECKSUM, check_manifest, is_int
 from .jsonlines import read_json
@@ -182,10 +180,10 @@ def _read_chunk(p: Path) -> tuple[ChunkInfo, dict]:
         prompt_tokens=int(kv.get(META_PROMPT_TOKENS, b"0")),
         generated_tokens=int(kv.get(META_GENERATED_TOKENS, b"0")),
     )
-    from .summaries import _column_max
+    from .summaries import column_max
 
-    info.max_layer = _column_max(md, "layer")
-    info.max_expert = _column_max(md, "expert")  # routes chunks hold lists (no statistics): their summaries tell
+    info.max_layer = column_max(md, "layer")
+    info.max_expert = column_max(md, "expert")  # routes chunks hold lists (no statistics): their summaries tell
     return info, kv
 
 

@@ -303,7 +303,7 @@ class SummaryCheck:
     max_expert: int | None = None
 
 
-def _column_max(md: pq.FileMetaData, name: str) -> int | None:
+def column_max(md: pq.FileMetaData, name: str) -> int | None:
     """The largest value of column ``name`` by the row groups' statistics (None when a row group has none)."""
     try:
         idx = md.schema.to_arrow_schema().get_field_index(name)
@@ -325,7 +325,7 @@ def _column_max(md: pq.FileMetaData, name: str) -> int | None:
 
 def _note_max(check: SummaryCheck, data: bytes) -> None:
     try:
-        m = _column_max(pq.read_metadata(pa.BufferReader(data)), "expert")
+        m = column_max(pq.read_metadata(pa.BufferReader(data)), "expert")
     except (pa.ArrowException, OSError, ValueError):
         return
     if m is not None:

@@ -10,7 +10,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..errors import TracekitError
-from ..store import atomic_write_path
+from ..atomic import atomic_write_path
 
 FORMATS = ("parquet", "csv")
 

@@ -64,10 +64,10 @@ def place_cmd(
     from rich.console import Console
 
     from ..errors import TracekitError
-    from ..placement.scoring.comparison import render
+    from ..placement.comparison import render
     from ..placement.export import save_placement
     from ..placement.data.traces import load_traces
-    from ..store import atomic_write_json
+    from ..atomic import atomic_write_json
 
     for option, target in (("-o", out), ("--json", json_out)):
         if target is not None:
@@ -121,7 +121,7 @@ def place_cmd(
         raise TracekitError("--max-moves and --max-move-gb need --from DEPLOYED.json (the placement to move from)")
     if len(traces) == 0:  # loads-only: fit, no scoring
         from ..placement import strategies as strat
-        from ..placement.scoring.comparison import make_cluster
+        from ..placement.data.types import make_cluster
 
         if strategy == "all" or strategy not in ("linear", "round-robin", "eplb"):
             raise TracekitError("loads-only runs have no token routes: choose --strategy linear, round-robin or eplb")
@@ -178,9 +178,9 @@ def place_cmd(
         for line in topology_lines(comp, traces, topology, engine):
             con.print(line, markup=False)
     if json_out:
-        from ..placement.export import _jsonable, without_timings  # NaN/inf -> null: the file stays strict JSON
+        from ..placement.export import jsonable, without_timings  # NaN/inf -> null: the file stays strict JSON
 
-        atomic_write_json(json_out, without_timings(_jsonable(json.loads(json.dumps(comp.to_json(), default=float)))))
+        atomic_write_json(json_out, without_timings(jsonable(json.loads(json.dumps(comp.to_json(), default=float)))))
         con.print(f"wrote {json_out}")
     if out:
         p = comp.placements[chosen]

@@ -23,9 +23,9 @@ def place_from(traces, deployed_path: Path, *, engine: str, eval_opts: dict[str,
     from rich.console import Console
 
     from ..outputs import check_file
-    from ..placement.export import _jsonable, load_placement, save_placement
+    from ..placement.export import jsonable, load_placement, save_placement
     from ..placement.moves import judgement, replace_within_budget
-    from ..store import atomic_write_json
+    from ..atomic import atomic_write_json
 
     con = Console(width=200, soft_wrap=True)
     deployed = load_placement(deployed_path)
@@ -48,7 +48,7 @@ def place_from(traces, deployed_path: Path, *, engine: str, eval_opts: dict[str,
               f"{rep.deployed_value:.4g}, budgeted {rep.candidate_value if rep.kept else rep.value:.4g}", markup=False)
     extra: dict[str, Any] = {}
     if cost is not None:
-        from ..placement.scoring.comparison import make_split
+        from ..placement.data.traces import make_split
         from ..placement.scoring.topology import weighted_traffic
 
         _, test = make_split(traces, "request", holdout, seed)
@@ -61,7 +61,7 @@ def place_from(traces, deployed_path: Path, *, engine: str, eval_opts: dict[str,
         for ln in rep.plan.lines():
             con.print(ln, markup=False)
     if json_out is not None:
-        atomic_write_json(json_out, _jsonable({"judgement": line, "re_place": go, **rep.to_json(), **extra}))
+        atomic_write_json(json_out, jsonable({"judgement": line, "re_place": go, **rep.to_json(), **extra}))
         con.print(f"wrote {json_out}")
     if out is not None:
         from ..placement.moves import plan_between

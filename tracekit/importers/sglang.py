@@ -86,7 +86,7 @@ def sort_dump_files(paths: Iterable[str | Path]) -> list[Path]:
     return [p for _, p in sorted(enumerate(paths), key=key)]
 
 
-def _as_np(x: Any, what: str, where: str, ndim: int | None = None) -> np.ndarray:
+def as_numpy(x: Any, what: str, where: str, ndim: int | None = None) -> np.ndarray:
     try:
         a = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
     except Exception:
@@ -208,7 +208,7 @@ class RequestAssembler:
 # ------------------------------------------------------------------------------------------------------------
 # per_token
 # ------------------------------------------------------------------------------------------------------------
-def _check_per_token(obj: Any, path: Path) -> tuple[list[dict], np.ndarray]:
+def check_per_token(obj: Any, path: Path) -> tuple[list[dict], np.ndarray]:
     if isinstance(obj, dict) and "logical_count" in obj:
         raise TracekitError(f"{path}: this is a stat-mode dump (logical_count); import it as sglang-stat")
     if not isinstance(obj, dict) or "records" not in obj or "last_physical_to_logical_map" not in obj:
@@ -218,7 +218,7 @@ def _check_per_token(obj: Any, path: Path) -> tuple[list[dict], np.ndarray]:
     records = obj["records"]
     if not isinstance(records, list):
         raise TracekitError(f"{path}: records is {type(records).__name__}, expected a list")
-    p2l = _as_np(obj["last_physical_to_logical_map"], "last_physical_to_logical_map", str(path), ndim=2)
+    p2l = as_numpy(obj["last_physical_to_logical_map"], "last_physical_to_logical_map", str(path), ndim=2)
     return records, p2l
 
 
@@ -229,7 +229,7 @@ def import_sglang_per_token(paths: list[str | Path], staged: StagedRun, *, domai
     seen: set[tuple] = set()
     skipped = {"duplicate_passes": 0, "idle_passes": 0, "other_mode_passes": 0, "other_mode_tokens": 0}
     for path in sort_dump_files(paths):
-        records, p2l = _check_per_token(load_dump(path), path)
+        records, p2l = check_per_token(load_dump(path), path)
         cols: dict[str, list] = {k: [] for k in ("req", "phase", "pos", "tok", "experts", "pid")}
         prompt_tokens = generated = 0
         for i, rec in enumerate(records):
@@ -237,11 +237,11 @@ def import_sglang_per_token(paths: list[str | Path], staged: StagedRun, *, domai
             if not isinstance(rec, dict) or any(k not in rec for k in _RECORD_KEYS):
                 raise TracekitError(f"{where}: missing one of {', '.join(_RECORD_KEYS)}")
             mode = check_int(rec["forward_mode"], "forward_mode", where, 0, 255)
-            input_ids = check_array(_as_np(rec["input_ids"], "input_ids", where, ndim=1), "input_ids", where, 0,
+            input_ids = check_array(as_numpy(rec["input_ids"], "input_ids", where, ndim=1), "input_ids", where, 0,
                                     TOKEN_ID_MAX)
-            positions = check_array(_as_np(rec["positions"], "positions", where, ndim=1), "positions", where, 0,
+            positions = check_array(as_numpy(rec["positions"], "positions", where, ndim=1), "positions", where, 0,
                                     POSITION_MAX)
-            topk = _as_np(rec["topk_ids_of_layer"], "topk_ids_of_layer", where, ndim=3)
+            topk = as_numpy(rec["topk_ids_of_layer"], "topk_ids_of_layer", where, ndim=3)
             t = input_ids.shape[0]
             if positions.shape[0] != t or topk.shape[1] != t:
                 raise TracekitError(
@@ -324,7 +324,7 @@ def stat_counts(obj: Any, path: Path, geometry: dict[str, Any]) -> np.ndarray:
         raise TracekitError(f"{path}: this is a per_token dump (records); import it as sglang-per-token")
     if not isinstance(obj, dict) or "logical_count" not in obj:
         raise TracekitError(f"{path}: not an SGLang stat dump (expected key logical_count)")
-    lc = check_array(_as_np(obj["logical_count"], "logical_count", str(path), ndim=3), "logical_count", str(path), 0,
+    lc = check_array(as_numpy(obj["logical_count"], "logical_count", str(path), ndim=3), "logical_count", str(path), 0,
                      COUNT_MAX)
     _, n_layers, n_exp = lc.shape
     moe = geometry["moe_layers"]

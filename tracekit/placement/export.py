@@ -42,7 +42,7 @@ from ..errors import TracekitError
 from ..jsonlines import read_json
 from ..manifest_check import MAX_EXPERTS
 from ..manifest_check import MAX_LAYERS as MAX_HIDDEN_LAYERS  # bounds the SGLang map (rows x slots) a file can ask for
-from ..store import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from .data.types import Cluster, GroupingRule, Placement
 
 FORMATS = ("sglang", "trtllm", "vllm", "json", "grouping")
@@ -132,15 +132,15 @@ def grouping_from_dict(d: dict[str, Any]) -> GroupingRule:
     )
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """Plain JSON values; a NaN or infinite metric (e.g. a ratio over no tokens) becomes null, since strict JSON
     readers (ours included) refuse NaN."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist()) if x.dtype.kind == "f" else x.tolist()
+        return jsonable(x.tolist()) if x.dtype.kind == "f" else x.tolist()
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -174,7 +174,7 @@ def placement_to_dict(placement: Placement) -> dict[str, Any]:
         "layers": [int(x) for x in placement.layers],
         "slot_expert": np.asarray(placement.slot_expert).astype(int).tolist(),
         "grouping": grouping_to_dict(placement.grouping or GroupingRule()),
-        "meta": without_timings(_jsonable(placement.meta)),
+        "meta": without_timings(jsonable(placement.meta)),
     }
 
 
@@ -412,7 +412,7 @@ GROUPING_VERSION = 1
 def grouping_export_dict(placement: Placement) -> dict[str, Any]:
     """The grouping file ``tracekit route`` serves: the rule, label -> nodes, the cluster (DP rank r is GPU r, on
     node r // gpus_per_node), the model it was fitted for, and the prompt classifier (``meta['classifier']``)."""
-    from .strategies.classifier import group_nodes
+    from .strategies.grouping import group_nodes
 
     rule = placement.grouping or GroupingRule()
     c = placement.cluster
@@ -423,7 +423,7 @@ def grouping_export_dict(placement: Placement) -> dict[str, Any]:
         "groups": group_nodes(rule),
         "cluster": {"nodes": c.nodes, "gpus_per_node": c.gpus_per_node, "dp_size": c.num_gpus},
         "dp_rank_convention": "DP attention with dp-size = EP size: DP rank r runs on GPU r, node r // gpus_per_node",
-        "model": _jsonable(placement.meta.get("model")),
+        "model": jsonable(placement.meta.get("model")),
         "classifier": placement.meta.get("classifier"),
     }
 
@@ -432,7 +432,7 @@ def grouping_vanished(placement: Placement, asked: str | None = None) -> str | N
     """One line when ``placement`` carries no request grouping a router could apply (no rule, rule ``none``, or a
     rule with no group -> nodes entry: ``tracekit route`` would start with 0 groups), else None. ``asked``: the
     ``--grouping`` the user asked ``place`` for (the line then names it)."""
-    from .strategies.classifier import group_nodes
+    from .strategies.grouping import group_nodes
 
     rule = placement.grouping or GroupingRule()
     if rule.kind != "none" and group_nodes(rule):

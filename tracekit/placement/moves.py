@@ -321,7 +321,7 @@ def replace_within_budget(deployed: Placement, traces: TraceArrays, proposed: Pl
 def _replace(deployed, traces, proposed, *, max_moves, max_move_gb, engine, objective, holdout, seed, strategy,
              expert_bytes, scorer, **eval_opts) -> Replacement:
     from .scoring.comm import check_placement, route_requests
-    from .scoring.comparison import make_split
+    from .data.traces import make_split
     from .select import default_scorer, metric_key, one_layer
     from .scoring.sizes import model_sizes
     from .data.traces import subset

@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import TracekitError
 from . import strategies as strat
 from .scoring.comm import route_requests
+from .scoring.table import FEW_STEPS
 from .data.traces import split_requests, split_tokens, subset
 from .data.types import Cluster, Placement, TraceArrays
 
@@ -43,7 +44,6 @@ METRIC_KEYS = {
     "balance": ("imbalance_p99", "gpu_load_max_over_mean_worst"),
 }
 REFERENCE = "eplb"
-FEW_STEPS = 10  # fewer full replay steps than this (a validation fold, the held-out split): flagged as noisy
 Scorer = Callable[..., dict]
 
 
@@ -254,7 +254,9 @@ def choose(values: dict[str, float], balance: dict[str, float], objective: str,
 
 
 def _pct(x: float, ref: float) -> str:
-    return f"{100 * (x / ref - 1):+.1f}%" if ref else "n/a"
+    from .scoring.table import format_change, relative_change
+
+    return format_change(relative_change(x, ref))
 
 
 #: the GPU max/mean levels an absolute ``--max-imbalance`` b is fitted at: locality is fitted (validation and final
@@ -342,7 +344,9 @@ def _place(traces: TraceArrays, cluster: dict, strategy: str, *, objective: str,
            holdout: float, split: str, seed: int, max_imbalance: float | None, phase: str, baseline_grouping: bool,
            **eval_opts):
     from ..progress import current
-    from .scoring.comparison import compare, make_cluster, make_split, resolve_strategies
+    from .comparison import compare, resolve_strategies
+    from .data.traces import make_split
+    from .data.types import make_cluster
     from .notes import candidates
 
     check_objective(objective)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import TracekitError
 from ..jsonlines import read_json
-from ..placement.strategies.classifier import TextClassifier
+from ..textclf import TextClassifier
 
 GROUPING_FORMAT = "tracekit-grouping"
 GROUPING_VERSION = 1

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TracekitError
-from ..importers.sglang import (DECODE, EXTEND, IDLE, MIXED, RequestAssembler, _as_np, _check_per_token,
+from ..importers.sglang import (DECODE, EXTEND, IDLE, MIXED, RequestAssembler, as_numpy, check_per_token,
                                 load_dump, segments, slots_to_logical, sort_dump_files, stat_counts)
 
 START, DUMP, STOP = ("/start_expert_distribution_record", "/dump_expert_distribution_record",
@@ -72,7 +72,7 @@ def post(url: str, timeout: float = 10.0) -> str:
 def per_token_batch(obj: Any, geometry: dict[str, Any], where: str) -> Batch | None:
     """One per_token dump (every rank's passes) as a :class:`Batch` (None when it holds no routed token): one
     request per extend segment, each decode token its own request (the dump records no request ids)."""
-    records, p2l = _check_per_token(obj, Path(where))
+    records, p2l = check_per_token(obj, Path(where))
     asm = RequestAssembler()
     cols: dict[str, list] = {k: [] for k in ("req", "phase", "pos", "experts")}
     seen: set = set()
@@ -81,8 +81,8 @@ def per_token_batch(obj: Any, geometry: dict[str, Any], where: str) -> Batch | N
         mode = int(rec.get("forward_mode", 0))
         if mode == IDLE or mode not in (EXTEND, DECODE, MIXED):
             continue
-        positions = _as_np(rec["positions"], "positions", w, ndim=1).astype(np.int64)
-        topk = _as_np(rec["topk_ids_of_layer"], "topk_ids_of_layer", w, ndim=3)
+        positions = as_numpy(rec["positions"], "positions", w, ndim=1).astype(np.int64)
+        topk = as_numpy(rec["topk_ids_of_layer"], "topk_ids_of_layer", w, ndim=3)
         t = positions.shape[0]
         if t == 0 or topk.shape[1] != t:
             continue

@@ -200,7 +200,7 @@ class Watcher:
     def judge(self, tr: TraceArrays) -> dict[str, Any]:
         from ..placement.export import save_placement
         from ..placement.moves import judgement, replace_within_budget
-        from ..store import atomic_write_json
+        from ..atomic import atomic_write_json
 
         try:
             rep = replace_within_budget(self.deployed, tr, max_moves=self.max_moves, max_move_gb=self.max_move_gb,

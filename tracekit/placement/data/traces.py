@@ -389,3 +389,11 @@ def request_masks(traces: TraceArrays, row_mask: np.ndarray) -> np.ndarray:
     out[traces.request[np.asarray(row_mask, dtype=bool)]] = True
     return out
 
+
+def make_split(traces: TraceArrays, how: str = "request", holdout: float = 0.3, seed: int = 0, frac: float = 0.5):
+    """(train_mask, test_mask) for ``how`` = request | tokens."""
+    if how == "request":
+        return split_requests(traces, holdout=holdout, seed=seed)
+    if how == "tokens":
+        return split_tokens(traces, frac=frac)
+    raise TracekitError(f"unknown split {how!r}; use request or tokens")

@@ -162,3 +162,8 @@ def real_choices(traces: TraceArrays, experts: np.ndarray) -> np.ndarray | None:
     if not traces.zero_choices:
         return None
     return np.asarray(experts) < traces.num_experts
+
+
+def make_cluster(traces: TraceArrays, nodes: int, gpus_per_node: int, redundant: int) -> Cluster:
+    """Cluster for the traces' expert count (one-line error when E + R does not divide over the GPUs)."""
+    return Cluster(nodes=nodes, gpus_per_node=gpus_per_node, num_experts=traces.num_experts, redundant=redundant)

@@ -76,7 +76,6 @@ import numpy as np
 
 from ...errors import TracekitError
 from .hardware import HardwareProfile
-from .sizes import DEFAULT_MOE_INTERMEDIATE  # noqa: F401  (re-exported: the default expert width)
 from ..data.types import TraceArrays
 
 DEFAULT_DECODE_BATCH = 128  # decode tokens per DP rank per step

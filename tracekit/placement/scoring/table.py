@@ -12,7 +12,7 @@ Columns (all held-out unless named otherwise; "vs eplb" is the relative change a
 - ``val``: the objective on the validation part of the train rows (what the pick ranks), vs eplb.
 - ``fit s``: wall time of the fit.
 
-``--wide`` prints :func:`tracekit.placement.scoring.comparison.render` (every metric) instead.
+``--wide`` prints :func:`tracekit.placement.comparison.render` (every metric) instead.
 """
 from __future__ import annotations
 
@@ -20,7 +20,22 @@ from typing import Any
 
 import numpy as np
 
+
 WIDTH = 120
+#: the metrics every row also gives as a change against the linear and eplb rows
+DELTA_KEYS = (
+    "step_time_ms",
+    "step_time_p99_ms",
+    "imbalance_p99",
+    "cross_node_copies_per_token_normal",
+    "cross_node_copies_per_token_lowlat",
+    "intra_node_copies_per_token",
+    "gpu_load_max_over_mean",
+    "node_load_max_over_mean",
+    "distinct_experts_per_microbatch",
+    "est_alltoall_ms",
+)
+FEW_STEPS = 10  # fewer full replay steps than this (a validation fold, the held-out split): flagged as noisy
 STEP_KEYS = ("step_time_ms", "est_alltoall_ms")
 P99_KEYS = ("imbalance_p99", "gpu_load_max_over_mean_worst")
 XNODE_KEYS = ("cross_node_copies_per_token_normal",)
@@ -42,14 +57,25 @@ def _held(row: dict) -> dict:
     return out
 
 
+def relative_change(x: float, ref: float) -> float:
+    """Relative change x / ref - 1 (NaN when the reference is 0 or NaN)."""
+    if ref is None or not np.isfinite(ref) or ref == 0 or x is None or not np.isfinite(x):
+        return float("nan")
+    return float(x / ref - 1.0)
+
+
+def format_change(x: float) -> str:
+    """A relative change as a signed percentage, ``-`` when it is not a number."""
+    return "-" if not np.isfinite(x) else f"{100 * x:+.1f}%"
+
+
 def _rel(x: float, ref: float) -> str:
-    if not (np.isfinite(x) and np.isfinite(ref)) or ref == 0:
-        return "-"
-    return f"{100 * (x / ref - 1):+.1f}%"
+    """The change of x against ref as the table prints it (one definition of the change: the comparison's)."""
+    return format_change(relative_change(x, ref))
 
 
 def render_narrow(comp, pick: dict | None = None):
-    """A rich Table (fits ``WIDTH`` columns) of ``comp`` (:class:`tracekit.placement.scoring.comparison.Comparison`)."""
+    """A rich Table (fits ``WIDTH`` columns) of ``comp`` (:class:`tracekit.placement.comparison.Comparison`)."""
     from rich import box
     from rich.table import Table
 
@@ -62,8 +88,6 @@ def render_narrow(comp, pick: dict | None = None):
     ref_h = _held(ref) if ref else {}
     n_steps, phase = heldout_steps(ref_h)
     if "full_steps" in ref_h:  # what the p99 column rests on
-        from ..select import FEW_STEPS
-
         t.title += (f"; p99 over {n_steps} full {phase} step{'s' * (n_steps != 1)}"
                     + (f" (noisy: fewer than {FEW_STEPS})" if n_steps < FEW_STEPS else ""))
     step_key, _ = _metric(ref_h, STEP_KEYS)
@@ -102,8 +126,6 @@ def heldout_steps(h: dict) -> tuple[int, str]:
 def pick_line(pick: dict[str, Any], comp=None) -> str:
     """One line: which strategy is picked and why (validation), and what it gives held out against eplb, with the
     number of replay steps the held-out percentiles rest on (fewer than ``FEW_STEPS``: flagged as noisy)."""
-    from ..select import FEW_STEPS
-
     line = f"* pick: {pick['reason']}"
     if comp is None:
         return line

@@ -123,7 +123,7 @@ def weighted_traffic(placement: Placement, traces: TraceArrays, cost: np.ndarray
 
 def topology_lines(comp, traces: TraceArrays, path: str | Path, engine: str) -> list[str]:
     """The placement table's topology line: weighted traffic of every compared placement on its held-out rows."""
-    from .comparison import make_split
+    from ..data.traces import make_split
 
     cl = comp.meta["cluster"]
     cost = load_topology(path, cl["nodes"] * cl["gpus_per_node"])

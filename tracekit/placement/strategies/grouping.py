@@ -282,3 +282,16 @@ def pack_groups(gload: np.ndarray, nodes: int, tol: float) -> list[list[int]]:
             break
         sets = best
     return [sorted(int(n) for n in s) for s in sets]
+
+
+def group_nodes(rule: GroupingRule) -> dict[str, list[int]]:
+    """Label -> nodes allowed to serve it: the domain's nodes (``domain``) or the centroid's node (``signature``)."""
+    if rule.kind == "domain":
+        return {str(k): [int(x) for x in v] for k, v in (rule.domain_nodes or {}).items()}
+    if rule.kind == "signature" and rule.centroid_node is not None:
+        return {cluster_label(c): [int(n)] for c, n in enumerate(np.asarray(rule.centroid_node))}
+    return {}
+
+
+def cluster_label(c: int) -> str:
+    return f"c{int(c)}"

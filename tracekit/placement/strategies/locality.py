@@ -54,7 +54,7 @@ from .balance import fit_load_by_gpu, hold_placement, layout_ratios
 from ..scoring.comm import route_requests
 from .eplb import eplb as _eplb
 from .grouping import fit_grouping
-from .packing import fill_and_pack, gpu_loads, node_parts, pack  # noqa: F401  (pack: public here too)
+from .packing import fill_and_pack, gpu_loads, node_parts
 from .partition import Layer, greedy, refine, repair, start_from
 from .replicas import locality_replicas
 from ..data.stats import expert_load, load_by_group

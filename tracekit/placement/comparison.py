@@ -22,25 +22,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ...errors import TracekitError
-from .. import strategies as strat
-from .comm import evaluate
-from ..data.traces import load_traces, split_requests, split_tokens, subset
-from ..data.types import Cluster, Placement, TraceArrays
+from ..errors import TracekitError
+from . import strategies as strat
+from .scoring.comm import evaluate
+from .scoring.table import DELTA_KEYS, format_change, relative_change
+from .data.traces import load_traces, make_split, subset
+from .data.types import Cluster, Placement, TraceArrays, make_cluster
 
 BASELINES = ("linear", "round-robin", "eplb")
-DELTA_KEYS = (
-    "step_time_ms",
-    "step_time_p99_ms",
-    "imbalance_p99",
-    "cross_node_copies_per_token_normal",
-    "cross_node_copies_per_token_lowlat",
-    "intra_node_copies_per_token",
-    "gpu_load_max_over_mean",
-    "node_load_max_over_mean",
-    "distinct_experts_per_microbatch",
-    "est_alltoall_ms",
-)
 
 
 @dataclass
@@ -61,11 +50,6 @@ class Comparison:
         return {"meta": self.meta, "rows": self.rows}
 
 
-def make_cluster(traces: TraceArrays, nodes: int, gpus_per_node: int, redundant: int) -> Cluster:
-    """Cluster for the traces' expert count (one-line error when E + R does not divide over the GPUs)."""
-    return Cluster(nodes=nodes, gpus_per_node=gpus_per_node, num_experts=traces.num_experts, redundant=redundant)
-
-
 def resolve_strategies(names: str | Sequence[str], cluster: Cluster | None = None) -> list[str]:
     """``'all'`` or a list of names -> validated list (linear and eplb always included: they are the references).
 
@@ -79,15 +63,6 @@ def resolve_strategies(names: str | Sequence[str], cluster: Cluster | None = Non
         strat.get(n)
     out = [n for n in ("linear", "eplb") if n not in names] + list(names)
     return sorted(dict.fromkeys(out), key=lambda n: (avail.index(n) if n in avail else 99, n))
-
-
-def make_split(traces: TraceArrays, how: str = "request", holdout: float = 0.3, seed: int = 0, frac: float = 0.5):
-    """(train_mask, test_mask) for ``how`` = request | tokens."""
-    if how == "request":
-        return split_requests(traces, holdout=holdout, seed=seed)
-    if how == "tokens":
-        return split_tokens(traces, frac=frac)
-    raise TracekitError(f"unknown split {how!r}; use request or tokens")
 
 
 def compare(
@@ -116,7 +91,7 @@ def compare(
     moe_intermediate_size, microbatch_tokens, profile, decode_batch, prefill_chunk, tflops, nvlink_gbps,
     internode_gbps). ``prefitted``: placements already fitted on this train split (by name), used as they are.
     """
-    from .dispatch import check_engine
+    from .scoring.dispatch import check_engine
 
     check_engine(engine)
     traces = runs_or_traces if isinstance(runs_or_traces, TraceArrays) else load_traces(list(runs_or_traces))
@@ -171,7 +146,7 @@ def compare(
     for ref in ("linear", "eplb"):
         base = next(r["heldout"] for r in rows if r["strategy"] == ref)
         for r in rows:
-            r[f"vs_{ref}"] = {k: _rel(r["heldout"].get(k, float("nan")), base.get(k, float("nan"))) for k in DELTA_KEYS}
+            r[f"vs_{ref}"] = {k: relative_change(r["heldout"].get(k, float("nan")), base.get(k, float("nan"))) for k in DELTA_KEYS}
     meta = {
         "cluster": {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "num_experts": cluster.num_experts,
                     "redundant": cluster.redundant, "slots_per_gpu": cluster.slots_per_gpu},
@@ -187,13 +162,6 @@ def compare(
         "eval_opts": eval_opts,
     }
     return Comparison(rows=rows, placements=placements, meta=meta)
-
-
-def _rel(x: float, ref: float) -> float:
-    """Relative change x / ref - 1 (NaN when the reference is 0 or NaN)."""
-    if ref is None or not np.isfinite(ref) or ref == 0 or x is None or not np.isfinite(x):
-        return float("nan")
-    return float(x / ref - 1.0)
 
 
 def render(comp: Comparison):
@@ -221,19 +189,15 @@ def render(comp: Comparison):
         f = r["fitted"] or {}
         t.add_row(
             r["strategy"], r["grouping"], f"{r['fit_seconds']:.2f}",
-            f"{h.get('step_time_ms', float('nan')):.4g}", _pct(r["vs_eplb"]["step_time_ms"]),
+            f"{h.get('step_time_ms', float('nan')):.4g}", format_change(r["vs_eplb"]["step_time_ms"]),
             f"{h.get('imbalance_p50', float('nan')):.2f}/{h.get('imbalance_p99', float('nan')):.2f}",
             f"{h['cross_node_copies_per_token_normal']:.3f}", f"{h['cross_node_copies_per_token_lowlat']:.3f}",
             f"{h['intra_node_copies_per_token']:.3f}", f"{h['bytes_normal'] / 1e9:.3f}",
             f"{h['gpu_load_max_over_mean']:.3f}", f"{h['gpu_load_max_over_mean_worst']:.3f}",
             f"{h['node_load_max_over_mean']:.3f}", f"{h['distinct_experts_per_microbatch']:.1f}",
             f"{h['est_alltoall_ms']:.4f}",
-            _pct(r["vs_linear"]["cross_node_copies_per_token_normal"]),
-            _pct(r["vs_eplb"]["cross_node_copies_per_token_normal"]),
+            format_change(r["vs_linear"]["cross_node_copies_per_token_normal"]),
+            format_change(r["vs_eplb"]["cross_node_copies_per_token_normal"]),
             f"{f.get('gpu_load_max_over_mean', float('nan')):.3f}",
         )
     return t
-
-
-def _pct(x: float) -> str:
-    return "-" if not np.isfinite(x) else f"{100 * x:+.1f}%"
