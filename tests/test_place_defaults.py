@@ -56,8 +56,8 @@ def test_default_never_refuses_and_keeps_eplb_balance():
     tr, _ = planted_traces(num_experts=8, top_k=2, layers=4, clusters=2, requests=40, seed=5, skew=1.5)
     comp, val = place(tr, {"nodes": 2, "gpus_per_node": 2, "redundant": 4})  # no --max-imbalance
     assert val.pick in comp.placements
-    if val.pick != "eplb":  # picked on validation only within 5% of eplb's p99 balance
-        assert val.balance[val.pick] <= val.balance["eplb"] * 1.05 + 1e-12
+    if val.pick != "eplb":  # picked on validation only within 2.5% of eplb's p99 balance
+        assert val.balance[val.pick] <= val.balance["eplb"] * 1.025 + 1e-12
 
 
 def test_strategy_all_leaves_out_a_locality_that_cannot_hold():
@@ -91,7 +91,8 @@ def test_no_crash_on_any_geometry(nodes, gpn, experts, top_k, redundant):
 def test_heldout_pick_wins_where_the_best_placement_is_known():
     """Two planted cliques of co-chosen experts per layer (a token takes its 4 experts from one clique), prefill
     only (normal-mode dispatch: one send per remote node), 2 nodes: a placement that keeps each clique on one node
-    sends a token to at most one remote node, half of what a load-only layout sends. The pick, made on validation
+    sends a token to at most one remote node, half of what a load-only layout sends; 8 redundant slots give it room to
+    balance too. The pick, made on validation
     rows only, must be locality, and on the held-out requests it must cut cross-node copies and the step time
     against eplb at a per-step balance within 5% of eplb's. Three seeds: the outcome is the data's, not a draw's."""
     from tracekit.placement.scoring.table import pick_line
@@ -99,7 +100,7 @@ def test_heldout_pick_wins_where_the_best_placement_is_known():
     for seed in (11, 12, 13):
         tr, _ = planted_traces(num_experts=16, top_k=4, layers=3, clusters=2, requests=240, prefill=64, decode=0,
                                noise_k=0, skew=0.3, domain_focus=0.5, seed=seed)
-        comp, val = place(tr, {"nodes": 2, "gpus_per_node": 2, "redundant": 4}, prefill_chunk=512)
+        comp, val = place(tr, {"nodes": 2, "gpus_per_node": 2, "redundant": 8}, prefill_chunk=512)
         assert val.pick == "locality", val.reason
         held, ref = comp.row("locality")["heldout"], comp.row("eplb")["heldout"]
         assert held["cross_node_copies_per_token_normal"] < 0.75 * ref["cross_node_copies_per_token_normal"]

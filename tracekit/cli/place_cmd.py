@@ -28,7 +28,7 @@ def place_cmd(
     split: Literal["request", "tokens"] = typer.Option("request", "--split", help="request (hold out whole requests) or tokens (fit on each request's first half)."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the train/held-out split, the row sample (--max-rows) and the strategies' own randomness: the same seed gives the same placement."),
     max_rows: int = typer.Option(MAX_ROWS, "--max-rows", min=1, max=1 << 40, help="Read at most this many token-layer rows: beyond it, a seeded random sample of whole requests (said in the output)."),
-    max_imbalance: Optional[float] = typer.Option(None, "--max-imbalance", min=1.0, max=1e6, help="Absolute GPU load bound (max/mean per layer, fit rows, the engine's tables) for locality. Default: each layer within 5% of eplb's on the same rows, so the pick is never less balanced than eplb by more."),
+    max_imbalance: Optional[float] = typer.Option(None, "--max-imbalance", min=1.0, max=1e6, help="Absolute GPU load bound (max/mean per layer, fit rows, the engine's tables) for locality. Default: relative to eplb (each layer within 2.5% of eplb's on the same fit rows, the pick within 2.5% of eplb's p99 on validation), so that held out it stays within 5%."),
     hidden_size: Optional[int] = typer.Option(None, "--hidden-size", min=1, max=1 << 20, help="Model hidden size (default: the runs' geometry, else 7168, said in an 'assumed' line)."),
     bytes_per_elem: float = typer.Option(1.0, "--bytes-per-elem", callback=positive_float("--bytes-per-elem", 16.0), help="1 = FP8 dispatch, 2 = BF16."),
     microbatch_tokens: int = typer.Option(256, "--microbatch-tokens", min=1, max=1 << 24, help="Decode tokens per micro-batch."),

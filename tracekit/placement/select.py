@@ -11,10 +11,11 @@
    same router (locality's grouping rule); the layers where locality does not beat EPLB's layout on the objective
    take EPLB's layout (``eplb_layers``, passed to the final fit). The mixed placement is scored again.
 4. **The pick**: the strategy with the best validation value of the objective (ties go to the reference, eplb),
-   among those whose validation balance (p99 per-step GPU max/mean) is within ``balance_margin`` (5%) of EPLB's,
+   among those whose validation balance (p99 per-step GPU max/mean) is within ``balance_margin`` (2.5%) of EPLB's,
    so that a traffic win never buys an overloaded GPU, and that beat EPLB in every fold (a win that flips
    between halves of the train requests is noise). EPLB is always a candidate, so the pick is never worse than
-   EPLB on validation.
+   EPLB on validation. The margin is half of the 5% promised held out (:data:`BALANCE_MARGIN`): validation rows
+   are a sample too, and a pick at +4% on validation read +7.6% held out on the real DeepSeek-V2-Lite traces (4x2).
 
 Objectives (lower is better): ``step-time`` (estimated MoE time per step), ``traffic`` (cross-node bytes per
 step) and ``balance`` (p99 over steps of GPU max/mean). A scorer is ``fn(placement, traces, home=None) -> dict``;
@@ -44,6 +45,8 @@ METRIC_KEYS = {
     "balance": ("imbalance_p99", "gpu_load_max_over_mean_worst"),
 }
 REFERENCE = "eplb"
+#: a candidate's validation p99 balance may exceed eplb's by this share at most (half the 5% promised held out)
+BALANCE_MARGIN = 0.025
 Scorer = Callable[..., dict]
 
 
@@ -151,7 +154,7 @@ class Validation:
 def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.ndarray, *,
              objective: str = "step-time", split: str = "request", seed: int = 0, max_imbalance: float | None = None,
              grouping: str = "none", scorer: Scorer | None = None, strategy_opts: dict[str, dict] | None = None,
-             balance_margin: float = 0.05) -> Validation:
+             balance_margin: float = BALANCE_MARGIN) -> Validation:
     """Fit ``names`` on the fit part of each fold of ``train``, score them on its validation part, pick (see the
     module docstring). Values are means over the folds; a strategy other than eplb must beat eplb in every fold."""
     check_objective(objective)
@@ -230,7 +233,7 @@ def validate(traces: TraceArrays, cluster: Cluster, names: list[str], train: np.
 
 
 def choose(values: dict[str, float], balance: dict[str, float], objective: str,
-           balance_margin: float = 0.05, steady: dict[str, bool] | None = None) -> tuple[str, str]:
+           balance_margin: float = BALANCE_MARGIN, steady: dict[str, bool] | None = None) -> tuple[str, str]:
     """(pick, one line of why) from validation ``values`` (lower is better) and ``balance`` (p99 per-step GPU
     max/mean) per candidate; ``eplb`` must be among them. Candidates whose balance exceeds eplb's by more than
     ``balance_margin``, or that do not beat eplb in every validation fold (``steady`` False), are skipped; ties
@@ -247,7 +250,7 @@ def choose(values: dict[str, float], balance: dict[str, float], objective: str,
     unsteady = [n for n in values if n not in eligible and values[n] < values[pick] and not steady.get(n, True)]
     skipped = [n for n in values if n not in eligible and values[n] < values[pick] and n not in unsteady]
     if skipped:
-        reason += f"; {', '.join(skipped)} skipped (balance > eplb +{100 * balance_margin:.0f}%)"
+        reason += f"; {', '.join(skipped)} skipped (balance > eplb +{100 * balance_margin:g}%)"
     if unsteady:
         reason += f"; {', '.join(unsteady)} skipped (not better than eplb in every fold)"
     return pick, reason
@@ -311,7 +314,7 @@ def hold_absolute(traces: TraceArrays, cluster: Cluster, names: list[str], train
     need = np.ceil(best * 100 - 1e-6) / 100
     refusal = (f"locality cannot hold --max-imbalance {bound:g} on its fit rows under {engine}'s dispatch (lowest "
                f"worst-layer GPU max/mean reached: {best:.3f}, eplb's layout included); use --max-imbalance "
-               f"{need:.2f}, more --redundant slots, or no --max-imbalance (within 5% of eplb)")
+               f"{need:.2f}, more --redundant slots, or no --max-imbalance (balance relative to eplb's)")
     return Bounded(first, None, None, tried, refusal)
 
 
