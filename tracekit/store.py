@@ -29,7 +29,6 @@ import contextvars
 import fcntl
 import json
 import os
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -42,27 +41,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write_json, atomic_write_path, file_sha256
+from .chunks import (MANIFEST, META_GENERATED_TOKENS, META_PROMPT_TOKENS, META_REQUESTS, META_RUN_ID,  # noqa: F401
+                     ChunkInfo, chunk_files, list_chunks, part_name, read_manifest, read_readable_chunk)
 from .errors import TracekitError
-from .manifest_check import CHECKSUM, check_manifest, is_int
-from .jsonlines import read_json
-from .schema import KINDS, SCHEMA_VERSION, check_version
+from .integrity import Integrity, check_geometry, verify_run  # noqa: F401  (verify_run: the store's API too)
+from .manifest_check import check_manifest
+from .schema import KINDS, SCHEMA_VERSION
 from . import summaries
-from .summaries import (META_RECORDED, RUN_LOADS_REL, SummaryCheck, bytes_record, check_summaries,
+from .summaries import (META_RECORDED, RUN_LOADS_REL, bytes_record, check_summaries,
                         chunk_summary_records, encode_chunk_summaries, write_encoded_summaries)
 
-MANIFEST = "manifest.json"
 ROW_GROUP_ROWS = 1 << 18  # DuckDB parallelises over row groups; ~256K rows keeps 2 cores busy without tiny groups
-_PART_RE = re.compile(r"^part-r(\d{3,})-c(\d{6,})\.parquet$")
-META_REQUESTS = b"tracekit.requests"
-META_PROMPT_TOKENS = b"tracekit.prompt_tokens"
-META_GENERATED_TOKENS = b"tracekit.generated_tokens"
-META_RUN_ID = b"tracekit.run_id"
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
-def part_name(rank: int, chunk: int) -> str:
-    return f"part-r{rank:03d}-c{chunk:06d}.parquet"
 
 
 def write_chunk(
@@ -127,78 +120,6 @@ def _write_chunk_file(tmp: Path, table: pa.Table, compression_level: int, record
         record["summaries"] = {table: bytes_record(data) for table, data in encoded.items()}
 
 
-@dataclass
-class ChunkInfo:
-    path: Path
-    rank: int
-    chunk: int
-    rows: int
-    bytes: int
-    requests: list[int]
-    prompt_tokens: int
-    generated_tokens: int
-    max_layer: int | None = None  # the largest layer index by the footer's column statistics (None: unknown)
-    max_expert: int | None = None  # loads chunks: the largest expert id, likewise
-
-
-def _chunk_files(run_dir: Path, kind: str) -> list[Path]:
-    d = Path(run_dir) / kind
-    if not d.is_dir():
-        return []
-    return [p for p in sorted(d.iterdir()) if _PART_RE.match(p.name)]
-
-
-def _one_printable_line(exc: BaseException, limit: int = 80) -> str:
-    """An exception's text as one short printable line (a corrupt file's bytes can end up in the message)."""
-    return "".join(ch for ch in " ".join(str(exc).split()) if ch.isprintable())[:limit]
-
-
-def _read_readable_chunk(p: Path) -> tuple["ChunkInfo", dict]:
-    """:func:`_read_chunk`, with a foreign or damaged file turned into one line that names it."""
-    try:
-        return _read_chunk(p)
-    except TracekitError:
-        raise
-    except Exception as exc:
-        raise TracekitError(f"{p}: not a readable Parquet chunk ({_one_printable_line(exc)}); remove it and re-run "
-                            "to resume") from None
-
-
-def _read_chunk(p: Path) -> tuple[ChunkInfo, dict]:
-    """A chunk's footer as ChunkInfo (and its key-value metadata); raises on an unreadable file."""
-    m = _PART_RE.match(p.name)
-    md = pq.read_metadata(p)
-    kv = md.metadata or {}
-    check_version(kv.get(b"tracekit.schema_version", b"").decode() or None, str(p))
-    info = ChunkInfo(
-        path=p,
-        rank=int(m.group(1)),
-        chunk=int(m.group(2)),
-        rows=md.num_rows,
-        bytes=p.stat().st_size,
-        requests=json.loads(kv.get(META_REQUESTS, b"[]")),
-        prompt_tokens=int(kv.get(META_PROMPT_TOKENS, b"0")),
-        generated_tokens=int(kv.get(META_GENERATED_TOKENS, b"0")),
-    )
-    from .summaries import column_max
-
-    info.max_layer = column_max(md, "layer")
-    info.max_expert = column_max(md, "expert")  # routes chunks hold lists (no statistics): their summaries tell
-    return info, kv
-
-
-def list_chunks(run_dir: Path, kind: str = "routes", only: Iterable[str | os.PathLike] | None = None) -> list[ChunkInfo]:
-    """Finished chunk files of a run, read from their Parquet footers (cheap: no data pages are read).
-    ``only``: just these files (e.g. the intact chunks a partial read keeps)."""
-    out = []
-    keep = None if only is None else {Path(f).name for f in only}
-    for p in _chunk_files(run_dir, kind):
-        if keep is not None and p.name not in keep:
-            continue
-        out.append(_read_readable_chunk(p)[0])
-    return out
-
-
 def remove_stale_temporaries(run_dir: Path, rank: int | None = None) -> int:
     """Delete temporary files left by an interrupted writer; finished chunks are never touched.
 
@@ -249,13 +170,6 @@ def remove_leftovers(run_dir: Path) -> None:
             p.rmdir()
         else:
             p.unlink(missing_ok=True)
-
-
-def read_manifest(run_dir: Path) -> dict[str, Any] | None:
-    p = Path(run_dir) / MANIFEST
-    if not p.exists():
-        return None
-    return read_json(p, "restore or remove it")
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
@@ -318,13 +232,13 @@ def reconcile_chunks(manifest: dict[str, Any], run_dir: Path) -> int:
     records were dropped.
     """
     recorded = manifest.setdefault("chunks", {})
-    on_disk = {f"{kind}/{p.name}": p for kind in KINDS for p in _chunk_files(run_dir, kind)}
+    on_disk = {f"{kind}/{p.name}": p for kind in KINDS for p in chunk_files(run_dir, kind)}
     gone = [r for r in recorded if r not in on_disk]
     for rel in gone:
         del recorded[rel]
     for rel, p in on_disk.items():
         if rel not in recorded:
-            info, kv = _read_readable_chunk(p)
+            info, kv = read_readable_chunk(p)
             owner = kv.get(META_RUN_ID, b"").decode()
             if owner and owner != manifest.get("run_id"):
                 raise TracekitError(f"{p} belongs to run {owner}, not {manifest.get('run_id')}; move it out of this run")
@@ -360,7 +274,7 @@ def _compact_recorded(run_dir: Path, m: dict[str, Any]) -> None:
     ``m`` (under the manifest lock, so the file and its record land together); nothing when a summary is damaged."""
     from .summaries import compact_loads
 
-    chunks = _chunk_files(Path(run_dir), "routes")
+    chunks = chunk_files(Path(run_dir), "routes")
     rels = [(f"routes/{p.name}", bool((pq.read_metadata(p).metadata or {}).get(META_RECORDED))) for p in chunks]
     sums = m.setdefault("summaries", {})
     sums.pop(RUN_LOADS_REL, None)
@@ -374,121 +288,6 @@ def _compact_recorded(run_dir: Path, m: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # integrity
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class ChunkProblem:
-    file: str  # relative to the run directory, e.g. routes/part-r000-c000003.parquet
-    what: str  # missing | extra | truncated | corrupt
-    detail: str
-
-    def line(self) -> str:
-        return f"chunk {self.file} is {self.what} ({self.detail})"
-
-
-@dataclass
-class Integrity:
-    """What :func:`verify_run` found. ``state``: verified, unverified (no chunk record) or damaged."""
-
-    state: str
-    checked: str  # what was compared: "sizes and footer row counts" or "sha256 of every byte"
-    problems: list[ChunkProblem]
-    good: dict[str, list[ChunkInfo]]  # per kind: the chunks that passed, in file order
-    unrecorded: list[str] = field(default_factory=list)  # accepted: landed after the last manifest update
-    summaries: SummaryCheck = field(default_factory=SummaryCheck)  # the per-chunk and run-level summary files
-
-    @property
-    def damaged(self) -> bool:
-        """A chunk or a summary file differs from the record (readers refuse the first, fall back for the second)."""
-        return bool(self.problems or self.summaries.problems)
-
-    def lines(self) -> list[str]:
-        """Every problem found, one line each: chunks first, then summaries."""
-        return [p.line() for p in self.problems] + list(self.summaries.problems)
-
-    def summary(self) -> str:
-        n = sum(len(v) for v in self.good.values())
-        sums = {"verified": "; summaries: sha256 verified",
-                "unverified": "; summaries unverified (written before tracekit recorded their checksums)"}
-        tail = sums.get(self.summaries.state, "")
-        if self.damaged:
-            lines = self.lines()
-            return f"DAMAGED: {lines[0]}" + (f" and {len(lines) - 1} more" if len(lines) > 1 else "")
-        if self.state == "unverified":
-            return (f"unverified: written before tracekit recorded chunk checksums ({n} chunk{'s' if n != 1 else ''} "
-                    f"readable){tail}")
-        extra = f"; {len(self.unrecorded)} chunk(s) not yet recorded (run not finished)" if self.unrecorded else ""
-        return f"verified: {n} chunk{'s' if n != 1 else ''}, {self.checked}{extra}{tail}"
-
-
-def verify_run(run_dir: str | os.PathLike, manifest: dict[str, Any] | None = None, *, checksums: bool = False) -> Integrity:
-    """Check every chunk of a run against the manifest's record (see the module docstring).
-
-    Default: size and footer row count per chunk (a ``stat`` and a footer read). ``checksums``: also the SHA-256
-    of every file (reads everything). Never raises for damage; a newer schema still raises.
-    """
-    run_dir = Path(run_dir)
-    m = manifest if manifest is not None else (read_manifest(run_dir) or {})
-    recorded = m.get("chunks")
-    complete = m.get("status") == "complete"
-    problems: list[ChunkProblem] = []
-    good: dict[str, list[ChunkInfo]] = {k: [] for k in KINDS}
-    unrecorded: list[str] = []
-    flagged: dict[str, bool] = {}  # routes chunks read: does the footer say its summaries are recorded
-    seen: set[str] = set()
-    for kind in KINDS:
-        for p in _chunk_files(run_dir, kind):
-            rel = f"{kind}/{p.name}"
-            seen.add(rel)
-            rec = recorded.get(rel) if isinstance(recorded, dict) else None
-            size = p.stat().st_size
-            if rec is not None and size != rec.get("bytes"):
-                # cut short (a copy that stopped, a full disk): the footer is gone too; else the file was replaced
-                try:
-                    pq.read_metadata(p)
-                    what = "corrupt"
-                except Exception:
-                    what = "truncated" if size < rec.get("bytes", 0) else "corrupt"
-                problems.append(ChunkProblem(rel, what, f"{size} bytes, recorded {rec.get('bytes')}"))
-                continue
-            try:
-                info, kv = _read_chunk(p)
-            except TracekitError:
-                raise
-            except Exception as exc:
-                text = _one_printable_line(exc)
-                problems.append(ChunkProblem(rel, "corrupt", f"unreadable Parquet footer: {text}"))
-                continue
-            if rec is not None:
-                if info.rows != rec.get("rows"):
-                    problems.append(ChunkProblem(rel, "corrupt", f"{info.rows} rows, recorded {rec.get('rows')}"))
-                    continue
-                if checksums and file_sha256(p) != rec.get(CHECKSUM):
-                    problems.append(ChunkProblem(rel, "corrupt", "sha256 differs from the record"))
-                    continue
-            elif not isinstance(recorded, dict) and kv.get(META_RUN_ID):
-                # this chunk's writer records every chunk in the manifest: the record was removed, not never made
-                problems.append(ChunkProblem(rel, "unrecorded", "the manifest has lost its 'chunks' record, which "
-                                                                "the tracekit that wrote this chunk keeps"))
-                continue
-            elif isinstance(recorded, dict):
-                owner = kv.get(META_RUN_ID, b"").decode()
-                if complete or owner != m.get("run_id"):
-                    why = "not in the manifest" + (f"; it belongs to run {owner}" if owner and owner != m.get("run_id") else "")
-                    problems.append(ChunkProblem(rel, "extra", why))
-                    continue
-                unrecorded.append(rel)
-            good[kind].append(info)
-            if kind == "routes":
-                flagged[rel] = bool(kv.get(META_RECORDED))
-    if isinstance(recorded, dict):
-        for rel in recorded:
-            if rel not in seen:
-                problems.append(ChunkProblem(rel, "missing", f"recorded with {recorded[rel].get('rows')} rows"))
-    state = "damaged" if problems else ("verified" if isinstance(recorded, dict) else "unverified")
-    checked = "sha256 of every byte" if checksums else "sizes and footer row counts"
-    summaries = check_summaries(run_dir, m, list(flagged.items()))
-    return Integrity(state, checked, problems, good, unrecorded, summaries)
-
-
 _ALLOW_PARTIAL: contextvars.ContextVar[tuple[bool, Callable[[str], None] | None]] = contextvars.ContextVar(
     "tracekit_allow_partial", default=(False, None))
 
@@ -577,27 +376,6 @@ def open_run(path: str | os.PathLike, *, allow_partial: bool | None = None) -> R
     check_geometry(p, m.get("geometry") or {}, integrity)
     files = {k: [c.path for c in integrity.good.get(k, [])] for k in KINDS}
     return Run(path=p, manifest=m, files=files, integrity=integrity)
-
-
-def data_max_expert(integrity: Integrity) -> int | None:
-    """The largest expert id the run's intact files hold, from what is already read on open: the Parquet statistics
-    of the loads chunks and of the routes chunks' load summaries (None when nothing tells; no data page is read)."""
-    found = [c.max_expert for c in integrity.good.get("loads", []) if c.max_expert is not None]
-    if integrity.summaries.max_expert is not None:
-        found.append(integrity.summaries.max_expert)
-    return max(found) if found else None
-
-
-def check_geometry(run_dir: Path, geometry: dict[str, Any], integrity: Integrity) -> None:
-    """One line when the manifest's geometry cannot describe the data: an expert id at or above ``num_experts``
-    (every reader sizes its arrays by it, so the numbers would be silently wrong)."""
-    e = geometry.get("num_experts")
-    top = data_max_expert(integrity)
-    if is_int(e) and top is not None and top >= e:
-        raise TracekitError(
-            f"{run_dir}: the manifest says num_experts {e}, but the data holds expert id {top}: the geometry does not "
-            f"describe these routes; fix geometry.num_experts in {run_dir / MANIFEST} (or import the run again with "
-            "the right --model)")
 
 
 def base_manifest(*, run_id: str, kind: str, source: str, model: dict, geometry: dict, dataset: dict, args: dict) -> dict:
