@@ -130,7 +130,7 @@ def test_score_placement_engines_differ_per_step():
     assert score_placement(p, tr, engine="sglang", **fast)["step_time_ms"] > \
         score_placement(p, tr, engine="vllm", **fast)["step_time_ms"]
     for key in ("step_time_ms", "step_time_p99_ms", "imbalance_p50", "imbalance_p99", "cross_node_bytes_per_step",
-                "cross_node_copies", "cross_node_copies_ll", "gpu_imbalance"):
+                "cross_node_copies_per_token_normal", "cross_node_copies_per_token_lowlat", "gpu_load_max_over_mean"):
         assert key in sg
 
 

@@ -314,12 +314,14 @@ def sglang_flags(placement: Placement, path: str | Path) -> list[str]:
 
 
 def trtllm_yaml(placement: Placement) -> str:
+    """TensorRT-LLM's ``moe_load_balancer`` file: slot count, no online updates, every layer's slot -> expert map."""
+    import yaml
+
     validate(placement)
-    c = placement.cluster
-    lines = [f"num_slots: {c.num_slots}", "layer_updates_per_iter: 0", "initial_global_assignments:"]
-    for layer, row in zip(placement.layers, np.asarray(placement.slot_expert)):
-        lines.append(f"  {int(layer)}: [{', '.join(str(int(x)) for x in row)}]")
-    return "\n".join(lines) + "\n"
+    doc = {"num_slots": int(placement.cluster.num_slots), "layer_updates_per_iter": 0,
+           "initial_global_assignments": {int(layer): [int(x) for x in row]
+                                          for layer, row in zip(placement.layers, np.asarray(placement.slot_expert))}}
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=1 << 20)
 
 
 def vllm_round_robin_runs(cluster: Cluster, n_group: int | None) -> bool:

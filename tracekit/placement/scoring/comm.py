@@ -316,9 +316,6 @@ def evaluate(
             float(x) for x in acc.cn_norm_layer / np.maximum(acc.rows_layer, 1)
         ],
         "engine": engine,
-        "cross_node_copies": cn_norm / rows,
-        "cross_node_copies_ll": cn_ll / rows,
-        "gpu_imbalance": float(g_ratio.mean()),
     }
     if step_acc is not None:
         out.update(step_acc.summary(layout, prof, hidden_size=hidden_size, bytes_per_elem=bytes_per_elem,

@@ -60,8 +60,7 @@ the token's own GPU: no traffic, no load, no expert compute; its token still tak
 returns the whole-set numbers of :func:`tracekit.placement.scoring.comm.evaluate` (one pass) plus: ``step_time_ms`` (mean
 over full steps), ``step_time_p99_ms``, ``imbalance_p50``/``imbalance_p99`` (per-step GPU max/mean),
 ``cross_node_bytes_per_step`` (mean RDMA dispatch bytes per full step, in the step's mode),
-``cross_node_copies`` / ``cross_node_copies_ll`` (whole set, per token-layer, normal / low-latency),
-``gpu_imbalance`` (whole-set GPU max/mean, mean over layers), ``steps``/``full_steps``, ``tokens_per_step``,
+``steps``/``full_steps``, ``tokens_per_step``,
 ``compute_ms_per_step`` (sum over layers of the busiest GPU's compute), ``hbm_ms_per_step`` (same for HBM
 traffic), ``expert_ms_per_step`` (the roofline part of the step time), ``slots_read_per_step`` (the most slots one
 GPU reads, summed over layers), ``step_phase`` (which steps the headline keys describe), the same per-step keys
