@@ -91,8 +91,44 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all", max_rows:
     if not runs:
         raise TracekitError("no run directories given")
     where = _phase_where(phase, "routes")
+    num_experts, zero_ids, layers, geometry = _runs_geometry(runs)
     con = _connect()
+    try:
+        parts, loads_parts, top_k, num_experts = _scan_runs(con, runs, layers, num_experts)
+        # zero-computation experts are the top ids (checked in _zero_experts): they all become the sentinel id
+        # `real` (= TraceArrays.num_experts), so ids stay fixed-shape and a consumer masks with one comparison
+        real = num_experts - len(zero_ids or [])
+        layer_arr = np.array(sorted(layers), dtype=np.int64)
+        if layer_arr.size == 0:
+            raise TracekitError("the runs hold no MoE layers; nothing to place")
+        lut_layer = np.full(int(layer_arr.max()) + 1, -1, dtype=np.int32)
+        lut_layer[layer_arr] = np.arange(len(layer_arr), dtype=np.int32)
+        top = real + 1 if zero_ids else real  # ids 0..top-1, the sentinel included
+        e_dtype = np.uint8 if top <= 256 else (np.uint16 if top <= 65536 else np.uint32)
+        rows = _read_rows(con, parts, where, max_rows, seed, top_k, lut_layer, layer_arr, real, zero_ids, e_dtype)
+        loads, zero_loads = _read_loads(con, loads_parts, phase, lut_layer, layer_arr, real)
+    finally:
+        con.close()
+    return TraceArrays(
+        layers=layer_arr,
+        num_experts=int(real),
+        request=rows["request"],
+        layer_pos=rows["layer_pos"],
+        experts=rows["experts"],
+        phase=rows["phase"],
+        token=rows["token"],
+        request_domain=rows["request_domain"],
+        loads=loads,
+        geometry=geometry,
+        request_key=rows["request_key"],
+        zero_choices=rows["zero_choices"] + zero_loads,
+        sample=rows["sample"],
+        encoder_rows=rows["encoder_rows"],
+    )
 
+
+def _runs_geometry(runs) -> tuple[int | None, list[int] | None, set[int], dict]:
+    """(num_experts, zero-computation ids, MoE layers, geometry) the runs' manifests agree on (one line when not)."""
     num_experts = None
     zero_ids: list[int] | None = None
     layers: set[int] = set()
@@ -115,6 +151,12 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all", max_rows:
             layers.update(int(x) for x in g["moe_layers"])
         geometry = geometry or dict(g)
 
+    return num_experts, zero_ids, layers, geometry
+
+
+def _scan_runs(con, runs, layers: set[int], num_experts: int | None):
+    """(routes parts [(run, files)], loads parts, top-k, num_experts) from the files' own statistics; ``layers``
+    gains the layers of runs whose manifest names none. One line for mixed top-k or ids beyond the geometry."""
     parts = []
     loads_parts = []
     top_k = None
@@ -145,18 +187,14 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all", max_rows:
         num_experts = max_expert + 1
     if max_expert >= num_experts:
         raise TracekitError(f"expert id {max_expert} out of range for {num_experts} experts; check the manifest geometry")
-    # zero-computation experts are the top ids (checked in _zero_experts): they all become the sentinel id
-    # `real` (= TraceArrays.num_experts), so ids stay fixed-shape and a consumer masks with one comparison
-    real = num_experts - len(zero_ids or [])
-    layer_arr = np.array(sorted(layers), dtype=np.int64)
-    if layer_arr.size == 0:
-        raise TracekitError("the runs hold no MoE layers; nothing to place")
-    lut_layer = np.full(int(layer_arr.max()) + 1, -1, dtype=np.int32)
-    lut_layer[layer_arr] = np.arange(len(layer_arr), dtype=np.int32)
-    top = real + 1 if zero_ids else real  # ids 0..top-1, the sentinel included
-    e_dtype = np.uint8 if top <= 256 else (np.uint16 if top <= 65536 else np.uint32)
-    zero_choices = 0
+    return parts, loads_parts, top_k, num_experts
 
+
+def _read_rows(con, parts, where: str, max_rows, seed: int, top_k, lut_layer, layer_arr, real: int, zero_ids,
+               e_dtype) -> dict:
+    """Every token-layer row of the routes ``parts`` (or the seeded sample of whole requests that fits
+    ``max_rows``), read file by file into preallocated arrays; the TraceArrays fields by name."""
+    zero_choices = 0
     # requests of every run (and their rows), then the sample of whole requests that fits max_rows
     reqs = []
     encoder_rows = 0
@@ -218,6 +256,15 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all", max_rows:
     if at != n_rows:
         raise TracekitError(f"the routes changed while they were read ({at:,} rows, {n_rows:,} counted); run place again")
 
+    return {"request": request, "layer_pos": layer_pos, "experts": experts, "phase": phase_col, "token": token,
+            "request_domain": np.concatenate(domains) if domains else np.zeros(0, dtype=object),
+            "request_key": np.concatenate(keys) if keys else np.zeros(0, dtype=object),
+            "zero_choices": zero_choices, "sample": sample, "encoder_rows": encoder_rows}
+
+
+def _read_loads(con, loads_parts, phase: str, lut_layer, layer_arr, real: int) -> tuple[np.ndarray | None, int]:
+    """((M, E) counts of the loads-kind runs or None, zero-computation choices among them)."""
+    zero_choices = 0
     loads = None
     if loads_parts:
         loads = np.zeros((len(layer_arr), real), dtype=np.int64)
@@ -228,24 +275,7 @@ def load_traces(runs: Iterable[str | os.PathLike], phase: str = "all", max_rows:
             keep = expert < real  # counts of zero-computation experts are not placed
             zero_choices += int(count[~keep].sum())
             np.add.at(loads, (lp[keep], expert[keep]), count[keep])
-    con.close()
-
-    return TraceArrays(
-        layers=layer_arr,
-        num_experts=int(real),
-        request=request,
-        layer_pos=layer_pos,
-        experts=experts,
-        phase=phase_col,
-        token=token,
-        request_domain=np.concatenate(domains) if domains else np.zeros(0, dtype=object),
-        loads=loads,
-        geometry=geometry,
-        request_key=np.concatenate(keys) if keys else np.zeros(0, dtype=object),
-        zero_choices=zero_choices,
-        sample=sample,
-        encoder_rows=encoder_rows,
-    )
+    return loads, zero_choices
 
 
 def _sample_requests(rows_of: list[np.ndarray], max_rows: int, seed: int) -> tuple[list[np.ndarray], dict]:
