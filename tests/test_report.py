@@ -15,7 +15,7 @@ from tracekit.analysis.run import analyze
 from tracekit.cli import main
 from tracekit.collect import CollectOptions, collect
 from tracekit.importers.jsonl import import_jsonl
-from tracekit.report import (NO_DATA_GREY, correlation_range, draw_coactivation, draw_correlation, draw_domain_shift,
+from tracekit.report_figures import (NO_DATA_GREY, correlation_range, draw_coactivation, draw_correlation, draw_domain_shift,
                              draw_load_heatmap, log_ticks)
 
 from mixtral_raw import FILES

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tracekit.cli import main
-from tracekit.report import draw_run_diff
+from tracekit.report_figures import draw_run_diff
 from tracekit.synth import generate_run
 
 GEO = dict(num_experts=16, top_k=2, moe_layers=[1, 2, 3], requests=24, prompt_tokens=(6, 12), decode_tokens=(3, 6))
