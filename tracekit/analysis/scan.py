@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import TracekitError
-from ..query import first_line, no_progress_bar, sql_text
+from ..query import no_progress_bar, sql_text
+from ..sql_guard import first_line
 from ..summaries import group_ids, offsets_and_values
 from . import kernels
 from .data import Geometry
