@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr, spearmanr
 
-from tracekit.analysis import kernels
+from tracekit.analysis import kernels, pair_kernels
 
 
 def top_mask(a: np.ndarray, n: int) -> np.ndarray:
@@ -59,7 +59,7 @@ def test_pair_statistics_equal_numpy(E, n):
     pool_rows = [(np.zeros(E, np.int64), b) for _, b in cases]
     pptr, pex, _, pcn = _csr(pool_rows)
     out = np.full((6, S, 1), np.nan)
-    kernels.pair_statistics(ptr, ex, pr, de, np.arange(S, dtype=np.int64), (np.arange(S, dtype=np.int64) + 1) % S,
+    pair_kernels.pair_statistics(ptr, ex, pr, de, np.arange(S, dtype=np.int64), (np.arange(S, dtype=np.int64) + 1) % S,
                             pptr, pex, pcn, 1, E, n, out)
     for i, (a, b) in enumerate(cases):
         for o, partner in ((0, b), (3, cases[(i + 1) % S][1])):

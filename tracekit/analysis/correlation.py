@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from . import kernels
+from . import kernels, pair_kernels
 from .result import AnalysisResult
 
 
@@ -87,7 +87,7 @@ class CorrelationAccumulator:
     """Prefill-decode correlation from request batches. Subjects (requests with both phases) and their shuffled
     partners are fixed from the request index before any row is read; the partners' decode histograms are read
     first (:meth:`fill_pool`, one pass over decode rows), at most a budget-sized random pool of them; then each
-    batch yields its subjects' per-layer statistics (:func:`.kernels.pair_statistics`, from sparse histograms).
+    batch yields its subjects' per-layer statistics (:func:`.pair_kernels.pair_statistics`, from sparse histograms).
     Memory: the pool plus one batch, whatever the run's size."""
 
     def __init__(self, index, labels: np.ndarray | None, by: str, layers: np.ndarray, num_experts: int, top_k: int,
@@ -147,7 +147,7 @@ class CorrelationAccumulator:
             pool = (np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
         else:
             pool = self.pool_csr
-        kernels.pair_statistics(batch.ptr, batch.expert, batch.prefill, batch.decode, slot_subject, slot_partner,
+        pair_kernels.pair_statistics(batch.ptr, batch.expert, batch.prefill, batch.decode, slot_subject, slot_partner,
                                 pool[0], pool[1], pool[2], len(self.layers), self.E, self.n, self.stats)
 
     def result(self) -> AnalysisResult:
