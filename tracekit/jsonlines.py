@@ -148,3 +148,18 @@ def read_json(path: str | Path, fix: str) -> Any:
         raise TracekitError(f"{path} is a directory; {fix}") from None
     except OSError as exc:
         raise TracekitError(f"{path}: cannot read ({exc.strerror}); {fix}") from None
+
+
+def check_format(d: Any, where: str, fmt: str, version: int, what: str, fix: str) -> None:
+    """One line unless ``d`` is a JSON object of format ``fmt`` at a version this tracekit reads (<= ``version``).
+
+    ``what``: the kind of file, for the message ("text classifier"); ``fix``: how to write a good one."""
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise TracekitError(f"{where}: not a tracekit {what}; {fix}")
+    try:
+        v = int(d.get("version", 0))
+    except (TypeError, ValueError):
+        raise TracekitError(f"{where}: {what} version {d.get('version')!r} is not a number; {fix}") from None
+    if v > version:
+        raise TracekitError(f"{where}: {what} format v{v} is newer than this tracekit; upgrade tracekit")
+

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import TracekitError
+from .jsonlines import check_format
 
 FORMAT = "tracekit-text-classifier"
 VERSION = 1
@@ -177,10 +178,7 @@ class TextClassifier:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "classifier") -> "TextClassifier":
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise TracekitError(f"{where}: not a tracekit text classifier; export the grouping again with tracekit export")
-        if int(d.get("version", 0)) > VERSION:
-            raise TracekitError(f"{where}: classifier format v{d['version']} is newer than this tracekit; upgrade tracekit")
+        check_format(d, where, FORMAT, VERSION, "text classifier", "export the grouping again with tracekit export")
         try:
             c = d["coef"]
             if c.get("dtype") != "<f8":

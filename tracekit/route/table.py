@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TracekitError
-from ..jsonlines import read_json
+from ..jsonlines import check_format, read_json
 from ..textclf import TextClassifier
 
 GROUPING_FORMAT = "tracekit-grouping"
@@ -62,10 +62,8 @@ def load_route_table(path: str | Path) -> RouteTable:
     if not path.is_file():
         raise TracekitError(f"{path}: no such grouping file (write one with tracekit export PLACEMENT --format grouping)")
     d = read_json(path, "write it again with tracekit export PLACEMENT --format grouping")
-    if not isinstance(d, dict) or d.get("format") != GROUPING_FORMAT:
-        raise TracekitError(f"{path}: not a tracekit grouping file; write one with tracekit export PLACEMENT --format grouping")
-    if int(d.get("version", 0)) > GROUPING_VERSION:
-        raise TracekitError(f"{path}: grouping format v{d['version']} is newer than this tracekit; upgrade tracekit")
+    check_format(d, str(path), GROUPING_FORMAT, GROUPING_VERSION, "grouping file",
+                 "write one with tracekit export PLACEMENT --format grouping")
     try:
         c = d["cluster"]
         nodes, gpn = int(c["nodes"]), int(c["gpus_per_node"])
