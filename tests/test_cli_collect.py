@@ -34,6 +34,10 @@ def test_collect_info_end_to_end(tmp_path, prompt_data, capsys):
     pids = {r[0] for r in con.execute(f"select distinct prompt_id from '{out}/routes/*.parquet'").fetchall()}
     source_ids = {str(json.loads(line)["question_id"]) for line in open(prompt_data / "mt_bench_questions.jsonl")}
     assert pids <= source_ids and len(pids) == 4
+    # a fresh run: every row of the summary reads the same for this call as for the whole run (none left blank)
+    for label, key in (("prompt tokens", "prompt_tokens"), ("generated tokens", "generated_tokens")):
+        line = next(ln for ln in stdout.splitlines() if label in ln)
+        assert line.count(f"{t[key]:,}") == 2, line
 
     code, stdout, _ = run_cli(["info", str(out)], capsys)
     assert code == 0 and "E=128, top-1" in stdout and "4 requests" in stdout

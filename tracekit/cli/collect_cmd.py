@@ -138,11 +138,16 @@ def _summary(result) -> None:
     table.add_column("")
     table.add_column("this call", justify="right")
     table.add_column("whole run", justify="right")
+    from ..store import list_chunks
+
+    now = list_chunks(result.run_dir, "routes", only=result.chunk_paths) if result.chunk_paths else []  # this call's
     table.add_row("requests", f"{result.requests_done_now:,}", f"{t.get('requests', '-'):,}" if t else "-")
-    table.add_row("prompt tokens", "", f"{t.get('prompt_tokens', 0):,}" if t else "-")
-    table.add_row("generated tokens", "", f"{t.get('generated_tokens', 0):,}" if t else "-")
+    table.add_row("prompt tokens", f"{sum(c.prompt_tokens for c in now):,}",
+                  f"{t.get('prompt_tokens', 0):,}" if t else "-")
+    table.add_row("generated tokens", f"{sum(c.generated_tokens for c in now):,}",
+                  f"{t.get('generated_tokens', 0):,}" if t else "-")
     table.add_row("rows (token x layer)", f"{result.rows_now:,}", f"{t.get('rows', 0):,}" if t else "-")
-    table.add_row("bytes on disk", "", _human_bytes(t.get("bytes", 0)) if t else "-")
+    table.add_row("bytes on disk", _human_bytes(sum(c.bytes for c in now)), _human_bytes(t.get("bytes", 0)) if t else "-")
     table.add_row("time", f"{result.seconds:.1f} s", "")
     table.add_row("status", "", m.get("status", "?"))
     out_console.print(table)
