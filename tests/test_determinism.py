@@ -1,9 +1,11 @@
 """Same runs, same flags, same seed -> the same bytes, whatever the machine's load and thread counts.
 
-`place` once read near-ties between partition moves off float dot products that a multi-threaded BLAS rounds
-differently with OMP_NUM_THREADS (measured on main: 145 of 160 slots moved between 1 and 4 BLAS threads on the
-synthetic run below). Each case runs the real CLI in fresh processes: one thread everywhere, four threads
-everywhere, and four threads while CPU burners keep every core busy; the files must be equal byte for byte.
+`place` read its rows through a DuckDB query whose ``IN`` filter (a mark join) returned them in thread-scheduling
+order, and the partition's sample and near-ties followed that order: on main, two runs of the same command wrote
+different placements (on the synthetic run below, 145 of 160 slots differed between two runs). It also decided
+near-ties on float dot products that a multi-threaded BLAS may round differently with OMP_NUM_THREADS (now exact
+integer counts, BLAS in one thread). Each case runs the real CLI in fresh processes: one thread everywhere, four
+threads everywhere, and four threads while CPU burners keep every core busy; the files must be equal byte for byte.
 """
 from __future__ import annotations
 
