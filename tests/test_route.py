@@ -578,3 +578,48 @@ def test_listens_on_loopback_by_default():
 
     assert inspect.signature(route_cmd).parameters["listen"].default.default == "127.0.0.1:8000"
     assert parse_listen(":8000") == ("127.0.0.1", 8000)
+
+
+# ------------------------------------------------------------------------------------------------ sampling for watch
+
+
+def test_sampled_requests_ask_for_routed_experts_and_reach_the_spool(gfile, tmp_path):
+    """--sample-routed 1: every non-streaming request asks SGLang for its routed experts and its answer is spooled
+    (what tracekit watch --spool reads); a streamed request is forwarded untouched and not spooled."""
+    spool = tmp_path / "spool"
+
+    async def go():
+        async with stack(gfile, sample_routed=1.0, spool=str(spool)) as st:
+            for i in range(3):
+                async with st.session.post(st.url + "/generate", json={"text": MATH[i], "rid": f"m{i}"}) as r:
+                    assert r.status == 200
+            async with st.session.post(st.url + "/generate", json={"text": "1+1", "stream": True}) as r:
+                await r.read()
+            return [json.loads(s["body"]) for s in st.fake.seen]
+
+    bodies = arun(go())
+    assert [b.get("return_routed_experts") for b in bodies] == [True, True, True, None]
+    lines = [json.loads(ln) for f in sorted(spool.glob("*.jsonl")) for ln in f.read_text().splitlines()]
+    assert len(lines) == 3 and all(ln["response"]["meta_info"]["prompt_tokens"] == 7 for ln in lines)
+    assert not list(spool.glob(".*.part"))  # the stop flushed the last file
+
+
+def test_sampling_off_forwards_bodies_untouched_and_half_samples_about_half(gfile, tmp_path):
+    async def go(rate):
+        async with stack(gfile, sample_routed=rate, spool=str(tmp_path / f"s{rate}")) as st:
+            for i in range(40):
+                async with st.session.post(st.url + "/generate", json={"text": CODE[i % 8], "rid": f"c{i}"}) as r:
+                    assert r.status == 200
+            return [json.loads(s["body"]).get("return_routed_experts") for s in st.fake.seen]
+
+    assert arun(go(0.0)) == [None] * 40
+    half = arun(go(0.5))
+    assert 8 <= half.count(True) <= 32 and half.count(True) + half.count(None) == 40
+
+
+def test_sample_routed_without_spool_is_one_line(gfile, capsys):
+    from tests._cli import cli
+
+    code, _, err = cli(capsys, "route", "--grouping", gfile, "--upstream", "http://127.0.0.1:9", "--dp-size", 4,
+                       "--model", "fake/model", "--sample-routed", 0.5)
+    assert code == 2 and "--sample-routed needs --spool" in err and err.count("\n") == 1

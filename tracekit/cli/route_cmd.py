@@ -53,6 +53,10 @@ def route_cmd(
                                          "to arrive, and for an idle kept-alive connection (closed after)."),
     body_timeout: float = typer.Option(60.0, "--body-timeout", help="Seconds for a request's whole body to arrive "
                                        "once it holds a slot (408 after)."),
+    sample_routed: float = typer.Option(0.0, "--sample-routed", help="Share (0..1) of non-streaming requests whose "
+                                        "routed experts are asked of SGLang (return_routed_experts; the server needs "
+                                        "--enable-return-routed-experts) and spooled for tracekit watch --spool."),
+    spool: Optional[Path] = typer.Option(None, "--spool", help="Folder the sampled responses go to (with --sample-routed)."),
 ) -> None:
     """Forward /generate, /v1/completions and /v1/chat/completions to SGLang, adding routed_dp_rank: the least
     loaded DP rank on the nodes of the request's group (its prompt classified online). /healthz, /metrics."""
@@ -69,6 +73,10 @@ def route_cmd(
                     ("--header-timeout", header_timeout), ("--body-timeout", body_timeout)):
         if not (0 < v < float("inf")):
             raise TracekitError(f"{name} must be positive and finite (got {v})")
+    if not 0.0 <= sample_routed <= 1.0:
+        raise TracekitError(f"--sample-routed must be a share in 0..1 (got {sample_routed})")
+    if sample_routed > 0 and spool is None:
+        raise TracekitError("--sample-routed needs --spool FOLDER (where tracekit watch --spool reads the responses)")
     check_dp_size(table, dp_size)
     check_model(table, model)
     info = {} if (dp_size is not None and model is not None) else _upstream_info(upstream)
@@ -82,7 +90,8 @@ def route_cmd(
     opts = RouteOptions(upstream=upstream, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
                         connect_timeout=connect_timeout, read_timeout=read_timeout,
                         max_body_bytes=int(max_body_mb * 2**20), header_timeout=header_timeout,
-                        body_timeout=body_timeout)
+                        body_timeout=body_timeout, sample_routed=sample_routed,
+                        spool=str(spool) if spool is not None else None)
     typer.echo(f"tracekit route: {table.kind} grouping over {table.dp_size} DP ranks "
                f"({table.nodes} nodes x {table.gpus_per_node}), {len(table.group_ranks)} groups; "
                f"http://{host}:{port} -> {upstream}", err=True)

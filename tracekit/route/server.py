@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..watch.sampler import keep
 from .balancer import Balancer
 from .body import RANK_HEADER, BadRequest, carried_rank, insert_rank, parse_object, prompt_texts
 from .metrics import RouteMetrics, token_counts
@@ -57,6 +59,11 @@ class RouteOptions:
     max_body_bytes: int = 64 * 2**20
     header_timeout: float = 30.0  # request line + headers, and a kept-alive connection's idle time
     body_timeout: float = 60.0  # the whole request body, from the moment the request holds a slot
+    #: share of requests (0..1) whose routed experts are asked of the engine and spooled for ``tracekit watch
+    #: --spool`` (:class:`tracekit.watch.sampler.RoutedSampler`); 0: none, the body is forwarded untouched
+    sample_routed: float = 0.0
+    spool: str | None = None
+    engine: str = "sglang"
 
 
 THREAD_PARSE_BYTES = 1 << 20  # bodies above this are parsed and classified off the event loop
@@ -81,6 +88,12 @@ class Router:
         self.slots = asyncio.Semaphore(opts.max_concurrency)
         self.session: aiohttp.ClientSession | None = None
         self._health: tuple[float, int, dict] | None = None  # (time, status, upstream part) of the last probe
+        self.sampler = None
+        if opts.sample_routed > 0 and opts.spool:
+            from ..watch.sampler import RoutedSampler
+
+            self.sampler = RoutedSampler(opts.spool, opts.sample_routed, opts.engine)
+        self._requests = 0  # a per-process request number: the sampling key
 
     async def start(self, app: web.Application) -> None:
         self.session = aiohttp.ClientSession(
@@ -94,6 +107,8 @@ class Router:
     async def stop(self, app: web.Application) -> None:
         if self.session is not None:
             await self.session.close()
+        if self.sampler is not None:
+            self.sampler.flush()  # the last, partial spool file becomes readable
 
     # ---------------------------------------------------------------------------------------------- decisions
 
@@ -184,16 +199,43 @@ class Router:
             m.child(m.rejected, "bad_request").inc()
             return error_response(400, str(exc))
         del raw
+        sampled, body = self.sample(body)
         self.balancer.start(rank)
         m.child(m.inflight, str(rank)).inc()
         m.child(m.requests, path, label, str(rank), source).inc()
         try:
-            return await self._forward(request, path, body, label, rank)
+            return await self._forward(request, path, body, label, rank, sampled)
         finally:
             self.balancer.finish(rank)
             m.child(m.inflight, str(rank)).dec()
 
-    async def _forward(self, request: web.Request, path: str, body: bytes, label: str, rank: int):
+    def sample(self, body: bytes) -> tuple[str | None, bytes]:
+        """(sampling key or None, body to forward): a sampled non-streaming request asks the engine for its routed
+        experts (the sampler's flag added to the body); every other body goes on byte for byte. A streamed response
+        is not sampled (its routed experts would come in pieces)."""
+        if self.sampler is None:
+            return None, body
+        self._requests += 1
+        key = f"{os.getpid()}-{self._requests}"
+        if not keep(key, self.sampler.rate):
+            return None, body
+        obj = json.loads(body)
+        if obj.get("stream"):
+            return None, body
+        self.sampler.prepare(obj, key)
+        return key, json.dumps(obj).encode()
+
+    def record(self, key: str | None, data: bytes, status: int, label: str) -> None:
+        """Spool a sampled request's answer (an unreadable or failed one is skipped: the engine answered no routing)."""
+        if key is None or self.sampler is None or status != 200:
+            return
+        try:
+            self.sampler.record(key, json.loads(data), domain=label)
+        except ValueError:
+            return
+
+    async def _forward(self, request: web.Request, path: str, body: bytes, label: str, rank: int,
+                       sampled: str | None = None):
         m = self.metrics
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         url = self.upstream + request.path_qs
@@ -220,6 +262,7 @@ class Router:
                     m.child(m.upstream_errors, path, "midstream").inc()
                     return error_response(502, f"upstream {self.upstream} failed while answering: {type(exc).__name__}")
                 self._count_tokens(token_counts(data), label, rank)
+                self.record(sampled, data, up.status, label)
                 resp = web.Response(status=up.status, body=data)
                 for k, v in out_headers:
                     resp.headers.add(k, v)
