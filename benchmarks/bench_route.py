@@ -6,6 +6,8 @@ real CLI) and this load generator. Measures, in one run (bounded request counts)
   the router (so background noise hits both); added p50 = p50(router) - p50(direct), same for p99;
 - throughput: non-streaming requests/s through the router at a fixed concurrency, and direct for reference;
 - streaming: time to the first SSE chunk, direct vs through the router;
+- sampling for ``tracekit watch`` (``--sample-routed 1``, every request asks for its routed experts and is spooled):
+  added p50 / p99 over the router without sampling (in-process mode);
 - the classifier: held-out domain accuracy on the shared prompt sets (code, math, chat, general) against the
   majority baseline, and its time per prompt.
 Targets: p50 added <= 1 ms, p99 added <= 5 ms, >= 2,000 requests/s non-streaming, accuracy >= 0.9.
@@ -31,7 +33,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from tracekit.placement.strategies import baselines; from tracekit.placement import export
+from tracekit.placement import export
+from tracekit.placement.strategies import baselines
 from tracekit.placement.strategies import classifier as C
 from tracekit.placement.data.types import Cluster, GroupingRule, Placement
 
@@ -152,16 +155,27 @@ async def in_process(grouping: Path, prompts: list[str], args) -> dict:
     up, up_port = await start(FakeSGLang(model_path="fake/model", dp_size=8, record=False).app())
     app = make_app(load_route_table(grouping), RouteOptions(upstream=f"http://127.0.0.1:{up_port}"))
     px, px_port = await start(app)
+    spool = tempfile.mkdtemp(prefix="tracekit-spool-")
+    # every request sampled for tracekit watch (--sample-routed 1): the worst case of the sampling's cost
+    sampled_app = make_app(load_route_table(grouping), RouteOptions(upstream=f"http://127.0.0.1:{up_port}",
+                                                                    sample_routed=1.0, spool=spool))
+    sx, sx_port = await start(sampled_app)
     direct, routed = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{px_port}"
     try:
         lat = await latency(direct, routed, prompts, args.latency_requests)
+        lat_sampled = await latency(routed, f"http://127.0.0.1:{sx_port}", prompts, args.latency_requests)
         stream = await first_chunk(direct, routed, args.streams)
         thr = await throughput(routed, prompts, args.throughput_requests, args.concurrency)
         thr_d = await throughput(direct, prompts, args.throughput_requests, args.concurrency)
     finally:
+        await sx.cleanup()
         await px.cleanup()
         await up.cleanup()
-    return {"latency": lat, "streaming_first_chunk": stream, "throughput": {"routed": thr, "direct": thr_d}}
+        import shutil
+
+        shutil.rmtree(spool, ignore_errors=True)
+    return {"latency": lat, "sampling_added_over_route": lat_sampled, "streaming_first_chunk": stream,
+            "throughput": {"routed": thr, "direct": thr_d}}
 
 
 def processes(grouping: Path, prompts: list[str], args) -> dict:
@@ -259,6 +273,10 @@ def main() -> None:
              ">= 2000", met["requests_per_s"]),
             (f"[{mode}] requests/s direct (same load generator)", f"{thr['direct']['requests_per_s']:.0f}", "", None),
         ]
+        if "sampling_added_over_route" in r:
+            smp = r["sampling_added_over_route"]
+            rows.append((f"[{mode}] --sample-routed 1: added p50 / p99 over route",
+                         f"{smp['added_p50_ms']:.3f} / {smp['added_p99_ms']:.3f} ms", "", None))
     w = max(len(r[0]) for r in rows)
     print(f"{'measure':<{w}}  {'value':>28}  {'target':>8}  met")
     for name, val, target, met in rows:

@@ -8,7 +8,9 @@ import pytest
 
 from _placement_synth import planted_traces
 from tracekit.errors import TracekitError
-from tracekit.placement.strategies import balance; from tracekit.placement.scoring import comm; from tracekit.placement import strategies
+from tracekit.placement import strategies
+from tracekit.placement.scoring import comm
+from tracekit.placement.strategies import balance
 from tracekit.placement.scoring.dispatch import dispatch_table
 from tracekit.placement.select import one_layer, validate, validation_split
 from tracekit.placement.data.traces import split_requests, subset

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from tracekit.errors import TracekitError
-from tracekit.placement.strategies import baselines; from tracekit.placement.scoring import comm; from tracekit.placement import strategies
+from tracekit.placement import strategies
+from tracekit.placement.scoring import comm
+from tracekit.placement.strategies import baselines
 from tracekit.placement.strategies.eplb import balanced_packing, eplb, replicate_experts
 from tracekit.placement.data.types import Cluster, TraceArrays
 

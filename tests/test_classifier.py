@@ -179,7 +179,8 @@ def test_signature_groups_are_clusters_and_route_to_their_node(tmp_path):
     import sys
     from pathlib import Path
 
-    from tracekit.placement.strategies import baselines; from tracekit.placement import export
+    from tracekit.placement import export
+    from tracekit.placement.strategies import baselines
     from tracekit.placement.strategies.grouping import fit_grouping
     from tracekit.placement.data.types import Cluster, Placement
     from tracekit.route.table import load_route_table

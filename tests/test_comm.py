@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tracekit.errors import TracekitError
-from tracekit.placement.scoring import comm; from tracekit.placement.data import stats
+from tracekit.placement.data import stats
+from tracekit.placement.scoring import comm
 from tracekit.placement.data.types import Cluster, GroupingRule, Placement, TraceArrays
 
 

@@ -9,7 +9,8 @@ import yaml
 
 from tests._cli import cli as _cli
 from tracekit.errors import TracekitError
-from tracekit.placement.strategies import baselines; from tracekit.placement import export
+from tracekit.placement import export
+from tracekit.placement.strategies import baselines
 from tracekit.placement.data.types import Cluster, GroupingRule, Placement
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from _placement_synth import planted_traces
 from tracekit.errors import TracekitError
-from tracekit.placement.scoring import comm; from tracekit.placement import strategies
+from tracekit.placement import strategies
+from tracekit.placement.scoring import comm
 from tracekit.placement.strategies.locality import place_locality
 from tracekit.placement.strategies.packing import pack
 from tracekit.placement.data.traces import load_traces, split_requests, split_tokens, subset

@@ -17,7 +17,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tracekit.placement.strategies import baselines; from tracekit.placement import export
+from tracekit.placement import export
+from tracekit.placement.strategies import baselines
 from tracekit.placement.strategies.classifier import fit_text_classifier
 from tracekit.placement.data.types import Cluster, GroupingRule, Placement
 from tracekit.route.balancer import Balancer
