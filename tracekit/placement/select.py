@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import TracekitError
 from . import strategies as strat
 from .scoring.comm import route_requests
-from .scoring.table import FEW_STEPS
+from .scoring.table import FEW_STEPS, change_text
 from .data.traces import split_requests, split_tokens, subset
 from .data.types import Cluster, Placement, TraceArrays
 
@@ -246,7 +246,7 @@ def choose(values: dict[str, float], balance: dict[str, float], objective: str,
     if pick == REFERENCE:
         reason = f"eplb: best {objective} on validation"
     else:
-        reason = f"{pick}: {objective} {_pct(values[pick], ref_v)} vs eplb on validation"
+        reason = f"{pick}: {objective} {change_text(values[pick], ref_v)} vs eplb on validation"
     unsteady = [n for n in values if n not in eligible and values[n] < values[pick] and not steady.get(n, True)]
     skipped = [n for n in values if n not in eligible and values[n] < values[pick] and n not in unsteady]
     if skipped:
@@ -254,12 +254,6 @@ def choose(values: dict[str, float], balance: dict[str, float], objective: str,
     if unsteady:
         reason += f"; {', '.join(unsteady)} skipped (not better than eplb in every fold)"
     return pick, reason
-
-
-def _pct(x: float, ref: float) -> str:
-    from .scoring.table import format_change, relative_change
-
-    return format_change(relative_change(x, ref))
 
 
 #: the GPU max/mean levels an absolute ``--max-imbalance`` b is fitted at: locality is fitted (validation and final

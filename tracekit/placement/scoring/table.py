@@ -69,7 +69,7 @@ def format_change(x: float) -> str:
     return "-" if not np.isfinite(x) else f"{100 * x:+.1f}%"
 
 
-def _rel(x: float, ref: float) -> str:
+def change_text(x: float, ref: float) -> str:
     """The change of x against ref as the table prints it (one definition of the change: the comparison's)."""
     return format_change(relative_change(x, ref))
 
@@ -110,9 +110,9 @@ def render_narrow(comp, pick: dict | None = None):
         t.add_row(
             "*" if pick and pick.get("pick") == r["strategy"] else "",
             r["strategy"], r["grouping"],
-            f"{step:.3g}", _rel(step, _metric(ref_h, STEP_KEYS)[1]),
-            f"{p99:.3f}", f"{xn:.3f}", _rel(xn, _metric(ref_h, XNODE_KEYS)[1]),
-            f"{fit_worst:.3f}", f"{v:.3g}" if np.isfinite(v) else "-", _rel(v, values.get("eplb", float("nan"))),
+            f"{step:.3g}", change_text(step, _metric(ref_h, STEP_KEYS)[1]),
+            f"{p99:.3f}", f"{xn:.3f}", change_text(xn, _metric(ref_h, XNODE_KEYS)[1]),
+            f"{fit_worst:.3f}", f"{v:.3g}" if np.isfinite(v) else "-", change_text(v, values.get("eplb", float("nan"))),
             f"{r['fit_seconds']:.1f}",
         )
     return t
@@ -139,7 +139,7 @@ def pick_line(pick: dict[str, Any], comp=None) -> str:
     _, p99 = _metric(h, P99_KEYS)
     _, p99_ref = _metric(e, P99_KEYS)
     n, phase = heldout_steps(h)
-    parts = [f"step {_rel(step, _metric(e, STEP_KEYS)[1])}", f"x-node {_rel(xn, _metric(e, XNODE_KEYS)[1])}",
+    parts = [f"step {change_text(step, _metric(e, STEP_KEYS)[1])}", f"x-node {change_text(xn, _metric(e, XNODE_KEYS)[1])}",
              f"p99 max/mean {p99:.3f} vs {p99_ref:.3f}"]
     if pick["pick"] == "eplb":
         parts = [f"p99 max/mean {p99:.3f}"]

@@ -25,7 +25,8 @@ from ..data.stats import expert_load
 from ..data.types import Cluster, GroupingRule, Placement, TraceArrays
 
 Strategy = Callable[..., Placement]
-#: node load tolerance the grouping rules balance against when no absolute --max-imbalance is given
+#: with no absolute --max-imbalance: the node load the grouping rules balance against, and the node balance
+#: locality's partition plans against (an absolute bound serves as both itself)
 GROUPING_BOUND = 1.10
 
 

@@ -50,6 +50,7 @@ import time
 import numpy as np
 
 from ...errors import TracekitError
+from . import GROUPING_BOUND
 from .balance import fit_load_by_gpu, hold_placement, layout_ratios
 from ..scoring.comm import route_requests
 from .eplb import eplb as _eplb
@@ -65,8 +66,6 @@ from ..data.types import Cluster, GroupingRule, Placement, TraceArrays
 #: DeepSeek-V2-Lite traces, 4x8 GPUs: a placement held at 5% on its fit rows read +5.0% against eplb held out,
 #: at 2.5% it read +3.4%, with the same -25% cross-node traffic)
 BALANCE_MARGIN = 0.025
-#: the node balance the partition plans against under the relative bound (an absolute bound plans against itself)
-PLAN_BOUND = 1.10
 SAMPLE_TOKENS = 12_000  # token-layers per layer the partitioner optimises over (loads always use every row)
 
 
@@ -93,7 +92,7 @@ def place_locality(
     (the default) holds each layer within ``balance_margin`` of EPLB's own layout on the same rows and engine, a
     bound that EPLB's layout itself meets (so it never refuses). ``grouping``: ``none`` | ``domain`` |
     ``signature`` (fitted here with :func:`fit_grouping`) or a fitted :class:`GroupingRule`. ``node_slack``:
-    planned node load bound above the mean (default ``(max_imbalance - 1) / 5``; relative: ``PLAN_BOUND``'s). ``item_cap``: largest single copy as a fraction of the mean GPU load.
+    planned node load bound above the mean (default ``(max_imbalance - 1) / 5``; relative: ``GROUPING_BOUND``'s). ``item_cap``: largest single copy as a fraction of the mean GPU load.
     ``engine``: whose replica choice the bound is held under (:mod:`tracekit.placement.strategies.balance`).
     ``eplb_layers``: absolute layer indices that take EPLB's layout as they are (chosen on validation by
     :func:`tracekit.placement.select.validate`); the bound is held on them too. ``strict_bound=False`` (the
@@ -109,7 +108,7 @@ def place_locality(
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     N, E, M = cluster.nodes, cluster.num_experts, fit_traces.num_layers
-    plan = PLAN_BOUND if max_imbalance is None else max_imbalance
+    plan = GROUPING_BOUND if max_imbalance is None else max_imbalance
     slack = (plan - 1.0) / 5.0 if node_slack is None else float(node_slack)
     if isinstance(grouping, GroupingRule):
         rule = grouping
